@@ -1,0 +1,147 @@
+"""One experiment configuration: every setting of a run lives in :class:`ExperimentConfig`.
+
+The dataclass is flat on purpose (one place to look, one JSON/YAML file per run). Groups of fields are
+separated by comments: data, preprocessing, split, augmentation, model, training. Functions that need only
+a few settings still take the whole config, so that a run directory's ``config.json`` is enough to redo
+any step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+NORMALISATIONS = ("zscore", "minmax", "none")
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown or out of range."""
+
+
+@dataclass
+class ExperimentConfig:
+    """All settings of one experiment.
+
+    Image tensors follow Keras' channels-last convention: a batch is ``(batch, image_size, image_size,
+    channels)`` and a mask batch ``(batch, image_size, image_size, 1)``.
+    """
+
+    # --- data ------------------------------------------------------------------------------------
+    data_dir: str = "data/phantom"
+    cache_dir: str = "data/cache"
+    channels: int = 3
+
+    # --- preprocessing (every field here changes the preprocessing cache key) ---------------------
+    image_size: int = 128
+    clahe: bool = True
+    clahe_clip_limit: float = 2.0
+    clahe_tile_grid: int = 8
+    normalisation: str = "zscore"
+
+    # --- patient-level split -------------------------------------------------------------------------
+    split_seed: int = 42
+    test_fraction: float = 0.2
+    val_fraction: float = 0.2
+    n_folds: int = 0
+    fold: int = 0
+
+    # --- joint image/mask augmentation (training batches only) -----------------------------------
+    augment: bool = True
+    rotation_degrees: float = 15.0
+    zoom_range: float = 0.1
+    horizontal_flip: bool = True
+    vertical_flip: bool = False
+    intensity_jitter: float = 0.1
+
+    # --- model ---------------------------------------------------------------------------------------
+    model: str = "nested_unet"
+    filters: tuple[int, ...] = (16, 32, 64, 128, 256)
+    deep_supervision: bool = True
+
+    # --- training ------------------------------------------------------------------------------------
+    loss: str = "bce_dice"
+    optimizer: str = "adam"
+    learning_rate: float = 1e-3
+    epochs: int = 30
+    batch_size: int = 16
+    seed: int = 0
+    backend: str = "tensorflow"
+
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.filters = tuple(int(f) for f in self.filters)
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` naming the first invalid field."""
+        if self.channels not in (1, 3):
+            raise ConfigError(f"channels must be 1 or 3, got {self.channels}")
+        if self.image_size < 16 or self.image_size % 16:
+            raise ConfigError(f"image_size must be a multiple of 16 and >= 16, got {self.image_size}")
+        if self.clahe_clip_limit <= 0 or self.clahe_tile_grid < 1:
+            raise ConfigError("clahe_clip_limit must be > 0 and clahe_tile_grid >= 1")
+        if self.normalisation not in NORMALISATIONS:
+            raise ConfigError(f"normalisation must be one of {NORMALISATIONS}, got {self.normalisation!r}")
+        if not 0 <= self.test_fraction < 1 or not 0 <= self.val_fraction < 1:
+            raise ConfigError("test_fraction and val_fraction must lie in [0, 1)")
+        if self.n_folds == 1 or self.n_folds < 0:
+            raise ConfigError(f"n_folds must be 0 (no k-fold) or >= 2, got {self.n_folds}")
+        if self.n_folds and not 0 <= self.fold < self.n_folds:
+            raise ConfigError(f"fold must lie in [0, {self.n_folds}), got {self.fold}")
+        if not 0 <= self.zoom_range < 1:
+            raise ConfigError(f"zoom_range must lie in [0, 1), got {self.zoom_range}")
+        if self.batch_size < 1 or self.epochs < 0:
+            raise ConfigError("batch_size must be >= 1 and epochs >= 0")
+
+    # --- serialisation -------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["filters"] = list(self.filters)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ExperimentConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown config field(s): {', '.join(unknown)}")
+        return cls(**data)
+
+    def replace(self, **changes: Any) -> ExperimentConfig:
+        """A copy with ``changes`` applied (validated like a new config)."""
+        return self.from_dict({**self.to_dict(), **changes})
+
+    def save(self, path: str | Path) -> Path:
+        """Write the config as JSON (``.json``) or YAML (``.yml``/``.yaml``)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.suffix in (".yml", ".yaml"):
+            path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        else:
+            path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> ExperimentConfig:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        text = path.read_text()
+        data = yaml.safe_load(text) if path.suffix in (".yml", ".yaml") else json.loads(text)
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path} does not hold a mapping of config fields")
+        return cls.from_dict(data)
+
+    # --- identity ------------------------------------------------------------------------------------
+    def preprocessing_key(self) -> str:
+        """Short hash of the fields that change preprocessed arrays (the cache key's config part)."""
+        fields = ("channels", "image_size", "clahe", "clahe_clip_limit", "clahe_tile_grid")
+        payload = json.dumps({name: getattr(self, name) for name in fields}, sort_keys=True)
+        return hashlib.sha256(payload.encode()).hexdigest()[:12]

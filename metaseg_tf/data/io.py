@@ -1,0 +1,123 @@
+"""Read slices and masks of any common format into arrays with a known shape and range.
+
+* :func:`read_image` -> ``float32`` array ``(H, W, channels)`` in ``[0, 1]``. Integer images are divided by
+  their type's maximum (255 for 8-bit, 65535 for 16-bit); float images are min-max scaled. Colour order is
+  the file's channel order (RGB: for the LGG set, pre-contrast, FLAIR, post-contrast).
+* :func:`read_mask` -> ``uint8`` array ``(H, W)`` holding only 0 and 1. 0/1 and boolean masks keep their
+  values; 0/255 (or 0/65535) masks are thresholded at half the type's range, so JPEG masks whose edges hold
+  grey values binarise cleanly; colour masks are lesion where any colour channel is.
+* :func:`read_pair` reads both and checks that their sizes agree.
+
+Every failure raises :class:`~metaseg_tf.data.discover.DataError` with the file name and the reason; the
+callers that walk a whole dataset turn those into counted, reported skips.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import tifffile
+
+from metaseg_tf.data.discover import DataError, SlicePair
+
+# Decoding failures are reported by our own DataError; OpenCV's console warnings would only add noise.
+cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
+
+
+def _decode_tiff(path: Path) -> np.ndarray | None:
+    """TIFF pixels as stored (tifffile keeps 1-bit and MINISWHITE masks as written), or None."""
+    try:
+        return tifffile.imread(path)
+    except Exception:  # tifffile raises many exception types for files it cannot decode
+        return None
+
+
+def _decode(path: Path) -> np.ndarray:
+    """Raw pixels as stored (any dtype, 2D or 3D, RGB(A) order), or :class:`DataError`."""
+    try:
+        raw = np.fromfile(path, dtype=np.uint8)
+    except OSError as error:
+        raise DataError(f"cannot read {path}: {error.strerror or error}") from error
+    if raw.size == 0:
+        raise DataError(f"empty file: {path}")
+    pixels = _decode_tiff(path) if path.suffix.lower() in (".tif", ".tiff") else None
+    if pixels is None:
+        pixels = cv2.imdecode(raw, cv2.IMREAD_UNCHANGED)
+        if pixels is None:
+            raise DataError(f"unreadable or truncated image: {path}")
+        if pixels.ndim == 3 and pixels.shape[2] in (3, 4):
+            code = cv2.COLOR_BGR2RGB if pixels.shape[2] == 3 else cv2.COLOR_BGRA2RGBA
+            pixels = cv2.cvtColor(pixels, code)
+    if pixels.ndim == 3 and pixels.shape[2] == 1:
+        pixels = pixels[..., 0]
+    if pixels.ndim not in (2, 3) or min(pixels.shape[:2]) < 2:
+        raise DataError(f"not a 2D slice (shape {pixels.shape}): {path}")
+    return pixels
+
+
+def _to_unit_range(pixels: np.ndarray) -> np.ndarray:
+    if pixels.dtype == np.bool_:
+        return pixels.astype(np.float32)
+    if np.issubdtype(pixels.dtype, np.integer):
+        return pixels.astype(np.float32) / float(np.iinfo(pixels.dtype).max)
+    pixels = pixels.astype(np.float32)
+    if not np.all(np.isfinite(pixels)):
+        raise DataError("image holds NaN or infinite values")
+    low, high = float(pixels.min()), float(pixels.max())
+    return (pixels - low) / (high - low) if high > low else np.zeros_like(pixels)
+
+
+def _to_channels(image: np.ndarray, channels: int) -> np.ndarray:
+    """``(H, W)`` or ``(H, W, 1|2|3|4)`` -> ``(H, W, channels)``; alpha is dropped, grey is repeated."""
+    if image.ndim == 2:
+        image = image[..., None]
+    if image.shape[2] in (2, 4):  # grey+alpha or RGBA
+        image = image[..., :-1]
+    if image.shape[2] == channels:
+        return image
+    if channels == 3:
+        return np.repeat(image[..., :1], 3, axis=2)
+    return image.mean(axis=2, keepdims=True)
+
+
+def read_image(path: str | Path, channels: int = 3) -> np.ndarray:
+    """Read one slice as ``float32`` ``(H, W, channels)`` in ``[0, 1]`` (see the module docstring)."""
+    path = Path(path)
+    pixels = _decode(path)
+    if pixels.ndim == 3 and pixels.shape[2] > 4:
+        raise DataError(f"{pixels.shape[2]} channels are not supported (1-4 expected): {path}")
+    try:
+        image = _to_unit_range(pixels)
+    except DataError as error:
+        raise DataError(f"{error}: {path}") from error
+    return np.ascontiguousarray(_to_channels(image, channels), dtype=np.float32)
+
+
+def read_mask(path: str | Path) -> np.ndarray:
+    """Read one mask as ``uint8`` ``(H, W)`` with values in ``{0, 1}`` (see the module docstring)."""
+    path = Path(path)
+    pixels = _decode(path)
+    if pixels.ndim == 3:
+        colour = pixels[..., :3] if pixels.shape[2] >= 3 else pixels[..., :1]
+        pixels = colour.max(axis=2)
+    if pixels.dtype == np.bool_:
+        return pixels.astype(np.uint8)
+    if np.issubdtype(pixels.dtype, np.integer):
+        top = int(pixels.max())
+        threshold = 0 if top <= 1 else np.iinfo(pixels.dtype).max // 2
+        return (pixels > threshold).astype(np.uint8)
+    return (np.nan_to_num(pixels.astype(np.float32)) > 0.5).astype(np.uint8)
+
+
+def read_pair(pair: SlicePair, channels: int = 3) -> tuple[np.ndarray, np.ndarray]:
+    """Image ``(H, W, channels)`` float32 and mask ``(H, W)`` uint8 of one pair; sizes must agree."""
+    image = read_image(pair.image_path, channels)
+    mask = read_mask(pair.mask_path)
+    if image.shape[:2] != mask.shape:
+        raise DataError(
+            f"image {pair.image_path.name} is {image.shape[1]}x{image.shape[0]} but mask "
+            f"{pair.mask_path.name} is {mask.shape[1]}x{mask.shape[0]}"
+        )
+    return image, mask

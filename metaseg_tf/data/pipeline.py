@@ -1,0 +1,103 @@
+"""Training and evaluation batches from a preprocessed dataset, as a ``keras.utils.PyDataset``.
+
+The batches are NumPy arrays built with NumPy and OpenCV, so the same pipeline feeds a model under the
+TensorFlow, JAX or PyTorch backend, and ``PyDataset`` can run it in worker threads or processes.
+
+Shapes: ``x`` is ``float32 (batch, S, S, C)`` (normalised as the config says) and ``y`` is
+``float32 (batch, S, S, 1)`` holding 0 and 1.
+"""
+
+from __future__ import annotations
+
+import math
+
+import keras
+import numpy as np
+
+from metaseg_tf.config import ExperimentConfig
+from metaseg_tf.data.augment import (
+    AugmentationSettings,
+    random_affine,
+    random_gain_offset,
+    random_gamma,
+    warp_pair,
+)
+from metaseg_tf.data.split import PatientSplit
+from metaseg_tf.preprocess import PreprocessedDataset, normalise
+
+
+class SegmentationBatches(keras.utils.PyDataset):
+    """Batches of the slices at ``indices`` of ``dataset``.
+
+    With ``training=True`` the order is reshuffled every epoch and, if ``config.augment``, each slice is
+    augmented jointly with its mask. The random draws depend only on ``(seed, epoch, batch index)``, so
+    batches are reproducible whether or not workers fetch them out of order.
+    """
+
+    def __init__(
+        self,
+        dataset: PreprocessedDataset,
+        indices: np.ndarray,
+        config: ExperimentConfig,
+        training: bool = False,
+        seed: int | None = None,
+        **pydataset_kwargs,
+    ) -> None:
+        super().__init__(**pydataset_kwargs)
+        if len(indices) == 0:
+            raise ValueError("no slices to batch: the split part is empty")
+        self.dataset = dataset
+        self.indices = np.asarray(indices)
+        self.batch_size = config.batch_size
+        self.normalisation = config.normalisation
+        self.training = training
+        self.augmentation = AugmentationSettings.from_config(config) if training and config.augment else None
+        self.seed = config.seed if seed is None else seed
+        self.epoch = 0
+        self._order = self._epoch_order()
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.indices) / self.batch_size)
+
+    def _epoch_order(self) -> np.ndarray:
+        if not self.training:
+            return self.indices
+        return np.random.default_rng([self.seed, self.epoch]).permutation(self.indices)
+
+    def on_epoch_end(self) -> None:
+        self.epoch += 1
+        self._order = self._epoch_order()
+
+    def __getitem__(self, batch_index: int) -> tuple[np.ndarray, np.ndarray]:
+        if not 0 <= batch_index < len(self):
+            raise IndexError(f"batch {batch_index} out of range [0, {len(self)})")
+        chosen = self._order[batch_index * self.batch_size : (batch_index + 1) * self.batch_size]
+        images = self.dataset.images[chosen]
+        masks = self.dataset.masks[chosen]
+        if self.augmentation is None:
+            x = normalise(images, self.normalisation)
+            return x, masks[..., None].astype(np.float32)
+        rng = np.random.default_rng([self.seed, self.epoch, batch_index])
+        size = images.shape[1]
+        x = np.empty(images.shape, np.float32)
+        y = np.empty((*masks.shape, 1), np.float32)
+        for k in range(len(chosen)):
+            image, mask = warp_pair(images[k], masks[k], random_affine(rng, self.augmentation, size))
+            image = random_gamma(image.astype(np.float32) / 255.0, rng, self.augmentation.intensity_jitter)
+            image = normalise(image, self.normalisation)
+            x[k] = random_gain_offset(image, rng, self.augmentation.intensity_jitter)
+            y[k, ..., 0] = mask
+        return x, y
+
+
+def split_batches(
+    dataset: PreprocessedDataset, split: PatientSplit, config: ExperimentConfig, **pydataset_kwargs
+) -> dict[str, SegmentationBatches]:
+    """Training (shuffled, augmented), validation and test batches for the non-empty parts of ``split``."""
+    batches = {}
+    for part in ("train", "val", "test"):
+        indices = split.indices(dataset.case_ids, part)
+        if len(indices):
+            batches[part] = SegmentationBatches(dataset, indices, config, training=part == "train",
+                                                **pydataset_kwargs)
+    return batches

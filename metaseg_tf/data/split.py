@@ -1,0 +1,89 @@
+"""Patient-level splits: every slice of a patient lands in exactly one of train, validation and test.
+
+Splitting slices at random would put neighbouring, almost identical slices of one patient on both sides
+and inflate every test figure (patient leakage). Here the unit is the case id.
+
+* :func:`split_patients`: hold out ``test_fraction`` of the patients for testing (default 20 %, the 80/20
+  of the brief), then carve ``val_fraction`` of the remaining patients out for validation.
+* :func:`kfold_patients`: ``k`` folds over patients; fold ``i`` tests on the ``i``-th group and validates
+  on a ``val_fraction`` part of the others.
+
+Both are deterministic for a given seed and set of case ids (the ids are sorted before shuffling, so the
+order in which files were found does not matter). Every non-empty fraction gets at least one patient.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from metaseg_tf.config import ExperimentConfig
+
+
+@dataclass(frozen=True)
+class PatientSplit:
+    """Case ids of each part; disjoint, and together all the patients."""
+
+    train: tuple[str, ...]
+    val: tuple[str, ...]
+    test: tuple[str, ...]
+
+    def indices(self, case_ids: np.ndarray, part: str) -> np.ndarray:
+        """Positions in ``case_ids`` (one per slice) that belong to ``part`` (train, val or test)."""
+        members = getattr(self, part)
+        return np.flatnonzero(np.isin(case_ids, np.asarray(members)))
+
+    def to_dict(self) -> dict[str, list[str]]:
+        return {"train": list(self.train), "val": list(self.val), "test": list(self.test)}
+
+
+def _count(n: int, fraction: float) -> int:
+    if fraction <= 0 or n < 2:
+        return 0
+    return min(n - 1, max(1, math.floor(n * fraction + 0.5)))
+
+
+def _unique_shuffled(case_ids: list[str] | np.ndarray, seed: int) -> list[str]:
+    unique = sorted(set(np.asarray(case_ids).tolist()))
+    if not unique:
+        raise ValueError("cannot split an empty list of patients")
+    order = np.random.default_rng(seed).permutation(len(unique))
+    return [unique[i] for i in order]
+
+
+def _with_validation(test: list[str], rest: list[str], val_fraction: float) -> PatientSplit:
+    n_val = _count(len(rest), val_fraction)
+    return PatientSplit(tuple(sorted(rest[n_val:])), tuple(sorted(rest[:n_val])), tuple(sorted(test)))
+
+
+def split_patients(
+    case_ids: list[str] | np.ndarray, test_fraction: float = 0.2, val_fraction: float = 0.2, seed: int = 42
+) -> PatientSplit:
+    """Train/val/test split of the unique patients in ``case_ids`` (see the module docstring)."""
+    shuffled = _unique_shuffled(case_ids, seed)
+    n_test = _count(len(shuffled), test_fraction)
+    return _with_validation(shuffled[:n_test], shuffled[n_test:], val_fraction)
+
+
+def kfold_patients(
+    case_ids: list[str] | np.ndarray, n_folds: int = 5, val_fraction: float = 0.2, seed: int = 42
+) -> list[PatientSplit]:
+    """``n_folds`` splits whose test parts partition the patients (sizes differ by at most one)."""
+    shuffled = _unique_shuffled(case_ids, seed)
+    if not 2 <= n_folds <= len(shuffled):
+        raise ValueError(f"n_folds must lie in [2, {len(shuffled)}] for {len(shuffled)} patients")
+    groups = [shuffled[i::n_folds] for i in range(n_folds)]
+    splits = []
+    for fold, test in enumerate(groups):
+        rest = [case for other, group in enumerate(groups) if other != fold for case in group]
+        splits.append(_with_validation(test, rest, val_fraction))
+    return splits
+
+
+def split_for_config(case_ids: list[str] | np.ndarray, config: ExperimentConfig) -> PatientSplit:
+    """The split a config asks for: fold ``config.fold`` of k-fold when ``n_folds`` is set, else hold-out."""
+    if config.n_folds:
+        return kfold_patients(case_ids, config.n_folds, config.val_fraction, config.split_seed)[config.fold]
+    return split_patients(case_ids, config.test_fraction, config.val_fraction, config.split_seed)

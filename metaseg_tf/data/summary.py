@@ -1,0 +1,81 @@
+"""What a dataset folder holds: patients, pairs, lesion prevalence and every file that was skipped."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+from tqdm.auto import tqdm
+
+from metaseg_tf.data.discover import DataError, DiscoveryReport
+from metaseg_tf.data.io import read_pair
+
+
+@dataclass
+class DatasetSummary:
+    """Counts over a discovered dataset; ``unreadable`` maps image paths to the reason they failed."""
+
+    report: DiscoveryReport
+    checked: bool
+    slices_with_lesion: int = 0
+    lesion_pixels: int = 0
+    total_pixels: int = 0
+    image_shapes: Counter = field(default_factory=Counter)
+    unreadable: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def usable_pairs(self) -> int:
+        return len(self.report.pairs) - len(self.unreadable)
+
+    def lines(self, show: int = 5) -> list[str]:
+        """Human-readable summary, naming up to ``show`` files per skip reason."""
+        report = self.report
+        lines = [
+            f"data folder : {report.root}",
+            f"layout      : {report.layout}",
+            f"patients    : {len(report.case_ids)}",
+            f"pairs       : {len(report.pairs)}",
+        ]
+        if self.checked:
+            shapes = ", ".join(f"{w}x{h} ({n})" for (h, w), n in self.image_shapes.most_common())
+            lines += [
+                f"readable    : {self.usable_pairs} pairs; image sizes {shapes or 'none'}",
+                f"with lesion : {self.slices_with_lesion} slices "
+                f"({100.0 * self.slices_with_lesion / max(self.usable_pairs, 1):.1f} %), lesion pixels "
+                f"{100.0 * self.lesion_pixels / max(self.total_pixels, 1):.2f} % of all",
+            ]
+        reasons = dict(report.skipped_reasons())
+        if self.unreadable:
+            reasons["unreadable, truncated or size mismatch"] = list(self.unreadable)
+        groups = [("skipped", reason, paths) for reason, paths in reasons.items()]
+        if report.ignored_files:
+            groups.append(("ignored", "not an image, or outside the layout", report.ignored_files))
+        if not reasons:
+            lines.append("skipped     : nothing")
+        for verb, reason, paths in groups:
+            lines.append(f"{verb:<12}: {len(paths)} x {reason}")
+            for path in paths[:show]:
+                detail = self.unreadable.get(str(path), "")
+                lines.append(f"                {path}{'  -- ' + detail if detail else ''}")
+            if len(paths) > show:
+                lines.append(f"                ... and {len(paths) - show} more")
+        return lines
+
+
+def summarise_dataset(report: DiscoveryReport, check: bool = True, progress: bool = True) -> DatasetSummary:
+    """Summarise ``report``; with ``check`` every pair is read, which finds unreadable and mismatched files."""
+    summary = DatasetSummary(report, checked=check)
+    if not check:
+        return summary
+    for pair in tqdm(report.pairs, desc="reading pairs", unit="pair", disable=not progress):
+        try:
+            image, mask = read_pair(pair)
+        except DataError as error:
+            summary.unreadable[str(pair.image_path)] = str(error)
+            continue
+        summary.image_shapes[image.shape[:2]] += 1
+        lesion = int(mask.sum())
+        summary.slices_with_lesion += lesion > 0
+        summary.lesion_pixels += lesion
+        summary.total_pixels += mask.size
+    return summary

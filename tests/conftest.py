@@ -1,0 +1,51 @@
+"""Shared fixtures: small datasets the tests write themselves, and the optional real-data folder."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from metaseg_tf.data.synthetic import generate_phantom
+
+
+def write_image(path: Path, array: np.ndarray) -> Path:
+    """Write ``array`` (RGB order for colour) with OpenCV, creating the folder."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if array.ndim == 3 and array.shape[2] in (3, 4):
+        code = cv2.COLOR_RGB2BGR if array.shape[2] == 3 else cv2.COLOR_RGBA2BGRA
+        array = cv2.cvtColor(array, code)
+    assert cv2.imwrite(str(path), array), path
+    return path
+
+
+def square_pair(size: int = 32, top: int = 8, side: int = 10) -> tuple[np.ndarray, np.ndarray]:
+    """An RGB slice with a bright square and its 0/255 mask."""
+    image = np.full((size, size, 3), 40, np.uint8)
+    image[top : top + side, top : top + side] = 220
+    mask = np.zeros((size, size), np.uint8)
+    mask[top : top + side, top : top + side] = 255
+    return image, mask
+
+
+@pytest.fixture(scope="session")
+def phantom_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small phantom (6 patients x 8 slices at 64 px), generated once per test session."""
+    root = tmp_path_factory.mktemp("phantom") / "phantom"
+    generate_phantom(root, n_patients=6, n_slices=8, size=64, seed=3)
+    return root
+
+
+@pytest.fixture(scope="session")
+def real_data() -> Path:
+    """The shared real-MRI folder named by METASEG_REAL_DATA; the test is skipped without it."""
+    location = os.environ.get("METASEG_REAL_DATA")
+    if not location:
+        pytest.skip("METASEG_REAL_DATA is not set (the shared real MRI folder); .ci/run sets it")
+    root = Path(location)
+    if not root.is_dir():
+        pytest.skip(f"METASEG_REAL_DATA={root} is not a folder")
+    return root

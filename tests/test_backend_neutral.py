@@ -1,0 +1,49 @@
+"""The data layer needs no TensorFlow: it runs under KERAS_BACKEND=jax with TensorFlow made unimportable."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = r"""
+import sys
+
+class NoTensorFlow:
+    def find_spec(self, name, path=None, target=None):
+        if name == "tensorflow" or name.startswith("tensorflow."):
+            raise ImportError("tensorflow is blocked in this test")
+        return None
+
+sys.meta_path.insert(0, NoTensorFlow())
+
+import keras
+import numpy as np
+from metaseg_tf.config import ExperimentConfig
+from metaseg_tf.data import discover_pairs, generate_phantom, split_for_config
+from metaseg_tf.data.pipeline import split_batches
+from metaseg_tf.preprocess import preprocess_dataset
+
+root = sys.argv[1]
+generate_phantom(root + "/phantom", n_patients=4, n_slices=4, size=64, seed=0)
+config = ExperimentConfig(image_size=32, batch_size=4, cache_dir=root + "/cache")
+dataset = preprocess_dataset(discover_pairs(root + "/phantom"), config, progress=False)
+batches = split_batches(dataset, split_for_config(dataset.case_ids, config), config)
+x, y = batches["train"][0]
+assert keras.backend.backend() == "jax", keras.backend.backend()
+assert "tensorflow" not in sys.modules
+print("ok", x.shape, y.shape)
+"""
+
+
+@pytest.mark.skipif(importlib.util.find_spec("jax") is None, reason="jax is not installed (dev extra)")
+def test_data_layer_under_jax_without_tensorflow(tmp_path: Path) -> None:
+    env = {**os.environ, "KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu"}
+    result = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path)], env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "ok (4, 32, 32, 3) (4, 32, 32, 1)" in result.stdout

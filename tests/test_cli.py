@@ -1,0 +1,58 @@
+"""The metaseg command line: summaries, phantom generation, the main job, and one-line errors."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from metaseg_tf.cli import main
+
+
+def test_summary_prints_patients_pairs_and_skips(phantom_dir: Path, tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture) -> None:
+    data = tmp_path / "data"
+    shutil.copytree(phantom_dir, data)
+    case = sorted(p for p in data.iterdir() if p.is_dir())[0]
+    next(case.glob("*_1_mask.png")).unlink()  # one image loses its mask
+    (next(case.glob("*_2.png"))).write_bytes(b"truncated")  # one image is broken
+    assert main(["-q", "data", "summary", str(data)]) == 0
+    out = capsys.readouterr().out
+    assert "patients    : 6" in out
+    assert "pairs       : 47" in out
+    assert "readable    : 46 pairs" in out
+    assert "1 x image without mask" in out
+    assert "1 x unreadable, truncated or size mismatch" in out
+    assert "phantom.json" in out  # the manifest is listed as ignored, not silently passed over
+
+
+@pytest.mark.parametrize("args", [["data", "summary", "/no/such/folder"], ["data", "summary", "."]])
+def test_errors_are_one_line_without_traceback(args: list[str], tmp_path: Path) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    args = [a if a != "." else str(empty) for a in args]
+    result = subprocess.run([sys.executable, "-m", "metaseg_tf.cli", *args], capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("metaseg: error:")
+    assert "Traceback" not in result.stderr
+
+
+def test_folder_without_pairs_names_layouts(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    (tmp_path / "notes.txt").write_text("x")
+    assert main(["data", "summary", str(tmp_path)]) == 2
+    assert "layouts tried" in capsys.readouterr().err
+
+
+def test_synth_then_pipeline_on_it(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert main(["data", "synth", "ph", "--patients", "5", "--slices", "4", "--size", "64"]) == 0
+    assert "wrote phantom" in capsys.readouterr().out
+    assert main(["-q", "pipeline", "--data", "ph"]) == 0
+    out = capsys.readouterr().out
+    assert "patients    : 5" in out and "test        : 1 patients, 4 slices" in out
+    assert main(["-q", "pipeline", "--data", "ph"]) == 0
+    assert "(cache " in capsys.readouterr().out  # the second run reuses the preprocessing

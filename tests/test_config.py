@@ -1,0 +1,39 @@
+"""ExperimentConfig: validation, JSON/YAML round trips, the preprocessing key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from metaseg_tf.config import ConfigError, ExperimentConfig
+
+
+@pytest.mark.parametrize("suffix", [".json", ".yaml"])
+def test_round_trip(tmp_path: Path, suffix: str) -> None:
+    config = ExperimentConfig(image_size=64, filters=(8, 16, 32), clahe=False)
+    loaded = ExperimentConfig.load(config.save(tmp_path / f"c{suffix}"))
+    assert loaded == config
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [{"channels": 2}, {"image_size": 100}, {"normalisation": "robust"}, {"test_fraction": 1.0},
+     {"n_folds": 1}, {"n_folds": 3, "fold": 3}, {"zoom_range": 1.5}, {"batch_size": 0}],
+)
+def test_invalid_values_are_rejected(changes: dict) -> None:
+    with pytest.raises(ConfigError):
+        ExperimentConfig(**changes)
+
+
+def test_unknown_fields_and_missing_files(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="unknown config field"):
+        ExperimentConfig.from_dict({"imagesize": 64})
+    with pytest.raises(ConfigError, match="not found"):
+        ExperimentConfig.load(tmp_path / "missing.json")
+
+
+def test_preprocessing_key_changes_only_with_preprocessing_fields() -> None:
+    base = ExperimentConfig()
+    assert base.replace(epochs=3).preprocessing_key() == base.preprocessing_key()
+    assert base.replace(clahe_clip_limit=3.0).preprocessing_key() != base.preprocessing_key()
