@@ -31,7 +31,8 @@ def _data_summary(args: argparse.Namespace) -> int:
 
 
 def _data_synth(args: argparse.Namespace) -> int:
-    summary = generate_phantom(args.out, args.patients, args.slices, args.size, args.seed)
+    summary = generate_phantom(args.out, args.patients, args.slices, args.size, args.seed,
+                               progress=not args.quiet)
     verb = "reused" if summary.reused else "wrote"
     print(
         f"{verb} phantom in {summary.root}: {len(summary.case_ids)} patients x {args.slices} slices at "
@@ -46,7 +47,7 @@ def _pipeline(args: argparse.Namespace) -> int:
     if args.data:
         config = config.replace(data_dir=str(args.data))
     else:
-        phantom = generate_phantom(config.data_dir, **DEFAULT_PHANTOM)
+        phantom = generate_phantom(config.data_dir, **DEFAULT_PHANTOM, progress=not args.quiet)
         print(f"default data: synthetic phantom in {phantom.root} ({'reused' if phantom.reused else 'new'})")
     report = discover_pairs(config.data_dir)
     print("\n".join(summarise_dataset(report, check=False).lines()))

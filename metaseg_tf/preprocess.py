@@ -41,10 +41,11 @@ CACHE_FORMAT_VERSION = 1
 
 def window_to_uint8(image: np.ndarray) -> np.ndarray:
     """``(H, W, C)`` float -> ``uint8`` with each channel stretched to its own ``[min, max]``."""
-    low = image.min(axis=(0, 1), keepdims=True)
-    span = image.max(axis=(0, 1), keepdims=True) - low
-    scaled = np.divide(image - low, span, out=np.zeros_like(image, dtype=np.float32), where=span > 0)
-    return np.round(scaled * 255.0).astype(np.uint8)
+    channels = [
+        cv2.normalize(np.ascontiguousarray(image[..., c]), None, 0, 255, cv2.NORM_MINMAX, dtype=cv2.CV_8U)
+        for c in range(image.shape[2])
+    ]
+    return np.dstack(channels)
 
 
 def apply_clahe(image: np.ndarray, clip_limit: float = 2.0, tile_grid: int = 8) -> np.ndarray:

@@ -35,7 +35,7 @@ def square_pair(size: int = 32, top: int = 8, side: int = 10) -> tuple[np.ndarra
 def phantom_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small phantom (6 patients x 8 slices at 64 px), generated once per test session."""
     root = tmp_path_factory.mktemp("phantom") / "phantom"
-    generate_phantom(root, n_patients=6, n_slices=8, size=64, seed=3)
+    generate_phantom(root, n_patients=6, n_slices=8, size=64, seed=3, progress=False)
     return root
 
 

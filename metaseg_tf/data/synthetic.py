@@ -38,6 +38,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+from tqdm.auto import tqdm
 
 from metaseg_tf.data.discover import DataError
 
@@ -318,6 +319,7 @@ def generate_phantom(
     n_slices: int = 24,
     size: int = 256,
     seed: int = 0,
+    progress: bool = True,
 ) -> PhantomSummary:
     """Write the phantom to ``out_dir`` (kaggle_3m layout) and return what it holds.
 
@@ -342,7 +344,7 @@ def generate_phantom(
     if staging.exists():  # left by an interrupted earlier call: our own scratch space
         shutil.rmtree(staging)
     staging.mkdir(parents=True)
-    for index in range(n_patients):
+    for index in tqdm(range(n_patients), desc="generating phantom", unit="patient", disable=not progress):
         patient = _make_patient(index, settings)
         case_dir = staging / patient.case_id
         case_dir.mkdir(exist_ok=True)
