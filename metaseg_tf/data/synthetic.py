@@ -137,12 +137,12 @@ def _make_patient(index: int, settings: PhantomSettings) -> _Patient:
     slice_z = (np.arange(settings.n_slices) - (settings.n_slices - 1) / 2) * spacing
     half_height = 0.5 * settings.n_slices * spacing / 0.72  # the slices cover the middle 72 % of the head
     centre = np.array([size / 2, size / 2]) + rng.uniform(-0.04, 0.04, 2) * size
-    semi_axes = np.array([rng.uniform(0.34, 0.40), rng.uniform(0.41, 0.46)]) * size
+    in_plane = np.array([rng.uniform(0.34, 0.40), rng.uniform(0.41, 0.46)]) * size
     patient = _Patient(
         case_id=f"PHANTOM_{settings.seed:03d}_{index:03d}",
         rng=rng,
         centre=centre,
-        semi_axes=semi_axes,
+        semi_axes=np.append(in_plane, half_height),
         angle=float(rng.uniform(-0.17, 0.17)),
         intensity_scale=float(rng.uniform(0.85, 1.1)),
         enhancement=float(rng.uniform(0.55, 1.0)),
@@ -151,9 +151,10 @@ def _make_patient(index: int, settings: PhantomSettings) -> _Patient:
         lesions=[],
         slice_z=slice_z,
     )
-    patient.semi_axes = np.append(semi_axes, half_height)
     n_lesions = int(rng.integers(3, 12))
-    while len(patient.lesions) < n_lesions:
+    for _ in range(100 * n_lesions):  # rejection sampling of lesion positions inside the brain
+        if len(patient.lesions) == n_lesions:
+            break
         radius = (2.0 + 28.0 * rng.beta(1.0, 3.5)) * scale
         z = rng.uniform(slice_z[0] - radius / 2, slice_z[-1] + radius / 2)
         brain_a, brain_b = _brain_axes(patient, z)
