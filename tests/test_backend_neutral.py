@@ -1,4 +1,5 @@
-"""The data layer needs no TensorFlow: it runs under KERAS_BACKEND=jax with TensorFlow made unimportable."""
+"""Backend neutrality: the data layer runs under KERAS_BACKEND=jax with TensorFlow made unimportable, and
+the models pass their whole test module under JAX."""
 
 from __future__ import annotations
 
@@ -47,3 +48,15 @@ def test_data_layer_under_jax_without_tensorflow(tmp_path: Path) -> None:
                             text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "ok (4, 32, 32, 3) (4, 32, 32, 1)" in result.stdout
+
+
+@pytest.mark.skipif(importlib.util.find_spec("jax") is None, reason="jax is not installed (dev extra)")
+@pytest.mark.skipif(os.environ.get("KERAS_BACKEND") == "jax", reason="this session already runs under JAX")
+def test_model_suite_passes_under_jax() -> None:
+    """The whole model test module again, in a fresh interpreter with KERAS_BACKEND=jax."""
+    env = {**os.environ, "KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu"}
+    models_tests = Path(__file__).with_name("test_models.py")
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:warnings", str(models_tests)],
+                            env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-4000:]
+    assert " passed" in result.stdout and "failed" not in result.stdout

@@ -1,0 +1,33 @@
+"""One entry point for every architecture: ``build_model(name, config)``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import keras
+
+from metaseg_tf.config import ConfigError, ExperimentConfig
+from metaseg_tf.models.attention_unet import attention_unet
+from metaseg_tf.models.nested_unet import nested_unet
+from metaseg_tf.models.unet import unet
+
+MODEL_NAMES = ("unet", "nested_unet", "attention_unet")
+
+
+def build_model(name: str, config: ExperimentConfig, num_classes: int = 1) -> keras.Model:
+    """Build ``name`` for ``(config.image_size, config.image_size, config.channels)`` inputs and
+    ``config.filters``; U-Net++ gets deep supervision when ``config.deep_supervision`` is set."""
+    if name not in MODEL_NAMES:
+        raise ConfigError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}")
+    if config.image_size % 2 ** (len(config.filters) - 1):
+        raise ConfigError(
+            f"image_size {config.image_size} is not divisible by 2^{len(config.filters) - 1} "
+            f"({len(config.filters)} filter levels)"
+        )
+    input_shape = (config.image_size, config.image_size, config.channels)
+    builders: dict[str, Callable[..., keras.Model]] = {
+        "unet": lambda: unet(input_shape, config.filters, num_classes),
+        "attention_unet": lambda: attention_unet(input_shape, config.filters, num_classes),
+        "nested_unet": lambda: nested_unet(input_shape, config.filters, num_classes, config.deep_supervision),
+    }
+    return builders[name]()
