@@ -15,10 +15,10 @@ from metaseg_tf.config import ConfigError, ExperimentConfig
 from metaseg_tf.data.discover import DataError, discover_pairs
 from metaseg_tf.data.split import split_for_config
 from metaseg_tf.data.summary import summarise_dataset
-from metaseg_tf.data.synthetic import generate_phantom
+from metaseg_tf.data.synthetic import PhantomSettings, generate_phantom
 from metaseg_tf.preprocess import preprocess_dataset
 
-DEFAULT_PHANTOM = {"n_patients": 20, "n_slices": 24, "size": 256, "seed": 0}
+DEFAULT_PHANTOM = PhantomSettings()
 
 
 def _data_summary(args: argparse.Namespace) -> int:
@@ -47,7 +47,8 @@ def _pipeline(args: argparse.Namespace) -> int:
     if args.data:
         config = config.replace(data_dir=str(args.data))
     else:
-        phantom = generate_phantom(config.data_dir, **DEFAULT_PHANTOM, progress=not args.quiet)
+        phantom = generate_phantom(config.data_dir, DEFAULT_PHANTOM.n_patients, DEFAULT_PHANTOM.n_slices,
+                                   DEFAULT_PHANTOM.size, DEFAULT_PHANTOM.seed, progress=not args.quiet)
         print(f"default data: synthetic phantom in {phantom.root} ({'reused' if phantom.reused else 'new'})")
     report = discover_pairs(config.data_dir)
     print("\n".join(summarise_dataset(report, check=False).lines()))
@@ -75,10 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
     summary.set_defaults(handler=_data_summary)
     synth = data_commands.add_parser("synth", help="write the synthetic metastasis phantom")
     synth.add_argument("out", type=Path)
-    synth.add_argument("--patients", type=int, default=DEFAULT_PHANTOM["n_patients"])
-    synth.add_argument("--slices", type=int, default=DEFAULT_PHANTOM["n_slices"])
-    synth.add_argument("--size", type=int, default=DEFAULT_PHANTOM["size"])
-    synth.add_argument("--seed", type=int, default=DEFAULT_PHANTOM["seed"])
+    synth.add_argument("--patients", type=int, default=DEFAULT_PHANTOM.n_patients)
+    synth.add_argument("--slices", type=int, default=DEFAULT_PHANTOM.n_slices)
+    synth.add_argument("--size", type=int, default=DEFAULT_PHANTOM.size)
+    synth.add_argument("--seed", type=int, default=DEFAULT_PHANTOM.seed)
     synth.set_defaults(handler=_data_synth)
 
     pipeline = commands.add_parser(

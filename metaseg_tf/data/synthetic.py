@@ -316,10 +316,10 @@ def _existing_settings(root: Path) -> PhantomSettings | None:
 
 def generate_phantom(
     out_dir: str | Path,
-    n_patients: int = 20,
-    n_slices: int = 24,
-    size: int = 256,
-    seed: int = 0,
+    n_patients: int = PhantomSettings.n_patients,
+    n_slices: int = PhantomSettings.n_slices,
+    size: int = PhantomSettings.size,
+    seed: int = PhantomSettings.seed,
     progress: bool = True,
 ) -> PhantomSummary:
     """Write the phantom to ``out_dir`` (kaggle_3m layout) and return what it holds.
