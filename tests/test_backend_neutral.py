@@ -50,13 +50,16 @@ def test_data_layer_under_jax_without_tensorflow(tmp_path: Path) -> None:
     assert "ok (4, 32, 32, 3) (4, 32, 32, 1)" in result.stdout
 
 
+JAX_SUITE = ("test_models.py", "test_losses.py", "test_evaluation.py")
+
+
 @pytest.mark.skipif(importlib.util.find_spec("jax") is None, reason="jax is not installed (dev extra)")
 @pytest.mark.skipif(os.environ.get("KERAS_BACKEND") == "jax", reason="this session already runs under JAX")
 def test_model_suite_passes_under_jax() -> None:
-    """The whole model test module again, in a fresh interpreter with KERAS_BACKEND=jax."""
+    """The model, loss and metric test modules again, in a fresh interpreter with KERAS_BACKEND=jax."""
     env = {**os.environ, "KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu"}
-    models_tests = Path(__file__).with_name("test_models.py")
-    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:warnings", str(models_tests)],
+    modules = [str(Path(__file__).with_name(name)) for name in JAX_SUITE]
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:warnings", *modules],
                             env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-4000:]
     assert " passed" in result.stdout and "failed" not in result.stdout

@@ -1,0 +1,255 @@
+"""Evaluation of binary lesion masks with NumPy/SciPy: per image, per patient (3D) and global.
+
+Conventions (explicit, and tested):
+
+* **Overlap scores** (Dice = F1, IoU, precision, recall, specificity) come from pixel counts. When truth and
+  prediction are both empty, Dice, IoU, precision and recall are 1 (perfect agreement on "no lesion");
+  any other zero denominator gives 0 (e.g. precision of an empty prediction on a lesion slice). Specificity
+  with no true-negative pixel at all is 1.
+* **HD95** is the larger of the two directed 95th-percentile surface distances (the BraTS and MONAI
+  convention; medpy pools both directions instead), in pixel units scaled by ``spacing``. Both empty: 0.
+  Exactly one empty: the diagonal of the array's extent, the worst possible distance (BraTS uses 374 mm,
+  the diagonal of its 240 x 240 x 155 mm volume, the same way).
+* **Lesion-wise** scores follow the BraTS 2023 metastasis challenge (Saluja et al., BraTS-2023-Metrics,
+  parameters of BraTS-MET): truth lesions are connected components (full connectivity: 8 in 2D, 26 in 3D)
+  of the truth dilated by ``dilation`` = 1 pixel, so that fragments of one lesion count once; predicted
+  components that touch a dilated truth lesion are its match; predicted components that touch none are
+  false positives. Components smaller than ``min_size`` = 2 pixels are ignored on both sides. Lesion-wise
+  Dice = sum of matched lesions' Dice / (truth lesions + false positives) (misses and false positives
+  count 0); lesion-wise HD95 likewise, with the extent diagonal for misses and false positives. No truth
+  lesion and no false positive: lesion-wise Dice 1 and HD95 0; lesion sensitivity is then undefined (NaN,
+  left out of means).
+* **Per patient** stacks a case's slices in slice order into a volume and scores it in 3D, so a lesion
+  spanning several slices is one lesion. **Global** pools every pixel of the split.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import pandas as pd
+from scipy import ndimage
+
+OVERLAP_SCORES = ("dice", "iou", "precision", "recall", "specificity")
+
+
+@dataclass(frozen=True)
+class ConfusionCounts:
+    """Pixel counts of a binary prediction against a binary truth."""
+
+    true_pos: int
+    false_pos: int
+    false_neg: int
+    true_neg: int
+
+    @classmethod
+    def from_masks(cls, truth: np.ndarray, pred: np.ndarray) -> ConfusionCounts:
+        truth, pred = _binary_pair(truth, pred)
+        true_pos = int(np.count_nonzero(truth & pred))
+        false_pos = int(np.count_nonzero(pred)) - true_pos
+        false_neg = int(np.count_nonzero(truth)) - true_pos
+        return cls(true_pos, false_pos, false_neg, truth.size - true_pos - false_pos - false_neg)
+
+    def __add__(self, other: ConfusionCounts) -> ConfusionCounts:
+        return ConfusionCounts(*(a + b for a, b in zip(asdict(self).values(), asdict(other).values())))
+
+    def scores(self) -> dict[str, float]:
+        """Dice, IoU, precision, recall and specificity with the module's empty-mask conventions."""
+        tp, fp, fn, tn = self.true_pos, self.false_pos, self.false_neg, self.true_neg
+        both_empty = tp + fp + fn == 0
+
+        def ratio(numerator: float, denominator: float, when_empty: float = 1.0) -> float:
+            if both_empty:
+                return when_empty
+            return numerator / denominator if denominator else 0.0
+
+        return {
+            "dice": ratio(2 * tp, 2 * tp + fp + fn),
+            "iou": ratio(tp, tp + fp + fn),
+            "precision": ratio(tp, tp + fp),
+            "recall": ratio(tp, tp + fn),
+            "specificity": tn / (tn + fp) if tn + fp else 1.0,
+        }
+
+
+def _binary_pair(truth: np.ndarray, pred: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    truth, pred = np.asarray(truth) > 0, np.asarray(pred) > 0
+    if truth.shape != pred.shape:
+        raise ValueError(f"truth {truth.shape} and prediction {pred.shape} differ in shape")
+    return truth, pred
+
+
+def overlap_scores(truth: np.ndarray, pred: np.ndarray) -> dict[str, float]:
+    """:meth:`ConfusionCounts.scores` of two binary arrays of equal shape (any dimension)."""
+    return ConfusionCounts.from_masks(truth, pred).scores()
+
+
+def _extent_diagonal(shape: Sequence[int], spacing: Sequence[float]) -> float:
+    return float(np.sqrt(sum((n * s) ** 2 for n, s in zip(shape, spacing))))
+
+
+def _surface(mask: np.ndarray) -> np.ndarray:
+    structure = ndimage.generate_binary_structure(mask.ndim, mask.ndim)
+    return mask & ~ndimage.binary_erosion(mask, structure, border_value=0)
+
+
+def hausdorff_distance(
+    truth: np.ndarray, pred: np.ndarray, percentile: float = 95.0, spacing: Sequence[float] | None = None
+) -> float:
+    """Symmetric percentile Hausdorff distance between the surfaces of two binary masks (2D or 3D).
+
+    ``max(P_q(d(S_truth, S_pred)), P_q(d(S_pred, S_truth)))`` with ``q = percentile`` over the surface
+    pixels (the mask minus its erosion) and Euclidean distances scaled by ``spacing`` (default 1 per
+    axis). ``percentile=100`` gives the classic Hausdorff distance.
+    """
+    truth, pred = _binary_pair(truth, pred)
+    spacing = tuple(spacing) if spacing is not None else (1.0,) * truth.ndim
+    if not truth.any() and not pred.any():
+        return 0.0
+    if not truth.any() or not pred.any():
+        return _extent_diagonal(truth.shape, spacing)
+    surface_truth, surface_pred = _surface(truth), _surface(pred)
+    to_pred = ndimage.distance_transform_edt(~surface_pred, sampling=spacing)[surface_truth]
+    to_truth = ndimage.distance_transform_edt(~surface_truth, sampling=spacing)[surface_pred]
+    return float(max(np.percentile(to_pred, percentile), np.percentile(to_truth, percentile)))
+
+
+@dataclass(frozen=True)
+class LesionWiseScores:
+    """Lesion-level detection and segmentation scores of one case (see the module docstring)."""
+
+    truth_lesions: int
+    detected: int
+    false_positives: int
+    lesion_dice: float
+    lesion_hd95: float
+
+    @property
+    def sensitivity(self) -> float:
+        return self.detected / self.truth_lesions if self.truth_lesions else float("nan")
+
+
+def lesion_wise_scores(
+    truth: np.ndarray,
+    pred: np.ndarray,
+    dilation: int = 1,
+    min_size: int = 2,
+    spacing: Sequence[float] | None = None,
+) -> LesionWiseScores:
+    """BraTS-MET lesion-wise Dice and HD95, lesion sensitivity and false-positive count of one case."""
+    truth, pred = _binary_pair(truth, pred)
+    spacing = tuple(spacing) if spacing is not None else (1.0,) * truth.ndim
+    worst = _extent_diagonal(truth.shape, spacing)
+    structure = ndimage.generate_binary_structure(truth.ndim, truth.ndim)
+    dilated = ndimage.binary_dilation(truth, structure, iterations=dilation) if dilation else truth
+    truth_labels, n_truth = ndimage.label(dilated, structure)
+    pred_labels, n_pred = ndimage.label(pred, structure)
+    pred_sizes = np.bincount(pred_labels.ravel(), minlength=n_pred + 1)
+
+    dice_sum, hd_sum, counted, detected = 0.0, 0.0, 0, 0
+    matched = np.zeros(n_pred + 1, bool)
+    for label in range(1, n_truth + 1):
+        region = truth_labels == label
+        touching = np.unique(pred_labels[region])
+        touching = touching[touching > 0]
+        matched[touching] = True
+        lesion = truth & region
+        if np.count_nonzero(lesion) < min_size:
+            continue
+        counted += 1
+        predicted = np.isin(pred_labels, touching) if touching.size else np.zeros_like(pred)
+        detected += bool(touching.size)
+        dice_sum += ConfusionCounts.from_masks(lesion, predicted).scores()["dice"] if touching.size else 0.0
+        hd_sum += hausdorff_distance(lesion, predicted, 95.0, spacing) if touching.size else worst
+    false_positives = int(np.count_nonzero(~matched[1:] & (pred_sizes[1:] >= min_size)))
+    denominator = counted + false_positives
+    if denominator == 0:
+        return LesionWiseScores(0, 0, 0, 1.0, 0.0)
+    return LesionWiseScores(counted, detected, false_positives, dice_sum / denominator,
+                            (hd_sum + worst * false_positives) / denominator)
+
+
+@dataclass
+class Evaluation:
+    """Scores of a set of slices: one row per image, one row per patient, and pooled-pixel global scores."""
+
+    per_image: pd.DataFrame
+    per_patient: pd.DataFrame
+    global_scores: dict[str, float]
+
+    def summary(self) -> dict[str, dict[str, float]]:
+        """Mean and standard deviation over patients of every per-patient score, plus the global scores."""
+        numeric = self.per_patient.select_dtypes("number")
+        stats = {column: {"mean": float(numeric[column].mean()), "sd": float(numeric[column].std(ddof=1))}
+                 for column in numeric.columns}
+        return {"per_patient": stats, "global": self.global_scores}
+
+
+def evaluate_masks(
+    truth: np.ndarray,
+    pred: np.ndarray,
+    case_ids: Sequence[str],
+    slice_indices: Sequence[int] | None = None,
+    spacing: Sequence[float] | None = None,
+) -> Evaluation:
+    """Score binary predictions ``pred`` against ``truth``, both ``(N, H, W)``, slice ``k`` of case
+    ``case_ids[k]`` at position ``slice_indices[k]`` (default: the given order).
+
+    ``spacing`` is the voxel size ``(slice, row, column)`` used for the per-patient HD95 (default 1 each:
+    distances in pixels).
+    """
+    truth, pred = _binary_pair(truth, pred)
+    if truth.ndim != 3 or len(case_ids) != len(truth):
+        raise ValueError(f"expected (N, H, W) masks and N case ids, got {truth.shape} and {len(case_ids)}")
+    case_ids = np.asarray(case_ids)
+    slice_indices = np.arange(len(truth)) if slice_indices is None else np.asarray(slice_indices)
+
+    image_rows = []
+    for k in range(len(truth)):
+        counts = ConfusionCounts.from_masks(truth[k], pred[k])
+        image_rows.append({
+            "case_id": case_ids[k], "slice_index": int(slice_indices[k]),
+            "truth_pixels": counts.true_pos + counts.false_neg, "pred_pixels": counts.true_pos + counts.false_pos,
+            **counts.scores(), "hd95": hausdorff_distance(truth[k], pred[k], 95.0, None if spacing is None
+                                                          else spacing[1:]),
+        })
+
+    patient_rows = []
+    for case in dict.fromkeys(case_ids):
+        members = np.flatnonzero(case_ids == case)
+        members = members[np.argsort(slice_indices[members], kind="stable")]
+        volume_truth, volume_pred = truth[members], pred[members]
+        lesions = lesion_wise_scores(volume_truth, volume_pred, spacing=spacing)
+        patient_rows.append({
+            "case_id": case, "slices": len(members),
+            "truth_voxels": int(volume_truth.sum()), "pred_voxels": int(volume_pred.sum()),
+            **overlap_scores(volume_truth, volume_pred),
+            "hd95": hausdorff_distance(volume_truth, volume_pred, 95.0, spacing),
+            "truth_lesions": lesions.truth_lesions, "detected_lesions": lesions.detected,
+            "false_positive_lesions": lesions.false_positives, "lesion_sensitivity": lesions.sensitivity,
+            "lesion_dice": lesions.lesion_dice, "lesion_hd95": lesions.lesion_hd95,
+        })
+
+    pooled = ConfusionCounts.from_masks(truth, pred)
+    return Evaluation(pd.DataFrame(image_rows), pd.DataFrame(patient_rows), pooled.scores())
+
+
+def bootstrap_ci(
+    values: Sequence[float], confidence: float = 0.95, n_resamples: int = 2000, seed: int = 0
+) -> tuple[float, float]:
+    """Percentile bootstrap confidence interval of the mean of ``values`` (NaNs dropped).
+
+    Resamples with replacement ``n_resamples`` times from a seeded generator, so the interval is
+    reproducible; returns ``(nan, nan)`` for fewer than two values.
+    """
+    values = np.asarray(values, float)
+    values = values[~np.isnan(values)]
+    if len(values) < 2:
+        return float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    means = values[rng.integers(0, len(values), size=(n_resamples, len(values)))].mean(axis=1)
+    tail = (1 - confidence) / 2 * 100
+    low, high = np.percentile(means, [tail, 100 - tail])
+    return float(low), float(high)

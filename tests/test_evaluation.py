@@ -1,0 +1,135 @@
+"""Evaluation: overlap scores against scikit-learn, HD95 against scipy, lesion-wise and per-patient scores."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+from scipy.spatial.distance import directed_hausdorff
+from sklearn.metrics import f1_score, jaccard_score, precision_score, recall_score
+
+from metaseg_tf.evaluation import (
+    ConfusionCounts,
+    bootstrap_ci,
+    evaluate_masks,
+    hausdorff_distance,
+    lesion_wise_scores,
+    overlap_scores,
+)
+from metaseg_tf.metrics import segmentation_metrics
+
+
+def _random_masks(seed: int, shape=(6, 32, 32)) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return rng.random(shape) < 0.2, rng.random(shape) < 0.25
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_overlap_scores_agree_with_scikit_learn(seed: int) -> None:
+    truth, pred = _random_masks(seed)
+    scores = overlap_scores(truth, pred)
+    t, p = truth.ravel(), pred.ravel()
+    assert scores["dice"] == pytest.approx(f1_score(t, p))
+    assert scores["iou"] == pytest.approx(jaccard_score(t, p))
+    assert scores["precision"] == pytest.approx(precision_score(t, p))
+    assert scores["recall"] == pytest.approx(recall_score(t, p))
+    assert scores["specificity"] == pytest.approx(recall_score(~t, ~p))
+
+
+def test_empty_mask_conventions() -> None:
+    empty, lesion = np.zeros((8, 8), bool), np.zeros((8, 8), bool)
+    lesion[2:4, 2:4] = True
+    assert overlap_scores(empty, empty) == dict(dice=1.0, iou=1.0, precision=1.0, recall=1.0, specificity=1.0)
+    missed = overlap_scores(lesion, empty)
+    assert missed["dice"] == missed["recall"] == missed["precision"] == 0.0 and missed["specificity"] == 1.0
+    false_alarm = overlap_scores(empty, lesion)
+    assert false_alarm["dice"] == false_alarm["precision"] == 0.0
+    assert false_alarm["specificity"] == pytest.approx(60 / 64)
+    assert hausdorff_distance(empty, empty) == 0.0
+    assert hausdorff_distance(lesion, empty) == pytest.approx(np.hypot(8, 8))
+    with pytest.raises(ValueError, match="differ in shape"):
+        overlap_scores(empty, np.zeros((4, 4)))
+
+
+def test_keras_metrics_equal_pooled_numpy_scores() -> None:
+    truth, pred_binary = _random_masks(7, (4, 16, 16))
+    probabilities = np.where(pred_binary, 0.7, 0.2).astype(np.float32)
+    expected = ConfusionCounts.from_masks(truth, pred_binary).scores()
+    for metric in segmentation_metrics(threshold=0.5):
+        for k in range(0, 4, 2):  # two batches: the metric must pool across them
+            metric.update_state(truth[k : k + 2, ..., None].astype(np.float32), probabilities[k : k + 2, ..., None])
+        assert float(keras.ops.convert_to_numpy(metric.result())) == pytest.approx(expected[metric.name], rel=1e-6)
+        metric.reset_state()
+        metric.update_state(np.zeros((1, 4, 4, 1)), np.zeros((1, 4, 4, 1)))
+        assert float(keras.ops.convert_to_numpy(metric.result())) == 1.0
+
+
+def test_hausdorff_of_shifted_squares_and_against_scipy() -> None:
+    a, b = np.zeros((40, 40), bool), np.zeros((40, 40), bool)
+    a[10:20, 10:20] = True
+    b[13:23, 10:20] = True
+    assert hausdorff_distance(a, b) == pytest.approx(3.0)
+    assert hausdorff_distance(a, b, spacing=(2.0, 1.0)) == pytest.approx(6.0)
+    rng = np.random.default_rng(1)
+    for _ in range(5):
+        x, y = rng.random((30, 30)) < 0.1, rng.random((30, 30)) < 0.1
+        px, py = np.argwhere(x), np.argwhere(y)
+        # every pixel of a sparse random mask is on its surface, so HD100 is scipy's symmetric Hausdorff
+        reference = max(directed_hausdorff(px, py)[0], directed_hausdorff(py, px)[0])
+        assert hausdorff_distance(x, y, percentile=100) == pytest.approx(reference)
+
+
+def _disc(shape: tuple[int, int], centre: tuple[int, int], radius: int) -> np.ndarray:
+    rows, cols = np.ogrid[: shape[0], : shape[1]]
+    return (rows - centre[0]) ** 2 + (cols - centre[1]) ** 2 <= radius**2
+
+
+def test_lesion_wise_counts_detection_misses_and_false_positives() -> None:
+    shape = (64, 64)
+    truth = _disc(shape, (15, 15), 5) | _disc(shape, (45, 45), 4)
+    pred = _disc(shape, (15, 15), 5) | _disc(shape, (10, 50), 3)  # one hit, one miss, one false positive
+    scores = lesion_wise_scores(truth, pred)
+    assert (scores.truth_lesions, scores.detected, scores.false_positives) == (2, 1, 1)
+    assert scores.sensitivity == 0.5
+    assert scores.lesion_dice == pytest.approx(1 / 3)  # (1 + 0) / (2 lesions + 1 false positive)
+    assert scores.lesion_hd95 == pytest.approx(2 * np.hypot(64, 64) / 3)
+    assert lesion_wise_scores(np.zeros(shape), np.zeros(shape)).lesion_dice == 1.0
+    assert np.isnan(lesion_wise_scores(np.zeros(shape), np.zeros(shape)).sensitivity)
+    single_pixel = np.zeros(shape, bool)
+    single_pixel[5, 5] = True  # below the 2-pixel size threshold: ignored on both sides
+    assert lesion_wise_scores(single_pixel, single_pixel[::-1]).lesion_dice == 1.0
+
+
+def test_lesion_fragments_count_once() -> None:
+    truth = np.zeros((32, 32), bool)
+    truth[10:20, 10:14] = True
+    truth[10:20, 15:19] = True  # a one-pixel gap: the 1-pixel dilation joins the two fragments
+    scores = lesion_wise_scores(truth, truth)
+    assert (scores.truth_lesions, scores.detected, scores.false_positives, scores.lesion_dice) == (1, 1, 0, 1.0)
+
+
+def test_per_patient_scores_are_3d_and_global_scores_pool_pixels() -> None:
+    truth = np.zeros((5, 16, 16), bool)
+    truth[1:4, 4:8, 4:8] = True  # one lesion spanning three slices of case A
+    truth[4, 2:6, 2:6] = True  # case B
+    pred = truth.copy()
+    pred[4] = False
+    case_ids = ["A", "A", "A", "A", "B"]
+    result = evaluate_masks(truth, pred, case_ids, slice_indices=[3, 0, 1, 2, 0])
+    assert list(result.per_image.columns[:4]) == ["case_id", "slice_index", "truth_pixels", "pred_pixels"]
+    assert len(result.per_image) == 5
+    rows = result.per_patient.set_index("case_id")
+    assert rows.loc["A", "dice"] == 1.0 and rows.loc["A", "truth_lesions"] == 1
+    assert rows.loc["B", "dice"] == 0.0 and rows.loc["B", "detected_lesions"] == 0
+    assert result.global_scores["dice"] == pytest.approx(2 * 48 / (48 + 64))
+    summary = result.summary()
+    assert summary["per_patient"]["dice"]["mean"] == 0.5
+    assert summary["global"] == result.global_scores
+
+
+def test_bootstrap_ci_is_reproducible_and_brackets_the_mean() -> None:
+    values = np.random.default_rng(0).normal(0.8, 0.1, size=40)
+    low, high = bootstrap_ci(values, seed=3)
+    assert low < values.mean() < high
+    assert (low, high) == bootstrap_ci(values, seed=3)
+    assert all(np.isnan(bootstrap_ci([0.5])))
