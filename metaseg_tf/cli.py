@@ -11,6 +11,8 @@ import logging
 import sys
 from pathlib import Path
 
+import yaml
+
 from metaseg_tf.config import ConfigError, ExperimentConfig
 from metaseg_tf.data.discover import DataError, discover_pairs
 from metaseg_tf.data.split import split_for_config
@@ -19,6 +21,63 @@ from metaseg_tf.data.synthetic import PhantomSettings, generate_phantom
 from metaseg_tf.preprocess import preprocess_dataset
 
 DEFAULT_PHANTOM = PhantomSettings()
+
+# command-line flag -> ExperimentConfig field, for the settings people change most
+CONFIG_FLAGS = {
+    "model": "model", "data": "data_dir", "epochs": "epochs", "batch_size": "batch_size",
+    "image_size": "image_size", "loss": "loss", "lr": "learning_rate", "seed": "seed",
+    "devices": "devices", "max_minutes": "max_train_minutes", "filters": "filters",
+}
+
+
+def _parse_value(text: str):
+    """A ``-p KEY VALUE`` value: YAML scalars and lists (``0.5``, ``true``, ``[16, 32]``), else the text."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
+    """The config file (``--config``) or the defaults, then the flags, then every ``-p KEY VALUE``."""
+    config = ExperimentConfig.load(args.config) if getattr(args, "config", None) else ExperimentConfig()
+    changes = {field: getattr(args, flag) for flag, field in CONFIG_FLAGS.items()
+               if getattr(args, flag, None) is not None}
+    if getattr(args, "data", None) is not None:
+        changes["data_dir"] = str(args.data)
+    if getattr(args, "no_clahe", False):
+        changes["clahe"] = False
+    for key, value in getattr(args, "param", None) or []:
+        changes[key] = _parse_value(value)
+    return config.replace(**changes) if changes else config
+
+
+def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, help="ExperimentConfig as JSON or YAML (flags override it)")
+    parser.add_argument("--model", help="unet, nested_unet or attention_unet")
+    parser.add_argument("--data", type=Path, help="data folder (any supported layout)")
+    parser.add_argument("--epochs", type=int)
+    parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--image-size", type=int, help="side in pixels, a multiple of 16")
+    parser.add_argument("--filters", type=int, nargs="+", help="filters per level, e.g. 16 32 64 128 256")
+    parser.add_argument("--loss", help="bce, dice, bce_dice, focal, tversky or focal_tversky")
+    parser.add_argument("--lr", type=float, help="learning rate")
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--devices", type=int, help="data-parallel devices (MirroredStrategy / DataParallel)")
+    parser.add_argument("--max-minutes", type=float, help="stop training after this many minutes")
+    parser.add_argument("--no-clahe", action="store_true", help="switch CLAHE off")
+    parser.add_argument("-p", "--param", nargs=2, action="append", metavar=("KEY", "VALUE"),
+                        help="any other ExperimentConfig field, e.g. -p lr_schedule cosine")
+
+
+def _train(args: argparse.Namespace) -> int:
+    from metaseg_tf.train import train
+
+    config = config_from_args(args)
+    run = train(config, runs_root=args.runs_root, name=args.name, progress=not args.quiet,
+                resume=not args.no_resume)
+    print(run.run_dir)
+    return 0
 
 
 def _data_summary(args: argparse.Namespace) -> int:
@@ -88,6 +147,13 @@ def build_parser() -> argparse.ArgumentParser:
     pipeline.add_argument("--data", type=Path, help="your own data folder instead of the phantom")
     pipeline.add_argument("--config", type=Path, help="ExperimentConfig as JSON or YAML")
     pipeline.set_defaults(handler=_pipeline)
+
+    train = commands.add_parser("train", help="train a model into a new run folder (resumes an unfinished one)")
+    _add_config_flags(train)
+    train.add_argument("--runs-root", type=Path, default=Path("results/runs"), help="where run folders go")
+    train.add_argument("--name", help="run folder suffix (default: the model name)")
+    train.add_argument("--no-resume", action="store_true", help="always start a new run folder")
+    train.set_defaults(handler=_train)
     return parser
 
 

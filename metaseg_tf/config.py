@@ -18,6 +18,9 @@ from typing import Any
 import yaml
 
 NORMALISATIONS = ("zscore", "minmax", "none")
+OPTIMIZERS = ("adam", "adamw", "sgd")
+LR_SCHEDULES = ("constant", "plateau", "cosine")
+AUTO_SWITCH = ("auto", "on", "off")
 
 
 class ConfigError(ValueError):
@@ -68,9 +71,17 @@ class ExperimentConfig:
     loss: str = "bce_dice"
     optimizer: str = "adam"
     learning_rate: float = 1e-3
+    lr_schedule: str = "plateau"
+    warmup_epochs: int = 0
+    early_stopping_patience: int = 10
     epochs: int = 30
     batch_size: int = 16
     seed: int = 0
+    threshold: float = 0.5
+    max_train_minutes: float = 0.0
+    mixed_precision: str = "auto"
+    jit_compile: str = "auto"
+    devices: int = 1
     backend: str = "tensorflow"
 
     extra: dict[str, Any] = field(default_factory=dict)
@@ -99,6 +110,19 @@ class ExperimentConfig:
             raise ConfigError(f"zoom_range must lie in [0, 1), got {self.zoom_range}")
         if self.batch_size < 1 or self.epochs < 0:
             raise ConfigError("batch_size must be >= 1 and epochs >= 0")
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ConfigError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
+        if self.learning_rate <= 0 or self.warmup_epochs < 0 or self.early_stopping_patience < 0:
+            raise ConfigError("learning_rate must be > 0; warmup_epochs and early_stopping_patience >= 0")
+        if not 0 < self.threshold < 1:
+            raise ConfigError(f"threshold must lie in (0, 1), got {self.threshold}")
+        for name in ("mixed_precision", "jit_compile"):
+            if getattr(self, name) not in AUTO_SWITCH:
+                raise ConfigError(f"{name} must be one of {AUTO_SWITCH}, got {getattr(self, name)!r}")
+        if self.devices < 1 or self.max_train_minutes < 0:
+            raise ConfigError("devices must be >= 1 and max_train_minutes >= 0 (0: no limit)")
 
     # --- serialisation -------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

@@ -50,7 +50,7 @@ def test_data_layer_under_jax_without_tensorflow(tmp_path: Path) -> None:
     assert "ok (4, 32, 32, 3) (4, 32, 32, 1)" in result.stdout
 
 
-JAX_SUITE = ("test_models.py", "test_losses.py", "test_evaluation.py")
+JAX_SUITE = ("test_models.py", "test_losses.py", "test_evaluation.py", "test_complexity.py")
 
 
 @pytest.mark.skipif(importlib.util.find_spec("jax") is None, reason="jax is not installed (dev extra)")

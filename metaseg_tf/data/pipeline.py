@@ -4,12 +4,15 @@ The batches are NumPy arrays built with NumPy and OpenCV, so the same pipeline f
 TensorFlow, JAX or PyTorch backend, and ``PyDataset`` can run it in worker threads or processes.
 
 Shapes: ``x`` is ``float32 (batch, S, S, C)`` (normalised as the config says) and ``y`` is
-``float32 (batch, S, S, 1)`` holding 0 and 1.
+``float32 (batch, S, S, 1)`` holding 0 and 1 (a tuple of ``target_copies`` such arrays for a model with
+several outputs, e.g. U-Net++'s deep-supervision heads).
 """
 
 from __future__ import annotations
 
+import logging
 import math
+from dataclasses import dataclass
 
 import keras
 import numpy as np
@@ -22,8 +25,11 @@ from metaseg_tf.data.augment import (
     random_gamma,
     warp_pair,
 )
-from metaseg_tf.data.split import PatientSplit
-from metaseg_tf.preprocess import PreprocessedDataset, normalise
+from metaseg_tf.data.discover import DiscoveryReport, discover_pairs
+from metaseg_tf.data.split import PatientSplit, split_for_config
+from metaseg_tf.preprocess import PreprocessedDataset, normalise, preprocess_dataset
+
+logger = logging.getLogger(__name__)
 
 
 class SegmentationBatches(keras.utils.PyDataset):
@@ -41,6 +47,7 @@ class SegmentationBatches(keras.utils.PyDataset):
         config: ExperimentConfig,
         training: bool = False,
         seed: int | None = None,
+        target_copies: int = 1,
         **pydataset_kwargs,
     ) -> None:
         super().__init__(**pydataset_kwargs)
@@ -53,7 +60,13 @@ class SegmentationBatches(keras.utils.PyDataset):
         self.training = training
         self.augmentation = AugmentationSettings.from_config(config) if training and config.augment else None
         self.seed = config.seed if seed is None else seed
+        self.target_copies = target_copies
         self.epoch = 0
+        self._order = self._epoch_order()
+
+    def start_at_epoch(self, epoch: int) -> None:
+        """Continue the shuffling sequence at ``epoch`` (used when a training run resumes)."""
+        self.epoch = epoch
         self._order = self._epoch_order()
 
     def __len__(self) -> int:
@@ -68,7 +81,11 @@ class SegmentationBatches(keras.utils.PyDataset):
         self.epoch += 1
         self._order = self._epoch_order()
 
-    def __getitem__(self, batch_index: int) -> tuple[np.ndarray, np.ndarray]:
+    def __getitem__(self, batch_index: int):
+        x, y = self._batch(batch_index)
+        return (x, y) if self.target_copies == 1 else (x, (y,) * self.target_copies)
+
+    def _batch(self, batch_index: int) -> tuple[np.ndarray, np.ndarray]:
         if not 0 <= batch_index < len(self):
             raise IndexError(f"batch {batch_index} out of range [0, {len(self)})")
         chosen = self._order[batch_index * self.batch_size : (batch_index + 1) * self.batch_size]
@@ -101,3 +118,39 @@ def split_batches(
             batches[part] = SegmentationBatches(dataset, indices, config, training=part == "train",
                                                 **pydataset_kwargs)
     return batches
+
+
+@dataclass
+class ExperimentData:
+    """Everything a run needs from its data folder: the discovery report, the preprocessed slices and the
+    patient split."""
+
+    report: DiscoveryReport
+    dataset: PreprocessedDataset
+    split: PatientSplit
+
+    def part_sizes(self) -> dict[str, tuple[int, int]]:
+        """``{part: (patients, slices)}`` for train, val and test."""
+        return {part: (len(cases), len(self.split.indices(self.dataset.case_ids, part)))
+                for part, cases in self.split.to_dict().items()}
+
+    def to_dict(self) -> dict:
+        """The data report of a run directory: what was found, what was skipped and why, the split."""
+        return {
+            "root": str(self.report.root),
+            "layout": self.report.layout,
+            "pairs_found": len(self.report.pairs),
+            "pairs_used": len(self.dataset),
+            "skipped_at_discovery": {reason: [str(p) for p in paths]
+                                     for reason, paths in self.report.skipped_reasons().items()},
+            "skipped_at_reading": self.dataset.skipped,
+            "split": self.split.to_dict(),
+            "slices_per_part": {part: sizes[1] for part, sizes in self.part_sizes().items()},
+        }
+
+
+def load_experiment_data(config: ExperimentConfig, progress: bool = True) -> ExperimentData:
+    """Discover ``config.data_dir``, preprocess it (or load the cache) and split it by patient."""
+    report = discover_pairs(config.data_dir)
+    dataset = preprocess_dataset(report, config, progress=progress)
+    return ExperimentData(report, dataset, split_for_config(dataset.case_ids, config))

@@ -1,0 +1,49 @@
+"""What a run ran on: library versions, Keras backend and device (recorded in every run folder)."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import platform
+import sys
+
+import keras
+
+
+def _version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def accelerator() -> str:
+    """``"gpu"`` when the active Keras backend sees a GPU, else ``"cpu"``."""
+    backend = keras.backend.backend()
+    if backend == "jax":
+        import jax
+
+        return "gpu" if jax.default_backend() in ("gpu", "cuda", "rocm") else "cpu"
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        return "gpu" if tf.config.list_physical_devices("GPU") else "cpu"
+    if backend == "torch":
+        import torch
+
+        return "gpu" if torch.cuda.is_available() else "cpu"
+    return "cpu"
+
+
+def environment_info() -> dict[str, object]:
+    """Versions, backend, device and CPU count, as a JSON-serialisable dict."""
+    packages = ("keras", "tensorflow", "jax", "jaxlib", "torch", "numpy", "opencv-python-headless",
+                "scikit-image", "scipy", "metaseg-tf")
+    return {
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "keras_backend": keras.backend.backend(),
+        "device": accelerator(),
+        "packages": {name: version for name in packages if (version := _version(name))},
+    }

@@ -1,0 +1,102 @@
+"""Run directories: one folder per training run, never overwritten, and the files in it.
+
+A run folder ``<runs root>/<YYYYmmdd-HHMMSS>-<name>/`` holds:
+
+==================  ====================================================================================
+``config.json``     the resolved :class:`~metaseg_tf.config.ExperimentConfig`
+``state.json``      ``status`` (``running`` / ``finished``), epochs done, best validation Dice, stop reason
+``data.json``       pairs found, used and skipped (with reasons), the patient split, slices per part
+``environment.json`` versions of Python, Keras, the backend and key libraries; backend and device
+``best.keras``      the model at the epoch of best validation Dice; ``last.keras`` the final model
+``history.csv``     one row per epoch (losses, metrics, learning rate)
+``timings.json``    seconds per epoch and in total
+``backup/``         Keras ``BackupAndRestore`` state while a run is unfinished (removed when it finishes)
+``tensorboard/``    TensorBoard logs, when TensorFlow is installed
+==================  ====================================================================================
+
+A run that was killed stays ``running``; training the same configuration again under the same runs root
+and name resumes it instead of starting a new folder.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from metaseg_tf.config import ConfigError, ExperimentConfig
+
+DEFAULT_RUNS_ROOT = Path("results/runs")
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text())
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    """Write ``data`` atomically (a temporary file renamed over the target)."""
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    partial.replace(path)
+
+
+def create_run_dir(runs_root: Path | str, name: str) -> Path:
+    """A new, empty folder ``<runs_root>/<timestamp>-<name>`` (``-2``, ``-3`` ... if that exists)."""
+    runs_root = Path(runs_root)
+    runs_root.mkdir(parents=True, exist_ok=True)
+    stem = f"{time.strftime('%Y%m%d-%H%M%S')}-{name}"
+    for attempt in range(1, 1000):
+        path = runs_root / (stem if attempt == 1 else f"{stem}-{attempt}")
+        try:
+            path.mkdir()
+        except FileExistsError:
+            continue
+        return path
+    raise RuntimeError(f"could not create a new run folder under {runs_root}")
+
+
+def find_unfinished_run(runs_root: Path | str, name: str, config: ExperimentConfig) -> Path | None:
+    """The newest run under ``runs_root`` with ``name`` and exactly ``config`` that did not finish."""
+    runs_root = Path(runs_root)
+    if not runs_root.is_dir():
+        return None
+    for path in sorted(runs_root.iterdir(), reverse=True):
+        state, saved = path / "state.json", path / "config.json"
+        if not (state.is_file() and saved.is_file()):
+            continue
+        status = read_json(state)
+        if status.get("name") == name and status.get("status") == "running" and read_json(saved) == config.to_dict():
+            return path
+    return None
+
+
+def is_run_dir(path: Path) -> bool:
+    return (path / "config.json").is_file() and (path / "state.json").is_file()
+
+
+def load_run_config(run_dir: Path | str) -> ExperimentConfig:
+    run_dir = Path(run_dir)
+    if not is_run_dir(run_dir):
+        raise ConfigError(f"{run_dir} is not a run folder (no config.json and state.json); "
+                          "create one with `metaseg train`")
+    return ExperimentConfig.load(run_dir / "config.json")
+
+
+def run_model_path(run_dir: Path | str, which: str = "best") -> Path:
+    """``best.keras`` (default) or ``last.keras`` of a run; a clear error when it is missing."""
+    path = Path(run_dir) / f"{which}.keras"
+    if not path.is_file():
+        raise ConfigError(f"{path} does not exist: the run has not saved a {which} model yet")
+    return path
+
+
+def list_runs(runs_root: Path | str, finished_only: bool = True) -> list[Path]:
+    """Run folders under ``runs_root`` (recursively), oldest first."""
+    runs_root = Path(runs_root)
+    if not runs_root.is_dir():
+        return []
+    runs = [p.parent for p in runs_root.rglob("state.json") if is_run_dir(p.parent)]
+    if finished_only:
+        runs = [p for p in runs if read_json(p / "state.json").get("status") == "finished"]
+    return sorted(runs, key=lambda p: (p.name, str(p)))

@@ -1,0 +1,268 @@
+"""Training engine: one :class:`~metaseg_tf.config.ExperimentConfig` in, one run folder out.
+
+:func:`train` discovers and preprocesses the data, splits it by patient, builds the model, fits it with
+Keras callbacks and writes everything a later step needs into a new run folder (see
+:mod:`metaseg_tf.runs`). A run that is killed is resumed by running the same command again
+(``keras.callbacks.BackupAndRestore`` restores weights, optimiser state and epoch).
+
+U-Net++ with deep supervision is trained on all its heads with equal weights ``1 / depth`` (the mean of
+the heads' losses, Zhou et al. 2018); validation Dice, which selects the best epoch, is that of the
+deepest head. Mixed precision and XLA are used on GPUs (``auto``), not on CPUs, where they did not help.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import keras
+
+from metaseg_tf.config import ConfigError, ExperimentConfig
+from metaseg_tf.data.pipeline import ExperimentData, SegmentationBatches, load_experiment_data
+from metaseg_tf.environment import accelerator, environment_info
+from metaseg_tf.losses import SegmentationLoss
+from metaseg_tf.metrics import segmentation_metrics
+from metaseg_tf.models import build_model
+from metaseg_tf.runs import DEFAULT_RUNS_ROOT, create_run_dir, find_unfinished_run, read_json, write_json
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainedRun:
+    """Where a run lives and how it ended (``state`` is the content of its ``state.json``)."""
+
+    run_dir: Path
+    config: ExperimentConfig
+    state: dict[str, Any]
+
+    @property
+    def best_model_path(self) -> Path:
+        return self.run_dir / "best.keras"
+
+
+def monitored_metric(model: keras.Model, validation: bool = True) -> str:
+    """Name of the Dice the checkpoint and early stopping watch: the (deepest) output's ``dice``."""
+    names = model.output_names
+    dice = "dice" if len(names) == 1 else f"{names[-1]}_dice"
+    return f"val_{dice}" if validation else dice
+
+
+def make_optimizer(config: ExperimentConfig, steps_per_epoch: int) -> keras.optimizers.Optimizer:
+    """Adam (default), AdamW or SGD with Nesterov momentum; with ``lr_schedule="cosine"`` the learning rate
+    warms up linearly over ``warmup_epochs`` and then decays along a cosine to 1 % of its peak."""
+    learning_rate: float | keras.optimizers.schedules.LearningRateSchedule = config.learning_rate
+    if config.lr_schedule == "cosine":
+        warmup = config.warmup_epochs * steps_per_epoch
+        learning_rate = keras.optimizers.schedules.CosineDecay(
+            initial_learning_rate=0.0 if warmup else config.learning_rate,
+            decay_steps=max(1, config.epochs * steps_per_epoch - warmup),
+            alpha=0.01,
+            warmup_target=config.learning_rate if warmup else None,
+            warmup_steps=warmup,
+        )
+    if config.optimizer == "adamw":
+        return keras.optimizers.AdamW(learning_rate, weight_decay=1e-4)
+    if config.optimizer == "sgd":
+        return keras.optimizers.SGD(learning_rate, momentum=0.9, nesterov=True)
+    return keras.optimizers.Adam(learning_rate)
+
+
+def _jit_compile(config: ExperimentConfig) -> bool | str:
+    if config.jit_compile != "auto":
+        return config.jit_compile == "on"
+    return "auto" if keras.backend.backend() == "jax" or accelerator() == "gpu" else False
+
+
+def compile_model(model: keras.Model, config: ExperimentConfig, steps_per_epoch: int = 1) -> keras.Model:
+    """Compile ``model`` with the config's loss on every output (averaged), the optimiser and schedule,
+    and Dice/IoU/precision/recall on the (deepest) output."""
+    names = model.output_names
+    metrics = segmentation_metrics(config.threshold)
+    model.compile(
+        optimizer=make_optimizer(config, steps_per_epoch),
+        loss=[SegmentationLoss(config.loss) for _ in names] if len(names) > 1 else SegmentationLoss(config.loss),
+        loss_weights=[1.0 / len(names)] * len(names) if len(names) > 1 else None,
+        metrics={names[-1]: metrics} if len(names) > 1 else metrics,
+        jit_compile=_jit_compile(config),
+    )
+    return model
+
+
+@contextlib.contextmanager
+def precision_policy(config: ExperimentConfig) -> Iterator[str]:
+    """``mixed_float16`` while building and training on a GPU (``mixed_precision`` ``auto``/``on``)."""
+    wanted = config.mixed_precision == "on" or (config.mixed_precision == "auto" and accelerator() == "gpu")
+    previous = keras.config.dtype_policy().name
+    policy = "mixed_float16" if wanted else "float32"
+    keras.config.set_dtype_policy(policy)
+    try:
+        yield policy
+    finally:
+        keras.config.set_dtype_policy(previous)
+
+
+@contextlib.contextmanager
+def device_scope(devices: int) -> Iterator[None]:
+    """Data-parallel training on ``devices`` devices through the backend's own engine:
+    ``tf.distribute.MirroredStrategy`` under TensorFlow, ``keras.distribution.DataParallel`` under JAX."""
+    if devices == 1:
+        yield
+        return
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        kind = "GPU" if tf.config.list_logical_devices("GPU") else "CPU"
+        names = [device.name for device in tf.config.list_logical_devices(kind)]
+        if len(names) < devices:
+            raise ConfigError(f"devices={devices} but TensorFlow sees {len(names)} {kind} device(s)")
+        with tf.distribute.MirroredStrategy(names[:devices]).scope():
+            yield
+    elif backend == "jax":
+        available = keras.distribution.list_devices()
+        if len(available) < devices:
+            raise ConfigError(f"devices={devices} but JAX sees {len(available)} device(s)")
+        previous = keras.distribution.distribution()
+        keras.distribution.set_distribution(keras.distribution.DataParallel(devices=available[:devices]))
+        try:
+            yield
+        finally:
+            keras.distribution.set_distribution(previous)
+    else:
+        raise ConfigError(f"devices > 1 needs the TensorFlow or JAX backend, not {backend}")
+
+
+class RunProgress(keras.callbacks.Callback):
+    """Keeps ``state.json`` and ``timings.json`` current after every epoch and stops at the time limit."""
+
+    def __init__(self, run_dir: Path, state: dict[str, Any], timings: dict[str, Any], monitor: str,
+                 time_limit_s: float) -> None:
+        super().__init__()
+        self.run_dir, self.state, self.timings = run_dir, state, timings
+        self.monitor, self.time_limit_s = monitor, time_limit_s
+        self.hit_time_limit = False
+        self._epoch_start = 0.0
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        self._epoch_start = time.perf_counter()
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        seconds = time.perf_counter() - self._epoch_start
+        self.timings["epoch_seconds"].append(round(seconds, 3))
+        self.timings["train_seconds"] = round(sum(self.timings["epoch_seconds"]), 3)
+        value = (logs or {}).get(self.monitor)
+        if value is not None and value > self.state.get("best_value", float("-inf")):
+            self.state.update(best_value=float(value), best_epoch=epoch + 1)
+        self.state["epochs_done"] = epoch + 1
+        write_json(self.run_dir / "timings.json", self.timings)
+        write_json(self.run_dir / "state.json", self.state)
+        if self.time_limit_s and self.timings["train_seconds"] >= self.time_limit_s:
+            self.hit_time_limit = True
+            self.model.stop_training = True
+
+
+def _callbacks(run_dir: Path, config: ExperimentConfig, monitor: str, state: dict, progress: RunProgress,
+               early_stopping: keras.callbacks.EarlyStopping) -> list[keras.callbacks.Callback]:
+    callbacks: list[keras.callbacks.Callback] = [
+        keras.callbacks.BackupAndRestore(str(run_dir / "backup"), delete_checkpoint=True),
+        keras.callbacks.ModelCheckpoint(str(run_dir / "best.keras"), monitor=monitor, mode="max",
+                                        save_best_only=True, initial_value_threshold=state.get("best_value")),
+    ]
+    if config.lr_schedule == "plateau":  # before the CSV logger, so that the history records the rate
+        callbacks.append(keras.callbacks.ReduceLROnPlateau(
+            monitor=monitor, mode="max", factor=0.5, patience=max(2, config.early_stopping_patience // 3),
+            min_lr=config.learning_rate / 100))
+    callbacks += [keras.callbacks.CSVLogger(str(run_dir / "history.csv"), append=True), progress]
+    if config.early_stopping_patience:
+        callbacks.append(early_stopping)
+    with contextlib.suppress(ImportError):
+        import tensorboard  # noqa: F401  (with TensorFlow: the writer Keras' callback needs; optional)
+        import tensorflow  # noqa: F401
+
+        callbacks.append(keras.callbacks.TensorBoard(str(run_dir / "tensorboard"), write_graph=False))
+    return callbacks
+
+
+def _start_or_resume(config: ExperimentConfig, runs_root: Path, name: str, data: ExperimentData,
+                     resume: bool) -> tuple[Path, dict, dict]:
+    run_dir = find_unfinished_run(runs_root, name, config) if resume else None
+    if run_dir is not None:
+        state, timings = read_json(run_dir / "state.json"), read_json(run_dir / "timings.json")
+        state["resumed"] = state.get("resumed", 0) + 1
+        return run_dir, state, timings
+    run_dir = create_run_dir(runs_root, name)
+    config.save(run_dir / "config.json")
+    write_json(run_dir / "data.json", data.to_dict())
+    write_json(run_dir / "environment.json", environment_info())
+    state = {"name": name, "status": "running", "epochs_done": 0, "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    timings = {"epoch_seconds": [], "train_seconds": 0.0}
+    write_json(run_dir / "state.json", state)
+    write_json(run_dir / "timings.json", timings)
+    return run_dir, state, timings
+
+
+def train(
+    config: ExperimentConfig,
+    runs_root: Path | str = DEFAULT_RUNS_ROOT,
+    name: str | None = None,
+    progress: bool = True,
+    resume: bool = True,
+    data: ExperimentData | None = None,
+) -> TrainedRun:
+    """Train ``config.model`` on ``config.data_dir`` into a run folder under ``runs_root``.
+
+    ``name`` (default: the model name) is the folder's suffix after the timestamp. With ``resume`` an
+    unfinished run of the same name and configuration is continued instead of starting a new one.
+    ``data`` skips discovery and preprocessing when the caller has already loaded them.
+    """
+    runs_root = Path(runs_root)
+    name = name or config.model
+    data = data or load_experiment_data(config, progress=progress)
+    run_dir, state, timings = _start_or_resume(config, runs_root, name, data, resume)
+
+    keras.utils.set_random_seed(config.seed)
+    with precision_policy(config) as policy, device_scope(config.devices):
+        model = build_model(config.model, config)
+        targets = len(model.outputs)
+        train_batches = SegmentationBatches(data.dataset, data.split.indices(data.dataset.case_ids, "train"),
+                                            config, training=True, target_copies=targets)
+        val_indices = data.split.indices(data.dataset.case_ids, "val")
+        val_batches = (SegmentationBatches(data.dataset, val_indices, config, target_copies=targets)
+                       if len(val_indices) else None)
+        train_batches.start_at_epoch(state["epochs_done"])
+        compile_model(model, config, steps_per_epoch=len(train_batches))
+        monitor = monitored_metric(model, validation=val_batches is not None)
+        sizes = data.part_sizes()
+        what = "resuming" if state.get("resumed") else "training"
+        print(f"{what} {config.model} ({model.count_params() / 1e6:.2f} M parameters, {targets} output(s)) on "
+              f"{data.report.root}: {sizes['train'][0]} train / {sizes['val'][0]} val patients "
+              f"({sizes['train'][1]} / {sizes['val'][1]} slices) at {config.image_size} px, "
+              f"CLAHE {'on' if config.clahe else 'off'}; {config.epochs} epochs of batch {config.batch_size}, "
+              f"{keras.backend.backend()} on {accelerator()} ({policy}); run folder {run_dir}")
+        run_progress = RunProgress(run_dir, state, timings, monitor, config.max_train_minutes * 60)
+        early_stopping = keras.callbacks.EarlyStopping(monitor=monitor, mode="max",
+                                                       patience=config.early_stopping_patience)
+        try:
+            model.fit(train_batches, validation_data=val_batches, epochs=config.epochs,
+                      callbacks=_callbacks(run_dir, config, monitor, state, run_progress, early_stopping),
+                      verbose=1 if progress else 2)
+        except KeyboardInterrupt:
+            print(f"interrupted after epoch {state['epochs_done']}; run the same command again to resume {run_dir}")
+            raise
+        model.save(run_dir / "last.keras")
+    if not (run_dir / "best.keras").exists():
+        model.save(run_dir / "best.keras")
+    reason = ("time limit" if run_progress.hit_time_limit else
+              "early stopping" if early_stopping.stopped_epoch else "completed")
+    state.update(status="finished", stop_reason=reason, monitor=monitor,
+                 finished=time.strftime("%Y-%m-%d %H:%M:%S"))
+    write_json(run_dir / "state.json", state)
+    print(f"finished ({reason}) after {state['epochs_done']} epochs; best {monitor} "
+          f"{state.get('best_value', float('nan')):.4f} at epoch {state.get('best_epoch')}; {run_dir}")
+    return TrainedRun(run_dir, config, state)
