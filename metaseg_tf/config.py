@@ -17,6 +17,8 @@ from typing import Any
 
 import yaml
 
+MODEL_NAMES = ("unet", "nested_unet", "attention_unet")
+LOSS_NAMES = ("bce", "dice", "bce_dice", "focal", "tversky", "focal_tversky")
 NORMALISATIONS = ("zscore", "minmax", "none")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 LR_SCHEDULES = ("constant", "plateau", "cosine")
@@ -110,6 +112,10 @@ class ExperimentConfig:
             raise ConfigError(f"zoom_range must lie in [0, 1), got {self.zoom_range}")
         if self.batch_size < 1 or self.epochs < 0:
             raise ConfigError("batch_size must be >= 1 and epochs >= 0")
+        if self.model not in MODEL_NAMES:
+            raise ConfigError(f"unknown model {self.model!r}; choose one of {', '.join(MODEL_NAMES)}")
+        if self.loss not in LOSS_NAMES:
+            raise ConfigError(f"unknown loss {self.loss!r}; choose one of {', '.join(LOSS_NAMES)}")
         if self.optimizer not in OPTIMIZERS:
             raise ConfigError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         if self.lr_schedule not in LR_SCHEDULES:

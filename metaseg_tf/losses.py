@@ -22,7 +22,9 @@ from __future__ import annotations
 import keras
 from keras import ops
 
-LOSS_NAMES = ("bce", "dice", "bce_dice", "focal", "tversky", "focal_tversky")
+from metaseg_tf.config import LOSS_NAMES
+
+__all__ = ["LOSS_NAMES", "SegmentationLoss", "binary_crossentropy", "binary_focal", "soft_dice", "tversky_index"]
 _EPSILON = 1e-7
 
 

@@ -6,12 +6,12 @@ from collections.abc import Callable
 
 import keras
 
-from metaseg_tf.config import ConfigError, ExperimentConfig
+from metaseg_tf.config import MODEL_NAMES, ConfigError, ExperimentConfig
 from metaseg_tf.models.attention_unet import attention_unet
 from metaseg_tf.models.nested_unet import nested_unet
 from metaseg_tf.models.unet import unet
 
-MODEL_NAMES = ("unet", "nested_unet", "attention_unet")
+__all__ = ["MODEL_NAMES", "build_model"]
 
 
 def build_model(name: str, config: ExperimentConfig, num_classes: int = 1) -> keras.Model:
