@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from metaseg_tf.data.synthetic import PhantomSettings, generate_phantom
 from metaseg_tf.preprocess import preprocess_dataset
 
 DEFAULT_PHANTOM = PhantomSettings()
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up chatter, before it loads
 
 # command-line flag -> ExperimentConfig field, for the settings people change most
 CONFIG_FLAGS = {
@@ -68,6 +70,29 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-clahe", action="store_true", help="switch CLAHE off")
     parser.add_argument("-p", "--param", nargs=2, action="append", metavar=("KEY", "VALUE"),
                         help="any other ExperimentConfig field, e.g. -p lr_schedule cosine")
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from metaseg_tf.evaluate import evaluate_run
+
+    result = evaluate_run(args.run, split=args.split, which=args.which, threshold=args.threshold,
+                          progress=not args.quiet)
+    dice = result.summary["per_patient"]["dice"]
+    print(f"{result.summary['model']} on {result.summary['patients']} {args.split} patients "
+          f"({result.summary['resolution']}): per-patient Dice {dice['mean']:.3f} ± {dice['sd']:.3f}, "
+          f"95 % CI [{dice['ci95'][0]:.3f}, {dice['ci95'][1]:.3f}]; global Dice "
+          f"{result.summary['global']['dice']:.3f}")
+    print(result.out_dir)
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from metaseg_tf.evaluate import compare_runs
+
+    comparison = compare_runs(args.runs, args.out, split=args.split, labels=args.labels, progress=not args.quiet)
+    print(comparison.markdown)
+    print(comparison.out_dir)
+    return 0
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -154,6 +179,20 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--name", help="run folder suffix (default: the model name)")
     train.add_argument("--no-resume", action="store_true", help="always start a new run folder")
     train.set_defaults(handler=_train)
+
+    evaluate = commands.add_parser("evaluate", help="score a run on its test split: CSVs, summary.json, plots")
+    evaluate.add_argument("run", type=Path, help="run folder made by `metaseg train`")
+    evaluate.add_argument("--split", default="test", choices=("train", "val", "test"))
+    evaluate.add_argument("--which", default="best", choices=("best", "last"))
+    evaluate.add_argument("--threshold", type=float, help="default: the run's config threshold")
+    evaluate.set_defaults(handler=_evaluate)
+
+    compare = commands.add_parser("compare", help="one table and paired Wilcoxon tests over several runs")
+    compare.add_argument("runs", type=Path, nargs="+", help="run folders")
+    compare.add_argument("--labels", nargs="+", help="one name per run (default: folder names)")
+    compare.add_argument("--out", type=Path, default=Path("results"), help="a new comparison folder goes here")
+    compare.add_argument("--split", default="test", choices=("train", "val", "test"))
+    compare.set_defaults(handler=_compare)
     return parser
 
 
@@ -162,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.handler(args)
-    except (DataError, ConfigError) as error:
+    except (DataError, ConfigError, ValueError) as error:
         print(f"metaseg: error: {error}", file=sys.stderr)
         return 2
 

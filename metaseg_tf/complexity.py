@@ -54,8 +54,13 @@ def _flops_tensorflow(model: keras.Model, image: np.ndarray) -> float:
     frozen, _ = convert_variables_to_constants_v2_as_graph(concrete)
     builder = tf.compat.v1.profiler.ProfileOptionBuilder
     options = builder(builder.float_operation()).with_empty_output().build()
-    profile = tf.compat.v1.profiler.profile(graph=frozen.graph, run_meta=tf.compat.v1.RunMetadata(),
-                                            cmd="op", options=options)
+    level = tf.get_logger().level
+    tf.get_logger().setLevel("ERROR")  # the v1 profiler warns that it is a v1 API
+    try:
+        profile = tf.compat.v1.profiler.profile(graph=frozen.graph, run_meta=tf.compat.v1.RunMetadata(),
+                                                cmd="op", options=options)
+    finally:
+        tf.get_logger().setLevel(level)
     return float(profile.total_float_ops)
 
 

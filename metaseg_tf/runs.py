@@ -41,19 +41,23 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
     partial.replace(path)
 
 
-def create_run_dir(runs_root: Path | str, name: str) -> Path:
-    """A new, empty folder ``<runs_root>/<timestamp>-<name>`` (``-2``, ``-3`` ... if that exists)."""
-    runs_root = Path(runs_root)
-    runs_root.mkdir(parents=True, exist_ok=True)
-    stem = f"{time.strftime('%Y%m%d-%H%M%S')}-{name}"
+def new_dir(parent: Path | str, stem: str) -> Path:
+    """A new, empty folder ``<parent>/<stem>`` (``<stem>-2``, ``-3`` ... if that exists): never reused."""
+    parent = Path(parent)
+    parent.mkdir(parents=True, exist_ok=True)
     for attempt in range(1, 1000):
-        path = runs_root / (stem if attempt == 1 else f"{stem}-{attempt}")
+        path = parent / (stem if attempt == 1 else f"{stem}-{attempt}")
         try:
             path.mkdir()
         except FileExistsError:
             continue
         return path
-    raise RuntimeError(f"could not create a new run folder under {runs_root}")
+    raise RuntimeError(f"could not create a new folder {stem} under {parent}")
+
+
+def create_run_dir(runs_root: Path | str, name: str) -> Path:
+    """A new, empty folder ``<runs_root>/<timestamp>-<name>``."""
+    return new_dir(runs_root, f"{time.strftime('%Y%m%d-%H%M%S')}-{name}")
 
 
 def find_unfinished_run(runs_root: Path | str, name: str, config: ExperimentConfig) -> Path | None:

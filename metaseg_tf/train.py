@@ -217,12 +217,14 @@ def train(
     progress: bool = True,
     resume: bool = True,
     data: ExperimentData | None = None,
+    callbacks: list[keras.callbacks.Callback] | None = None,
 ) -> TrainedRun:
     """Train ``config.model`` on ``config.data_dir`` into a run folder under ``runs_root``.
 
     ``name`` (default: the model name) is the folder's suffix after the timestamp. With ``resume`` an
     unfinished run of the same name and configuration is continued instead of starting a new one.
-    ``data`` skips discovery and preprocessing when the caller has already loaded them.
+    ``data`` skips discovery and preprocessing when the caller has already loaded them; ``callbacks``
+    are added after the engine's own (e.g. live plots in a notebook).
     """
     runs_root = Path(runs_root)
     name = name or config.model
@@ -253,7 +255,8 @@ def train(
                                                        patience=config.early_stopping_patience)
         try:
             model.fit(train_batches, validation_data=val_batches, epochs=config.epochs,
-                      callbacks=_callbacks(run_dir, config, monitor, state, run_progress, early_stopping),
+                      callbacks=[*_callbacks(run_dir, config, monitor, state, run_progress, early_stopping),
+                                 *(callbacks or [])],
                       verbose=1 if progress else 2)
         except KeyboardInterrupt:
             print(f"interrupted after epoch {state['epochs_done']}; run the same command again to resume {run_dir}")

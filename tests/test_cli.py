@@ -56,3 +56,20 @@ def test_synth_then_pipeline_on_it(tmp_path: Path, capsys: pytest.CaptureFixture
     assert "patients    : 5" in out and "test        : 1 patients, 4 slices" in out
     assert main(["-q", "pipeline", "--data", "ph"]) == 0
     assert "(cache " in capsys.readouterr().out  # the second run reuses the preprocessing
+
+
+def test_train_evaluate_compare_from_the_command_line(phantom_dir: Path, tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture) -> None:
+    runs = tmp_path / "runs"
+    common = ["--data", str(phantom_dir), "--image-size", "32", "--filters", "4", "8", "16", "--epochs", "1",
+              "--batch-size", "8", "-p", "cache_dir", str(tmp_path / "cache"), "--runs-root", str(runs)]
+    assert main(["-q", "train", "--model", "unet", *common, "-p", "lr_schedule", "cosine"]) == 0
+    [run] = runs.iterdir()
+    assert '"lr_schedule": "cosine"' in (run / "config.json").read_text()
+    assert main(["-q", "evaluate", str(run)]) == 0
+    assert "per-patient Dice" in capsys.readouterr().out
+    assert main(["-q", "compare", str(run), str(run), "--labels", "a", "b", "--out", str(tmp_path / "cmp")]) == 0
+    assert (next((tmp_path / "cmp").iterdir()) / "comparison.md").is_file()
+    assert main(["-q", "train", "--model", "vnet", *common]) == 2
+    assert "unknown model 'vnet'" in capsys.readouterr().err
+    assert main(["-q", "compare", str(run), str(run)]) == 2  # two runs need two distinct labels

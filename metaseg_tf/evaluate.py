@@ -1,0 +1,296 @@
+"""Evaluate a trained run on a split, and compare runs: the evaluation report.
+
+:func:`evaluate_run` predicts the slices of one split of the run's own patient split, scores them with
+:mod:`metaseg_tf.evaluation` and writes a new folder ``<run>/evaluation-<split>/`` with
+
+* ``per_image.csv`` and ``per_patient.csv``;
+* ``summary.json``: mean, sd and 95 % bootstrap CI over patients of every per-patient score, the
+  pooled-pixel global scores, lesion totals, a threshold sweep and the model's complexity;
+* ``learning_curves.png``, ``per_patient_dice.png``, ``threshold_sweep.png`` and ``overlays.png`` (best,
+  median and worst patients: the slice with most lesion of each).
+
+Scores are computed at the masks' **native resolution** by default: the probabilities are resized
+(bilinear) to each slice's original size before thresholding, so resizing to the model's input does not
+erase small lesions from the truth. If the slices differ in size the model's resolution is used and the
+summary says so.
+
+:func:`compare_runs` puts several evaluations side by side in one table with a paired Wilcoxon
+signed-rank test on per-patient Dice, and writes ``comparison.md``, ``comparison.csv`` and
+``per_patient_dice.png``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import keras
+import numpy as np
+import pandas as pd
+from scipy import stats
+from tqdm.auto import tqdm
+
+from metaseg_tf import plots
+from metaseg_tf.complexity import model_complexity
+from metaseg_tf.data.io import read_mask
+from metaseg_tf.data.pipeline import ExperimentData, load_experiment_data
+from metaseg_tf.evaluation import Evaluation, bootstrap_ci, evaluate_masks
+from metaseg_tf.preprocess import normalise
+from metaseg_tf.runs import load_run_config, new_dir, read_json, run_model_path, write_json
+
+logger = logging.getLogger(__name__)
+
+SUMMARY_SCORES = ("dice", "iou", "precision", "recall", "specificity", "hd95", "lesion_sensitivity",
+                  "lesion_dice", "lesion_hd95", "false_positive_lesions")
+SWEEP_THRESHOLDS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+
+
+def load_model(run_dir: Path | str, which: str = "best") -> keras.Model:
+    """The run's ``best`` (default) or ``last`` model, without its training state."""
+    import metaseg_tf.losses  # noqa: F401  (registers the custom loss and metric for deserialisation)
+    import metaseg_tf.metrics  # noqa: F401
+
+    return keras.saving.load_model(run_model_path(run_dir, which), compile=False)
+
+
+def predict_probabilities(model: keras.Model, images: np.ndarray, normalisation: str,
+                          batch_size: int = 16, progress: bool = False) -> np.ndarray:
+    """Foreground probabilities ``float32 (N, S, S)`` for preprocessed ``uint8 (N, S, S, C)`` slices.
+
+    A model with several outputs (U-Net++ with deep supervision) is read at its last, deepest head, the
+    output its validation Dice was monitored on.
+    """
+    chunks = []
+    starts = range(0, len(images), batch_size)
+    for start in tqdm(starts, desc="predicting", unit="batch", disable=not progress):
+        output = model.predict_on_batch(normalise(images[start : start + batch_size], normalisation))
+        output = output[-1] if isinstance(output, (list, tuple)) else output
+        chunks.append(np.asarray(keras.ops.convert_to_numpy(output), np.float32)[..., 0])
+    return np.concatenate(chunks) if chunks else np.zeros((0, *images.shape[1:3]), np.float32)
+
+
+def _native_truth(data: ExperimentData, indices: np.ndarray) -> list[np.ndarray] | None:
+    pairs = {(pair.case_id, pair.slice_index): pair for pair in data.report.pairs}
+    masks = [read_mask(pairs[(data.dataset.case_ids[i], int(data.dataset.slice_indices[i]))].mask_path)
+             for i in indices]
+    return masks if len({m.shape for m in masks}) == 1 else None
+
+
+def _to_size(probabilities: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    if probabilities.shape[1:] == shape:
+        return probabilities
+    return np.stack([cv2.resize(p, (shape[1], shape[0]), interpolation=cv2.INTER_LINEAR) for p in probabilities])
+
+
+def _score_summary(evaluation: Evaluation) -> dict[str, dict[str, float | list[float]]]:
+    table = evaluation.per_patient
+    summary = {}
+    for score in SUMMARY_SCORES:
+        values = table[score].to_numpy(float)
+        values = values[~np.isnan(values)]
+        low, high = bootstrap_ci(values)
+        summary[score] = {"mean": float(values.mean()) if len(values) else float("nan"),
+                          "sd": float(values.std(ddof=1)) if len(values) > 1 else float("nan"),
+                          "ci95": [low, high], "n": len(values)}
+    return summary
+
+
+def _threshold_sweep(truth: np.ndarray, probabilities: np.ndarray, case_ids: np.ndarray) -> pd.DataFrame:
+    rows = []
+    truth = truth > 0
+    for threshold in SWEEP_THRESHOLDS:
+        pred = probabilities >= threshold
+        inter, total = np.count_nonzero(truth & pred), np.count_nonzero(truth) + np.count_nonzero(pred)
+        patient = []
+        for case in np.unique(case_ids):
+            t, p = truth[case_ids == case], pred[case_ids == case]
+            both = np.count_nonzero(t) + np.count_nonzero(p)
+            patient.append(1.0 if both == 0 else 2 * np.count_nonzero(t & p) / both)
+        rows.append({"threshold": threshold, "global_dice": 2 * inter / total if total else 1.0,
+                     "patient_dice": float(np.mean(patient))})
+    return pd.DataFrame(rows)
+
+
+def _overlay_examples(evaluation: Evaluation, images: np.ndarray, truth: np.ndarray, pred: np.ndarray,
+                      case_ids: np.ndarray, label: str, path: Path) -> Path:
+    """Best, median and worst patient by Dice; of each the slice with the largest true lesion."""
+    ranked = evaluation.per_patient.sort_values("dice", ascending=False)["case_id"].tolist()
+    chosen = {"best": ranked[0], "median": ranked[len(ranked) // 2], "worst": ranked[-1]}
+    rows, titles = [], []
+    for rank, case in chosen.items():
+        members = np.flatnonzero(case_ids == case)
+        rows.append(members[np.argmax(truth[members].reshape(len(members), -1).sum(axis=1))])
+        titles.append(f"{rank}: {case}")
+    shown_truth = [cv2.resize(truth[k].astype(np.uint8), images.shape[1:3], interpolation=cv2.INTER_NEAREST)
+                   for k in rows]
+    shown_pred = [cv2.resize(pred[k].astype(np.uint8), images.shape[1:3], interpolation=cv2.INTER_NEAREST)
+                  for k in rows]
+    return plots.overlay_grid([images[k] for k in rows], shown_truth, {label: shown_pred}, titles, path)
+
+
+@dataclass
+class RunEvaluation:
+    """Where an evaluation was written, its scores and its summary (the content of ``summary.json``)."""
+
+    out_dir: Path
+    evaluation: Evaluation
+    summary: dict
+
+
+def evaluate_run(
+    run_dir: Path | str,
+    split: str = "test",
+    which: str = "best",
+    threshold: float | None = None,
+    native_resolution: bool = True,
+    data: ExperimentData | None = None,
+    progress: bool = True,
+) -> RunEvaluation:
+    """Score the run's ``which`` model on ``split`` of its own patient split; write a new evaluation folder."""
+    run_dir = Path(run_dir)
+    config = load_run_config(run_dir)
+    threshold = config.threshold if threshold is None else threshold
+    data = data or load_experiment_data(config, progress=progress)
+    indices = data.split.indices(data.dataset.case_ids, split)
+    if len(indices) == 0:
+        raise ValueError(f"the {split} part of {run_dir} has no slices")
+    model = load_model(run_dir, which)
+    images = data.dataset.images[indices]
+    probabilities = predict_probabilities(model, images, config.normalisation, config.batch_size, progress)
+    truth = data.dataset.masks[indices]
+    resolution = f"model input {config.image_size} px"
+    native = _native_truth(data, indices) if native_resolution else None
+    if native is not None:
+        truth = np.stack(native)
+        probabilities = _to_size(probabilities, truth.shape[1:])
+        resolution = f"native {truth.shape[1]} x {truth.shape[2]} px"
+    elif native_resolution:
+        logger.warning("slices differ in size: scoring at the model's %d px instead of native size", config.image_size)
+    pred = probabilities >= threshold
+    case_ids, slice_indices = data.dataset.case_ids[indices], data.dataset.slice_indices[indices]
+    evaluation = evaluate_masks(truth, pred, case_ids, slice_indices)
+
+    out_dir = new_dir(run_dir, f"evaluation-{split}")
+    evaluation.per_image.to_csv(out_dir / "per_image.csv", index=False)
+    evaluation.per_patient.to_csv(out_dir / "per_patient.csv", index=False)
+    sweep = _threshold_sweep(truth, probabilities, case_ids)
+    patients = evaluation.per_patient
+    complexity = model_complexity(model, batch_size=1, repeats=10)
+    state, timings = read_json(run_dir / "state.json"), read_json(run_dir / "timings.json")
+    summary = {
+        "run": str(run_dir), "model": config.model, "which": which, "split": split, "threshold": threshold,
+        "resolution": resolution, "patients": len(patients), "slices": len(indices),
+        "per_patient": _score_summary(evaluation), "global": evaluation.global_scores,
+        "lesions": {"truth": int(patients["truth_lesions"].sum()), "detected": int(patients["detected_lesions"].sum()),
+                    "false_positives": int(patients["false_positive_lesions"].sum()),
+                    "false_positives_per_patient": float(patients["false_positive_lesions"].mean())},
+        "threshold_sweep": sweep.to_dict(orient="records"),
+        "complexity": complexity.to_dict(),
+        "training": {"epochs": state.get("epochs_done"), "best_epoch": state.get("best_epoch"),
+                     "stop_reason": state.get("stop_reason"), "train_seconds": timings.get("train_seconds")},
+    }
+    write_json(out_dir / "summary.json", summary)
+    history = run_dir / "history.csv"
+    if history.is_file():
+        plots.learning_curves(pd.read_csv(history), out_dir / "learning_curves.png", config.model)
+    plots.distribution({config.model: patients["dice"]}, out_dir / "per_patient_dice.png")
+    plots.threshold_sweep(sweep, out_dir / "threshold_sweep.png")
+    _overlay_examples(evaluation, images, truth, pred, case_ids, config.model, out_dir / "overlays.png")
+    return RunEvaluation(out_dir, evaluation, summary)
+
+
+def latest_evaluation(run_dir: Path | str, split: str = "test") -> Path | None:
+    """The newest ``evaluation-<split>`` folder of a run that holds a summary, if any."""
+    found = [p for p in Path(run_dir).glob(f"evaluation-{split}*") if (p / "summary.json").is_file()]
+    return max(found, key=lambda p: (p / "summary.json").stat().st_mtime) if found else None
+
+
+def _mean_ci(score: dict) -> str:
+    low, high = score["ci95"]
+    return f"{score['mean']:.3f} ± {score['sd']:.3f} [{low:.3f}, {high:.3f}]"
+
+
+@dataclass
+class Comparison:
+    """The comparison table (one row per run), the paired tests, and where they were written."""
+
+    table: pd.DataFrame
+    tests: pd.DataFrame
+    out_dir: Path
+    markdown: str
+
+
+def paired_wilcoxon(per_patient: dict[str, pd.DataFrame], score: str = "dice") -> pd.DataFrame:
+    """Wilcoxon signed-rank test on per-patient ``score`` for each pair of runs, over their shared patients."""
+    rows = []
+    for a, b in itertools.combinations(per_patient, 2):
+        merged = per_patient[a][["case_id", score]].merge(per_patient[b][["case_id", score]], on="case_id")
+        diff = (merged[f"{score}_x"] - merged[f"{score}_y"]).to_numpy(float)
+        if len(diff) and np.any(diff != 0):
+            result = stats.wilcoxon(merged[f"{score}_x"], merged[f"{score}_y"])
+            statistic, p_value = float(result.statistic), float(result.pvalue)
+        else:
+            statistic, p_value = float("nan"), 1.0
+        rows.append({"a": a, "b": b, "score": score, "patients": len(diff),
+                     "mean_difference": float(diff.mean()) if len(diff) else float("nan"),
+                     "median_difference": float(np.median(diff)) if len(diff) else float("nan"),
+                     "statistic": statistic, "p_value": p_value})
+    return pd.DataFrame(rows)
+
+
+def compare_runs(run_dirs: Sequence[Path | str], out_dir: Path | str, split: str = "test",
+                 labels: Sequence[str] | None = None, progress: bool = True) -> Comparison:
+    """One table of per-patient (mean ± sd [95 % CI]) and global scores, lesion detection, complexity and
+    training time for ``run_dirs`` (evaluated on ``split`` first where needed), plus paired Wilcoxon tests
+    on per-patient Dice; written as markdown, CSV and a PNG into a new folder under ``out_dir``."""
+    if len(run_dirs) < 1:
+        raise ValueError("compare needs at least one run")
+    labels = list(labels) if labels else [Path(r).name for r in run_dirs]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"labels must be distinct, got {labels}")
+    rows, per_patient = [], {}
+    for label, run_dir in zip(labels, run_dirs):
+        evaluation_dir = latest_evaluation(run_dir, split)
+        if evaluation_dir is None:
+            evaluation_dir = evaluate_run(run_dir, split, progress=progress).out_dir
+        summary = read_json(evaluation_dir / "summary.json")
+        per_patient[label] = pd.read_csv(evaluation_dir / "per_patient.csv")
+        scores, complexity = summary["per_patient"], summary["complexity"]
+        rows.append({
+            "model": label, "architecture": summary["model"], "patients": summary["patients"],
+            "dice": _mean_ci(scores["dice"]), "iou": _mean_ci(scores["iou"]),
+            "precision": _mean_ci(scores["precision"]), "recall": _mean_ci(scores["recall"]),
+            "hd95_px": f"{scores['hd95']['mean']:.1f} ± {scores['hd95']['sd']:.1f}",
+            "lesion_sensitivity": f"{scores['lesion_sensitivity']['mean']:.3f}",
+            "fp_lesions_per_patient": f"{summary['lesions']['false_positives_per_patient']:.2f}",
+            "lesion_dice": f"{scores['lesion_dice']['mean']:.3f}",
+            "global_dice": f"{summary['global']['dice']:.3f}",
+            "parameters_M": f"{complexity['parameters'] / 1e6:.2f}",
+            "gflops_per_image": (f"{complexity['flops_per_image'] / 1e9:.2f}"
+                                 if complexity["flops_per_image"] else "n/a"),
+            "latency_ms": f"{complexity['latency_ms']:.1f}",
+            "train_minutes": f"{(summary['training']['train_seconds'] or 0) / 60:.1f}",
+            "epochs": summary["training"]["epochs"],
+            "resolution": summary["resolution"],
+        })
+    table = pd.DataFrame(rows)
+    tests = paired_wilcoxon(per_patient)
+    out_dir = new_dir(out_dir, f"comparison-{split}")
+    table.to_csv(out_dir / "comparison.csv", index=False)
+    tests.to_csv(out_dir / "wilcoxon.csv", index=False)
+    plots.distribution({label: frame["dice"] for label, frame in per_patient.items()}, out_dir / "per_patient_dice.png")
+    markdown = "\n".join([
+        f"# Comparison on the {split} split", "",
+        "Per-patient scores: mean ± sd [95 % bootstrap CI of the mean] over patients (3D, all slices of a "
+        "case). HD95 in pixels. Lesion-wise scores after BraTS-MET 2023. Latency: one image, batch 1.", "",
+        table.to_markdown(index=False), "",
+        "## Paired Wilcoxon signed-rank test, per-patient Dice", "",
+        tests.to_markdown(index=False, floatfmt=".4g") if len(tests) else "(one run: nothing to test)", "",
+        "![per-patient Dice](per_patient_dice.png)", "",
+    ])
+    (out_dir / "comparison.md").write_text(markdown)
+    return Comparison(table, tests, out_dir, markdown)

@@ -1,0 +1,91 @@
+"""Figures of runs, evaluations and comparisons (matplotlib, Agg: they work headless and are saved as PNG).
+
+Every function draws one figure, saves it to ``path`` and returns ``path``; notebooks display the file.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+
+def _save(fig: plt.Figure, path: Path | str) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def learning_curves(history: pd.DataFrame, path: Path | str, title: str = "") -> Path:
+    """Loss and Dice per epoch, training and validation (columns as Keras' CSV logger writes them)."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    epochs = np.arange(1, len(history) + 1)
+    for axis, kind in zip(axes, ("loss", "dice")):
+        columns = [c for c in history.columns if c == kind or c.endswith(f"_{kind}")]
+        for column in columns:
+            axis.plot(epochs, history[column], label=column, linestyle="--" if column.startswith("val_") else "-")
+        axis.set_xlabel("epoch")
+        axis.set_title(kind)
+        axis.legend(fontsize=7)
+    fig.suptitle(title)
+    return _save(fig, path)
+
+
+def contour_overlay(axis: plt.Axes, image: np.ndarray, truth: np.ndarray | None, pred: np.ndarray | None,
+                    title: str = "") -> None:
+    """Draw ``image`` (its middle channel for colour input) with the truth contour in green and the
+    prediction contour in red."""
+    grey = image[..., image.shape[-1] // 2] if image.ndim == 3 else image
+    axis.imshow(grey, cmap="gray")
+    for mask, colour in ((truth, "lime"), (pred, "red")):
+        if mask is not None and np.any(mask):
+            axis.contour(np.asarray(mask, float), levels=[0.5], colors=colour, linewidths=0.8)
+    axis.set_title(title, fontsize=8)
+    axis.axis("off")
+
+
+def overlay_grid(images: Sequence[np.ndarray], truths: Sequence[np.ndarray],
+                 predictions: Mapping[str, Sequence[np.ndarray]], titles: Sequence[str], path: Path | str) -> Path:
+    """One row per image: the image with the truth, then one panel per model's prediction."""
+    rows, cols = len(images), 1 + len(predictions)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.6 * rows), squeeze=False)
+    for row, image in enumerate(images):
+        contour_overlay(axes[row, 0], image, truths[row], None, f"{titles[row]}\ntruth")
+        for col, (model, masks) in enumerate(predictions.items(), start=1):
+            contour_overlay(axes[row, col], image, truths[row], masks[row], model)
+    return _save(fig, path)
+
+
+def distribution(values: Mapping[str, Sequence[float]], path: Path | str, ylabel: str = "per-patient Dice") -> Path:
+    """Box plot with the individual points (one per patient) for each model."""
+    fig, axis = plt.subplots(figsize=(1.8 + 1.6 * len(values), 3.5))
+    names = list(values)
+    data = [np.asarray(values[name], float) for name in names]
+    axis.boxplot(data, showfliers=False)
+    axis.set_xticks(range(1, len(names) + 1), names)
+    for k, points in enumerate(data, start=1):
+        jitter = np.random.default_rng(k).uniform(-0.12, 0.12, len(points))
+        axis.scatter(k + jitter, points, s=10, alpha=0.7)
+    axis.set_ylabel(ylabel)
+    return _save(fig, path)
+
+
+def threshold_sweep(sweep: pd.DataFrame, path: Path | str) -> Path:
+    """Global and mean per-patient Dice against the binarisation threshold."""
+    fig, axis = plt.subplots(figsize=(4.5, 3.2))
+    for column in ("global_dice", "patient_dice"):
+        axis.plot(sweep["threshold"], sweep[column], marker="o", label=column.replace("_", " "))
+    axis.set_xlabel("threshold")
+    axis.set_ylabel("Dice")
+    axis.legend()
+    return _save(fig, path)

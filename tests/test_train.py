@@ -1,0 +1,124 @@
+"""Training engine: run folders, resuming a killed run, reproducibility, evaluation and comparison."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import keras
+import numpy as np
+import pandas as pd
+import pytest
+
+from metaseg_tf.config import ExperimentConfig
+from metaseg_tf.evaluate import compare_runs, evaluate_run, load_model
+from metaseg_tf.runs import list_runs
+from metaseg_tf.train import train
+
+RUN_FILES = {"config.json", "state.json", "data.json", "environment.json", "best.keras", "last.keras",
+             "history.csv", "timings.json"}
+
+
+def _config(phantom_dir: Path, tmp_path: Path, **changes) -> ExperimentConfig:
+    settings = dict(data_dir=str(phantom_dir), cache_dir=str(tmp_path / "cache"), image_size=32,
+                    filters=(4, 8, 16), batch_size=8, epochs=2, model="attention_unet", early_stopping_patience=0)
+    return ExperimentConfig(**{**settings, **changes})
+
+
+class StopAfterEpoch(keras.callbacks.Callback):
+    """Raise KeyboardInterrupt at the end of an epoch, as Ctrl-C (or a kill) would interrupt a run."""
+
+    def __init__(self, epoch: int) -> None:
+        super().__init__()
+        self.stop_epoch = epoch
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        if epoch + 1 == self.stop_epoch:
+            raise KeyboardInterrupt
+
+
+def test_run_folder_is_complete_and_never_overwritten(phantom_dir: Path, tmp_path: Path) -> None:
+    config = _config(phantom_dir, tmp_path, model="nested_unet")
+    first = train(config, runs_root=tmp_path / "runs", progress=False)
+    assert RUN_FILES <= {p.name for p in first.run_dir.iterdir()}
+    assert not (first.run_dir / "backup").exists()  # removed once the run finished
+    assert ExperimentConfig.load(first.run_dir / "config.json") == config
+    state = json.loads((first.run_dir / "state.json").read_text())
+    assert state["status"] == "finished" and state["epochs_done"] == 2 and state["monitor"] == "val_head_2_dice"
+    assert len(pd.read_csv(first.run_dir / "history.csv")) == 2
+    assert len(json.loads((first.run_dir / "timings.json").read_text())["epoch_seconds"]) == 2
+    split = json.loads((first.run_dir / "data.json").read_text())["split"]
+    assert not set(split["train"]) & set(split["test"]) and not set(split["val"]) & set(split["test"])
+    second = train(config, runs_root=tmp_path / "runs", progress=False)  # same config: a new folder
+    assert second.run_dir != first.run_dir and len(list_runs(tmp_path / "runs")) == 2
+
+
+def test_killed_run_resumes_where_it_stopped(phantom_dir: Path, tmp_path: Path) -> None:
+    config = _config(phantom_dir, tmp_path, epochs=3)
+    with pytest.raises(KeyboardInterrupt):
+        train(config, runs_root=tmp_path / "runs", progress=False, callbacks=[StopAfterEpoch(2)])
+    [run_dir] = (tmp_path / "runs").iterdir()
+    assert json.loads((run_dir / "state.json").read_text())["status"] == "running"
+    resumed = train(config, runs_root=tmp_path / "runs", progress=False)
+    assert resumed.run_dir == run_dir
+    assert resumed.state["resumed"] == 1 and resumed.state["epochs_done"] == 3
+    history = pd.read_csv(run_dir / "history.csv")
+    assert history["epoch"].tolist() == [0, 1, 2]  # the third epoch only, not a restart
+    assert len(json.loads((run_dir / "timings.json").read_text())["epoch_seconds"]) == 3
+
+
+def test_same_seed_gives_same_split_and_initial_weights(phantom_dir: Path, tmp_path: Path) -> None:
+    config = _config(phantom_dir, tmp_path, epochs=0, model="unet")
+    runs = [train(config, runs_root=tmp_path / "runs", progress=False, resume=False) for _ in range(2)]
+    splits = [json.loads((run.run_dir / "data.json").read_text())["split"] for run in runs]
+    assert splits[0] == splits[1]
+    weights = [keras.saving.load_model(run.run_dir / "last.keras", compile=False).get_weights() for run in runs]
+    assert all(np.array_equal(a, b) for a, b in zip(*weights))
+    other = train(config.replace(seed=1), runs_root=tmp_path / "runs", progress=False)
+    different = keras.saving.load_model(other.run_dir / "last.keras", compile=False).get_weights()
+    assert not all(np.array_equal(a, b) for a, b in zip(weights[0], different))
+
+
+def test_evaluate_and_compare_write_the_report(phantom_dir: Path, tmp_path: Path) -> None:
+    runs = [train(_config(phantom_dir, tmp_path, model=name, epochs=1), runs_root=tmp_path / "runs",
+                  progress=False).run_dir for name in ("attention_unet", "nested_unet")]
+    result = evaluate_run(runs[0], progress=False)
+    assert {"per_image.csv", "per_patient.csv", "summary.json", "overlays.png", "threshold_sweep.png",
+            "learning_curves.png", "per_patient_dice.png"} <= {p.name for p in result.out_dir.iterdir()}
+    summary = result.summary
+    assert summary["resolution"] == "native 64 x 64 px"  # the phantom's own size, not the 32 px input
+    assert 0.0 <= summary["per_patient"]["dice"]["mean"] <= 1.0
+    assert summary["complexity"]["parameters"] == load_model(runs[0]).count_params()
+    test_cases = json.loads((runs[0] / "data.json").read_text())["split"]["test"]
+    assert sorted(pd.read_csv(result.out_dir / "per_patient.csv")["case_id"]) == sorted(test_cases)
+    again = evaluate_run(runs[0], progress=False)  # a second evaluation does not overwrite the first
+    assert again.out_dir != result.out_dir
+    comparison = compare_runs(runs, tmp_path / "report", labels=["attention", "nested"], progress=False)
+    assert comparison.table["model"].tolist() == ["attention", "nested"]
+    assert {"comparison.md", "comparison.csv", "wilcoxon.csv", "per_patient_dice.png"} <= {
+        p.name for p in comparison.out_dir.iterdir()}
+    assert len(comparison.tests) == 1 and 0.0 <= comparison.tests["p_value"][0] <= 1.0
+
+
+@pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="MirroredStrategy test runs under TensorFlow")
+def test_data_parallel_fit_on_two_logical_cpus(phantom_dir: Path, tmp_path: Path) -> None:
+    """``devices=2``: a short fit under tf.distribute.MirroredStrategy over two logical CPU devices."""
+    config = _config(phantom_dir, tmp_path, epochs=1, devices=2, model="unet")
+    config_path = config.save(tmp_path / "config.json")
+    script = (
+        "import tensorflow as tf\n"
+        "cpu = tf.config.list_physical_devices('CPU')[0]\n"
+        "tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)\n"
+        "from metaseg_tf.config import ExperimentConfig\n"
+        "from metaseg_tf.train import train\n"
+        f"run = train(ExperimentConfig.load({str(config_path)!r}), runs_root={str(tmp_path / 'runs')!r}, "
+        "progress=False)\n"
+        "print('EPOCHS', run.state['epochs_done'])\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "KERAS_BACKEND": "tensorflow"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "EPOCHS 1" in result.stdout
