@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -103,15 +104,23 @@ def test_evaluate_and_compare_write_the_report(phantom_dir: Path, tmp_path: Path
     assert len(comparison.tests) == 1 and 0.0 <= comparison.tests["p_value"][0] <= 1.0
 
 
-@pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="MirroredStrategy test runs under TensorFlow")
-def test_data_parallel_fit_on_two_logical_cpus(phantom_dir: Path, tmp_path: Path) -> None:
-    """``devices=2``: a short fit under tf.distribute.MirroredStrategy over two logical CPU devices."""
+TWO_CPU_DEVICES = {
+    "tensorflow": ({}, "import tensorflow as tf\n"
+                       "cpu = tf.config.list_physical_devices('CPU')[0]\n"
+                       "tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)\n"),
+    "jax": ({"JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}, ""),
+}
+
+
+@pytest.mark.parametrize("backend", sorted(TWO_CPU_DEVICES))
+def test_data_parallel_fit_on_two_cpu_devices(backend: str, phantom_dir: Path, tmp_path: Path) -> None:
+    """``devices=2``: a short fit through MirroredStrategy (TensorFlow) or DataParallel (JAX) on two CPUs."""
+    if importlib.util.find_spec(backend) is None:
+        pytest.skip(f"{backend} is not installed")
     config = _config(phantom_dir, tmp_path, epochs=1, devices=2, model="unet")
     config_path = config.save(tmp_path / "config.json")
-    script = (
-        "import tensorflow as tf\n"
-        "cpu = tf.config.list_physical_devices('CPU')[0]\n"
-        "tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)\n"
+    env, setup = TWO_CPU_DEVICES[backend]
+    script = setup + (
         "from metaseg_tf.config import ExperimentConfig\n"
         "from metaseg_tf.train import train\n"
         f"run = train(ExperimentConfig.load({str(config_path)!r}), runs_root={str(tmp_path / 'runs')!r}, "
@@ -119,6 +128,6 @@ def test_data_parallel_fit_on_two_logical_cpus(phantom_dir: Path, tmp_path: Path
         "print('EPOCHS', run.state['epochs_done'])\n"
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600,
-                            env={**os.environ, "KERAS_BACKEND": "tensorflow"})
+                            env={**os.environ, "KERAS_BACKEND": backend, **env})
     assert result.returncode == 0, result.stderr[-3000:]
     assert "EPOCHS 1" in result.stdout
