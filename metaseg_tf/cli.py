@@ -76,9 +76,9 @@ def _evaluate(args: argparse.Namespace) -> int:
     from metaseg_tf.evaluate import evaluate_run
 
     result = evaluate_run(args.run, split=args.split, which=args.which, threshold=args.threshold,
-                          progress=not args.quiet)
+                          data_dir=args.data, progress=not args.quiet)
     dice = result.summary["per_patient"]["dice"]
-    print(f"{result.summary['model']} on {result.summary['patients']} {args.split} patients "
+    print(f"{result.summary['model']} on {result.summary['patients']} {result.summary['split']} patients "
           f"({result.summary['resolution']}): per-patient Dice {dice['mean']:.3f} ± {dice['sd']:.3f}, "
           f"95 % CI [{dice['ci95'][0]:.3f}, {dice['ci95'][1]:.3f}]; global Dice "
           f"{result.summary['global']['dice']:.3f}")
@@ -92,6 +92,17 @@ def _compare(args: argparse.Namespace) -> int:
     comparison = compare_runs(args.runs, args.out, split=args.split, labels=args.labels, progress=not args.quiet)
     print(comparison.markdown)
     print(comparison.out_dir)
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from metaseg_tf.predict import Predictor, predict_path
+
+    predictor = Predictor.from_run(args.model, which=args.which, threshold=args.threshold, flip_tta=args.tta,
+                                   min_component_pixels=args.min_component)
+    out_dir, summary = predict_path(predictor, args.input, args.out, progress=not args.quiet)
+    print(", ".join(f"{key} {value}" for key, value in summary.items()))
+    print(out_dir)
     return 0
 
 
@@ -185,6 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--split", default="test", choices=("train", "val", "test"))
     evaluate.add_argument("--which", default="best", choices=("best", "last"))
     evaluate.add_argument("--threshold", type=float, help="default: the run's config threshold")
+    evaluate.add_argument("--data", type=Path, help="score every slice of this other folder (external test set)")
     evaluate.set_defaults(handler=_evaluate)
 
     compare = commands.add_parser("compare", help="one table and paired Wilcoxon tests over several runs")
@@ -193,6 +205,17 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--out", type=Path, default=Path("results"), help="a new comparison folder goes here")
     compare.add_argument("--split", default="test", choices=("train", "val", "test"))
     compare.set_defaults(handler=_compare)
+
+    predict = commands.add_parser("predict", help="masks for an image, a folder or NIfTI volume(s)")
+    predict.add_argument("--model", type=Path, required=True, help="run folder made by `metaseg train`")
+    predict.add_argument("--input", type=Path, nargs="+", required=True,
+                         help="image file(s), folder(s), or NIfTI volume(s) (several: one channel each)")
+    predict.add_argument("--out", type=Path, default=Path("results"), help="a new predictions folder goes here")
+    predict.add_argument("--which", default="best", choices=("best", "last"))
+    predict.add_argument("--threshold", type=float, help="default: the run's config threshold")
+    predict.add_argument("--tta", action="store_true", help="average with the horizontally flipped image")
+    predict.add_argument("--min-component", type=int, default=0, help="drop lesions smaller than this (pixels)")
+    predict.set_defaults(handler=_predict)
     return parser
 
 

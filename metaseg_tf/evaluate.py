@@ -148,14 +148,23 @@ def evaluate_run(
     threshold: float | None = None,
     native_resolution: bool = True,
     data: ExperimentData | None = None,
+    data_dir: Path | str | None = None,
     progress: bool = True,
 ) -> RunEvaluation:
-    """Score the run's ``which`` model on ``split`` of its own patient split; write a new evaluation folder."""
+    """Score the run's ``which`` model on ``split`` of its own patient split; write a new evaluation folder.
+
+    With ``data_dir`` every slice of that other folder is scored instead (an external test set, e.g. a
+    different modality), preprocessed with the run's settings; the folder is ``evaluation-<its name>``.
+    """
     run_dir = Path(run_dir)
     config = load_run_config(run_dir)
     threshold = config.threshold if threshold is None else threshold
+    if data_dir is not None:
+        config = config.replace(data_dir=str(data_dir))
+        split = f"external-{Path(data_dir).name}"
     data = data or load_experiment_data(config, progress=progress)
-    indices = data.split.indices(data.dataset.case_ids, split)
+    indices = (np.arange(len(data.dataset)) if data_dir is not None
+               else data.split.indices(data.dataset.case_ids, split))
     if len(indices) == 0:
         raise ValueError(f"the {split} part of {run_dir} has no slices")
     model = load_model(run_dir, which)

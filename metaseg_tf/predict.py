@@ -1,0 +1,208 @@
+"""Prediction with a trained run: a slice array, an image file, a folder of images, or a NIfTI volume.
+
+Each slice goes through the run's own preprocessing (window, CLAHE, resize, normalisation), the model
+(optionally with horizontal-flip test-time augmentation: the mean of the image's and its mirror's
+probabilities), back to the slice's original size (bilinear), is thresholded, and loses connected
+components smaller than ``min_component_pixels``. Written outputs per slice: ``<stem>_mask.png`` (0/255),
+``<stem>_probability.png`` (0-255) and ``<stem>_overlay.png``; for a NIfTI volume ``<stem>_mask.nii.gz`` and
+``<stem>_probability.nii.gz`` with the input's affine and header, so they overlay in any NIfTI viewer.
+
+NIfTI volumes are cut along their axial axis, found from the affine (the voxel axis that points
+superior/inferior, ``nibabel.aff2axcodes``). Intensities are scaled to ``[0, 1]`` between the volume's
+0.5th and 99.5th percentiles; one volume fills every input channel, or several co-registered volumes
+(e.g. pre-contrast, FLAIR, post-contrast for a model trained on kaggle_3m) fill one channel each.
+
+Unreadable files in a folder are skipped, counted and listed with the reason in ``predictions.csv``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import keras
+import numpy as np
+import pandas as pd
+from scipy import ndimage
+from tqdm.auto import tqdm
+
+from metaseg_tf.config import ExperimentConfig
+from metaseg_tf.data.discover import IMAGE_EXTENSIONS, MASK_SUFFIX, DataError
+from metaseg_tf.data.io import read_image
+from metaseg_tf.evaluate import load_model
+from metaseg_tf.preprocess import normalise, preprocess_slice
+from metaseg_tf.runs import load_run_config, new_dir
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+
+
+def is_nifti(path: Path) -> bool:
+    return path.name.lower().endswith(NIFTI_SUFFIXES)
+
+
+@dataclass
+class SlicePrediction:
+    """Probability ``float32 (H, W)`` and mask ``uint8 (H, W)`` in {0, 1} at the input's size, and the
+    lesions (connected components of the mask) with their areas in pixels."""
+
+    probability: np.ndarray
+    mask: np.ndarray
+    lesion_areas: list[int] = field(default_factory=list)
+
+    @property
+    def lesion_count(self) -> int:
+        return len(self.lesion_areas)
+
+
+def remove_small_components(mask: np.ndarray, min_pixels: int) -> tuple[np.ndarray, list[int]]:
+    """Drop 8-connected components below ``min_pixels``; return the mask and the kept components' areas."""
+    labels, count = ndimage.label(mask, structure=np.ones((3, 3), bool))
+    areas = np.bincount(labels.ravel(), minlength=count + 1)[1:]
+    keep = np.flatnonzero(areas >= max(min_pixels, 1)) + 1
+    return np.isin(labels, keep).astype(np.uint8), [int(areas[k - 1]) for k in keep]
+
+
+class Predictor:
+    """A trained model with its run's preprocessing; call :meth:`predict_slices` on ``(H, W, C)`` images."""
+
+    def __init__(self, model: keras.Model, config: ExperimentConfig, threshold: float | None = None,
+                 flip_tta: bool = False, min_component_pixels: int = 0, batch_size: int = 16) -> None:
+        self.model, self.config = model, config
+        self.threshold = config.threshold if threshold is None else threshold
+        self.flip_tta, self.min_component_pixels, self.batch_size = flip_tta, min_component_pixels, batch_size
+
+    @classmethod
+    def from_run(cls, run_dir: Path | str, which: str = "best", **options) -> Predictor:
+        return cls(load_model(run_dir, which), load_run_config(run_dir), **options)
+
+    def _probabilities(self, batch: np.ndarray) -> np.ndarray:
+        output = self.model.predict_on_batch(normalise(batch, self.config.normalisation))
+        output = output[-1] if isinstance(output, (list, tuple)) else output
+        return np.asarray(keras.ops.convert_to_numpy(output), np.float32)[..., 0]
+
+    def predict_slices(self, images: Sequence[np.ndarray], progress: bool = False) -> list[SlicePrediction]:
+        """``images``: ``float (H, W)`` or ``(H, W, C)`` in ``[0, 1]``, any size; one prediction each."""
+        channels = self.config.channels
+        prepared = []
+        for image in images:
+            image = np.asarray(image, np.float32)
+            image = image[..., None] if image.ndim == 2 else image
+            if image.shape[-1] != channels:
+                image = np.repeat(image[..., :1], channels, axis=-1) if channels == 3 else image.mean(-1, keepdims=True)
+            prepared.append(preprocess_slice(image, self.config))
+        results = []
+        starts = range(0, len(prepared), self.batch_size)
+        for start in tqdm(starts, desc="predicting", unit="batch", disable=not progress):
+            batch = np.stack(prepared[start : start + self.batch_size])
+            probabilities = self._probabilities(batch)
+            if self.flip_tta:
+                probabilities = (probabilities + self._probabilities(batch[:, :, ::-1])[:, :, ::-1]) / 2
+            for offset, probability in enumerate(probabilities):
+                height, width = np.asarray(images[start + offset]).shape[:2]
+                probability = cv2.resize(probability, (width, height), interpolation=cv2.INTER_LINEAR)
+                mask, areas = remove_small_components(probability >= self.threshold, self.min_component_pixels)
+                results.append(SlicePrediction(probability, mask, areas))
+        return results
+
+
+def _overlay(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    grey = image[..., image.shape[-1] // 2] if image.ndim == 3 else image
+    grey = cv2.normalize(grey.astype(np.float32), None, 0, 255, cv2.NORM_MINMAX).astype(np.uint8)
+    colour = cv2.cvtColor(grey, cv2.COLOR_GRAY2BGR)
+    contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+    return cv2.drawContours(colour, contours, -1, (0, 0, 255), 1)
+
+
+def _write_slice(out_dir: Path, stem: str, image: np.ndarray, prediction: SlicePrediction) -> None:
+    cv2.imwrite(str(out_dir / f"{stem}_mask.png"), prediction.mask * 255)
+    cv2.imwrite(str(out_dir / f"{stem}_probability.png"), np.round(prediction.probability * 255).astype(np.uint8))
+    cv2.imwrite(str(out_dir / f"{stem}_overlay.png"), _overlay(image, prediction.mask))
+
+
+def _scaled_volume(path: Path) -> tuple[np.ndarray, object]:
+    import nibabel as nib
+
+    try:
+        volume = nib.load(str(path))
+        data = np.asarray(volume.get_fdata(dtype=np.float32))
+    except Exception as error:  # nibabel raises several types for broken files
+        raise DataError(f"cannot read NIfTI {path}: {error}") from error
+    if data.ndim != 3:
+        raise DataError(f"{path} has {data.ndim} dimensions; a 3D volume is expected")
+    low, high = np.percentile(data, [0.5, 99.5])
+    return np.clip((data - low) / (high - low if high > low else 1.0), 0, 1), volume
+
+
+def axial_axis(affine: np.ndarray) -> int:
+    """The voxel axis whose direction is superior/inferior in world space."""
+    import nibabel as nib
+
+    return [code in ("S", "I") for code in nib.aff2axcodes(affine)].index(True)
+
+
+def predict_nifti(predictor: Predictor, paths: Sequence[Path | str], out_dir: Path, progress: bool = True) -> dict:
+    """Predict every axial slice of one volume (or co-registered volumes, one per channel); write NIfTI
+    mask and probability volumes with the first input's affine, and a per-slice CSV."""
+    import nibabel as nib
+
+    paths = [Path(p) for p in paths]
+    channels = predictor.config.channels
+    if len(paths) not in (1, channels):
+        raise DataError(f"the model takes {channels} channel(s): give 1 volume or {channels}, not {len(paths)}")
+    scaled = [_scaled_volume(p) for p in paths]
+    reference = scaled[0][1]
+    if any(v.shape != reference.shape for _, v in scaled):
+        raise DataError("the NIfTI volumes differ in shape; they must be co-registered")
+    axis = axial_axis(reference.affine)
+    stacked = np.stack([np.moveaxis(data, axis, 0) for data, _ in scaled], axis=-1)  # (slices, H, W, volumes)
+    predictions = predictor.predict_slices(list(stacked), progress=progress)
+    mask = np.moveaxis(np.stack([p.mask for p in predictions]), 0, axis)
+    probability = np.moveaxis(np.stack([p.probability for p in predictions]), 0, axis)
+    stem = paths[0].name.split(".nii")[0]
+    for name, array, dtype in (("mask", mask, np.uint8), ("probability", probability, np.float32)):
+        image = nib.Nifti1Image(array.astype(dtype), reference.affine, reference.header)
+        image.set_data_dtype(dtype)
+        nib.save(image, str(out_dir / f"{stem}_{name}.nii.gz"))
+    rows = [{"file": stem, "slice": k, "lesions": p.lesion_count, "lesion_pixels": int(sum(p.lesion_areas)),
+             "max_probability": float(p.probability.max()), "status": "ok"} for k, p in enumerate(predictions)]
+    pd.DataFrame(rows).to_csv(out_dir / "predictions.csv", index=False)
+    return {"volume": str(paths[0]), "axial_axis": axis, "slices": len(predictions),
+            "slices_with_lesion": int(sum(p.lesion_count > 0 for p in predictions)),
+            "lesion_voxels": int(mask.sum())}
+
+
+def predict_path(predictor: Predictor, inputs: Sequence[Path | str], out_root: Path | str,
+                 progress: bool = True) -> tuple[Path, dict]:
+    """Predict an image file, a folder of images (masks named ``*_mask.*`` are left out) or NIfTI
+    volume(s) into a new folder ``<out_root>/predictions``; returns the folder and a summary."""
+    inputs = [Path(p) for p in inputs]
+    missing = [str(p) for p in inputs if not p.exists()]
+    if missing:
+        raise DataError(f"input not found: {', '.join(missing)}")
+    out_dir = new_dir(out_root, "predictions")
+    if all(is_nifti(p) for p in inputs):
+        return out_dir, predict_nifti(predictor, inputs, out_dir, progress)
+    files: list[Path] = []
+    for path in inputs:
+        if path.is_dir():
+            files += sorted(f for f in path.rglob("*") if f.suffix.lower() in IMAGE_EXTENSIONS
+                            and not f.stem.endswith(MASK_SUFFIX))
+        else:
+            files.append(path)
+    rows, images, stems = [], [], []
+    for path in files:
+        try:
+            images.append(read_image(path, predictor.config.channels))
+            stems.append(path.stem)
+        except DataError as error:
+            rows.append({"file": str(path), "status": f"skipped: {error}"})
+    if not images:
+        raise DataError(f"no readable image among {len(files)} file(s): {rows[0]['status'] if rows else 'none found'}")
+    for stem, image, prediction in zip(stems, images, predictor.predict_slices(images, progress)):
+        _write_slice(out_dir, stem, image, prediction)
+        rows.append({"file": stem, "lesions": prediction.lesion_count, "lesion_pixels": int(sum(prediction.lesion_areas)),
+                     "max_probability": float(prediction.probability.max()), "status": "ok"})
+    pd.DataFrame(rows).to_csv(out_dir / "predictions.csv", index=False)
+    return out_dir, {"predicted": len(images), "skipped": len(files) - len(images)}

@@ -1,0 +1,86 @@
+"""Prediction: arrays, files, folders with bad files, NIfTI volumes with their affine; the real NIfTI case."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+
+from metaseg_tf.config import ExperimentConfig
+from metaseg_tf.data.discover import DataError
+from metaseg_tf.predict import Predictor, axial_axis, predict_path, remove_small_components
+from metaseg_tf.train import train
+
+
+@pytest.fixture(scope="module")
+def trained_run(phantom_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("predict")
+    config = ExperimentConfig(data_dir=str(phantom_dir), cache_dir=str(root / "cache"), image_size=32,
+                              filters=(4, 8, 16), batch_size=8, epochs=1, model="attention_unet")
+    return train(config, runs_root=root / "runs", progress=False).run_dir
+
+
+def test_predictions_come_back_at_each_input_size(trained_run: Path) -> None:
+    predictor = Predictor.from_run(trained_run, flip_tta=True)
+    images = [np.random.default_rng(0).random((70, 50, 3)), np.random.default_rng(1).random((64, 64))]
+    predictions = predictor.predict_slices(images)
+    assert [p.mask.shape for p in predictions] == [(70, 50), (64, 64)]
+    assert all(0 <= p.probability.min() and p.probability.max() <= 1 for p in predictions)
+    assert all(set(np.unique(p.mask)) <= {0, 1} for p in predictions)
+    assert all(p.lesion_count == len(p.lesion_areas) for p in predictions)
+
+
+def test_small_components_are_removed_and_areas_reported() -> None:
+    mask = np.zeros((20, 20), bool)
+    mask[2:6, 2:6] = True  # 16 px
+    mask[15, 15] = True  # 1 px
+    kept, areas = remove_small_components(mask, 5)
+    assert areas == [16] and kept.sum() == 16
+
+
+def test_folder_prediction_counts_and_lists_bad_files(trained_run: Path, phantom_dir: Path, tmp_path: Path) -> None:
+    source = tmp_path / "in"
+    source.mkdir()
+    for image in sorted(phantom_dir.rglob("*_1.png"))[:2]:
+        (source / image.name).write_bytes(image.read_bytes())
+    (source / "broken.png").write_bytes(b"not a png")
+    out_dir, summary = predict_path(Predictor.from_run(trained_run), [source], tmp_path / "out", progress=False)
+    assert summary == {"predicted": 2, "skipped": 1}
+    table = pd.read_csv(out_dir / "predictions.csv")
+    assert table["status"].str.startswith("skipped").sum() == 1
+    assert len(list(out_dir.glob("*_mask.png"))) == 2 and len(list(out_dir.glob("*_overlay.png"))) == 2
+    with pytest.raises(DataError, match="input not found"):
+        predict_path(Predictor.from_run(trained_run), [tmp_path / "nope.png"], tmp_path / "out")
+
+
+def test_nifti_prediction_keeps_shape_and_affine(trained_run: Path, tmp_path: Path) -> None:
+    affine = np.array([[0, 0, 1.0, 0], [0, 1.0, 0, 0], [1.5, 0, 0, 0], [0, 0, 0, 1]])  # axis 0 is S-I
+    volume = np.random.default_rng(0).normal(100, 20, (6, 40, 36)).astype(np.float32)
+    path = tmp_path / "case.nii.gz"
+    nib.save(nib.Nifti1Image(volume, affine), str(path))
+    assert axial_axis(affine) == 0
+    out_dir, summary = predict_path(Predictor.from_run(trained_run), [path], tmp_path / "out", progress=False)
+    written = nib.load(str(out_dir / "case_mask.nii.gz"))
+    assert written.shape == volume.shape and np.allclose(written.affine, affine)
+    assert summary["axial_axis"] == 0 and summary["slices"] == 6
+    assert cv2.imread(str(path)) is None  # a NIfTI is not an image OpenCV could have read by accident
+
+
+def test_real_nifti_case(trained_run: Path, real_data: Path, tmp_path: Path) -> None:
+    """The real metastasis case: T1 post-contrast and FLAIR volumes, 256 x 256 x 224, axial axis 2."""
+    case = real_data / "mets_nifti_case"
+    t1ce, flair = sorted(case.glob("*t1ce*.nii.gz"))[0], sorted(case.glob("*flair*.nii.gz"))[0]
+    out_dir, summary = predict_path(Predictor.from_run(trained_run), [t1ce], tmp_path / "out", progress=False)
+    assert summary["axial_axis"] == 2 and summary["slices"] == 224
+    written = nib.load(str(next(out_dir.glob("*_mask.nii.gz"))))
+    source = nib.load(str(t1ce))
+    assert written.shape == source.shape and np.allclose(written.affine, source.affine)
+    # kaggle_3m channels are pre-contrast, FLAIR, post-contrast; this case has no pre-contrast volume
+    three = predict_path(Predictor.from_run(trained_run), [t1ce, flair, t1ce], tmp_path / "out2", progress=False)[1]
+    assert three["slices"] == 224
+    with pytest.raises(DataError, match="give 1 volume or 3"):
+        predict_path(Predictor.from_run(trained_run), [t1ce, flair], tmp_path / "out3", progress=False)
