@@ -16,10 +16,9 @@ import yaml
 
 from metaseg_tf.config import ConfigError, ExperimentConfig
 from metaseg_tf.data.discover import DataError, discover_pairs
-from metaseg_tf.data.split import split_for_config
 from metaseg_tf.data.summary import summarise_dataset
 from metaseg_tf.data.synthetic import PhantomSettings, generate_phantom
-from metaseg_tf.preprocess import preprocess_dataset
+from metaseg_tf.pipeline import PipelineError
 
 DEFAULT_PHANTOM = PhantomSettings()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up chatter, before it loads
@@ -138,22 +137,12 @@ def _data_synth(args: argparse.Namespace) -> int:
 
 
 def _pipeline(args: argparse.Namespace) -> int:
-    config = ExperimentConfig.load(args.config) if args.config else ExperimentConfig()
-    if args.data:
-        config = config.replace(data_dir=str(args.data))
-    else:
-        phantom = generate_phantom(config.data_dir, DEFAULT_PHANTOM.n_patients, DEFAULT_PHANTOM.n_slices,
-                                   DEFAULT_PHANTOM.size, DEFAULT_PHANTOM.seed, progress=not args.quiet)
-        print(f"default data: synthetic phantom in {phantom.root} ({'reused' if phantom.reused else 'new'})")
-    report = discover_pairs(config.data_dir)
-    print("\n".join(summarise_dataset(report, check=False).lines()))
-    dataset = preprocess_dataset(report, config, progress=not args.quiet)
-    source = f"cache {dataset.cache_path}" if dataset.from_cache else f"preprocessed, cached in {dataset.cache_path}"
-    print(f"slices      : {len(dataset)} usable at {config.image_size} px ({source}); skipped {len(dataset.skipped)}")
-    split = split_for_config(dataset.case_ids, config)
-    for part, cases in split.to_dict().items():
-        n_slices = len(split.indices(dataset.case_ids, part))
-        print(f"{part:<12}: {len(cases)} patients, {n_slices} slices")
+    from metaseg_tf.pipeline import run_pipeline
+
+    overrides = {key: _parse_value(value) for key, value in args.param or []}
+    run = run_pipeline(args.profile, args.data, args.out, overrides, progress=not args.quiet)
+    total = sum(run.seconds.values())
+    print(f"finished in {total / 60:.1f} min; open {run.report}")
     return 0
 
 
@@ -178,10 +167,14 @@ def build_parser() -> argparse.ArgumentParser:
     synth.set_defaults(handler=_data_synth)
 
     pipeline = commands.add_parser(
-        "pipeline", help="the main job: default data (phantom) -> summary -> preprocessing -> patient split"
+        "pipeline", help="the main job: the five notebooks run by papermill into a new results folder"
     )
-    pipeline.add_argument("--data", type=Path, help="your own data folder instead of the phantom")
-    pipeline.add_argument("--config", type=Path, help="ExperimentConfig as JSON or YAML")
+    pipeline.add_argument("--profile", default="cpu", choices=("smoke", "cpu", "gpu"),
+                          help="smoke: seconds (CI); cpu: ~10 min on 2 cores (default); gpu: full size")
+    pipeline.add_argument("--data", type=Path, help="your own data folder instead of the synthetic phantom")
+    pipeline.add_argument("--out", type=Path, default=Path("results/pipeline"), help="a new run folder goes here")
+    pipeline.add_argument("-p", "--param", nargs=2, action="append", metavar=("KEY", "VALUE"),
+                          help="notebook parameter, e.g. -p epochs 5 -p filters '[8,16,32,64,128]'")
     pipeline.set_defaults(handler=_pipeline)
 
     train = commands.add_parser("train", help="train a model into a new run folder (resumes an unfinished one)")
@@ -224,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.handler(args)
-    except (DataError, ConfigError, ValueError) as error:
+    except (DataError, ConfigError, ValueError, PipelineError) as error:
         print(f"metaseg: error: {error}", file=sys.stderr)
         return 2
 

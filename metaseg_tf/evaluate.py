@@ -36,9 +36,11 @@ from tqdm.auto import tqdm
 
 from metaseg_tf import plots
 from metaseg_tf.complexity import model_complexity
+from metaseg_tf.config import ExperimentConfig
 from metaseg_tf.data.io import read_mask
 from metaseg_tf.data.pipeline import ExperimentData, load_experiment_data
 from metaseg_tf.evaluation import Evaluation, bootstrap_ci, evaluate_masks
+from metaseg_tf.models.nested_unet import average_heads, head_names, prune_nested_unet
 from metaseg_tf.preprocess import normalise
 from metaseg_tf.runs import load_run_config, new_dir, read_json, run_model_path, write_json
 
@@ -99,37 +101,50 @@ def _score_summary(evaluation: Evaluation) -> dict[str, dict[str, float | list[f
     return summary
 
 
+def patient_dice(truth: np.ndarray, pred: np.ndarray, case_ids: np.ndarray) -> dict[str, float]:
+    """Dice over all slices of each patient (3D) of boolean ``(N, H, W)`` masks; 1.0 where both are empty."""
+    scores = {}
+    for case in np.unique(case_ids):
+        t, p = truth[case_ids == case], pred[case_ids == case]
+        both = np.count_nonzero(t) + np.count_nonzero(p)
+        scores[str(case)] = 1.0 if both == 0 else 2 * np.count_nonzero(t & p) / both
+    return scores
+
+
 def _threshold_sweep(truth: np.ndarray, probabilities: np.ndarray, case_ids: np.ndarray) -> pd.DataFrame:
     rows = []
     truth = truth > 0
     for threshold in SWEEP_THRESHOLDS:
         pred = probabilities >= threshold
         inter, total = np.count_nonzero(truth & pred), np.count_nonzero(truth) + np.count_nonzero(pred)
-        patient = []
-        for case in np.unique(case_ids):
-            t, p = truth[case_ids == case], pred[case_ids == case]
-            both = np.count_nonzero(t) + np.count_nonzero(p)
-            patient.append(1.0 if both == 0 else 2 * np.count_nonzero(t & p) / both)
         rows.append({"threshold": threshold, "global_dice": 2 * inter / total if total else 1.0,
-                     "patient_dice": float(np.mean(patient))})
+                     "patient_dice": float(np.mean(list(patient_dice(truth, pred, case_ids).values())))})
     return pd.DataFrame(rows)
+
+
+def _example_slices(ranked_cases: Sequence[str], truth: np.ndarray, case_ids: np.ndarray) -> tuple[list[int], list[str]]:
+    """The best, median and worst of ``ranked_cases`` (best first); of each the slice with most true lesion."""
+    chosen = {"best": ranked_cases[0], "median": ranked_cases[len(ranked_cases) // 2], "worst": ranked_cases[-1]}
+    rows, titles = [], []
+    for rank, case in chosen.items():
+        members = np.flatnonzero(case_ids == case)
+        rows.append(int(members[np.argmax(truth[members].reshape(len(members), -1).sum(axis=1))]))
+        titles.append(f"{rank}: {case}")
+    return rows, titles
+
+
+def _resized_masks(masks: np.ndarray, rows: Sequence[int], shape: tuple[int, int]) -> list[np.ndarray]:
+    return [cv2.resize(masks[k].astype(np.uint8), shape, interpolation=cv2.INTER_NEAREST) for k in rows]
 
 
 def _overlay_examples(evaluation: Evaluation, images: np.ndarray, truth: np.ndarray, pred: np.ndarray,
                       case_ids: np.ndarray, label: str, path: Path) -> Path:
     """Best, median and worst patient by Dice; of each the slice with the largest true lesion."""
     ranked = evaluation.per_patient.sort_values("dice", ascending=False)["case_id"].tolist()
-    chosen = {"best": ranked[0], "median": ranked[len(ranked) // 2], "worst": ranked[-1]}
-    rows, titles = [], []
-    for rank, case in chosen.items():
-        members = np.flatnonzero(case_ids == case)
-        rows.append(members[np.argmax(truth[members].reshape(len(members), -1).sum(axis=1))])
-        titles.append(f"{rank}: {case}")
-    shown_truth = [cv2.resize(truth[k].astype(np.uint8), images.shape[1:3], interpolation=cv2.INTER_NEAREST)
-                   for k in rows]
-    shown_pred = [cv2.resize(pred[k].astype(np.uint8), images.shape[1:3], interpolation=cv2.INTER_NEAREST)
-                  for k in rows]
-    return plots.overlay_grid([images[k] for k in rows], shown_truth, {label: shown_pred}, titles, path)
+    rows, titles = _example_slices(ranked, truth, case_ids)
+    shape = images.shape[1:3]
+    return plots.overlay_grid([images[k] for k in rows], _resized_masks(truth, rows, shape),
+                              {label: _resized_masks(pred, rows, shape)}, titles, path)
 
 
 @dataclass
@@ -231,6 +246,7 @@ class Comparison:
     tests: pd.DataFrame
     out_dir: Path
     markdown: str
+    summaries: dict[str, dict]
 
 
 def paired_wilcoxon(per_patient: dict[str, pd.DataFrame], score: str = "dice") -> pd.DataFrame:
@@ -261,12 +277,12 @@ def compare_runs(run_dirs: Sequence[Path | str], out_dir: Path | str, split: str
     labels = list(labels) if labels else [Path(r).name for r in run_dirs]
     if len(set(labels)) != len(labels):
         raise ValueError(f"labels must be distinct, got {labels}")
-    rows, per_patient = [], {}
+    rows, per_patient, summaries = [], {}, {}
     for label, run_dir in zip(labels, run_dirs):
         evaluation_dir = latest_evaluation(run_dir, split)
         if evaluation_dir is None:
             evaluation_dir = evaluate_run(run_dir, split, progress=progress).out_dir
-        summary = read_json(evaluation_dir / "summary.json")
+        summary = summaries[label] = read_json(evaluation_dir / "summary.json")
         per_patient[label] = pd.read_csv(evaluation_dir / "per_patient.csv")
         scores, complexity = summary["per_patient"], summary["complexity"]
         rows.append({
@@ -301,5 +317,116 @@ def compare_runs(run_dirs: Sequence[Path | str], out_dir: Path | str, split: str
         tests.to_markdown(index=False, floatfmt=".4g") if len(tests) else "(one run: nothing to test)", "",
         "![per-patient Dice](per_patient_dice.png)", "",
     ])
+    comparison = Comparison(table, tests, out_dir, markdown, summaries)
+    (out_dir / "conclusion.md").write_text(conclusion(comparison) + "\n")
     (out_dir / "comparison.md").write_text(markdown)
-    return Comparison(table, tests, out_dir, markdown)
+    return comparison
+
+
+def _split_images(config: ExperimentConfig, split: str, data: ExperimentData | None,
+                  progress: bool) -> tuple[ExperimentData, np.ndarray]:
+    data = data or load_experiment_data(config, progress=progress)
+    indices = data.split.indices(data.dataset.case_ids, split)
+    if len(indices) == 0:
+        raise ValueError(f"the {split} part of the split has no slices")
+    return data, indices
+
+
+def prune_level_scores(run_dir: Path | str, split: str = "val", data: ExperimentData | None = None,
+                       progress: bool = True) -> pd.DataFrame:
+    """Accuracy against cost of a trained U-Net++ pruned to each level L1..L<depth> (Zhou et al. 2019,
+    section III-C) and of the mean of its heads, on ``split`` at the model's resolution.
+
+    Returns one row per variant: ``label``, ``patient_dice`` (mean over patients), ``global_dice``,
+    ``parameters``, ``gflops_per_image`` and ``latency_ms`` (batch 1). The pruned models reuse the trained
+    weights; nothing is retrained.
+    """
+    run_dir = Path(run_dir)
+    config = load_run_config(run_dir)
+    model = load_model(run_dir)
+    levels = head_names(model)
+    if not levels:
+        raise ValueError(f"{run_dir} holds no U-Net++ with deep-supervision heads")
+    data, indices = _split_images(config, split, data, progress)
+    images, truth = data.dataset.images[indices], data.dataset.masks[indices] > 0
+    case_ids = data.dataset.case_ids[indices]
+    variants = {f"L{k}": prune_nested_unet(model, k) for k in range(1, len(levels) + 1)}
+    variants["mean of heads"] = average_heads(model)
+    rows = []
+    for label, variant in variants.items():
+        pred = predict_probabilities(variant, images, config.normalisation, config.batch_size, False) >= config.threshold
+        inter, total = np.count_nonzero(truth & pred), np.count_nonzero(truth) + np.count_nonzero(pred)
+        complexity = model_complexity(variant, batch_size=1, repeats=10)
+        rows.append({"label": label,
+                     "patient_dice": float(np.mean(list(patient_dice(truth, pred, case_ids).values()))),
+                     "global_dice": 2 * inter / total if total else 1.0, "parameters": complexity.parameters,
+                     "gflops_per_image": (complexity.flops_per_image or float("nan")) / 1e9,
+                     "latency_ms": complexity.latency_ms})
+    return pd.DataFrame(rows)
+
+
+def side_by_side_overlays(run_dirs: Sequence[Path | str], labels: Sequence[str], path: Path | str,
+                          split: str = "test", data: ExperimentData | None = None, progress: bool = True) -> Path:
+    """Best, median and worst patients (ranked by the models' mean per-patient Dice) with every model's
+    prediction beside the truth, at the model's resolution. The runs must share one patient split."""
+    configs = [load_run_config(run_dir) for run_dir in run_dirs]
+    data, indices = _split_images(configs[0], split, data, progress)
+    images, truth = data.dataset.images[indices], data.dataset.masks[indices] > 0
+    case_ids = data.dataset.case_ids[indices]
+    predictions, dice = {}, []
+    for label, run_dir, config in zip(labels, run_dirs, configs):
+        if config.image_size != configs[0].image_size or config.split_seed != configs[0].split_seed:
+            raise ValueError(f"{run_dir} was trained at another size or split than {run_dirs[0]}")
+        model = load_model(run_dir)
+        probabilities = predict_probabilities(model, images, config.normalisation, config.batch_size, False)
+        predictions[label] = probabilities >= config.threshold
+        dice.append(patient_dice(truth, predictions[label], case_ids))
+    mean_dice = {case: float(np.mean([scores[case] for scores in dice])) for case in dice[0]}
+    ranked = sorted(mean_dice, key=mean_dice.get, reverse=True)
+    rows, titles = _example_slices(ranked, truth, case_ids)
+    return plots.overlay_grid([images[k] for k in rows], [truth[k] for k in rows],
+                              {label: [pred[k] for k in rows] for label, pred in predictions.items()}, titles, path)
+
+
+def _better(values: dict[str, float], lower_is_better: bool = False) -> str:
+    return (min if lower_is_better else max)(values, key=values.get)
+
+
+def conclusion(comparison: Comparison) -> str:
+    """A short markdown conclusion generated from the comparison's numbers: which model wins on what,
+    with the per-patient Dice CIs and the paired test, and what the numbers do not show."""
+    summaries = comparison.summaries
+    labels = list(summaries)
+    dice = {label: summaries[label]["per_patient"]["dice"] for label in labels}
+    best = _better({label: dice[label]["mean"] for label in labels})
+    split, patients = summaries[best]["split"], summaries[best]["patients"]
+    lines = [f"On the {split} split ({patients} patients), per-patient Dice (mean [95 % bootstrap CI]): "
+             + "; ".join(f"**{label}** {dice[label]['mean']:.3f} [{dice[label]['ci95'][0]:.3f}, "
+                         f"{dice[label]['ci95'][1]:.3f}]" for label in labels) + "."]
+    for _, test in comparison.tests.iterrows():
+        significant = test["p_value"] < 0.05
+        lines.append(f"{test['a']} − {test['b']}: mean paired difference {test['mean_difference']:+.3f} over "
+                     f"{test['patients']} patients, Wilcoxon p = {test['p_value']:.3g} — "
+                     + ("a significant difference at the 5 % level." if significant else
+                        "not significant at the 5 % level: the data do not separate these models on Dice."))
+    criteria = {
+        "per-patient Dice": ({label: dice[label]["mean"] for label in labels}, False),
+        "HD95 (px)": ({label: summaries[label]["per_patient"]["hd95"]["mean"] for label in labels}, True),
+        "lesion sensitivity": ({label: summaries[label]["per_patient"]["lesion_sensitivity"]["mean"]
+                                for label in labels}, False),
+        "false-positive lesions per patient": ({label: summaries[label]["lesions"]["false_positives_per_patient"]
+                                                for label in labels}, True),
+        "parameters": ({label: summaries[label]["complexity"]["parameters"] for label in labels}, True),
+        "latency (ms, batch 1)": ({label: summaries[label]["complexity"]["latency_ms"] for label in labels}, True),
+    }
+    lines.append("")
+    lines.append("| criterion | " + " | ".join(labels) + " | better |")
+    lines.append("|---|" + "---|" * (len(labels) + 1))
+    for criterion, (values, lower) in criteria.items():
+        shown = " | ".join(f"{values[label]:.4g}" for label in labels)
+        winner = "tie" if len(set(values.values())) == 1 else _better(values, lower)
+        lines.append(f"| {criterion} | {shown} | {winner} |")
+    lines.append("")
+    lines.append(f"Scores are at {summaries[best]['resolution']}; latency was measured on this machine. A model "
+                 "that wins on the mean but not in the paired test has not been shown to be better.")
+    return "\n".join(lines)

@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import cv2
 import matplotlib
 
 matplotlib.use("Agg")
@@ -66,6 +67,18 @@ def overlay_grid(images: Sequence[np.ndarray], truths: Sequence[np.ndarray],
     return _save(fig, path)
 
 
+def contour_grid(images: Sequence[np.ndarray], truths: Sequence[np.ndarray], titles: Sequence[str],
+                 path: Path | str, columns: int = 4) -> Path:
+    """Images with their truth contour (green) in a grid of ``columns``."""
+    rows = -(-len(images) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(2.6 * columns, 2.6 * rows), squeeze=False)
+    for axis in axes.ravel():
+        axis.axis("off")
+    for axis, image, truth, title in zip(axes.ravel(), images, truths, titles):
+        contour_overlay(axis, image, truth, None, title)
+    return _save(fig, path)
+
+
 def distribution(values: Mapping[str, Sequence[float]], path: Path | str, ylabel: str = "per-patient Dice") -> Path:
     """Box plot with the individual points (one per patient) for each model."""
     fig, axis = plt.subplots(figsize=(1.8 + 1.6 * len(values), 3.5))
@@ -88,4 +101,69 @@ def threshold_sweep(sweep: pd.DataFrame, path: Path | str) -> Path:
     axis.set_xlabel("threshold")
     axis.set_ylabel("Dice")
     axis.legend()
+    return _save(fig, path)
+
+
+def image_grid(panels: Mapping[str, np.ndarray], path: Path | str, columns: int = 4, cmap: str = "gray") -> Path:
+    """Grey images (``(H, W)``, or ``(H, W, C)`` showing the middle channel) in a grid, titled by key."""
+    rows = -(-len(panels) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(2.6 * columns, 2.6 * rows), squeeze=False)
+    for axis in axes.ravel():
+        axis.axis("off")
+    for axis, (title, image) in zip(axes.ravel(), panels.items()):
+        image = np.asarray(image)
+        axis.imshow(image[..., image.shape[-1] // 2] if image.ndim == 3 else image, cmap=cmap)
+        axis.set_title(title, fontsize=8)
+    return _save(fig, path)
+
+
+def histograms(panels: Mapping[str, Mapping[str, np.ndarray]], path: Path | str, bins: int = 50,
+               density: bool = True, log_x: Sequence[str] = ()) -> Path:
+    """One panel per key of ``panels``, one step histogram per labelled array in it; panels named in
+    ``log_x`` use logarithmic bins."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.0), squeeze=False)
+    for axis, (title, groups) in zip(axes[0], panels.items()):
+        for label, values in groups.items():
+            values = np.asarray(values, float).ravel()
+            if values.size == 0:
+                continue
+            edges = bins
+            if title in log_x:
+                positive = values[values > 0]
+                edges = np.geomspace(max(positive.min(), 1e-3), positive.max() + 1, bins) if positive.size else bins
+                axis.set_xscale("log")
+            axis.hist(values, bins=edges, histtype="step", density=density, label=f"{label} (n={values.size})")
+        axis.set_title(title, fontsize=9)
+        axis.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def attention_overlays(images: Sequence[np.ndarray], maps: Mapping[str, np.ndarray], path: Path | str,
+                       truths: Sequence[np.ndarray] | None = None) -> Path:
+    """One row per image: the image (with its truth contour), then each gate's coefficients resized to the
+    image and drawn over it (``maps``: ``{gate: (B, h, w, 1)}``, finest first)."""
+    cols = 1 + len(maps)
+    fig, axes = plt.subplots(len(images), cols, figsize=(2.6 * cols, 2.6 * len(images)), squeeze=False)
+    for row, image in enumerate(images):
+        contour_overlay(axes[row, 0], image, truths[row] if truths is not None else None, None, "image")
+        grey = image[..., image.shape[-1] // 2] if image.ndim == 3 else image
+        for col, (gate, coefficients) in enumerate(maps.items(), start=1):
+            heat = cv2.resize(np.asarray(coefficients[row, ..., 0], np.float32), grey.shape[::-1],
+                              interpolation=cv2.INTER_LINEAR)
+            axes[row, col].imshow(grey, cmap="gray")
+            axes[row, col].imshow(heat, cmap="jet", alpha=0.45, vmin=0, vmax=1)
+            axes[row, col].set_title(gate.replace("_coefficients", ""), fontsize=8)
+            axes[row, col].axis("off")
+    return _save(fig, path)
+
+
+def accuracy_latency(table: pd.DataFrame, path: Path | str, score: str = "dice") -> Path:
+    """``score`` against latency for each row of ``table`` (columns ``label``, ``latency_ms``, ``score``)."""
+    fig, axis = plt.subplots(figsize=(4.5, 3.4))
+    axis.plot(table["latency_ms"], table[score], marker="o")
+    for _, row in table.iterrows():
+        axis.annotate(str(row["label"]), (row["latency_ms"], row[score]), textcoords="offset points",
+                      xytext=(4, 4), fontsize=8)
+    axis.set_xlabel("latency per image (ms)")
+    axis.set_ylabel(score)
     return _save(fig, path)

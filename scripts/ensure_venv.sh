@@ -11,9 +11,12 @@ if [ ! -x "$VENV/bin/python" ]; then
   echo "[setup] creating virtual environment in $VENV"
   "$PYTHON" -m venv "$VENV"
 fi
-want="$(cat "$ROOT/pyproject.toml" "$ROOT/requirements.txt" | sha256sum | cut -c1-16)-[$EXTRAS]"
+sources="$(cat "$ROOT/pyproject.toml" "$ROOT/requirements.txt" | sha256sum | cut -c1-16)"
+want="$sources-[$EXTRAS]"
 stamp="$VENV/.metaseg-install-stamp"
-if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+have="$(cat "$stamp" 2>/dev/null || true)"
+# an install with the dev extras holds everything the plain install needs
+if [ "$have" != "$want" ] && ! { [ -z "$EXTRAS" ] && [ "$have" = "$sources-[dev]" ]; }; then
   echo "[setup] installing metaseg-tf${EXTRAS:+[$EXTRAS]} and its dependencies (first run takes a few minutes)"
   "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --upgrade pip
   target="$ROOT"

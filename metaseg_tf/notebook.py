@@ -1,0 +1,85 @@
+"""Small helpers the numbered notebooks share, so that the notebooks themselves hold no logic.
+
+A notebook's ``parameters`` cell (papermill) sets plain values; :func:`experiment_config` turns them into
+an :class:`~metaseg_tf.config.ExperimentConfig`, :func:`configure_backend` selects the Keras backend before
+Keras is imported, and :func:`figure_path` / :func:`show` save every figure as a PNG under
+``<out_dir>/figures/`` and display it inline. Relative paths are resolved against the project root, so a
+notebook opened from ``notebooks/`` and one executed by the pipeline from the root write to the same place.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from metaseg_tf.config import ExperimentConfig
+from metaseg_tf.data.synthetic import PhantomSettings, generate_phantom
+from metaseg_tf.runs import list_runs, read_json
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_PHANTOM_DIR = "data/phantom"
+
+
+def resolve(path: str | Path) -> Path:
+    """``path`` as an absolute path; relative paths are taken from the project root."""
+    path = Path(path).expanduser()
+    return path if path.is_absolute() else PROJECT_ROOT / path
+
+
+def configure_backend(backend: str = "") -> str:
+    """Select the Keras backend (``tensorflow``, ``jax`` or ``torch``; empty: keep ``KERAS_BACKEND`` or
+    Keras' default) and return the one in use. Must run before Keras is first imported."""
+    if backend:
+        if "keras" in sys.modules:
+            import keras
+
+            if keras.backend.backend() != backend:
+                raise RuntimeError(f"Keras was already imported with the {keras.backend.backend()} backend; "
+                                   f"restart the kernel to use {backend}")
+        os.environ["KERAS_BACKEND"] = backend
+    import keras
+
+    return keras.backend.backend()
+
+
+def experiment_config(data_dir: str = "", config_overrides: dict[str, Any] | None = None,
+                      progress: bool = True, **fields: Any) -> ExperimentConfig:
+    """The experiment's config from a notebook's parameters.
+
+    ``data_dir`` empty means the synthetic phantom in ``data/phantom`` (generated on first use with the
+    default :class:`PhantomSettings`). ``fields`` are :class:`ExperimentConfig` fields (``image_size``,
+    ``epochs``, ``filters``...); ``config_overrides`` any further ones. ``cache_dir`` is resolved like the
+    data folder.
+    """
+    if not data_dir:
+        defaults = PhantomSettings()
+        generate_phantom(resolve(DEFAULT_PHANTOM_DIR), defaults.n_patients, defaults.n_slices, defaults.size,
+                         defaults.seed, progress=progress)
+        data_dir = DEFAULT_PHANTOM_DIR
+    settings = {**fields, **(config_overrides or {})}
+    settings["cache_dir"] = str(resolve(settings.get("cache_dir", ExperimentConfig.cache_dir)))
+    return ExperimentConfig.from_dict({**settings, "data_dir": str(resolve(data_dir))})
+
+
+def figure_path(out_dir: str | Path, notebook: str, name: str) -> Path:
+    """Where a notebook's figure ``name`` goes: ``<out_dir>/figures/<notebook>-<name>.png``."""
+    return resolve(out_dir) / "figures" / f"{notebook}-{name}.png"
+
+
+def show(path: str | Path) -> Path:
+    """Display a saved PNG inline (in a notebook; a no-op elsewhere) and return its path."""
+    from IPython.display import Image, display
+
+    display(Image(filename=str(path)))
+    return Path(path)
+
+
+def latest_run(runs_root: str | Path, name: str) -> Path:
+    """The newest finished run called ``name`` (the suffix after the timestamp) under ``runs_root``."""
+    runs = [run for run in list_runs(resolve(runs_root)) if read_json(run / "state.json").get("name") == name]
+    if not runs:
+        raise FileNotFoundError(f"no finished run named {name!r} under {resolve(runs_root)}: run the notebook "
+                                f"that trains it first")
+    return runs[-1]

@@ -1,0 +1,232 @@
+"""The main job: the numbered notebooks executed in order with papermill, into one new results folder.
+
+:func:`run_pipeline` makes ``<out_root>/<timestamp>-<profile>/`` (never an existing folder), passes every
+notebook the same parameters (a profile's preset, overridden by the caller's), executes
+``notebooks/01_*.ipynb`` .. ``05_*.ipynb`` headless and writes ``report.md``, which links the executed
+notebooks, the figures, the metrics and the trained models' run folders. A failing notebook stops the
+pipeline with :class:`PipelineError` naming the notebook and the cell; the partially executed notebook is
+kept for inspection.
+
+Profiles (presets of the notebooks' parameters):
+
+* ``smoke`` - a tiny phantom, 32 px, two epochs: seconds per notebook, for CI;
+* ``cpu`` (default) - the default phantom at 64 px: the whole run fits in about ten minutes on two cores
+  and the masks are meaningful;
+* ``gpu`` - 256 px, wide filters, up to 100 epochs, mixed precision and XLA where they help, the CLAHE
+  ablation included. On a host with JAX but no TensorFlow run it with ``KERAS_BACKEND=jax``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from metaseg_tf.config import ConfigError, ExperimentConfig
+from metaseg_tf.data.synthetic import PhantomSettings, generate_phantom
+from metaseg_tf.notebook import PROJECT_ROOT, resolve
+from metaseg_tf.runs import create_run_dir, read_json, write_json
+
+NOTEBOOKS_DIR = PROJECT_ROOT / "notebooks"
+DEFAULT_OUT_ROOT = "results/pipeline"
+
+
+class PipelineError(RuntimeError):
+    """A notebook of the pipeline failed; the message names the notebook, the cell and the error."""
+
+
+@dataclass(frozen=True)
+class PipelineProfile:
+    """A preset of the notebooks' parameters and the phantom used when no data folder is given."""
+
+    description: str
+    parameters: dict[str, Any]
+    phantom: PhantomSettings = field(default_factory=PhantomSettings)
+    phantom_dir: str = "data/phantom"
+
+
+# The parameters every numbered notebook declares in its `parameters` cell, with their interactive defaults.
+NOTEBOOK_PARAMETERS: dict[str, Any] = {
+    "data_dir": "", "out_dir": "results/interactive", "backend": "", "image_size": 64, "epochs": 30,
+    "batch_size": 16, "filters": [8, 16, 32, 64, 128], "seed": 0, "clahe": True, "max_train_minutes": 0.0,
+    "clahe_ablation": False, "config_overrides": {}, "progress": True,
+}
+
+PROFILES: dict[str, PipelineProfile] = {
+    "smoke": PipelineProfile(
+        "seconds per notebook: proves the pipeline runs (CI)",
+        {"image_size": 32, "epochs": 2, "batch_size": 8, "filters": [4, 8, 16, 32, 64], "clahe_ablation": True,
+         "config_overrides": {"jit_compile": "off", "test_fraction": 0.25}},
+        PhantomSettings(n_patients=8, n_slices=8, size=64), "data/phantom-smoke"),
+    "cpu": PipelineProfile(
+        "the default: about ten minutes on a 2-core laptop, meaningful masks on the phantom",
+        {"image_size": 64, "epochs": 30, "batch_size": 16, "filters": [8, 16, 32, 64, 128]}),
+    "gpu": PipelineProfile(
+        "full size on a GPU host: 256 px, filters 32-512, up to 100 epochs, CLAHE ablation",
+        {"image_size": 256, "epochs": 100, "batch_size": 16, "filters": [32, 64, 128, 256, 512],
+         "clahe_ablation": True, "config_overrides": {"early_stopping_patience": 15}}),
+}
+
+
+@dataclass
+class PipelineRun:
+    """Where a pipeline run was written and its report."""
+
+    out_dir: Path
+    report: Path
+    seconds: dict[str, float]
+
+
+def notebooks(notebooks_dir: Path | str = NOTEBOOKS_DIR) -> list[Path]:
+    """The numbered notebooks (``NN_name.ipynb``) of ``notebooks_dir`` in order."""
+    found = sorted(Path(notebooks_dir).glob("[0-9][0-9]_*.ipynb"))
+    if not found:
+        raise PipelineError(f"no numbered notebooks (NN_name.ipynb) in {notebooks_dir}")
+    return found
+
+
+def pipeline_parameters(profile: str = "cpu", data_dir: str | Path | None = None,
+                        overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The parameters the notebooks receive: the profile's preset, then ``overrides``; checked by building
+    the :class:`ExperimentConfig` they describe, so a bad value fails before any notebook runs."""
+    if profile not in PROFILES:
+        raise ConfigError(f"unknown profile {profile!r}; choose one of {', '.join(PROFILES)}")
+    overrides = dict(overrides or {})
+    unknown = sorted(set(overrides) - set(NOTEBOOK_PARAMETERS))
+    if unknown:
+        raise ConfigError(f"unknown pipeline parameter(s) {', '.join(unknown)}; known: "
+                          f"{', '.join(sorted(NOTEBOOK_PARAMETERS))}")
+    parameters = {**NOTEBOOK_PARAMETERS, **PROFILES[profile].parameters, **overrides, "progress": False}
+    if data_dir is not None:
+        parameters["data_dir"] = str(resolve(data_dir))
+    fields = {name: parameters[name] for name in ("image_size", "epochs", "batch_size", "filters", "seed",
+                                                  "clahe", "max_train_minutes")}
+    ExperimentConfig.from_dict({**fields, **parameters["config_overrides"]})
+    return parameters
+
+
+def _kernel_output_only(record: logging.LogRecord) -> bool:
+    message = record.getMessage()
+    return bool(message.strip()) and not message.startswith(("Executing Cell", "Ending Cell", "Executing notebook",
+                                                             "Input Notebook", "Output Notebook", "Black is not"))
+
+
+def _papermill_logging(enabled: bool) -> None:
+    """Stream the kernels' output (one line per training epoch) to the terminal while notebooks run."""
+    logger = logging.getLogger("papermill")
+    if enabled and not logger.handlers:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("    %(message)s"))
+        handler.addFilter(_kernel_output_only)
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+
+
+def run_pipeline(
+    profile: str = "cpu",
+    data_dir: str | Path | None = None,
+    out_root: str | Path = DEFAULT_OUT_ROOT,
+    overrides: dict[str, Any] | None = None,
+    notebooks_dir: str | Path = NOTEBOOKS_DIR,
+    progress: bool = True,
+) -> PipelineRun:
+    """Execute the numbered notebooks with papermill into a new folder under ``out_root``; see the module
+    docstring. ``data_dir`` ``None`` uses the profile's synthetic phantom (generated on first use)."""
+    import papermill
+    from papermill.exceptions import PapermillExecutionError
+
+    from metaseg_tf.environment import environment_info
+
+    parameters = pipeline_parameters(profile, data_dir, overrides)
+    preset = PROFILES[profile]
+    if data_dir is None:
+        phantom = dataclasses.asdict(preset.phantom)
+        summary = generate_phantom(resolve(preset.phantom_dir), phantom["n_patients"], phantom["n_slices"],
+                                   phantom["size"], phantom["seed"], progress=progress)
+        parameters["data_dir"] = str(summary.root)
+        print(f"data: synthetic phantom in {summary.root} ({'reused' if summary.reused else 'generated'})")
+    if "backend" not in (overrides or {}):
+        parameters["backend"] = os.environ.get("KERAS_BACKEND", "")
+    out_dir = create_run_dir(resolve(out_root), profile)
+    parameters["out_dir"] = str(out_dir)
+    record = {"profile": profile, "description": preset.description, "parameters": parameters,
+              "started": time.strftime("%Y-%m-%d %H:%M:%S"), "status": "running", "seconds": {},
+              "environment": environment_info()}
+    write_json(out_dir / "pipeline.json", record)
+    print(f"pipeline ({profile}: {preset.description}) -> {out_dir}")
+    _papermill_logging(progress)
+    ordered = notebooks(notebooks_dir)
+    for number, notebook in enumerate(ordered, start=1):
+        executed = out_dir / "notebooks" / notebook.name
+        executed.parent.mkdir(parents=True, exist_ok=True)
+        print(f"[{number}/{len(ordered)}] {notebook.stem}")
+        started = time.perf_counter()
+        try:
+            papermill.execute_notebook(str(notebook), str(executed), parameters=parameters, kernel_name="python3",
+                                       cwd=str(PROJECT_ROOT), progress_bar=False, log_output=progress)
+        except PapermillExecutionError as error:
+            record.update(status="failed", failed_notebook=notebook.name, failed_cell=error.exec_count,
+                          error=f"{error.ename}: {error.evalue}")
+            write_json(out_dir / "pipeline.json", record)
+            first_line = next((line for line in error.source.splitlines() if line.strip()), "")
+            raise PipelineError(
+                f"{notebook.name} failed in cell {error.exec_count} ({first_line.strip()[:60]}): {error.ename}: "
+                f"{error.evalue}; the partly executed notebook is kept in {executed}") from None
+        record["seconds"][notebook.stem] = round(time.perf_counter() - started, 1)
+        write_json(out_dir / "pipeline.json", record)
+    record.update(status="finished", finished=time.strftime("%Y-%m-%d %H:%M:%S"))
+    write_json(out_dir / "pipeline.json", record)
+    report = write_report(out_dir)
+    print(f"report: {report}")
+    return PipelineRun(out_dir, report, record["seconds"])
+
+
+def _relative_links(markdown: str, prefix: str) -> str:
+    """Rewrite ``](file)`` image links of a markdown file so they resolve from the report's folder."""
+    return markdown.replace("](", f"]({prefix}/").replace(f"]({prefix}/http", "](http")
+
+
+def write_report(out_dir: Path | str) -> Path:
+    """``report.md`` of a pipeline folder: conclusion, comparison, figures, notebooks and files, linked."""
+    out_dir = Path(out_dir)
+    record = read_json(out_dir / "pipeline.json")
+    parameters = record["parameters"]
+    lines = [f"# metaseg-tf pipeline run `{out_dir.name}`", "",
+             f"Profile **{record['profile']}** ({record['description']}); data `{parameters['data_dir']}`; "
+             f"Keras backend {record['environment'].get('keras_backend', '?')}; started {record['started']}, "
+             f"status {record['status']}.", "",
+             "| notebook | seconds |", "|---|---|",
+             *(f"| [{name}](notebooks/{name}.ipynb) | {seconds} |" for name, seconds in record["seconds"].items()),
+             ""]
+    comparisons = sorted((out_dir / "comparison").glob("comparison-test*/comparison.md"))
+    if comparisons:
+        folder = comparisons[-1].parent
+        prefix = folder.relative_to(out_dir).as_posix()
+        if (folder / "conclusion.md").is_file():
+            lines += ["## Conclusion", "", (folder / "conclusion.md").read_text(), ""]
+        body = comparisons[-1].read_text().replace("# Comparison", "## Comparison", 1)
+        lines += [_relative_links(body, prefix), ""]
+    ablations = sorted((out_dir / "clahe_ablation").glob("comparison-test*/comparison.md"))
+    if ablations:
+        prefix = ablations[-1].parent.relative_to(out_dir).as_posix()
+        body = ablations[-1].read_text().replace("# Comparison", "## CLAHE ablation: comparison", 1)
+        lines += [_relative_links(body, prefix), ""]
+    figures = sorted((out_dir / "figures").glob("*.png"))
+    if figures:
+        lines += ["## Figures", ""]
+        lines += [f"### {figure.stem}\n\n![{figure.stem}](figures/{figure.name})\n" for figure in figures]
+    runs = sorted(p.parent for p in (out_dir / "runs").glob("*/state.json"))
+    if runs:
+        lines += ["## Trained models", "", *(f"* [`{run.name}`](runs/{run.name}/) (`best.keras`, `last.keras`, "
+                                            f"`history.csv`, `config.json`)" for run in runs), ""]
+    lines += ["## Parameters", "", "```json", json.dumps(parameters, indent=2), "```", ""]
+    report = out_dir / "report.md"
+    report.write_text("\n".join(lines))
+    return report
