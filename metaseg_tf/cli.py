@@ -146,6 +146,17 @@ def _pipeline(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from metaseg_tf.serve.api import ServeError
+    from metaseg_tf.serve.launch import serve
+
+    try:
+        return serve(args.runs, args.host, args.api_port, args.ui_port, api=not args.ui_only, ui=not args.api_only,
+                     api_url=args.api_url)
+    except ServeError as error:
+        raise ConfigError(str(error)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="metaseg", description=__doc__.splitlines()[0])
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
@@ -209,6 +220,18 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--tta", action="store_true", help="average with the horizontally flipped image")
     predict.add_argument("--min-component", type=int, default=0, help="drop lesions smaller than this (pixels)")
     predict.set_defaults(handler=_predict)
+
+    serve = commands.add_parser("serve", help="start the web app: prediction API (FastAPI) and UI (Streamlit)")
+    serve.add_argument("--runs", type=Path, nargs="+",
+                       help="run folders to serve (default: the newest pipeline run's two models)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    serve.add_argument("--api-port", type=int, default=8000)
+    serve.add_argument("--ui-port", type=int, default=8501)
+    parts = serve.add_mutually_exclusive_group()
+    parts.add_argument("--api-only", action="store_true", help="start only the API")
+    parts.add_argument("--ui-only", action="store_true", help="start only the UI (see --api-url)")
+    serve.add_argument("--api-url", help="where the UI finds the API (default: this host's --api-port)")
+    serve.set_defaults(handler=_serve)
     return parser
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 import cv2
@@ -31,6 +32,13 @@ def square_pair(size: int = 32, top: int = 8, side: int = 10) -> tuple[np.ndarra
     return image, mask
 
 
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on right now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 @pytest.fixture(scope="session")
 def phantom_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small phantom (6 patients x 8 slices at 64 px), generated once per test session."""
@@ -49,3 +57,26 @@ def real_data() -> Path:
     if not root.is_dir():
         pytest.skip(f"METASEG_REAL_DATA={root} is not a folder")
     return root
+
+
+@pytest.fixture(scope="session")
+def served_runs(phantom_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """A U-Net++ and an Attention U-Net trained for one epoch on the phantom at 32 px (real, small runs)."""
+    from metaseg_tf.config import ExperimentConfig
+    from metaseg_tf.train import train
+
+    root = tmp_path_factory.mktemp("served")
+    config = ExperimentConfig(data_dir=str(phantom_dir), cache_dir=str(root / "cache"), image_size=32,
+                              filters=(4, 8, 16), batch_size=8, epochs=1, jit_compile="off")
+    return [train(config.replace(model=model), runs_root=root / "runs", progress=False).run_dir
+            for model in ("nested_unet", "attention_unet")]
+
+
+@pytest.fixture(scope="session")
+def phantom_slice(phantom_dir: Path) -> tuple[Path, Path]:
+    """The phantom slice with the largest lesion: (image file, mask file)."""
+    from metaseg_tf.data import discover_pairs, read_mask
+
+    pairs = discover_pairs(phantom_dir).pairs
+    pair = max(pairs, key=lambda p: int(read_mask(p.mask_path).sum()))
+    return pair.image_path, pair.mask_path

@@ -14,6 +14,7 @@ callers that walk a whole dataset turn those into counted, reported skips.
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import cv2
@@ -26,35 +27,47 @@ from metaseg_tf.data.discover import DataError, SlicePair
 cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
 
 
-def _decode_tiff(path: Path) -> np.ndarray | None:
+ImageSource = str | Path | bytes
+TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+
+
+def _decode_tiff(raw: bytes) -> np.ndarray | None:
     """TIFF pixels as stored (tifffile keeps 1-bit and MINISWHITE masks as written), or None."""
     try:
-        return tifffile.imread(path)
+        return tifffile.imread(io.BytesIO(raw))
     except Exception:  # tifffile raises many exception types for files it cannot decode
         return None
 
 
-def _decode(path: Path) -> np.ndarray:
-    """Raw pixels as stored (any dtype, 2D or 3D, RGB(A) order), or :class:`DataError`."""
+def _raw_bytes(source: ImageSource) -> tuple[bytes, str]:
+    """The encoded bytes of a file or an in-memory upload, and the name errors should give."""
+    if isinstance(source, bytes):
+        return source, "the uploaded image"
+    path = Path(source)
     try:
-        raw = np.fromfile(path, dtype=np.uint8)
+        return path.read_bytes(), str(path)
     except OSError as error:
         raise DataError(f"cannot read {path}: {error.strerror or error}") from error
-    if raw.size == 0:
-        raise DataError(f"empty file: {path}")
-    pixels = _decode_tiff(path) if path.suffix.lower() in (".tif", ".tiff") else None
+
+
+def _decode(source: ImageSource) -> tuple[np.ndarray, str]:
+    """Raw pixels as stored (any dtype, 2D or 3D, RGB(A) order) and the source's name, or :class:`DataError`."""
+    raw, name = _raw_bytes(source)
+    if len(raw) == 0:
+        raise DataError(f"empty file: {name}")
+    pixels = _decode_tiff(raw) if raw[:4] in TIFF_MAGIC else None
     if pixels is None:
-        pixels = cv2.imdecode(raw, cv2.IMREAD_UNCHANGED)
+        pixels = cv2.imdecode(np.frombuffer(raw, np.uint8), cv2.IMREAD_UNCHANGED)
         if pixels is None:
-            raise DataError(f"unreadable or truncated image: {path}")
+            raise DataError(f"unreadable or truncated image: {name}")
         if pixels.ndim == 3 and pixels.shape[2] in (3, 4):
             code = cv2.COLOR_BGR2RGB if pixels.shape[2] == 3 else cv2.COLOR_BGRA2RGBA
             pixels = cv2.cvtColor(pixels, code)
     if pixels.ndim == 3 and pixels.shape[2] == 1:
         pixels = pixels[..., 0]
     if pixels.ndim not in (2, 3) or min(pixels.shape[:2]) < 2:
-        raise DataError(f"not a 2D slice (shape {pixels.shape}): {path}")
-    return pixels
+        raise DataError(f"not a 2D slice (shape {pixels.shape}): {name}")
+    return pixels, name
 
 
 def _to_unit_range(pixels: np.ndarray) -> np.ndarray:
@@ -82,23 +95,23 @@ def _to_channels(image: np.ndarray, channels: int) -> np.ndarray:
     return image.mean(axis=2, keepdims=True)
 
 
-def read_image(path: str | Path, channels: int = 3) -> np.ndarray:
-    """Read one slice as ``float32`` ``(H, W, channels)`` in ``[0, 1]`` (see the module docstring)."""
-    path = Path(path)
-    pixels = _decode(path)
+def read_image(source: ImageSource, channels: int = 3) -> np.ndarray:
+    """Read one slice (a file, or the encoded bytes of one) as ``float32`` ``(H, W, channels)`` in ``[0, 1]``
+    (see the module docstring)."""
+    pixels, name = _decode(source)
     if pixels.ndim == 3 and pixels.shape[2] > 4:
-        raise DataError(f"{pixels.shape[2]} channels are not supported (1-4 expected): {path}")
+        raise DataError(f"{pixels.shape[2]} channels are not supported (1-4 expected): {name}")
     try:
         image = _to_unit_range(pixels)
     except DataError as error:
-        raise DataError(f"{error}: {path}") from error
+        raise DataError(f"{error}: {name}") from error
     return np.ascontiguousarray(_to_channels(image, channels), dtype=np.float32)
 
 
-def read_mask(path: str | Path) -> np.ndarray:
-    """Read one mask as ``uint8`` ``(H, W)`` with values in ``{0, 1}`` (see the module docstring)."""
-    path = Path(path)
-    pixels = _decode(path)
+def read_mask(source: ImageSource) -> np.ndarray:
+    """Read one mask (a file, or the encoded bytes of one) as ``uint8`` ``(H, W)`` with values in ``{0, 1}``
+    (see the module docstring)."""
+    pixels, _ = _decode(source)
     if pixels.ndim == 3:
         colour = pixels[..., :3] if pixels.shape[2] >= 3 else pixels[..., :1]
         pixels = colour.max(axis=2)
