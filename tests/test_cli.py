@@ -46,16 +46,16 @@ def test_folder_without_pairs_names_layouts(tmp_path: Path, capsys: pytest.Captu
     assert "layouts tried" in capsys.readouterr().err
 
 
-def test_synth_then_pipeline_on_it(tmp_path: Path, capsys: pytest.CaptureFixture,
-                                   monkeypatch: pytest.MonkeyPatch) -> None:
+def test_synth_then_summary_of_it(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                  monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     assert main(["data", "synth", "ph", "--patients", "5", "--slices", "4", "--size", "64"]) == 0
     assert "wrote phantom" in capsys.readouterr().out
-    assert main(["-q", "pipeline", "--data", "ph"]) == 0
+    assert main(["-q", "data", "summary", "ph"]) == 0
     out = capsys.readouterr().out
-    assert "patients    : 5" in out and "test        : 1 patients, 4 slices" in out
-    assert main(["-q", "pipeline", "--data", "ph"]) == 0
-    assert "(cache " in capsys.readouterr().out  # the second run reuses the preprocessing
+    assert "5" in out and "20" in out  # 5 patients, 20 pairs
+    assert main(["data", "synth", "ph", "--patients", "5", "--slices", "4", "--size", "64"]) == 0
+    assert "reused phantom" in capsys.readouterr().out
 
 
 def test_train_evaluate_compare_from_the_command_line(phantom_dir: Path, tmp_path: Path,
