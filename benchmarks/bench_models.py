@@ -5,7 +5,8 @@ Adam, binary cross-entropy, ``jit_compile="auto"``, and is timed in the same pro
 
 * ``train img/s``: ``train_on_batch`` after two warm-up steps (compilation excluded);
 * ``infer img/s``: ``predict_on_batch`` likewise;
-* parameters.
+* parameters and GFLOPs per image (counted by the backend's compiler, :func:`metaseg_tf.complexity.count_flops`),
+  because implementations that share a name need not compute the same network.
 
 Peers: keras-unet-collection's ``unet_plus_2d`` and ``att_unet_2d`` (batch norm on, transposed-convolution
 up-sampling, max pooling: the options closest to ours) and medicai's ``UNetPlusPlus`` / ``AttentionUNet``.
@@ -24,6 +25,7 @@ from collections.abc import Callable
 import keras
 import numpy as np
 
+from metaseg_tf.complexity import count_flops
 from metaseg_tf.config import ExperimentConfig
 from metaseg_tf.models import build_model
 
@@ -89,7 +91,9 @@ def measure(build: Callable[[int], keras.Model], size: int, batch: int, steps: i
     model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="binary_crossentropy", jit_compile="auto")
     train_s = _time(lambda: model.train_on_batch(x, targets), steps)
     infer_s = _time(lambda: keras.tree.map_structure(np.asarray, model.predict_on_batch(x)), steps)
-    return {"params": model.count_params(), "train": batch / train_s, "infer": batch / infer_s}
+    flops = count_flops(model)
+    return {"params": model.count_params(), "gflops": flops / 1e9 if flops else float("nan"),
+            "train": batch / train_s, "infer": batch / infer_s}
 
 
 def main() -> None:
@@ -100,7 +104,7 @@ def main() -> None:
     args = parser.parse_args()
     print(f"backend {keras.backend.backend()}, input {args.size}x{args.size}x3, filters {FILTERS}, "
           f"batch {args.batch}, {args.steps} timed steps")
-    print(f"{'model':<40} {'params':>10} {'train img/s':>12} {'infer img/s':>12}")
+    print(f"{'model':<40} {'params':>10} {'GFLOPs':>7} {'train img/s':>12} {'infer img/s':>12}")
     for name, build in CANDIDATES.items():
         try:
             result = measure(build, args.size, args.batch, args.steps)
@@ -108,7 +112,8 @@ def main() -> None:
             reason = str(error).splitlines()[0][:90] if str(error) else type(error).__name__
             print(f"{name:<40} not measured: {type(error).__name__}: {reason}")
             continue
-        print(f"{name:<40} {result['params']:>10,} {result['train']:>12.2f} {result['infer']:>12.2f}")
+        print(f"{name:<40} {result['params']:>10,} {result['gflops']:>7.2f} {result['train']:>12.2f} "
+              f"{result['infer']:>12.2f}")
 
 
 if __name__ == "__main__":
