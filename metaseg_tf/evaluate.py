@@ -405,6 +405,10 @@ def conclusion(comparison: Comparison) -> str:
                          f"{dice[label]['ci95'][1]:.3f}]" for label in labels) + "."]
     for _, test in comparison.tests.iterrows():
         significant = test["p_value"] < 0.05
+        smallest_p = 2.0 / 2 ** test["patients"] if test["patients"] else 1.0
+        if smallest_p >= 0.05:
+            lines.append(f"With {test['patients']} paired patients the exact two-sided Wilcoxon test cannot go below "
+                         f"p = {smallest_p:.3g}: this split is too small to show a difference at the 5 % level.")
         lines.append(f"{test['a']} − {test['b']}: mean paired difference {test['mean_difference']:+.3f} over "
                      f"{test['patients']} patients, Wilcoxon p = {test['p_value']:.3g} — "
                      + ("a significant difference at the 5 % level." if significant else
