@@ -111,13 +111,18 @@ def patient_dice(truth: np.ndarray, pred: np.ndarray, case_ids: np.ndarray) -> d
     return scores
 
 
+def global_dice(truth: np.ndarray, pred: np.ndarray) -> float:
+    """Dice over all pixels of boolean masks pooled together; 1.0 where both are empty."""
+    total = np.count_nonzero(truth) + np.count_nonzero(pred)
+    return 2 * np.count_nonzero(truth & pred) / total if total else 1.0
+
+
 def _threshold_sweep(truth: np.ndarray, probabilities: np.ndarray, case_ids: np.ndarray) -> pd.DataFrame:
     rows = []
     truth = truth > 0
     for threshold in SWEEP_THRESHOLDS:
         pred = probabilities >= threshold
-        inter, total = np.count_nonzero(truth & pred), np.count_nonzero(truth) + np.count_nonzero(pred)
-        rows.append({"threshold": threshold, "global_dice": 2 * inter / total if total else 1.0,
+        rows.append({"threshold": threshold, "global_dice": global_dice(truth, pred),
                      "patient_dice": float(np.mean(list(patient_dice(truth, pred, case_ids).values())))})
     return pd.DataFrame(rows)
 
@@ -355,11 +360,10 @@ def prune_level_scores(run_dir: Path | str, split: str = "val", data: Experiment
     rows = []
     for label, variant in variants.items():
         pred = predict_probabilities(variant, images, config.normalisation, config.batch_size, False) >= config.threshold
-        inter, total = np.count_nonzero(truth & pred), np.count_nonzero(truth) + np.count_nonzero(pred)
         complexity = model_complexity(variant, batch_size=1, repeats=10)
         rows.append({"label": label,
                      "patient_dice": float(np.mean(list(patient_dice(truth, pred, case_ids).values()))),
-                     "global_dice": 2 * inter / total if total else 1.0, "parameters": complexity.parameters,
+                     "global_dice": global_dice(truth, pred), "parameters": complexity.parameters,
                      "gflops_per_image": (complexity.flops_per_image or float("nan")) / 1e9,
                      "latency_ms": complexity.latency_ms})
     return pd.DataFrame(rows)

@@ -18,7 +18,6 @@ Profiles (presets of the notebooks' parameters):
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -147,9 +146,9 @@ def run_pipeline(
     parameters = pipeline_parameters(profile, data_dir, overrides)
     preset = PROFILES[profile]
     if data_dir is None:
-        phantom = dataclasses.asdict(preset.phantom)
-        summary = generate_phantom(resolve(preset.phantom_dir), phantom["n_patients"], phantom["n_slices"],
-                                   phantom["size"], phantom["seed"], progress=progress)
+        phantom = preset.phantom
+        summary = generate_phantom(resolve(preset.phantom_dir), phantom.n_patients, phantom.n_slices, phantom.size,
+                                   phantom.seed, progress=progress)
         parameters["data_dir"] = str(summary.root)
         print(f"data: synthetic phantom in {summary.root} ({'reused' if summary.reused else 'generated'})")
     if "backend" not in (overrides or {}):

@@ -82,8 +82,11 @@ class Predictor:
         output = output[-1] if isinstance(output, (list, tuple)) else output
         return np.asarray(keras.ops.convert_to_numpy(output), np.float32)[..., 0]
 
-    def predict_slices(self, images: Sequence[np.ndarray], progress: bool = False) -> list[SlicePrediction]:
-        """``images``: ``float (H, W)`` or ``(H, W, C)`` in ``[0, 1]``, any size; one prediction each."""
+    def predict_slices(self, images: Sequence[np.ndarray], progress: bool = False,
+                       threshold: float | None = None) -> list[SlicePrediction]:
+        """``images``: ``float (H, W)`` or ``(H, W, C)`` in ``[0, 1]``, any size; one prediction each.
+        ``threshold`` overrides the predictor's own for this call."""
+        threshold = self.threshold if threshold is None else threshold
         channels = self.config.channels
         prepared = []
         for image in images:
@@ -102,7 +105,7 @@ class Predictor:
             for offset, probability in enumerate(probabilities):
                 height, width = np.asarray(images[start + offset]).shape[:2]
                 probability = cv2.resize(probability, (width, height), interpolation=cv2.INTER_LINEAR)
-                mask, areas = remove_small_components(probability >= self.threshold, self.min_component_pixels)
+                mask, areas = remove_small_components(probability >= threshold, self.min_component_pixels)
                 results.append(SlicePrediction(probability, mask, areas))
         return results
 

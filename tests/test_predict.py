@@ -10,18 +10,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from metaseg_tf.config import ExperimentConfig
 from metaseg_tf.data.discover import DataError
 from metaseg_tf.predict import Predictor, axial_axis, predict_path, remove_small_components
-from metaseg_tf.train import train
 
 
 @pytest.fixture(scope="module")
-def trained_run(phantom_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("predict")
-    config = ExperimentConfig(data_dir=str(phantom_dir), cache_dir=str(root / "cache"), image_size=32,
-                              filters=(4, 8, 16), batch_size=8, epochs=1, model="attention_unet")
-    return train(config, runs_root=root / "runs", progress=False).run_dir
+def trained_run(served_runs: list[Path]) -> Path:
+    """The session's small Attention U-Net run (conftest), trained once for the whole suite."""
+    return served_runs[1]
 
 
 def test_predictions_come_back_at_each_input_size(trained_run: Path) -> None:

@@ -31,15 +31,14 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
 
 from metaseg_tf.data.discover import DataError
-from metaseg_tf.data.io import read_image
+from metaseg_tf.data.io import TIFF_MAGIC, read_image
 from metaseg_tf.notebook import resolve
-from metaseg_tf.runs import read_json
+from metaseg_tf.runs import list_runs, read_json
 
 DEFAULT_PIPELINE_ROOT = "results/pipeline"
 SERVED_MODELS = ("nested_unet", "attention_unet")
 # first bytes of each accepted format: TIFF (both byte orders, classic and BigTIFF), PNG, JPEG, BMP, WebP
-SIGNATURES = {b"II*\x00": "tiff", b"MM\x00*": "tiff", b"II+\x00": "tiff", b"MM\x00+": "tiff",
-              b"\x89PNG": "png", b"\xff\xd8\xff": "jpeg", b"BM": "bmp"}
+SIGNATURES = {**dict.fromkeys(TIFF_MAGIC, "tiff"), b"\x89PNG": "png", b"\xff\xd8\xff": "jpeg", b"BM": "bmp"}
 
 
 # form fields shared by the prediction endpoints (module level: the annotations are resolved from here)
@@ -62,13 +61,9 @@ class ServeSettings:
 def newest_pipeline_runs(pipeline_root: str | Path = DEFAULT_PIPELINE_ROOT) -> list[Path]:
     """The newest finished run of each served model in the newest pipeline folder that has one."""
     root = resolve(pipeline_root)
-    for pipeline in sorted((p for p in root.glob("*") if (p / "runs").is_dir()), reverse=True):
-        found = {}
-        for run in sorted((pipeline / "runs").iterdir()):
-            state = read_json(run / "state.json") if (run / "state.json").is_file() else {}
-            if state.get("status") == "finished" and state.get("name") in SERVED_MODELS:
-                found[state["name"]] = run
-        if found:
+    for pipeline in sorted(root.glob("*/runs"), reverse=True):
+        found = {read_json(run / "state.json").get("name"): run for run in list_runs(pipeline)}
+        if any(name in found for name in SERVED_MODELS):
             return [found[name] for name in SERVED_MODELS if name in found]
     raise ServeError(f"no trained models under {root}: run the main job first (`bash scripts/run.sh`, or "
                      f"`metaseg pipeline`), or name run folders with `metaseg serve --runs RUN ...`")
@@ -86,11 +81,13 @@ class ServedModel:
 
 
 def _model_info(name: str, run_dir: Path, config: Any, parameters: int) -> dict[str, Any]:
+    from metaseg_tf.evaluate import latest_evaluation
+
     data = read_json(run_dir / "data.json") if (run_dir / "data.json").is_file() else {}
-    evaluations = sorted(run_dir.glob("evaluation-test*/summary.json"), key=lambda p: p.stat().st_mtime)
+    evaluation = latest_evaluation(run_dir, "test")
     test = {}
-    if evaluations:
-        summary = read_json(evaluations[-1])
+    if evaluation is not None:
+        summary = read_json(evaluation / "summary.json")
         dice = summary["per_patient"]["dice"]
         test = {"patients": summary["patients"], "per_patient_dice": dice["mean"], "per_patient_dice_ci95": dice["ci95"],
                 "global_dice": summary["global"]["dice"], "hd95_px": summary["per_patient"]["hd95"]["mean"]}
@@ -210,11 +207,7 @@ def _predict_one(served: ServedModel, image: np.ndarray, threshold: float | None
     used = predictor.config.threshold if threshold is None else threshold
     started = time.perf_counter()
     with served.lock:
-        previous, predictor.threshold = predictor.threshold, used
-        try:
-            (result,) = predictor.predict_slices([image])
-        finally:
-            predictor.threshold = previous
+        (result,) = predictor.predict_slices([image], threshold=used)
         maps = _attention_pngs(served, image) if attention and served.info["architecture"] == "attention_unet" else None
     latency = (time.perf_counter() - started) * 1000
     probability = result.probability

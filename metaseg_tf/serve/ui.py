@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 import os
-from pathlib import Path
 
 import cv2
 import numpy as np
