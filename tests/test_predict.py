@@ -80,3 +80,23 @@ def test_real_nifti_case(trained_run: Path, real_data: Path, tmp_path: Path) -> 
     assert three["slices"] == 224
     with pytest.raises(DataError, match="give 1 volume or 3"):
         predict_path(Predictor.from_run(trained_run), [t1ce, flair], tmp_path / "out3", progress=False)
+
+
+@pytest.mark.parametrize("name", ["nested_unet", "attention_unet"])
+def test_models_saved_by_the_release_before_the_layout_move_load_and_predict_the_same(
+        name: str, tmp_path: Path) -> None:
+    import shutil
+
+    import keras
+
+    from metaseg_tf.evaluate import load_model
+
+    fixtures = Path(__file__).parent / "fixtures"
+    saved = np.load(fixtures / "legacy-predictions.npz")
+    shutil.copy(fixtures / f"legacy-{name}.keras", tmp_path / "best.keras")
+    model = load_model(tmp_path)
+    output = model.predict(saved["images"], verbose=0)
+    output = output[-1] if isinstance(output, list) else output
+    np.testing.assert_allclose(np.asarray(output), saved[name], atol=1e-5)
+    compiled = keras.saving.load_model(fixtures / f"legacy-{name}.keras")  # the registered loss and metrics
+    assert type(compiled.loss[-1] if isinstance(compiled.loss, list) else compiled.loss).__name__ == "SegmentationLoss"
