@@ -23,10 +23,10 @@ import keras
 import numpy as np
 
 from metaseg_tf.config import ExperimentConfig
+from metaseg_tf.data.batches import SegmentationBatches
 from metaseg_tf.data.discover import discover_pairs
-from metaseg_tf.data.pipeline import SegmentationBatches
+from metaseg_tf.data.preprocess import normalise, preprocess_dataset
 from metaseg_tf.data.synthetic import generate_phantom
-from metaseg_tf.preprocess import normalise, preprocess_dataset
 
 
 def _rate(count: int, seconds: float) -> str:

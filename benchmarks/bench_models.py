@@ -5,7 +5,7 @@ Adam, binary cross-entropy, ``jit_compile="auto"``, and is timed in the same pro
 
 * ``train img/s``: ``train_on_batch`` after two warm-up steps (compilation excluded);
 * ``infer img/s``: ``predict_on_batch`` likewise;
-* parameters and GFLOPs per image (counted by the backend's compiler, :func:`metaseg_tf.complexity.count_flops`),
+* parameters and GFLOPs per image (counted by the backend's compiler, :func:`metaseg_tf.evaluation.complexity.count_flops`),
   because implementations that share a name need not compute the same network.
 
 Peers: keras-unet-collection's ``unet_plus_2d`` and ``att_unet_2d`` (batch norm on, transposed-convolution
@@ -25,8 +25,8 @@ from collections.abc import Callable
 import keras
 import numpy as np
 
-from metaseg_tf.complexity import count_flops
 from metaseg_tf.config import ExperimentConfig
+from metaseg_tf.evaluation.complexity import count_flops
 from metaseg_tf.models import build_model
 
 FILTERS = (16, 32, 64, 128, 256)

@@ -1,7 +1,9 @@
 """The ``metaseg`` command line: one entry point to the same functions the notebooks call.
 
 Errors in the input (a missing folder, no pairs, a bad config value) end the command with a one-line
-message on stderr and exit status 2, without a traceback.
+message on stderr and exit status 2, without a traceback. Paths typed here are relative to the working
+directory; the defaults (``results/runs``, ``results/pipeline``, ...) live under the project root
+(:mod:`metaseg_tf.paths`), wherever the command is started.
 """
 
 from __future__ import annotations
@@ -14,11 +16,12 @@ from pathlib import Path
 
 import yaml
 
+from metaseg_tf import paths
 from metaseg_tf.config import ConfigError, ExperimentConfig
 from metaseg_tf.data.discover import DataError, discover_pairs
 from metaseg_tf.data.summary import summarise_dataset
 from metaseg_tf.data.synthetic import PhantomSettings, generate_phantom
-from metaseg_tf.pipeline import PipelineError
+from metaseg_tf.pipeline import PROFILES, PipelineError
 
 DEFAULT_PHANTOM = PhantomSettings()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up chatter, before it loads
@@ -29,6 +32,11 @@ CONFIG_FLAGS = {
     "image_size": "image_size", "loss": "loss", "lr": "learning_rate", "seed": "seed",
     "devices": "devices", "max_minutes": "max_train_minutes", "filters": "filters",
 }
+
+
+def _typed_path(text: str) -> Path:
+    """A path typed on the command line, made absolute against the working directory."""
+    return Path(text).expanduser().absolute()
 
 
 def _parse_value(text: str):
@@ -54,9 +62,9 @@ def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
 
 
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", type=Path, help="ExperimentConfig as JSON or YAML (flags override it)")
+    parser.add_argument("--config", type=_typed_path, help="ExperimentConfig as JSON or YAML (flags override it)")
     parser.add_argument("--model", help="unet, nested_unet or attention_unet")
-    parser.add_argument("--data", type=Path, help="data folder (any supported layout)")
+    parser.add_argument("--data", type=_typed_path, help="data folder (any supported layout)")
     parser.add_argument("--epochs", type=int)
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--image-size", type=int, help="side in pixels, a multiple of 16")
@@ -72,7 +80,7 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from metaseg_tf.evaluate import evaluate_run
+    from metaseg_tf.evaluation.report import evaluate_run
 
     result = evaluate_run(args.run, split=args.split, which=args.which, threshold=args.threshold,
                           data_dir=args.data, progress=not args.quiet)
@@ -86,7 +94,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from metaseg_tf.evaluate import compare_runs
+    from metaseg_tf.evaluation.report import compare_runs
 
     comparison = compare_runs(args.runs, args.out, split=args.split, labels=args.labels, progress=not args.quiet)
     print(comparison.markdown)
@@ -97,7 +105,12 @@ def _compare(args: argparse.Namespace) -> int:
 def _predict(args: argparse.Namespace) -> int:
     from metaseg_tf.predict import Predictor, predict_path
 
-    predictor = Predictor.from_run(args.model, which=args.which, threshold=args.threshold, flip_tta=args.tta,
+    if args.model is not None:
+        print("metaseg: warning: `predict --model RUN` is deprecated and goes in the next release; "
+              "write `metaseg predict RUN --input ...`", file=sys.stderr)
+    if (args.run is None) == (args.model is None):
+        raise ConfigError("give the run folder once: `metaseg predict RUN --input ...`")
+    predictor = Predictor.from_run(args.run or args.model, which=args.which, threshold=args.threshold, flip_tta=args.tta,
                                    min_component_pixels=args.min_component)
     out_dir, summary = predict_path(predictor, args.input, args.out, progress=not args.quiet)
     print(", ".join(f"{key} {value}" for key, value in summary.items()))
@@ -106,7 +119,7 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from metaseg_tf.train import train
+    from metaseg_tf.training.train import train
 
     config = config_from_args(args)
     run = train(config, runs_root=args.runs_root, name=args.name, progress=not args.quiet,
@@ -165,12 +178,12 @@ def build_parser() -> argparse.ArgumentParser:
     data = commands.add_parser("data", help="inspect or generate datasets")
     data_commands = data.add_subparsers(dest="data_command", required=True)
     summary = data_commands.add_parser("summary", help="patients, pairs and skipped files of a folder")
-    summary.add_argument("directory", type=Path)
+    summary.add_argument("directory", type=_typed_path)
     summary.add_argument("--quick", action="store_true", help="only find pairs; do not read every file")
     summary.add_argument("--show", type=int, default=5, help="file names listed per skip reason")
     summary.set_defaults(handler=_data_summary)
     synth = data_commands.add_parser("synth", help="write the synthetic metastasis phantom")
-    synth.add_argument("out", type=Path)
+    synth.add_argument("out", type=_typed_path)
     synth.add_argument("--patients", type=int, default=DEFAULT_PHANTOM.n_patients)
     synth.add_argument("--slices", type=int, default=DEFAULT_PHANTOM.n_slices)
     synth.add_argument("--size", type=int, default=DEFAULT_PHANTOM.size)
@@ -180,41 +193,47 @@ def build_parser() -> argparse.ArgumentParser:
     pipeline = commands.add_parser(
         "pipeline", help="the main job: the five notebooks run by papermill into a new results folder"
     )
-    pipeline.add_argument("--profile", default="cpu", choices=("smoke", "cpu", "gpu"),
-                          help="smoke: seconds (CI); cpu: ~10 min on 2 cores (default); gpu: full size")
-    pipeline.add_argument("--data", type=Path, help="your own data folder instead of the synthetic phantom")
-    pipeline.add_argument("--out", type=Path, default=Path("results/pipeline"), help="a new run folder goes here")
+    pipeline.add_argument("--profile", default="cpu", choices=tuple(PROFILES),
+                          help="; ".join(f"{name}: {profile.description}" for name, profile in PROFILES.items())
+                          + " (default: cpu)")
+    pipeline.add_argument("--data", type=_typed_path, help="your own data folder instead of the synthetic phantom")
+    pipeline.add_argument("--out", type=_typed_path, default=paths.resolve(paths.PIPELINE_ROOT),
+                          help=f"a new run folder goes here (default: {paths.PIPELINE_ROOT} in the project)")
     pipeline.add_argument("-p", "--param", nargs=2, action="append", metavar=("KEY", "VALUE"),
                           help="notebook parameter, e.g. -p epochs 5 -p filters '[8,16,32,64,128]'")
     pipeline.set_defaults(handler=_pipeline)
 
     train = commands.add_parser("train", help="train a model into a new run folder (resumes an unfinished one)")
     _add_config_flags(train)
-    train.add_argument("--runs-root", type=Path, default=Path("results/runs"), help="where run folders go")
+    train.add_argument("--runs-root", type=_typed_path, default=paths.resolve(paths.RUNS_ROOT),
+                       help=f"where run folders go (default: {paths.RUNS_ROOT} in the project)")
     train.add_argument("--name", help="run folder suffix (default: the model name)")
     train.add_argument("--no-resume", action="store_true", help="always start a new run folder")
     train.set_defaults(handler=_train)
 
     evaluate = commands.add_parser("evaluate", help="score a run on its test split: CSVs, summary.json, plots")
-    evaluate.add_argument("run", type=Path, help="run folder made by `metaseg train`")
+    evaluate.add_argument("run", type=_typed_path, help="run folder made by `metaseg train`")
     evaluate.add_argument("--split", default="test", choices=("train", "val", "test"))
     evaluate.add_argument("--which", default="best", choices=("best", "last"))
     evaluate.add_argument("--threshold", type=float, help="default: the run's config threshold")
-    evaluate.add_argument("--data", type=Path, help="score every slice of this other folder (external test set)")
+    evaluate.add_argument("--data", type=_typed_path, help="score every slice of this other folder (external test set)")
     evaluate.set_defaults(handler=_evaluate)
 
     compare = commands.add_parser("compare", help="one table and paired Wilcoxon tests over several runs")
-    compare.add_argument("runs", type=Path, nargs="+", help="run folders")
+    compare.add_argument("runs", type=_typed_path, nargs="+", help="run folders")
     compare.add_argument("--labels", nargs="+", help="one name per run (default: folder names)")
-    compare.add_argument("--out", type=Path, default=Path("results"), help="a new comparison folder goes here")
+    compare.add_argument("--out", type=_typed_path, default=paths.resolve(paths.RESULTS_DIR),
+                         help=f"a new comparison folder goes here (default: {paths.RESULTS_DIR} in the project)")
     compare.add_argument("--split", default="test", choices=("train", "val", "test"))
     compare.set_defaults(handler=_compare)
 
     predict = commands.add_parser("predict", help="masks for an image, a folder or NIfTI volume(s)")
-    predict.add_argument("--model", type=Path, required=True, help="run folder made by `metaseg train`")
-    predict.add_argument("--input", type=Path, nargs="+", required=True,
+    predict.add_argument("run", type=_typed_path, nargs="?", help="run folder made by `metaseg train`")
+    predict.add_argument("--model", type=_typed_path, help="deprecated spelling of RUN")
+    predict.add_argument("--input", type=_typed_path, nargs="+", required=True,
                          help="image file(s), folder(s), or NIfTI volume(s) (several: one channel each)")
-    predict.add_argument("--out", type=Path, default=Path("results"), help="a new predictions folder goes here")
+    predict.add_argument("--out", type=_typed_path, default=paths.resolve(paths.RESULTS_DIR),
+                         help=f"a new predictions folder goes here (default: {paths.RESULTS_DIR} in the project)")
     predict.add_argument("--which", default="best", choices=("best", "last"))
     predict.add_argument("--threshold", type=float, help="default: the run's config threshold")
     predict.add_argument("--tta", action="store_true", help="average with the horizontally flipped image")
@@ -222,7 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.set_defaults(handler=_predict)
 
     serve = commands.add_parser("serve", help="start the web app: prediction API (FastAPI) and UI (Streamlit)")
-    serve.add_argument("--runs", type=Path, nargs="+",
+    serve.add_argument("--runs", type=_typed_path, nargs="+",
                        help="run folders to serve (default: the newest pipeline run's two models)")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
     serve.add_argument("--api-port", type=int, default=8000)

@@ -17,6 +17,8 @@ from typing import Any
 
 import yaml
 
+from metaseg_tf import paths
+
 MODEL_NAMES = ("unet", "nested_unet", "attention_unet")
 LOSS_NAMES = ("bce", "dice", "bce_dice", "focal", "tversky", "focal_tversky")
 NORMALISATIONS = ("zscore", "minmax", "none")
@@ -38,8 +40,8 @@ class ExperimentConfig:
     """
 
     # --- data ------------------------------------------------------------------------------------
-    data_dir: str = "data/phantom"
-    cache_dir: str = "data/cache"
+    data_dir: str = paths.PHANTOM_DIR
+    cache_dir: str = paths.CACHE_DIR
     channels: int = 3
 
     # --- preprocessing (every field here changes the preprocessing cache key) ---------------------

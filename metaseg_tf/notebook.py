@@ -14,18 +14,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from metaseg_tf import paths
 from metaseg_tf.config import ExperimentConfig
 from metaseg_tf.data.synthetic import PhantomSettings, generate_phantom
-from metaseg_tf.runs import list_runs, read_json
-
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_PHANTOM_DIR = "data/phantom"
-
-
-def resolve(path: str | Path) -> Path:
-    """``path`` as an absolute path; relative paths are taken from the project root."""
-    path = Path(path).expanduser()
-    return path if path.is_absolute() else PROJECT_ROOT / path
+from metaseg_tf.paths import resolve
+from metaseg_tf.training.runs import list_runs, read_json
 
 
 def configure_backend(backend: str = "") -> str:
@@ -55,9 +48,9 @@ def experiment_config(data_dir: str = "", config_overrides: dict[str, Any] | Non
     """
     if not data_dir:
         defaults = PhantomSettings()
-        generate_phantom(resolve(DEFAULT_PHANTOM_DIR), defaults.n_patients, defaults.n_slices, defaults.size,
+        generate_phantom(resolve(paths.PHANTOM_DIR), defaults.n_patients, defaults.n_slices, defaults.size,
                          defaults.seed, progress=progress)
-        data_dir = DEFAULT_PHANTOM_DIR
+        data_dir = paths.PHANTOM_DIR
     settings = {**fields, **(config_overrides or {})}
     settings["cache_dir"] = str(resolve(settings.get("cache_dir", ExperimentConfig.cache_dir)))
     return ExperimentConfig.from_dict({**settings, "data_dir": str(resolve(data_dir))})

@@ -27,13 +27,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from metaseg_tf import paths
 from metaseg_tf.config import ConfigError, ExperimentConfig
 from metaseg_tf.data.synthetic import PhantomSettings, generate_phantom
-from metaseg_tf.notebook import PROJECT_ROOT, resolve
-from metaseg_tf.runs import create_run_dir, read_json, write_json
-
-NOTEBOOKS_DIR = PROJECT_ROOT / "notebooks"
-DEFAULT_OUT_ROOT = "results/pipeline"
+from metaseg_tf.paths import NOTEBOOKS_DIR, PROJECT_ROOT, resolve
+from metaseg_tf.training.runs import create_run_dir, read_json, write_json
 
 
 class PipelineError(RuntimeError):
@@ -47,12 +45,12 @@ class PipelineProfile:
     description: str
     parameters: dict[str, Any]
     phantom: PhantomSettings = field(default_factory=PhantomSettings)
-    phantom_dir: str = "data/phantom"
+    phantom_dir: str = paths.PHANTOM_DIR
 
 
 # The parameters every numbered notebook declares in its `parameters` cell, with their interactive defaults.
 NOTEBOOK_PARAMETERS: dict[str, Any] = {
-    "data_dir": "", "out_dir": "results/interactive", "backend": "", "image_size": 64, "epochs": 30,
+    "data_dir": "", "out_dir": paths.INTERACTIVE_DIR, "backend": "", "image_size": 64, "epochs": 30,
     "batch_size": 16, "filters": [8, 16, 32, 64, 128], "seed": 0, "clahe": True, "max_train_minutes": 0.0,
     "clahe_ablation": False, "config_overrides": {}, "progress": True,
 }
@@ -62,7 +60,7 @@ PROFILES: dict[str, PipelineProfile] = {
         "seconds per notebook: proves the pipeline runs (CI)",
         {"image_size": 32, "epochs": 2, "batch_size": 8, "filters": [4, 8, 16, 32, 64], "clahe_ablation": True,
          "config_overrides": {"jit_compile": "off", "test_fraction": 0.25}},
-        PhantomSettings(n_patients=8, n_slices=8, size=64), "data/phantom-smoke"),
+        PhantomSettings(n_patients=8, n_slices=8, size=64), paths.SMOKE_PHANTOM_DIR),
     "cpu": PipelineProfile(
         "the default: about ten minutes on a 2-core laptop, meaningful masks on the phantom",
         {"image_size": 64, "epochs": 30, "batch_size": 16, "filters": [8, 16, 32, 64, 128]}),
@@ -131,7 +129,7 @@ def _papermill_logging(enabled: bool) -> None:
 def run_pipeline(
     profile: str = "cpu",
     data_dir: str | Path | None = None,
-    out_root: str | Path = DEFAULT_OUT_ROOT,
+    out_root: str | Path = paths.PIPELINE_ROOT,
     overrides: dict[str, Any] | None = None,
     notebooks_dir: str | Path = NOTEBOOKS_DIR,
     progress: bool = True,

@@ -1,5 +1,8 @@
 """Prediction with a trained run: a slice array, an image file, a folder of images, or a NIfTI volume.
 
+This module owns model loading (:func:`load_model`, :func:`predict_probabilities`): evaluation, the
+notebooks and the web app load and run models through it, so inference does not pull in the reporting code.
+
 Each slice goes through the run's own preprocessing (window, CLAHE, resize, normalisation), the model
 (optionally with horizontal-flip test-time augmentation: the mean of the image's and its mirror's
 probabilities), back to the slice's original size (bilinear), is thresholded, and loses connected
@@ -31,9 +34,9 @@ from tqdm.auto import tqdm
 from metaseg_tf.config import ExperimentConfig
 from metaseg_tf.data.discover import IMAGE_EXTENSIONS, MASK_SUFFIX, DataError
 from metaseg_tf.data.io import read_image
-from metaseg_tf.evaluate import load_model
-from metaseg_tf.preprocess import normalise, preprocess_slice
-from metaseg_tf.runs import load_run_config, new_dir
+from metaseg_tf.data.preprocess import normalise, preprocess_slice
+from metaseg_tf.paths import resolve
+from metaseg_tf.training.runs import load_run_config, new_dir, run_model_path
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
@@ -64,6 +67,33 @@ def remove_small_components(mask: np.ndarray, min_pixels: int) -> tuple[np.ndarr
     return np.isin(labels, keep).astype(np.uint8), [int(areas[k - 1]) for k in keep]
 
 
+def load_model(run_dir: Path | str, which: str = "best") -> keras.Model:
+    """The run's ``best`` (default) or ``last`` model, without its training state."""
+    import metaseg_tf.training.losses  # noqa: F401  (registers the custom loss and metric for deserialisation)
+    import metaseg_tf.training.metrics  # noqa: F401
+
+    return keras.saving.load_model(run_model_path(run_dir, which), compile=False)
+
+
+def batch_probabilities(model: keras.Model, batch: np.ndarray, normalisation: str) -> np.ndarray:
+    """Foreground probabilities ``float32 (B, S, S)`` of one preprocessed batch ``(B, S, S, C)``, read at the
+    model's last output (for U-Net++ with deep supervision the deepest head, the output its validation Dice
+    was monitored on)."""
+    output = model.predict_on_batch(normalise(batch, normalisation))
+    output = output[-1] if isinstance(output, (list, tuple)) else output
+    return np.asarray(keras.ops.convert_to_numpy(output), np.float32)[..., 0]
+
+
+def predict_probabilities(model: keras.Model, images: np.ndarray, normalisation: str,
+                          batch_size: int = 16, progress: bool = False) -> np.ndarray:
+    """Foreground probabilities ``float32 (N, S, S)`` for preprocessed ``uint8 (N, S, S, C)`` slices, in
+    batches of ``batch_size`` (see :func:`batch_probabilities`)."""
+    starts = range(0, len(images), batch_size)
+    chunks = [batch_probabilities(model, images[start : start + batch_size], normalisation)
+              for start in tqdm(starts, desc="predicting", unit="batch", disable=not progress)]
+    return np.concatenate(chunks) if chunks else np.zeros((0, *images.shape[1:3]), np.float32)
+
+
 class Predictor:
     """A trained model with its run's preprocessing; call :meth:`predict_slices` on ``(H, W, C)`` images."""
 
@@ -78,9 +108,7 @@ class Predictor:
         return cls(load_model(run_dir, which), load_run_config(run_dir), **options)
 
     def _probabilities(self, batch: np.ndarray) -> np.ndarray:
-        output = self.model.predict_on_batch(normalise(batch, self.config.normalisation))
-        output = output[-1] if isinstance(output, (list, tuple)) else output
-        return np.asarray(keras.ops.convert_to_numpy(output), np.float32)[..., 0]
+        return batch_probabilities(self.model, batch, self.config.normalisation)
 
     def predict_slices(self, images: Sequence[np.ndarray], progress: bool = False,
                        threshold: float | None = None) -> list[SlicePrediction]:
@@ -184,7 +212,7 @@ def predict_path(predictor: Predictor, inputs: Sequence[Path | str], out_root: P
     missing = [str(p) for p in inputs if not p.exists()]
     if missing:
         raise DataError(f"input not found: {', '.join(missing)}")
-    out_dir = new_dir(out_root, "predictions")
+    out_dir = new_dir(resolve(out_root), "predictions")
     if all(is_nifti(p) for p in inputs):
         return out_dir, predict_nifti(predictor, inputs, out_dir, progress)
     files: list[Path] = []

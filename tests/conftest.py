@@ -10,6 +10,7 @@ import cv2
 import numpy as np
 import pytest
 
+from metaseg_tf.config import ExperimentConfig
 from metaseg_tf.data.synthetic import generate_phantom
 
 
@@ -39,6 +40,13 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+def tiny_config(phantom_dir: Path, tmp_path: Path, **changes) -> ExperimentConfig:
+    """A small, quick training config (32 px, filters 4-8-16, two epochs) on ``phantom_dir``."""
+    settings = dict(data_dir=str(phantom_dir), cache_dir=str(tmp_path / "cache"), image_size=32,
+                    filters=(4, 8, 16), batch_size=8, epochs=2, model="attention_unet", early_stopping_patience=0)
+    return ExperimentConfig(**{**settings, **changes})
+
+
 @pytest.fixture(scope="session")
 def phantom_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small phantom (6 patients x 8 slices at 64 px), generated once per test session."""
@@ -63,7 +71,7 @@ def real_data() -> Path:
 def served_runs(phantom_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     """A U-Net++ and an Attention U-Net trained for one epoch on the phantom at 32 px (real, small runs)."""
     from metaseg_tf.config import ExperimentConfig
-    from metaseg_tf.train import train
+    from metaseg_tf.training.train import train
 
     root = tmp_path_factory.mktemp("served")
     config = ExperimentConfig(data_dir=str(phantom_dir), cache_dir=str(root / "cache"), image_size=32,

@@ -26,8 +26,8 @@ import keras
 import numpy as np
 from metaseg_tf.config import ExperimentConfig
 from metaseg_tf.data import discover_pairs, generate_phantom, split_for_config
-from metaseg_tf.data.pipeline import split_batches
-from metaseg_tf.preprocess import preprocess_dataset
+from metaseg_tf.data.batches import split_batches
+from metaseg_tf.data.preprocess import preprocess_dataset
 
 root = sys.argv[1]
 generate_phantom(root + "/phantom", n_patients=4, n_slices=4, size=64, seed=0)
@@ -50,7 +50,7 @@ def test_data_layer_under_jax_without_tensorflow(tmp_path: Path) -> None:
     assert "ok (4, 32, 32, 3) (4, 32, 32, 1)" in result.stdout
 
 
-JAX_SUITE = ("test_models.py", "test_losses.py", "test_evaluation.py", "test_complexity.py")
+JAX_SUITE = ("test_models.py", "test_losses.py", "test_metrics.py", "test_scores.py", "test_complexity.py")
 
 
 @pytest.mark.skipif(importlib.util.find_spec("jax") is None, reason="jax is not installed (dev extra)")

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from metaseg_tf.cli import main
+from metaseg_tf.cli import build_parser, main
+from metaseg_tf.pipeline import PROFILES
 
 
 def test_summary_prints_patients_pairs_and_skips(phantom_dir: Path, tmp_path: Path,
@@ -73,3 +74,24 @@ def test_train_evaluate_compare_from_the_command_line(phantom_dir: Path, tmp_pat
     assert main(["-q", "train", "--model", "vnet", *common]) == 2
     assert "unknown model 'vnet'" in capsys.readouterr().err
     assert main(["-q", "compare", str(run), str(run)]) == 2  # two runs need two distinct labels
+
+
+def test_predict_takes_the_run_as_positional_and_still_accepts_model(
+        served_runs: list[Path], phantom_slice: tuple[Path, Path], tmp_path: Path,
+        capsys: pytest.CaptureFixture) -> None:
+    image, _ = phantom_slice
+    assert main(["-q", "predict", str(served_runs[1]), "--input", str(image), "--out", str(tmp_path / "a")]) == 0
+    assert "predicted 1" in capsys.readouterr().out
+    assert (next((tmp_path / "a").iterdir()) / f"{image.stem}_mask.png").is_file()
+    assert main(["-q", "predict", "--model", str(served_runs[1]), "--input", str(image),
+                 "--out", str(tmp_path / "b")]) == 0
+    assert "deprecated" in capsys.readouterr().err
+    assert main(["-q", "predict", "--input", str(image)]) == 2
+    assert "give the run folder once" in capsys.readouterr().err
+
+
+def test_pipeline_profiles_offered_by_the_cli_are_the_pipeline_s() -> None:
+    parser = build_parser()
+    assert [parser.parse_args(["pipeline", "--profile", name]).profile for name in PROFILES] == list(PROFILES)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["pipeline", "--profile", "laptop"])

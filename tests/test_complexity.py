@@ -5,8 +5,8 @@ from __future__ import annotations
 import keras
 import pytest
 
-from metaseg_tf.complexity import count_flops, model_complexity
 from metaseg_tf.config import ExperimentConfig
+from metaseg_tf.evaluation.complexity import count_flops, model_complexity
 from metaseg_tf.models import build_model, prune_nested_unet
 
 

@@ -6,8 +6,8 @@ import logging
 from pathlib import Path
 
 import pytest
-
 from conftest import square_pair, write_image
+
 from metaseg_tf.data.discover import DataError, discover_pairs, split_case_and_slice
 
 

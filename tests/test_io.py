@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tifffile
-
 from conftest import square_pair, write_image
+
 from metaseg_tf.data.discover import DataError, SlicePair
 from metaseg_tf.data.io import read_image, read_mask, read_pair
 

@@ -6,7 +6,7 @@ import keras
 import numpy as np
 import pytest
 
-from metaseg_tf.losses import LOSS_NAMES, SegmentationLoss
+from metaseg_tf.training.losses import LOSS_NAMES, SegmentationLoss
 
 
 def _pair() -> tuple[np.ndarray, np.ndarray]:

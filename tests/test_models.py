@@ -136,8 +136,8 @@ def test_overfits_a_handful_of_slices(name: str) -> None:
     Scored with batch statistics (``training=True``): after 60 steps batch normalisation's moving
     averages (momentum 0.99) have covered only half of the way, which is about inference, not learning.
     """
-    from metaseg_tf.evaluation import overlap_scores
-    from metaseg_tf.train import compile_model
+    from metaseg_tf.evaluation.scores import overlap_scores
+    from metaseg_tf.training.train import compile_model
 
     keras.utils.set_random_seed(0)
     config = ExperimentConfig(image_size=32, filters=SMALL, learning_rate=3e-3)

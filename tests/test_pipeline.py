@@ -1,99 +1,139 @@
-"""Batches with joint augmentation: shapes, alignment of image and mask, reproducibility."""
+"""The papermill pipeline: all five notebooks with the smoke profile, failures, parameters."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
-import numpy as np
+import nbformat
+import pandas as pd
 import pytest
 
-from metaseg_tf.config import ExperimentConfig
-from metaseg_tf.data.augment import AugmentationSettings, random_affine, warp_pair
-from metaseg_tf.data.discover import discover_pairs
-from metaseg_tf.data.pipeline import SegmentationBatches, split_batches
-from metaseg_tf.data.split import split_for_config
-from metaseg_tf.preprocess import PreprocessedDataset, preprocess_dataset
+from metaseg_tf.cli import main
+from metaseg_tf.config import ConfigError
+from metaseg_tf.pipeline import (
+    NOTEBOOK_PARAMETERS,
+    PipelineError,
+    notebooks,
+    pipeline_parameters,
+    run_pipeline,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
-def _square_dataset(n: int = 8, size: int = 32) -> PreprocessedDataset:
-    """Slices whose only bright structure is a square exactly where the mask is."""
-    rng = np.random.default_rng(0)
-    images = np.full((n, size, size, 3), 30, np.uint8)
-    masks = np.zeros((n, size, size), np.uint8)
-    for k in range(n):
-        top, left = rng.integers(4, size - 14, 2)
-        images[k, top : top + 10, left : left + 10] = 230
-        masks[k, top : top + 10, left : left + 10] = 1
-    return PreprocessedDataset(images, masks, np.asarray([f"c{k // 2}" for k in range(n)]), np.arange(n))
+def _parameters_cell(path: Path) -> str:
+    cells = nbformat.read(path, as_version=4).cells
+    tagged = [cell for cell in cells if "parameters" in cell.metadata.get("tags", [])]
+    assert len(tagged) == 1, f"{path.name} needs exactly one cell tagged 'parameters'"
+    return tagged[0].source
 
 
-def test_square_moves_with_its_mask() -> None:
-    dataset = _square_dataset()
-    config = ExperimentConfig(batch_size=4, rotation_degrees=40, zoom_range=0.2, vertical_flip=True,
-                              intensity_jitter=0.0, normalisation="none")
-    batches = SegmentationBatches(dataset, np.arange(8), config, training=True, seed=1)
-    for epoch in range(3):
-        for x, y in (batches[i] for i in range(len(batches))):
-            assert set(np.unique(y)) <= {0.0, 1.0}
-            bright = x[..., 0] > 0.5
-            inside = y[..., 0] > 0
-            # the bright square and the mask coincide except on the interpolated rim
-            agreement = (bright & inside).sum() / max((bright | inside).sum(), 1)
-            assert agreement > 0.75
-        batches.on_epoch_end()
+def test_every_notebook_declares_the_shared_parameters_with_the_same_defaults() -> None:
+    found = notebooks()
+    assert [p.stem for p in found] == ["01_eda", "02_clahe_preprocessing", "03_train_nested_unet",
+                                       "04_train_attention_unet", "05_compare_models"]
+    for path in found:
+        declared: dict = {}
+        exec(_parameters_cell(path), {}, declared)  # the cell holds plain assignments only
+        assert declared == NOTEBOOK_PARAMETERS, path.name
 
 
-def test_augmentation_changes_something_and_can_be_switched_off() -> None:
-    dataset = _square_dataset()
-    on = SegmentationBatches(dataset, np.arange(8), ExperimentConfig(batch_size=8), training=True, seed=0)
-    off = SegmentationBatches(dataset, np.arange(8), ExperimentConfig(batch_size=8, augment=False),
-                              training=True, seed=0)
-    x_on, y_on = on[0]
-    x_off, y_off = off[0]
-    order = on._order
-    assert not np.array_equal(y_on[..., 0], dataset.masks[order])
-    np.testing.assert_array_equal(y_off[..., 0], dataset.masks[off._order])
-    assert x_on.dtype == np.float32 and x_on.shape == (8, 32, 32, 3) and y_on.shape == (8, 32, 32, 1)
+def test_parameters_are_checked_before_any_notebook_runs() -> None:
+    assert pipeline_parameters("smoke")["image_size"] == 32
+    assert pipeline_parameters("cpu", overrides={"epochs": 3})["epochs"] == 3
+    with pytest.raises(ConfigError, match="unknown profile"):
+        pipeline_parameters("huge")
+    with pytest.raises(ConfigError, match="unknown pipeline parameter.*epoch"):
+        pipeline_parameters("cpu", overrides={"epoch": 3})
+    with pytest.raises(ConfigError, match="image_size"):
+        pipeline_parameters("cpu", overrides={"image_size": 30})
+    with pytest.raises(ConfigError, match="unknown config field"):
+        pipeline_parameters("cpu", overrides={"config_overrides": {"learning_rat": 0.1}})
 
 
-def test_batches_are_reproducible_and_reshuffled_per_epoch() -> None:
-    dataset = _square_dataset()
-    config = ExperimentConfig(batch_size=3)
-    a = SegmentationBatches(dataset, np.arange(8), config, training=True, seed=5)
-    b = SegmentationBatches(dataset, np.arange(8), config, training=True, seed=5)
-    np.testing.assert_array_equal(a[1][0], b[1][0])
-    assert len(a) == 3 and a[2][0].shape[0] == 2
-    first_order = a._order.copy()
-    a.on_epoch_end()
-    assert not np.array_equal(first_order, a._order)
-    with pytest.raises(IndexError):
-        a[3]
+def test_cli_rejects_a_bad_parameter_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["pipeline", "--profile", "smoke", "--out", str(tmp_path), "-p", "epochs", "-1"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("metaseg: error:") and "\n" not in error
+    assert not any(tmp_path.iterdir()), "nothing is written when the parameters are wrong"
 
 
-def test_evaluation_batches_keep_order_and_are_not_augmented() -> None:
-    dataset = _square_dataset()
-    batches = SegmentationBatches(dataset, np.arange(8), ExperimentConfig(batch_size=8), training=False)
-    _, y = batches[0]
-    np.testing.assert_array_equal(y[..., 0], dataset.masks)
+def _notebook(path: Path, *sources: str) -> None:
+    notebook = nbformat.v4.new_notebook()
+    notebook.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    notebook.cells = [nbformat.v4.new_code_cell(source) for source in sources]
+    nbformat.write(notebook, path)
 
 
-def test_identity_warp_is_exact() -> None:
-    image = np.random.default_rng(3).integers(0, 255, (16, 16, 3)).astype(np.uint8)
-    mask = (image[..., 0] > 128).astype(np.uint8)
-    settings = AugmentationSettings(0.0, 0.0, False, False, 0.0)
-    matrix = random_affine(np.random.default_rng(0), settings, 16)
-    warped_image, warped_mask = warp_pair(image, mask, matrix)
-    np.testing.assert_array_equal(warped_image, image)
-    np.testing.assert_array_equal(warped_mask, mask)
+def test_a_failing_notebook_stops_the_pipeline_with_a_clear_message_and_keeps_its_output(tmp_path: Path) -> None:
+    source = tmp_path / "notebooks"
+    source.mkdir()
+    _notebook(source / "01_fine.ipynb", "print('fine', image_size)")
+    _notebook(source / "02_broken.ipynb", "x = 1", "raise ValueError('the scanner exploded')", "y = 2")
+    _notebook(source / "03_never.ipynb", "print('never')")
+    with pytest.raises(PipelineError) as failure:
+        run_pipeline("smoke", data_dir=tmp_path, out_root=tmp_path / "out", notebooks_dir=source, progress=False)
+    message = str(failure.value)
+    # execution count 3: papermill's injected-parameters cell runs first, as the executed notebook shows
+    assert "02_broken.ipynb failed in cell 3" in message and "ValueError: the scanner exploded" in message
+    (out_dir,) = (tmp_path / "out").iterdir()
+    partial = nbformat.read(out_dir / "notebooks" / "02_broken.ipynb", as_version=4)
+    errors = [o for cell in partial.cells for o in cell.get("outputs", []) if o.get("output_type") == "error"]
+    assert errors and errors[0]["evalue"] == "the scanner exploded"
+    assert (out_dir / "notebooks" / "01_fine.ipynb").is_file()
+    assert not (out_dir / "notebooks" / "03_never.ipynb").exists()
+    record = json.loads((out_dir / "pipeline.json").read_text())
+    assert record["status"] == "failed" and record["failed_notebook"] == "02_broken.ipynb"
 
 
-def test_split_batches_on_phantom(phantom_dir: Path, tmp_path: Path) -> None:
-    config = ExperimentConfig(image_size=32, batch_size=4, cache_dir=str(tmp_path))
-    dataset = preprocess_dataset(discover_pairs(phantom_dir), config, progress=False)
-    split = split_for_config(dataset.case_ids, config)
-    batches = split_batches(dataset, split, config)
-    assert set(batches) == {"train", "val", "test"}
-    n_slices = sum(len(b.indices) for b in batches.values())
-    assert n_slices == len(dataset)
-    x, y = batches["train"][0]
-    assert x.shape == (4, 32, 32, 3) and np.isfinite(x).all()
+def _assert_complete(out_dir: Path, models: tuple[str, ...]) -> None:
+    record = json.loads((out_dir / "pipeline.json").read_text())
+    assert record["status"] == "finished" and len(record["seconds"]) == 5
+    for notebook in notebooks():
+        executed = nbformat.read(out_dir / "notebooks" / notebook.name, as_version=4)
+        code = [cell for cell in executed.cells if cell.cell_type == "code"]
+        assert all(cell.execution_count for cell in code), notebook.name
+    figures = {p.name for p in (out_dir / "figures").glob("*.png")}
+    for expected in ("01_eda-examples.png", "02_clahe_preprocessing-before_after.png",
+                     "03_train_nested_unet-pruning.png", "04_train_attention_unet-attention_maps.png",
+                     "05_compare_models-test_examples.png"):
+        assert expected in figures
+    (comparison,) = (out_dir / "comparison").glob("comparison-test*")
+    table = pd.read_csv(comparison / "comparison.csv")
+    assert tuple(table["model"]) == models
+    for run in (out_dir / "runs").iterdir():
+        assert (run / "best.keras").is_file()
+        for evaluation in run.glob("evaluation-*"):
+            per_patient = pd.read_csv(evaluation / "per_patient.csv")
+            assert per_patient["dice"].between(0, 1).all() and per_patient["iou"].between(0, 1).all()
+    report = (out_dir / "report.md").read_text()
+    assert "## Conclusion" in report and "nested_unet" in report and "attention_unet" in report
+    for link in ("notebooks/05_compare_models.ipynb", "figures/01_eda-examples.png"):
+        assert f"({link})" in report and (out_dir / link).is_file()
+
+
+def test_smoke_pipeline_runs_all_five_notebooks_and_writes_the_report(tmp_path: Path) -> None:
+    run = run_pipeline("smoke", out_root=tmp_path, progress=False)
+    _assert_complete(run.out_dir, ("nested_unet", "attention_unet"))
+    (ablation,) = (run.out_dir / "clahe_ablation").glob("comparison-test*")
+    assert tuple(pd.read_csv(ablation / "comparison.csv")["model"]) == ("clahe", "no_clahe")
+    assert "CLAHE ablation" in run.report.read_text()
+    second = run_pipeline("smoke", out_root=tmp_path, progress=False,
+                          overrides={"clahe_ablation": False, "epochs": 1})
+    assert second.out_dir != run.out_dir and (run.out_dir / "report.md").is_file(), "runs are never overwritten"
+
+
+def test_smoke_pipeline_runs_under_jax(tmp_path: Path) -> None:
+    pytest.importorskip("jax")
+    environment = {**os.environ, "KERAS_BACKEND": "jax"}
+    done = subprocess.run([sys.executable, "-m", "metaseg_tf.cli", "-q", "pipeline", "--profile", "smoke", "--out",
+                           str(tmp_path), "-p", "clahe_ablation", "false"], env=environment, cwd=ROOT,
+                          capture_output=True, text=True, timeout=1200)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (out_dir,) = tmp_path.iterdir()
+    assert json.loads((out_dir / "pipeline.json").read_text())["environment"]["keras_backend"] == "jax"
+    _assert_complete(out_dir, ("nested_unet", "attention_unet"))

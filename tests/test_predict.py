@@ -11,7 +11,12 @@ import pandas as pd
 import pytest
 
 from metaseg_tf.data.discover import DataError
-from metaseg_tf.predict import Predictor, axial_axis, predict_path, remove_small_components
+from metaseg_tf.predict import (
+    Predictor,
+    axial_axis,
+    predict_path,
+    remove_small_components,
+)
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +94,7 @@ def test_models_saved_by_the_release_before_the_layout_move_load_and_predict_the
 
     import keras
 
-    from metaseg_tf.evaluate import load_model
+    from metaseg_tf.predict import load_model
 
     fixtures = Path(__file__).parent / "fixtures"
     saved = np.load(fixtures / "legacy-predictions.npz")

@@ -6,11 +6,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import write_image
+
 from metaseg_tf.config import ExperimentConfig
 from metaseg_tf.data.discover import discover_pairs
-from metaseg_tf.preprocess import (
+from metaseg_tf.data.preprocess import (
     apply_clahe,
     normalise,
     preprocess_dataset,

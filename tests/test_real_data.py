@@ -10,7 +10,7 @@ import pytest
 from metaseg_tf.config import ExperimentConfig
 from metaseg_tf.data import discover_pairs, split_for_config, summarise_dataset
 from metaseg_tf.data.io import read_pair
-from metaseg_tf.preprocess import preprocess_dataset
+from metaseg_tf.data.preprocess import preprocess_dataset
 
 pytestmark = pytest.mark.real_data
 

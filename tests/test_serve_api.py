@@ -17,7 +17,12 @@ from schemathesis.checks import not_a_server_error
 from scipy import ndimage
 
 from metaseg_tf.cli import main
-from metaseg_tf.serve.api import ServeError, ServeSettings, create_app, newest_pipeline_runs
+from metaseg_tf.serve.api import (
+    ServeError,
+    ServeSettings,
+    create_app,
+    newest_pipeline_runs,
+)
 
 
 @pytest.fixture(scope="module")

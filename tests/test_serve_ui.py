@@ -12,7 +12,7 @@ import uvicorn
 from conftest import free_port
 from streamlit.testing.v1 import AppTest
 
-from metaseg_tf.evaluation import overlap_scores
+from metaseg_tf.evaluation.scores import overlap_scores
 from metaseg_tf.serve.api import create_app
 from metaseg_tf.serve.launch import UI_SCRIPT
 from metaseg_tf.serve.ui import overlay, prediction_rows
@@ -34,7 +34,7 @@ def api_url(served_runs: list[Path]):
 
 def _app(monkeypatch: pytest.MonkeyPatch, url: str, tmp_path: Path) -> AppTest:
     monkeypatch.setenv("METASEG_API_URL", url)
-    monkeypatch.setattr("metaseg_tf.serve.ui.EXAMPLES_DIR", str(tmp_path / "examples"))
+    monkeypatch.setattr("metaseg_tf.paths.EXAMPLE_PHANTOM_DIR", str(tmp_path / "examples"))
     return AppTest.from_file(str(UI_SCRIPT), default_timeout=120)
 
 

@@ -1,4 +1,4 @@
-"""Training engine: run folders, resuming a killed run, reproducibility, evaluation and comparison."""
+"""Training engine: run folders, resuming a killed run, reproducibility, data-parallel training."""
 
 from __future__ import annotations
 
@@ -13,20 +13,14 @@ import keras
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import tiny_config
 
 from metaseg_tf.config import ExperimentConfig
-from metaseg_tf.evaluate import compare_runs, evaluate_run, load_model
-from metaseg_tf.runs import list_runs
-from metaseg_tf.train import train
+from metaseg_tf.training.runs import list_runs
+from metaseg_tf.training.train import train
 
 RUN_FILES = {"config.json", "state.json", "data.json", "environment.json", "best.keras", "last.keras",
              "history.csv", "timings.json"}
-
-
-def _config(phantom_dir: Path, tmp_path: Path, **changes) -> ExperimentConfig:
-    settings = dict(data_dir=str(phantom_dir), cache_dir=str(tmp_path / "cache"), image_size=32,
-                    filters=(4, 8, 16), batch_size=8, epochs=2, model="attention_unet", early_stopping_patience=0)
-    return ExperimentConfig(**{**settings, **changes})
 
 
 class StopAfterEpoch(keras.callbacks.Callback):
@@ -42,7 +36,7 @@ class StopAfterEpoch(keras.callbacks.Callback):
 
 
 def test_run_folder_is_complete_and_never_overwritten(phantom_dir: Path, tmp_path: Path) -> None:
-    config = _config(phantom_dir, tmp_path, model="nested_unet")
+    config = tiny_config(phantom_dir, tmp_path, model="nested_unet")
     first = train(config, runs_root=tmp_path / "runs", progress=False)
     assert RUN_FILES <= {p.name for p in first.run_dir.iterdir()}
     assert not (first.run_dir / "backup").exists()  # removed once the run finished
@@ -58,7 +52,7 @@ def test_run_folder_is_complete_and_never_overwritten(phantom_dir: Path, tmp_pat
 
 
 def test_killed_run_resumes_where_it_stopped(phantom_dir: Path, tmp_path: Path) -> None:
-    config = _config(phantom_dir, tmp_path, epochs=3)
+    config = tiny_config(phantom_dir, tmp_path, epochs=3)
     with pytest.raises(KeyboardInterrupt):
         train(config, runs_root=tmp_path / "runs", progress=False, callbacks=[StopAfterEpoch(2)])
     [run_dir] = (tmp_path / "runs").iterdir()
@@ -72,7 +66,7 @@ def test_killed_run_resumes_where_it_stopped(phantom_dir: Path, tmp_path: Path) 
 
 
 def test_same_seed_gives_same_split_and_initial_weights(phantom_dir: Path, tmp_path: Path) -> None:
-    config = _config(phantom_dir, tmp_path, epochs=0, model="unet")
+    config = tiny_config(phantom_dir, tmp_path, epochs=0, model="unet")
     runs = [train(config, runs_root=tmp_path / "runs", progress=False, resume=False) for _ in range(2)]
     splits = [json.loads((run.run_dir / "data.json").read_text())["split"] for run in runs]
     assert splits[0] == splits[1]
@@ -81,27 +75,6 @@ def test_same_seed_gives_same_split_and_initial_weights(phantom_dir: Path, tmp_p
     other = train(config.replace(seed=1), runs_root=tmp_path / "runs", progress=False)
     different = keras.saving.load_model(other.run_dir / "last.keras", compile=False).get_weights()
     assert not all(np.array_equal(a, b) for a, b in zip(weights[0], different))
-
-
-def test_evaluate_and_compare_write_the_report(phantom_dir: Path, tmp_path: Path) -> None:
-    runs = [train(_config(phantom_dir, tmp_path, model=name, epochs=1), runs_root=tmp_path / "runs",
-                  progress=False).run_dir for name in ("attention_unet", "nested_unet")]
-    result = evaluate_run(runs[0], progress=False)
-    assert {"per_image.csv", "per_patient.csv", "summary.json", "overlays.png", "threshold_sweep.png",
-            "learning_curves.png", "per_patient_dice.png"} <= {p.name for p in result.out_dir.iterdir()}
-    summary = result.summary
-    assert summary["resolution"] == "native 64 x 64 px"  # the phantom's own size, not the 32 px input
-    assert 0.0 <= summary["per_patient"]["dice"]["mean"] <= 1.0
-    assert summary["complexity"]["parameters"] == load_model(runs[0]).count_params()
-    test_cases = json.loads((runs[0] / "data.json").read_text())["split"]["test"]
-    assert sorted(pd.read_csv(result.out_dir / "per_patient.csv")["case_id"]) == sorted(test_cases)
-    again = evaluate_run(runs[0], progress=False)  # a second evaluation does not overwrite the first
-    assert again.out_dir != result.out_dir
-    comparison = compare_runs(runs, tmp_path / "report", labels=["attention", "nested"], progress=False)
-    assert comparison.table["model"].tolist() == ["attention", "nested"]
-    assert {"comparison.md", "comparison.csv", "wilcoxon.csv", "per_patient_dice.png"} <= {
-        p.name for p in comparison.out_dir.iterdir()}
-    assert len(comparison.tests) == 1 and 0.0 <= comparison.tests["p_value"][0] <= 1.0
 
 
 TWO_CPU_DEVICES = {
@@ -117,12 +90,12 @@ def test_data_parallel_fit_on_two_cpu_devices(backend: str, phantom_dir: Path, t
     """``devices=2``: a short fit through MirroredStrategy (TensorFlow) or DataParallel (JAX) on two CPUs."""
     if importlib.util.find_spec(backend) is None:
         pytest.skip(f"{backend} is not installed")
-    config = _config(phantom_dir, tmp_path, epochs=1, devices=2, model="unet")
+    config = tiny_config(phantom_dir, tmp_path, epochs=1, devices=2, model="unet")
     config_path = config.save(tmp_path / "config.json")
     env, setup = TWO_CPU_DEVICES[backend]
     script = setup + (
         "from metaseg_tf.config import ExperimentConfig\n"
-        "from metaseg_tf.train import train\n"
+        "from metaseg_tf.training.train import train\n"
         f"run = train(ExperimentConfig.load({str(config_path)!r}), runs_root={str(tmp_path / 'runs')!r}, "
         "progress=False)\n"
         "print('EPOCHS', run.state['epochs_done'])\n"

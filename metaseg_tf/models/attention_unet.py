@@ -13,8 +13,13 @@ import keras
 import numpy as np
 from keras import layers
 
-from metaseg_tf.models.blocks import attention_gate, conv_block, segmentation_head, upsample
-from metaseg_tf.models.unet import encoder
+from metaseg_tf.models.blocks import (
+    attention_gate,
+    conv_block,
+    encoder,
+    segmentation_head,
+    upsample,
+)
 
 
 def attention_unet(

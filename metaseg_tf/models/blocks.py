@@ -7,6 +7,8 @@ weights can be addressed by node (``X_1_2_conv1``) or gate (``attention_2_coeffi
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from keras import KerasTensor, layers
 
 
@@ -32,6 +34,15 @@ def downsample(x: KerasTensor, name: str) -> KerasTensor:
 def upsample(x: KerasTensor, filters: int, name: str) -> KerasTensor:
     """Learned 2x up-sampling (2x2 transposed convolution): ``(B, H, W, C)`` -> ``(B, 2H, 2W, filters)``."""
     return layers.Conv2DTranspose(filters, 2, strides=2, padding="same", name=f"{name}_up")(x)
+
+
+def encoder(inputs: KerasTensor, filters: Sequence[int]) -> list[KerasTensor]:
+    """Backbone nodes ``X^{i,0}`` for ``i = 0 .. len(filters) - 1``; node ``i`` is ``(B, H/2^i, W/2^i,
+    filters[i])``. Shared by all three architectures, so their encoders are identical."""
+    nodes = [conv_block(inputs, filters[0], "X_0_0")]
+    for level in range(1, len(filters)):
+        nodes.append(conv_block(downsample(nodes[-1], f"X_{level}_0"), filters[level], f"X_{level}_0"))
+    return nodes
 
 
 def attention_gate(

@@ -21,8 +21,7 @@ from collections.abc import Sequence
 import keras
 from keras import layers
 
-from metaseg_tf.models.blocks import conv_block, segmentation_head, upsample
-from metaseg_tf.models.unet import encoder
+from metaseg_tf.models.blocks import conv_block, encoder, segmentation_head, upsample
 
 
 def nested_unet(

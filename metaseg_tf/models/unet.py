@@ -8,16 +8,7 @@ from collections.abc import Sequence
 import keras
 from keras import layers
 
-from metaseg_tf.models.blocks import conv_block, downsample, segmentation_head, upsample
-
-
-def encoder(inputs: keras.KerasTensor, filters: Sequence[int]) -> list[keras.KerasTensor]:
-    """Backbone nodes ``X^{i,0}`` for ``i = 0 .. len(filters) - 1``; node ``i`` is ``(B, H/2^i, W/2^i,
-    filters[i])``. Shared by all three architectures, so their encoders are identical."""
-    nodes = [conv_block(inputs, filters[0], "X_0_0")]
-    for level in range(1, len(filters)):
-        nodes.append(conv_block(downsample(nodes[-1], f"X_{level}_0"), filters[level], f"X_{level}_0"))
-    return nodes
+from metaseg_tf.models.blocks import conv_block, encoder, segmentation_head, upsample
 
 
 def unet(

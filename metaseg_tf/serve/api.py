@@ -30,12 +30,11 @@ from fastapi import FastAPI, File, Form, HTTPException, Request, UploadFile
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
 
+from metaseg_tf import paths
 from metaseg_tf.data.discover import DataError
 from metaseg_tf.data.io import TIFF_MAGIC, read_image
-from metaseg_tf.notebook import resolve
-from metaseg_tf.runs import list_runs, read_json
+from metaseg_tf.training.runs import list_runs, read_json
 
-DEFAULT_PIPELINE_ROOT = "results/pipeline"
 SERVED_MODELS = ("nested_unet", "attention_unet")
 # first bytes of each accepted format: TIFF (both byte orders, classic and BigTIFF), PNG, JPEG, BMP, WebP
 SIGNATURES = {**dict.fromkeys(TIFF_MAGIC, "tiff"), b"\x89PNG": "png", b"\xff\xd8\xff": "jpeg", b"BM": "bmp"}
@@ -58,9 +57,9 @@ class ServeSettings:
     max_side_pixels: int = 4096
 
 
-def newest_pipeline_runs(pipeline_root: str | Path = DEFAULT_PIPELINE_ROOT) -> list[Path]:
+def newest_pipeline_runs(pipeline_root: str | Path = paths.PIPELINE_ROOT) -> list[Path]:
     """The newest finished run of each served model in the newest pipeline folder that has one."""
-    root = resolve(pipeline_root)
+    root = paths.resolve(pipeline_root)
     for pipeline in sorted(root.glob("*/runs"), reverse=True):
         found = {read_json(run / "state.json").get("name"): run for run in list_runs(pipeline)}
         if any(name in found for name in SERVED_MODELS):
@@ -81,7 +80,7 @@ class ServedModel:
 
 
 def _model_info(name: str, run_dir: Path, config: Any, parameters: int) -> dict[str, Any]:
-    from metaseg_tf.evaluate import latest_evaluation
+    from metaseg_tf.evaluation.report import latest_evaluation
 
     data = read_json(run_dir / "data.json") if (run_dir / "data.json").is_file() else {}
     evaluation = latest_evaluation(run_dir, "test")
@@ -107,7 +106,7 @@ def load_models(run_dirs: list[Path]) -> dict[str, ServedModel]:
 
     models: dict[str, ServedModel] = {}
     for run_dir in run_dirs:
-        run_dir = resolve(run_dir)
+        run_dir = paths.resolve(run_dir)
         try:
             predictor = Predictor.from_run(run_dir)
         except Exception as error:  # a broken run folder must stop the start-up with its reason
@@ -189,8 +188,8 @@ def _decode_upload(data: bytes, settings: ServeSettings) -> np.ndarray:
 
 
 def _attention_pngs(served: ServedModel, image: np.ndarray) -> list[str]:
+    from metaseg_tf.data.preprocess import normalise, preprocess_slice
     from metaseg_tf.models.attention_unet import attention_maps
-    from metaseg_tf.preprocess import normalise, preprocess_slice
 
     prepared = preprocess_slice(image, served.predictor.config)[None]
     maps = attention_maps(served.predictor.model, normalise(prepared, served.predictor.config.normalisation))

@@ -17,15 +17,14 @@ import pandas as pd
 import requests
 import streamlit as st
 
+from metaseg_tf import paths
 from metaseg_tf.data.discover import DataError, discover_pairs
 from metaseg_tf.data.io import read_image, read_mask
 from metaseg_tf.data.synthetic import generate_phantom
-from metaseg_tf.evaluation import overlap_scores
-from metaseg_tf.notebook import resolve
+from metaseg_tf.evaluation.scores import overlap_scores
 
 DEFAULT_API_URL = "http://127.0.0.1:8000"
 UPLOAD_TYPES = ["tif", "tiff", "png", "jpg", "jpeg", "bmp", "webp"]
-EXAMPLES_DIR = "data/phantom-examples"
 TRUTH_COLOUR, PREDICTION_COLOUR = (0, 200, 0), (230, 30, 30)
 
 
@@ -90,7 +89,7 @@ def prediction_rows(predictions: list[dict], masks: dict[str, np.ndarray], truth
 def phantom_examples(count: int = 4) -> list[tuple[str, bytes, bytes]]:
     """``count`` phantom slices with lesions as ``(name, image file bytes, mask file bytes)``, largest first;
     the small example phantom is generated in ``data/phantom-examples`` on first use."""
-    summary = generate_phantom(resolve(EXAMPLES_DIR), n_patients=2, n_slices=12, size=256, seed=7, progress=False)
+    summary = generate_phantom(paths.resolve(paths.EXAMPLE_PHANTOM_DIR), n_patients=2, n_slices=12, size=256, seed=7, progress=False)
     pairs = discover_pairs(summary.root).pairs
     areas = [int(read_mask(pair.mask_path).sum()) for pair in pairs]
     chosen = [pairs[k] for k in np.argsort(areas)[::-1][:count]]

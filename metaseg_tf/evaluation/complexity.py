@@ -47,7 +47,9 @@ def _flops_jax(model: keras.Model, image: np.ndarray) -> float:
 
 def _flops_tensorflow(model: keras.Model, image: np.ndarray) -> float:
     import tensorflow as tf
-    from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2_as_graph
+    from tensorflow.python.framework.convert_to_constants import (
+        convert_variables_to_constants_v2_as_graph,
+    )
 
     forward = tf.function(lambda x: model(x, training=False))
     concrete = forward.get_concrete_function(tf.TensorSpec(image.shape, tf.float32))

@@ -2,7 +2,7 @@
 
 :func:`train` discovers and preprocesses the data, splits it by patient, builds the model, fits it with
 Keras callbacks and writes everything a later step needs into a new run folder (see
-:mod:`metaseg_tf.runs`). A run that is killed is resumed by running the same command again
+:mod:`metaseg_tf.training.runs`). A run that is killed is resumed by running the same command again
 (``keras.callbacks.BackupAndRestore`` restores weights, optimiser state and epoch).
 
 U-Net++ with deep supervision is trained on all its heads with equal weights ``1 / depth`` (the mean of
@@ -23,13 +23,23 @@ from typing import Any
 
 import keras
 
+from metaseg_tf import paths
 from metaseg_tf.config import ConfigError, ExperimentConfig
-from metaseg_tf.data.pipeline import ExperimentData, SegmentationBatches, load_experiment_data
+from metaseg_tf.data.batches import (
+    ExperimentData,
+    SegmentationBatches,
+    load_experiment_data,
+)
 from metaseg_tf.environment import accelerator, environment_info
-from metaseg_tf.losses import SegmentationLoss
-from metaseg_tf.metrics import segmentation_metrics
 from metaseg_tf.models import build_model
-from metaseg_tf.runs import DEFAULT_RUNS_ROOT, create_run_dir, find_unfinished_run, read_json, write_json
+from metaseg_tf.training.losses import SegmentationLoss
+from metaseg_tf.training.metrics import segmentation_metrics
+from metaseg_tf.training.runs import (
+    create_run_dir,
+    find_unfinished_run,
+    read_json,
+    write_json,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -212,7 +222,7 @@ def _start_or_resume(config: ExperimentConfig, runs_root: Path, name: str, data:
 
 def train(
     config: ExperimentConfig,
-    runs_root: Path | str = DEFAULT_RUNS_ROOT,
+    runs_root: Path | str = paths.RUNS_ROOT,
     name: str | None = None,
     progress: bool = True,
     resume: bool = True,
@@ -226,7 +236,7 @@ def train(
     ``data`` skips discovery and preprocessing when the caller has already loaded them; ``callbacks``
     are added after the engine's own (e.g. live plots in a notebook).
     """
-    runs_root = Path(runs_root)
+    runs_root = paths.resolve(runs_root)
     name = name or config.model
     data = data or load_experiment_data(config, progress=progress)
     run_dir, state, timings = _start_or_resume(config, runs_root, name, data, resume)

@@ -26,8 +26,13 @@ from metaseg_tf.data.augment import (
     warp_pair,
 )
 from metaseg_tf.data.discover import DiscoveryReport, discover_pairs
+from metaseg_tf.data.preprocess import (
+    PreprocessedDataset,
+    normalise,
+    preprocess_dataset,
+)
 from metaseg_tf.data.split import PatientSplit, split_for_config
-from metaseg_tf.preprocess import PreprocessedDataset, normalise, preprocess_dataset
+from metaseg_tf.paths import resolve
 
 logger = logging.getLogger(__name__)
 
@@ -151,6 +156,6 @@ class ExperimentData:
 
 def load_experiment_data(config: ExperimentConfig, progress: bool = True) -> ExperimentData:
     """Discover ``config.data_dir``, preprocess it (or load the cache) and split it by patient."""
-    report = discover_pairs(config.data_dir)
+    report = discover_pairs(resolve(config.data_dir))
     dataset = preprocess_dataset(report, config, progress=progress)
     return ExperimentData(report, dataset, split_for_config(dataset.case_ids, config))

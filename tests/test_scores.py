@@ -1,22 +1,19 @@
-"""Evaluation: overlap scores against scikit-learn, HD95 against scipy, lesion-wise and per-patient scores."""
+"""Scores: overlap scores against scikit-learn, HD95 against scipy, lesion-wise and per-patient scores."""
 
 from __future__ import annotations
 
-import keras
 import numpy as np
 import pytest
 from scipy.spatial.distance import directed_hausdorff
 from sklearn.metrics import f1_score, jaccard_score, precision_score, recall_score
 
-from metaseg_tf.evaluation import (
-    ConfusionCounts,
+from metaseg_tf.evaluation.scores import (
     bootstrap_ci,
     evaluate_masks,
     hausdorff_distance,
     lesion_wise_scores,
     overlap_scores,
 )
-from metaseg_tf.metrics import segmentation_metrics
 
 
 def _random_masks(seed: int, shape=(6, 32, 32)) -> tuple[np.ndarray, np.ndarray]:
@@ -49,19 +46,6 @@ def test_empty_mask_conventions() -> None:
     assert hausdorff_distance(lesion, empty) == pytest.approx(np.hypot(8, 8))
     with pytest.raises(ValueError, match="differ in shape"):
         overlap_scores(empty, np.zeros((4, 4)))
-
-
-def test_keras_metrics_equal_pooled_numpy_scores() -> None:
-    truth, pred_binary = _random_masks(7, (4, 16, 16))
-    probabilities = np.where(pred_binary, 0.7, 0.2).astype(np.float32)
-    expected = ConfusionCounts.from_masks(truth, pred_binary).scores()
-    for metric in segmentation_metrics(threshold=0.5):
-        for k in range(0, 4, 2):  # two batches: the metric must pool across them
-            metric.update_state(truth[k : k + 2, ..., None].astype(np.float32), probabilities[k : k + 2, ..., None])
-        assert float(keras.ops.convert_to_numpy(metric.result())) == pytest.approx(expected[metric.name], rel=1e-6)
-        metric.reset_state()
-        metric.update_state(np.zeros((1, 4, 4, 1)), np.zeros((1, 4, 4, 1)))
-        assert float(keras.ops.convert_to_numpy(metric.result())) == 1.0
 
 
 def test_hausdorff_of_shifted_squares_and_against_scipy() -> None:

@@ -3,7 +3,7 @@
 Each metric accumulates pixel counts (true positives, false positives, false negatives) over every batch
 of an epoch and reports the score of the pooled pixels (a *global* score: large lesions weigh more than
 small ones). The per-image, per-patient and lesion-wise scores of reports come from
-:mod:`metaseg_tf.evaluation`, which follows the same conventions. When the epoch has neither a true nor a
+:mod:`metaseg_tf.evaluation.scores`, which follows the same conventions. When the epoch has neither a true nor a
 predicted foreground pixel every score is 1 (perfect agreement on "no lesion"); any other zero denominator
 gives 0.
 """

@@ -1,7 +1,7 @@
 """Evaluate a trained run on a split, and compare runs: the evaluation report.
 
 :func:`evaluate_run` predicts the slices of one split of the run's own patient split, scores them with
-:mod:`metaseg_tf.evaluation` and writes a new folder ``<run>/evaluation-<split>/`` with
+:mod:`metaseg_tf.evaluation.scores` and writes a new folder ``<run>/evaluation-<split>/`` with
 
 * ``per_image.csv`` and ``per_patient.csv``;
 * ``summary.json``: mean, sd and 95 % bootstrap CI over patients of every per-patient score, the
@@ -28,51 +28,34 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
-import keras
 import numpy as np
 import pandas as pd
 from scipy import stats
-from tqdm.auto import tqdm
 
 from metaseg_tf import plots
-from metaseg_tf.complexity import model_complexity
 from metaseg_tf.config import ExperimentConfig
+from metaseg_tf.data.batches import ExperimentData, load_experiment_data
 from metaseg_tf.data.io import read_mask
-from metaseg_tf.data.pipeline import ExperimentData, load_experiment_data
-from metaseg_tf.evaluation import Evaluation, bootstrap_ci, evaluate_masks
+from metaseg_tf.evaluation.complexity import model_complexity
+from metaseg_tf.evaluation.scores import (
+    Evaluation,
+    dice_per_case,
+    evaluate_masks,
+    overlap_scores,
+)
 from metaseg_tf.models.nested_unet import average_heads, head_names, prune_nested_unet
-from metaseg_tf.preprocess import normalise
-from metaseg_tf.runs import load_run_config, new_dir, read_json, run_model_path, write_json
+from metaseg_tf.paths import resolve
+from metaseg_tf.predict import load_model, predict_probabilities
+from metaseg_tf.training.runs import (
+    load_run_config,
+    new_dir,
+    read_json,
+    write_json,
+)
 
 logger = logging.getLogger(__name__)
 
-SUMMARY_SCORES = ("dice", "iou", "precision", "recall", "specificity", "hd95", "lesion_sensitivity",
-                  "lesion_dice", "lesion_hd95", "false_positive_lesions")
 SWEEP_THRESHOLDS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
-
-
-def load_model(run_dir: Path | str, which: str = "best") -> keras.Model:
-    """The run's ``best`` (default) or ``last`` model, without its training state."""
-    import metaseg_tf.losses  # noqa: F401  (registers the custom loss and metric for deserialisation)
-    import metaseg_tf.metrics  # noqa: F401
-
-    return keras.saving.load_model(run_model_path(run_dir, which), compile=False)
-
-
-def predict_probabilities(model: keras.Model, images: np.ndarray, normalisation: str,
-                          batch_size: int = 16, progress: bool = False) -> np.ndarray:
-    """Foreground probabilities ``float32 (N, S, S)`` for preprocessed ``uint8 (N, S, S, C)`` slices.
-
-    A model with several outputs (U-Net++ with deep supervision) is read at its last, deepest head, the
-    output its validation Dice was monitored on.
-    """
-    chunks = []
-    starts = range(0, len(images), batch_size)
-    for start in tqdm(starts, desc="predicting", unit="batch", disable=not progress):
-        output = model.predict_on_batch(normalise(images[start : start + batch_size], normalisation))
-        output = output[-1] if isinstance(output, (list, tuple)) else output
-        chunks.append(np.asarray(keras.ops.convert_to_numpy(output), np.float32)[..., 0])
-    return np.concatenate(chunks) if chunks else np.zeros((0, *images.shape[1:3]), np.float32)
 
 
 def _native_truth(data: ExperimentData, indices: np.ndarray) -> list[np.ndarray] | None:
@@ -88,33 +71,10 @@ def _to_size(probabilities: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     return np.stack([cv2.resize(p, (shape[1], shape[0]), interpolation=cv2.INTER_LINEAR) for p in probabilities])
 
 
-def _score_summary(evaluation: Evaluation) -> dict[str, dict[str, float | list[float]]]:
-    table = evaluation.per_patient
-    summary = {}
-    for score in SUMMARY_SCORES:
-        values = table[score].to_numpy(float)
-        values = values[~np.isnan(values)]
-        low, high = bootstrap_ci(values)
-        summary[score] = {"mean": float(values.mean()) if len(values) else float("nan"),
-                          "sd": float(values.std(ddof=1)) if len(values) > 1 else float("nan"),
-                          "ci95": [low, high], "n": len(values)}
-    return summary
-
-
-def patient_dice(truth: np.ndarray, pred: np.ndarray, case_ids: np.ndarray) -> dict[str, float]:
-    """Dice over all slices of each patient (3D) of boolean ``(N, H, W)`` masks; 1.0 where both are empty."""
-    scores = {}
-    for case in np.unique(case_ids):
-        t, p = truth[case_ids == case], pred[case_ids == case]
-        both = np.count_nonzero(t) + np.count_nonzero(p)
-        scores[str(case)] = 1.0 if both == 0 else 2 * np.count_nonzero(t & p) / both
-    return scores
-
-
-def global_dice(truth: np.ndarray, pred: np.ndarray) -> float:
-    """Dice over all pixels of boolean masks pooled together; 1.0 where both are empty."""
-    total = np.count_nonzero(truth) + np.count_nonzero(pred)
-    return 2 * np.count_nonzero(truth & pred) / total if total else 1.0
+def _mean_dice(truth: np.ndarray, pred: np.ndarray, case_ids: np.ndarray) -> dict[str, float]:
+    """Mean per-patient (3D) Dice and pooled-pixel global Dice of binary ``(N, H, W)`` masks."""
+    return {"patient_dice": float(np.mean(list(dice_per_case(truth, pred, case_ids).values()))),
+            "global_dice": overlap_scores(truth, pred)["dice"]}
 
 
 def _threshold_sweep(truth: np.ndarray, probabilities: np.ndarray, case_ids: np.ndarray) -> pd.DataFrame:
@@ -122,8 +82,9 @@ def _threshold_sweep(truth: np.ndarray, probabilities: np.ndarray, case_ids: np.
     truth = truth > 0
     for threshold in SWEEP_THRESHOLDS:
         pred = probabilities >= threshold
-        rows.append({"threshold": threshold, "global_dice": global_dice(truth, pred),
-                     "patient_dice": float(np.mean(list(patient_dice(truth, pred, case_ids).values())))})
+        scores = _mean_dice(truth, pred, case_ids)
+        rows.append({"threshold": threshold, "global_dice": scores["global_dice"],
+                     "patient_dice": scores["patient_dice"]})
     return pd.DataFrame(rows)
 
 
@@ -213,7 +174,7 @@ def evaluate_run(
     summary = {
         "run": str(run_dir), "model": config.model, "which": which, "split": split, "threshold": threshold,
         "resolution": resolution, "patients": len(patients), "slices": len(indices),
-        "per_patient": _score_summary(evaluation), "global": evaluation.global_scores,
+        **evaluation.summary(),
         "lesions": {"truth": int(patients["truth_lesions"].sum()), "detected": int(patients["detected_lesions"].sum()),
                     "false_positives": int(patients["false_positive_lesions"].sum()),
                     "false_positives_per_patient": float(patients["false_positive_lesions"].mean())},
@@ -309,7 +270,7 @@ def compare_runs(run_dirs: Sequence[Path | str], out_dir: Path | str, split: str
         })
     table = pd.DataFrame(rows)
     tests = paired_wilcoxon(per_patient)
-    out_dir = new_dir(out_dir, f"comparison-{split}")
+    out_dir = new_dir(resolve(out_dir), f"comparison-{split}")
     table.to_csv(out_dir / "comparison.csv", index=False)
     tests.to_csv(out_dir / "wilcoxon.csv", index=False)
     plots.distribution({label: frame["dice"] for label, frame in per_patient.items()}, out_dir / "per_patient_dice.png")
@@ -361,9 +322,7 @@ def prune_level_scores(run_dir: Path | str, split: str = "val", data: Experiment
     for label, variant in variants.items():
         pred = predict_probabilities(variant, images, config.normalisation, config.batch_size, False) >= config.threshold
         complexity = model_complexity(variant, batch_size=1, repeats=10)
-        rows.append({"label": label,
-                     "patient_dice": float(np.mean(list(patient_dice(truth, pred, case_ids).values()))),
-                     "global_dice": global_dice(truth, pred), "parameters": complexity.parameters,
+        rows.append({"label": label, **_mean_dice(truth, pred, case_ids), "parameters": complexity.parameters,
                      "gflops_per_image": (complexity.flops_per_image or float("nan")) / 1e9,
                      "latency_ms": complexity.latency_ms})
     return pd.DataFrame(rows)
@@ -384,7 +343,7 @@ def side_by_side_overlays(run_dirs: Sequence[Path | str], labels: Sequence[str],
         model = load_model(run_dir)
         probabilities = predict_probabilities(model, images, config.normalisation, config.batch_size, False)
         predictions[label] = probabilities >= config.threshold
-        dice.append(patient_dice(truth, predictions[label], case_ids))
+        dice.append(dice_per_case(truth, predictions[label], case_ids))
     mean_dice = {case: float(np.mean([scores[case] for scores in dice])) for case in dice[0]}
     ranked = sorted(mean_dice, key=mean_dice.get, reverse=True)
     rows, titles = _example_slices(ranked, truth, case_ids)

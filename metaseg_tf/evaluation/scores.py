@@ -33,6 +33,9 @@ import pandas as pd
 from scipy import ndimage
 
 OVERLAP_SCORES = ("dice", "iou", "precision", "recall", "specificity")
+# the per-patient scores summarised (mean, sd, bootstrap CI) in an evaluation's summary.json
+SUMMARY_SCORES = ("dice", "iou", "precision", "recall", "specificity", "hd95", "lesion_sensitivity",
+                  "lesion_dice", "lesion_hd95", "false_positive_lesions")
 
 
 @dataclass(frozen=True)
@@ -179,12 +182,26 @@ class Evaluation:
     per_patient: pd.DataFrame
     global_scores: dict[str, float]
 
-    def summary(self) -> dict[str, dict[str, float]]:
-        """Mean and standard deviation over patients of every per-patient score, plus the global scores."""
-        numeric = self.per_patient.select_dtypes("number")
-        stats = {column: {"mean": float(numeric[column].mean()), "sd": float(numeric[column].std(ddof=1))}
-                 for column in numeric.columns}
-        return {"per_patient": stats, "global": self.global_scores}
+    def summary(self) -> dict[str, dict]:
+        """``per_patient``: for each of :data:`SUMMARY_SCORES` the mean, sample sd, 95 % bootstrap CI of the
+        mean (:func:`bootstrap_ci`) and ``n`` over patients, NaNs (an undefined score) left out; ``global``:
+        the pooled-pixel scores."""
+        per_patient = {}
+        for score in SUMMARY_SCORES:
+            values = self.per_patient[score].to_numpy(float)
+            values = values[~np.isnan(values)]
+            per_patient[score] = {"mean": float(values.mean()) if len(values) else float("nan"),
+                                  "sd": float(values.std(ddof=1)) if len(values) > 1 else float("nan"),
+                                  "ci95": list(bootstrap_ci(values)), "n": len(values)}
+        return {"per_patient": per_patient, "global": self.global_scores}
+
+
+def dice_per_case(truth: np.ndarray, pred: np.ndarray, case_ids: Sequence[str]) -> dict[str, float]:
+    """Dice of each case over all its slices together (3D) of binary ``(N, H, W)`` masks, slice ``k``
+    belonging to ``case_ids[k]``; cases in sorted order; 1.0 where both are empty (module conventions)."""
+    case_ids = np.asarray(case_ids)
+    return {str(case): overlap_scores(truth[case_ids == case], pred[case_ids == case])["dice"]
+            for case in np.unique(case_ids)}
 
 
 def evaluate_masks(

@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 from metaseg_tf.config import ExperimentConfig
 from metaseg_tf.data.discover import DataError, DiscoveryReport, SlicePair
 from metaseg_tf.data.io import read_pair
+from metaseg_tf.paths import resolve
 
 logger = logging.getLogger(__name__)
 CACHE_FORMAT_VERSION = 1
@@ -186,7 +187,7 @@ def preprocess_dataset(
     and a warning says how many. Raises :class:`DataError` when no pair at all could be used.
     """
     key = cache_key(report.pairs, config)
-    cache_path = Path(config.cache_dir) / f"{report.root.name}-{key}.npz"
+    cache_path = resolve(config.cache_dir) / f"{report.root.name}-{key}.npz"
     if use_cache and cache_path.is_file():
         logger.info("loading preprocessed slices from %s", cache_path)
         return _load_cache(cache_path)

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from metaseg_tf.data.discover import DataError, SlicePair
 from metaseg_tf.data.io import read_image, read_mask
-from metaseg_tf.preprocess import apply_clahe, window_to_uint8
+from metaseg_tf.data.preprocess import apply_clahe, window_to_uint8
 
 
 def lesion_statistics(pairs: Sequence[SlicePair], progress: bool = True) -> tuple[pd.DataFrame, pd.DataFrame]:

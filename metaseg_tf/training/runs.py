@@ -27,8 +27,6 @@ from typing import Any
 
 from metaseg_tf.config import ConfigError, ExperimentConfig
 
-DEFAULT_RUNS_ROOT = Path("results/runs")
-
 
 def read_json(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text())

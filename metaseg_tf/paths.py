@@ -1,0 +1,33 @@
+"""Where things live: the project root and the default folders, each spelled once.
+
+Relative paths inside the project (config defaults, notebook parameters, the default run and pipeline
+folders) are taken from the project root by :func:`resolve`, so a notebook opened in ``notebooks/``, the same
+notebook run by the pipeline from the root, and ``metaseg`` started in any folder read and write the same
+``data/`` and ``results/``. Paths typed on the command line are relative to the working directory, as for
+any command: the CLI makes them absolute before they reach the library.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOKS_DIR = PROJECT_ROOT / "notebooks"
+
+# generated data (git-ignored)
+PHANTOM_DIR = "data/phantom"  # the embedded default dataset
+SMOKE_PHANTOM_DIR = "data/phantom-smoke"  # the smoke profile's tiny phantom
+EXAMPLE_PHANTOM_DIR = "data/phantom-examples"  # the web app's "try an example" slices
+CACHE_DIR = "data/cache"  # preprocessed arrays
+
+# outputs
+RESULTS_DIR = "results"  # comparisons and predictions
+RUNS_ROOT = "results/runs"  # `metaseg train`
+PIPELINE_ROOT = "results/pipeline"  # `metaseg pipeline`
+INTERACTIVE_DIR = "results/interactive"  # notebooks opened by hand
+
+
+def resolve(path: str | Path) -> Path:
+    """``path`` as an absolute path; a relative path is taken from the project root."""
+    path = Path(path).expanduser()
+    return path if path.is_absolute() else PROJECT_ROOT / path

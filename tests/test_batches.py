@@ -1,0 +1,99 @@
+"""Batches with joint augmentation: shapes, alignment of image and mask, reproducibility."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from metaseg_tf.config import ExperimentConfig
+from metaseg_tf.data.augment import AugmentationSettings, random_affine, warp_pair
+from metaseg_tf.data.batches import SegmentationBatches, split_batches
+from metaseg_tf.data.discover import discover_pairs
+from metaseg_tf.data.preprocess import PreprocessedDataset, preprocess_dataset
+from metaseg_tf.data.split import split_for_config
+
+
+def _square_dataset(n: int = 8, size: int = 32) -> PreprocessedDataset:
+    """Slices whose only bright structure is a square exactly where the mask is."""
+    rng = np.random.default_rng(0)
+    images = np.full((n, size, size, 3), 30, np.uint8)
+    masks = np.zeros((n, size, size), np.uint8)
+    for k in range(n):
+        top, left = rng.integers(4, size - 14, 2)
+        images[k, top : top + 10, left : left + 10] = 230
+        masks[k, top : top + 10, left : left + 10] = 1
+    return PreprocessedDataset(images, masks, np.asarray([f"c{k // 2}" for k in range(n)]), np.arange(n))
+
+
+def test_square_moves_with_its_mask() -> None:
+    dataset = _square_dataset()
+    config = ExperimentConfig(batch_size=4, rotation_degrees=40, zoom_range=0.2, vertical_flip=True,
+                              intensity_jitter=0.0, normalisation="none")
+    batches = SegmentationBatches(dataset, np.arange(8), config, training=True, seed=1)
+    for epoch in range(3):
+        for x, y in (batches[i] for i in range(len(batches))):
+            assert set(np.unique(y)) <= {0.0, 1.0}
+            bright = x[..., 0] > 0.5
+            inside = y[..., 0] > 0
+            # the bright square and the mask coincide except on the interpolated rim
+            agreement = (bright & inside).sum() / max((bright | inside).sum(), 1)
+            assert agreement > 0.75
+        batches.on_epoch_end()
+
+
+def test_augmentation_changes_something_and_can_be_switched_off() -> None:
+    dataset = _square_dataset()
+    on = SegmentationBatches(dataset, np.arange(8), ExperimentConfig(batch_size=8), training=True, seed=0)
+    off = SegmentationBatches(dataset, np.arange(8), ExperimentConfig(batch_size=8, augment=False),
+                              training=True, seed=0)
+    x_on, y_on = on[0]
+    x_off, y_off = off[0]
+    order = on._order
+    assert not np.array_equal(y_on[..., 0], dataset.masks[order])
+    np.testing.assert_array_equal(y_off[..., 0], dataset.masks[off._order])
+    assert x_on.dtype == np.float32 and x_on.shape == (8, 32, 32, 3) and y_on.shape == (8, 32, 32, 1)
+
+
+def test_batches_are_reproducible_and_reshuffled_per_epoch() -> None:
+    dataset = _square_dataset()
+    config = ExperimentConfig(batch_size=3)
+    a = SegmentationBatches(dataset, np.arange(8), config, training=True, seed=5)
+    b = SegmentationBatches(dataset, np.arange(8), config, training=True, seed=5)
+    np.testing.assert_array_equal(a[1][0], b[1][0])
+    assert len(a) == 3 and a[2][0].shape[0] == 2
+    first_order = a._order.copy()
+    a.on_epoch_end()
+    assert not np.array_equal(first_order, a._order)
+    with pytest.raises(IndexError):
+        a[3]
+
+
+def test_evaluation_batches_keep_order_and_are_not_augmented() -> None:
+    dataset = _square_dataset()
+    batches = SegmentationBatches(dataset, np.arange(8), ExperimentConfig(batch_size=8), training=False)
+    _, y = batches[0]
+    np.testing.assert_array_equal(y[..., 0], dataset.masks)
+
+
+def test_identity_warp_is_exact() -> None:
+    image = np.random.default_rng(3).integers(0, 255, (16, 16, 3)).astype(np.uint8)
+    mask = (image[..., 0] > 128).astype(np.uint8)
+    settings = AugmentationSettings(0.0, 0.0, False, False, 0.0)
+    matrix = random_affine(np.random.default_rng(0), settings, 16)
+    warped_image, warped_mask = warp_pair(image, mask, matrix)
+    np.testing.assert_array_equal(warped_image, image)
+    np.testing.assert_array_equal(warped_mask, mask)
+
+
+def test_split_batches_on_phantom(phantom_dir: Path, tmp_path: Path) -> None:
+    config = ExperimentConfig(image_size=32, batch_size=4, cache_dir=str(tmp_path))
+    dataset = preprocess_dataset(discover_pairs(phantom_dir), config, progress=False)
+    split = split_for_config(dataset.case_ids, config)
+    batches = split_batches(dataset, split, config)
+    assert set(batches) == {"train", "val", "test"}
+    n_slices = sum(len(b.indices) for b in batches.values())
+    assert n_slices == len(dataset)
+    x, y = batches["train"][0]
+    assert x.shape == (4, 32, 32, 3) and np.isfinite(x).all()
