@@ -13,6 +13,7 @@ from metaseg_tf.evaluation.scores import (
     hausdorff_distance,
     lesion_wise_scores,
     overlap_scores,
+    stack_slices,
 )
 
 
@@ -76,12 +77,40 @@ def test_lesion_wise_counts_detection_misses_and_false_positives() -> None:
     assert (scores.truth_lesions, scores.detected, scores.false_positives) == (2, 1, 1)
     assert scores.sensitivity == 0.5
     assert scores.lesion_dice == pytest.approx(1 / 3)  # (1 + 0) / (2 lesions + 1 false positive)
-    assert scores.lesion_hd95 == pytest.approx(2 * np.hypot(64, 64) / 3)
+    assert scores.lesion_hd95 == pytest.approx(2 * 374 / 3)  # (0 + 374 for the miss + 374 for the FP) / 3
     assert lesion_wise_scores(np.zeros(shape), np.zeros(shape)).lesion_dice == 1.0
+    assert lesion_wise_scores(np.zeros(shape), np.zeros(shape)).lesion_hd95 == 0.0
     assert np.isnan(lesion_wise_scores(np.zeros(shape), np.zeros(shape)).sensitivity)
     single_pixel = np.zeros(shape, bool)
-    single_pixel[5, 5] = True  # below the 2-pixel size threshold: ignored on both sides
-    assert lesion_wise_scores(single_pixel, single_pixel[::-1]).lesion_dice == 1.0
+    single_pixel[5, 5] = True  # truth: a 1-pixel lesion, left out; prediction: a 1-pixel false positive
+    flipped = lesion_wise_scores(single_pixel, single_pixel[::-1])
+    assert (flipped.truth_lesions, flipped.false_positives, flipped.lesion_dice, flipped.lesion_hd95) == (0, 1, 0.0, 374.0)
+
+
+def _cube(shape: tuple[int, int, int], corner: tuple[int, int, int], side: int) -> np.ndarray:
+    volume = np.zeros(shape, bool)
+    volume[tuple(slice(c, c + side) for c in corner)] = True
+    return volume
+
+
+def test_lesion_wise_scores_follow_brats_2023_on_hand_built_volumes() -> None:
+    shape = (12, 20, 20)
+    lesion = _cube(shape, (2, 2, 2), 3)  # 27 voxels
+    false_positive = _cube(shape, (9, 15, 15), 1)  # 1 voxel, far from the lesion: counts whatever its size
+    scores = lesion_wise_scores(lesion, lesion | false_positive)
+    assert (scores.truth_lesions, scores.detected, scores.false_positives) == (1, 1, 1)
+    assert scores.lesion_dice == 0.5 and scores.lesion_hd95 == 187.0  # (1 + 0) / 2 and (0 + 374) / 2
+
+    tiny = _cube(shape, (5, 5, 5), 1) | _cube(shape, (5, 5, 6), 1)  # 2 voxels: left out of the score
+    assert (lesion_wise_scores(tiny, np.zeros(shape)).lesion_dice, lesion_wise_scores(tiny, tiny).lesion_dice) == (1.0, 1.0)
+    assert lesion_wise_scores(tiny, tiny).false_positives == 0  # its match is no false positive either
+    in_mm = lesion_wise_scores(tiny, np.zeros(shape), spacing=(2.0, 1.0, 1.0))  # 4 mm^3: counted, missed
+    assert (in_mm.truth_lesions, in_mm.detected, in_mm.lesion_dice, in_mm.lesion_hd95) == (1, 0, 0.0, 374.0)
+
+    part = _cube(shape, (2, 2, 2), 3)
+    part[3:] = False  # the prediction covers 9 of the lesion's 27 voxels
+    partial = lesion_wise_scores(lesion, part)
+    assert partial.lesion_dice == pytest.approx(2 * 9 / (27 + 9))
 
 
 def test_lesion_fragments_count_once() -> None:
@@ -90,6 +119,27 @@ def test_lesion_fragments_count_once() -> None:
     truth[10:20, 15:19] = True  # a one-pixel gap: the 1-pixel dilation joins the two fragments
     scores = lesion_wise_scores(truth, truth)
     assert (scores.truth_lesions, scores.detected, scores.false_positives, scores.lesion_dice) == (1, 1, 0, 1.0)
+    shape = (5, 16, 16)
+    two_voxel_gap = _cube(shape, (0, 2, 2), 3) | _cube(shape, (0, 2, 7), 3)  # dilations meet: one lesion
+    three_voxel_gap = _cube(shape, (0, 2, 2), 3) | _cube(shape, (0, 2, 8), 3)  # they do not: two lesions
+    assert lesion_wise_scores(two_voxel_gap, two_voxel_gap).truth_lesions == 1
+    assert lesion_wise_scores(three_voxel_gap, three_voxel_gap).truth_lesions == 2
+
+
+def test_slices_are_placed_by_their_number_so_a_gap_is_not_adjacency() -> None:
+    truth = np.zeros((2, 16, 16), bool)
+    truth[:, 4:8, 4:8] = True  # the same spot on slices 0 and 5 of one case (slices 1-4 are missing)
+    pred = truth.copy()
+    pred[1] = False
+    rows = evaluate_masks(truth, pred, ["A", "A"], slice_indices=[0, 5]).per_patient.set_index("case_id")
+    assert (rows.loc["A", "truth_lesions"], rows.loc["A", "detected_lesions"]) == (2, 1)
+    adjacent = evaluate_masks(truth, pred, ["A", "A"], slice_indices=[0, 1]).per_patient.set_index("case_id")
+    assert (adjacent.loc["A", "truth_lesions"], adjacent.loc["A", "detected_lesions"]) == (1, 1)
+    volume = stack_slices(truth.astype(np.uint8), [7, 3])
+    assert volume.shape == (5, 16, 16)  # slice 3 first, slice 7 last, 4-6 empty
+    assert volume[0].any() and volume[4].any() and not volume[1:4].any()
+    with pytest.raises(ValueError, match="same slice number"):
+        stack_slices(truth, [2, 2], "A")
 
 
 def test_per_patient_scores_are_3d_and_global_scores_pool_pixels() -> None:

@@ -10,17 +10,15 @@ Conventions (explicit, and tested):
   convention; medpy pools both directions instead), in pixel units scaled by ``spacing``. Both empty: 0.
   Exactly one empty: the diagonal of the array's extent, the worst possible distance (BraTS uses 374 mm,
   the diagonal of its 240 x 240 x 155 mm volume, the same way).
-* **Lesion-wise** scores follow the BraTS 2023 metastasis challenge (Saluja et al., BraTS-2023-Metrics,
-  parameters of BraTS-MET): truth lesions are connected components (full connectivity: 8 in 2D, 26 in 3D)
-  of the truth dilated by ``dilation`` = 1 pixel, so that fragments of one lesion count once; predicted
-  components that touch a dilated truth lesion are its match; predicted components that touch none are
-  false positives. Components smaller than ``min_size`` = 2 pixels are ignored on both sides. Lesion-wise
-  Dice = sum of matched lesions' Dice / (truth lesions + false positives) (misses and false positives
-  count 0); lesion-wise HD95 likewise, with the extent diagonal for misses and false positives. No truth
-  lesion and no false positive: lesion-wise Dice 1 and HD95 0; lesion sensitivity is then undefined (NaN,
-  left out of means).
-* **Per patient** stacks a case's slices in slice order into a volume and scores it in 3D, so a lesion
-  spanning several slices is one lesion. **Global** pools every pixel of the split.
+* **Lesion-wise** scores follow the BraTS 2023 metastasis challenge exactly (:func:`lesion_wise_scores`
+  gives the definition): 26-connected components, truth merged by a 1-iteration dilation with
+  ``generate_binary_structure(3, 2)``, truth lesions of at most 2 voxels (or 2 mm^3 with spacing) left
+  out, every unmatched predicted component a false positive whatever its size, misses and false positives
+  scoring Dice 0 and HD95 374; both empty: lesion-wise Dice 1 and HD95 0. Lesion sensitivity is undefined
+  (NaN, left out of means) for a case without a counted truth lesion.
+* **Per patient** places a case's slices at their slice numbers in a volume and scores it in 3D, so a
+  lesion spanning several slices is one lesion, and slices on either side of a missing one are not
+  neighbours. **Global** pools every pixel of the split.
 """
 
 from __future__ import annotations
@@ -119,9 +117,15 @@ def hausdorff_distance(
     return float(max(np.percentile(to_pred, percentile), np.percentile(to_truth, percentile)))
 
 
+# BraTS 2023 lesion-wise parameters of the metastasis challenge (BraTS-MET)
+BRATS_MET_DILATION = 1  # iterations of the dilation that merges nearby truth fragments
+BRATS_MET_MIN_VOLUME = 2.0  # truth lesions of at most this volume (voxels, or mm^3 with spacing) are left out
+BRATS_MISS_DISTANCE = 374.0  # HD95 of a missed lesion or a false positive (mm; the BraTS volume's diagonal)
+
+
 @dataclass(frozen=True)
 class LesionWiseScores:
-    """Lesion-level detection and segmentation scores of one case (see the module docstring)."""
+    """Lesion-level detection and segmentation scores of one case (see :func:`lesion_wise_scores`)."""
 
     truth_lesions: int
     detected: int
@@ -137,41 +141,66 @@ class LesionWiseScores:
 def lesion_wise_scores(
     truth: np.ndarray,
     pred: np.ndarray,
-    dilation: int = 1,
-    min_size: int = 2,
+    dilation: int = BRATS_MET_DILATION,
+    min_volume: float = BRATS_MET_MIN_VOLUME,
     spacing: Sequence[float] | None = None,
+    miss_distance: float = BRATS_MISS_DISTANCE,
 ) -> LesionWiseScores:
-    """BraTS-MET lesion-wise Dice and HD95, lesion sensitivity and false-positive count of one case."""
+    """Lesion-wise Dice and HD95 of one case as the BraTS 2023 metastasis challenge defines them.
+
+    Definition (BraTS-2023-Metrics, BraTS-MET parameters; implemented from its description):
+
+    1. Truth and prediction are split into connected components with full connectivity (26 neighbours in 3D,
+       8 in 2D). The truth is dilated ``dilation`` times with ``generate_binary_structure(ndim, 2)`` (18
+       neighbours in 3D); truth components that fall into one dilated blob are merged into one lesion.
+    2. A truth lesion's match is every predicted component that touches the lesion dilated the same way; its
+       Dice and HD95 are taken against the union of those components. A lesion with no match scores Dice 0
+       and HD95 ``miss_distance`` (374).
+    3. Truth lesions whose volume is at most ``min_volume`` (voxels; mm^3 when ``spacing`` is given) are left
+       out of numerator and denominator; predicted components touching them are not false positives.
+    4. Every predicted component that touches no (dilated) truth lesion is a false positive, whatever its
+       size, scoring Dice 0 and HD95 ``miss_distance``.
+    5. Lesion-wise score = sum over counted truth lesions / (counted truth lesions + false positives). No
+       counted truth lesion and no false positive (e.g. both empty): Dice 1, HD95 0.
+
+    ``truth`` and ``pred`` are binary arrays of one shape (a 3D case ``(slices, H, W)``, or 2D); ``spacing``
+    is the voxel size per axis (default 1: volumes in voxels, distances in voxels). ``detected`` counts the
+    counted truth lesions with a match; ``sensitivity`` is ``detected / truth_lesions`` (NaN with none).
+    """
     truth, pred = _binary_pair(truth, pred)
     spacing = tuple(spacing) if spacing is not None else (1.0,) * truth.ndim
-    worst = _extent_diagonal(truth.shape, spacing)
-    structure = ndimage.generate_binary_structure(truth.ndim, truth.ndim)
-    dilated = ndimage.binary_dilation(truth, structure, iterations=dilation) if dilation else truth
-    truth_labels, n_truth = ndimage.label(dilated, structure)
-    pred_labels, n_pred = ndimage.label(pred, structure)
-    pred_sizes = np.bincount(pred_labels.ravel(), minlength=n_pred + 1)
+    voxel_volume = float(np.prod(spacing))
+    components = ndimage.generate_binary_structure(truth.ndim, truth.ndim)
+    dilation_structure = ndimage.generate_binary_structure(truth.ndim, 2)
 
-    dice_sum, hd_sum, counted, detected = 0.0, 0.0, 0, 0
+    def dilate(mask: np.ndarray) -> np.ndarray:
+        return ndimage.binary_dilation(mask, dilation_structure, iterations=dilation) if dilation else mask
+
+    blobs, n_blobs = ndimage.label(dilate(truth), components)
+    pred_labels, n_pred = ndimage.label(pred, components)
     matched = np.zeros(n_pred + 1, bool)
-    for label in range(1, n_truth + 1):
-        region = truth_labels == label
-        touching = np.unique(pred_labels[region])
+    dice_sum, hd_sum, counted, detected = 0.0, 0.0, 0, 0
+    for blob in range(1, n_blobs + 1):
+        lesion = truth & (blobs == blob)  # the truth fragments merged by this dilated blob
+        touching = np.unique(pred_labels[dilate(lesion)])
         touching = touching[touching > 0]
         matched[touching] = True
-        lesion = truth & region
-        if np.count_nonzero(lesion) < min_size:
+        if np.count_nonzero(lesion) * voxel_volume <= min_volume:
             continue
         counted += 1
-        predicted = np.isin(pred_labels, touching) if touching.size else np.zeros_like(pred)
-        detected += bool(touching.size)
-        dice_sum += ConfusionCounts.from_masks(lesion, predicted).scores()["dice"] if touching.size else 0.0
-        hd_sum += hausdorff_distance(lesion, predicted, 95.0, spacing) if touching.size else worst
-    false_positives = int(np.count_nonzero(~matched[1:] & (pred_sizes[1:] >= min_size)))
+        if touching.size:
+            detected += 1
+            found = np.isin(pred_labels, touching)
+            dice_sum += ConfusionCounts.from_masks(lesion, found).scores()["dice"]
+            hd_sum += hausdorff_distance(lesion, found, 95.0, spacing)
+        else:
+            hd_sum += miss_distance
+    false_positives = int(np.count_nonzero(~matched[1:]))
     denominator = counted + false_positives
     if denominator == 0:
         return LesionWiseScores(0, 0, 0, 1.0, 0.0)
     return LesionWiseScores(counted, detected, false_positives, dice_sum / denominator,
-                            (hd_sum + worst * false_positives) / denominator)
+                            (hd_sum + miss_distance * false_positives) / denominator)
 
 
 @dataclass
@@ -204,6 +233,19 @@ def dice_per_case(truth: np.ndarray, pred: np.ndarray, case_ids: Sequence[str]) 
             for case in np.unique(case_ids)}
 
 
+def stack_slices(masks: np.ndarray, slice_indices: Sequence[int], case: str = "") -> np.ndarray:
+    """A case's slices ``(n, H, W)`` placed at their slice numbers in a volume ``(last - first + 1, H, W)``;
+    missing slice numbers stay empty, so slices on either side of a gap are not neighbours. Two slices with
+    one number raise ``ValueError``."""
+    positions = np.asarray(slice_indices, int)
+    if len(np.unique(positions)) != len(positions):
+        raise ValueError(f"case {case!r} has several slices with the same slice number")
+    offsets = positions - positions.min()
+    volume = np.zeros((int(offsets.max()) + 1, *masks.shape[1:]), masks.dtype)
+    volume[offsets] = masks
+    return volume
+
+
 def evaluate_masks(
     truth: np.ndarray,
     pred: np.ndarray,
@@ -212,7 +254,8 @@ def evaluate_masks(
     spacing: Sequence[float] | None = None,
 ) -> Evaluation:
     """Score binary predictions ``pred`` against ``truth``, both ``(N, H, W)``, slice ``k`` of case
-    ``case_ids[k]`` at position ``slice_indices[k]`` (default: the given order).
+    ``case_ids[k]`` at slice number ``slice_indices[k]`` (default: the given order). Per patient, the slices
+    are placed by their numbers (:func:`stack_slices`): a gap in the numbering is a gap in the volume.
 
     ``spacing`` is the voxel size ``(slice, row, column)`` used for the per-patient HD95 (default 1 each:
     distances in pixels).
@@ -236,8 +279,8 @@ def evaluate_masks(
     patient_rows = []
     for case in dict.fromkeys(case_ids):
         members = np.flatnonzero(case_ids == case)
-        members = members[np.argsort(slice_indices[members], kind="stable")]
-        volume_truth, volume_pred = truth[members], pred[members]
+        volume_truth = stack_slices(truth[members], slice_indices[members], str(case))
+        volume_pred = stack_slices(pred[members], slice_indices[members], str(case))
         lesions = lesion_wise_scores(volume_truth, volume_pred, spacing=spacing)
         patient_rows.append({
             "case_id": case, "slices": len(members),
