@@ -28,6 +28,7 @@ def test_summary_prints_patients_pairs_and_skips(phantom_dir: Path, tmp_path: Pa
     assert "1 x image without mask" in out
     assert "1 x unreadable, truncated or size mismatch" in out
     assert "phantom.json" in out  # the manifest is listed as ignored, not silently passed over
+    assert "masks       : " in out and "binary 0/255" in out  # the mask encodings seen
 
 
 @pytest.mark.parametrize("args", [["data", "summary", "/no/such/folder"], ["data", "summary", "."]])

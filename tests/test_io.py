@@ -10,7 +10,7 @@ import tifffile
 from conftest import square_pair, write_image
 
 from metaseg_tf.data.discover import DataError, SlicePair
-from metaseg_tf.data.io import read_image, read_mask, read_pair
+from metaseg_tf.data.io import read_image, read_mask, read_mask_labels, read_pair
 
 
 @pytest.mark.parametrize("ext", ["png", "tif", "bmp", "webp", "jpg"])
@@ -75,9 +75,24 @@ def test_bool_and_rgb_masks(tmp_path: Path) -> None:
     assert read_mask(write_image(tmp_path / "c.png", rgb)).sum() == 2
 
 
+@pytest.mark.parametrize("ext", ["png", "tif"])
+def test_label_maps_and_16bit_0_255_masks_keep_their_lesions(tmp_path: Path, ext: str) -> None:
+    labels = np.zeros((8, 8), np.uint8)
+    labels[1, 1], labels[2, 2:4], labels[5, 5] = 1, 2, 3  # BraTS-style necrosis / oedema / enhancing
+    read = read_mask_labels(write_image(tmp_path / f"labels.{ext}", labels))
+    assert read.encoding == "label map" and np.array_equal(read.labels, labels)
+    assert read_mask(tmp_path / f"labels.{ext}").sum() == 4  # any non-zero label is lesion
+    sixteen = np.zeros((8, 8), np.uint16)
+    sixteen[2:5, 2:5] = 255  # a 0/255 mask saved as 16-bit: 255 is far below half of 65535
+    read = read_mask_labels(write_image(tmp_path / f"sixteen.{ext}", sixteen))
+    assert read.encoding == "binary 0/255" and read.binary.sum() == 9
+    assert set(np.unique(read.labels)) == {0, 1}
+
+
 def test_jpeg_mask_with_grey_edges_binarises_at_half_range(tmp_path: Path) -> None:
     _, mask = square_pair(size=64, top=20, side=20)
     out = read_mask(write_image(tmp_path / "m.jpg", mask))
+    assert read_mask_labels(tmp_path / "m.jpg").encoding == "lossy JPEG (> half range)"
     assert set(np.unique(out)) <= {0, 1}
     assert abs(int(out.sum()) - 400) <= 40  # the square survives JPEG's ringing, give or take its rim
 

@@ -3,9 +3,14 @@
 * :func:`read_image` -> ``float32`` array ``(H, W, channels)`` in ``[0, 1]``. Integer images are divided by
   their type's maximum (255 for 8-bit, 65535 for 16-bit); float images are min-max scaled. Colour order is
   the file's channel order (RGB: for the LGG set, pre-contrast, FLAIR, post-contrast).
-* :func:`read_mask` -> ``uint8`` array ``(H, W)`` holding only 0 and 1. 0/1 and boolean masks keep their
-  values; 0/255 (or 0/65535) masks are thresholded at half the type's range, so JPEG masks whose edges hold
-  grey values binarise cleanly; colour masks are lesion where any colour channel is.
+* :func:`read_mask` -> ``uint8`` array ``(H, W)`` holding only 0 and 1: **any non-zero value is lesion**, so
+  0/1, 0/255, 16-bit 0/255 or 0/65535 masks and label maps (BraTS-style 1/2/3) all keep their lesions.
+  The one exception is JPEG, a lossy format whose compression leaves small non-zero values around every
+  edge: JPEG masks are thresholded at half their range. Float masks: integral values are labels; soft
+  values in ``[0, 1]`` are lesion above 0.5. Colour masks are lesion where any colour channel is.
+* :func:`read_mask_labels` -> the labels as stored (0 = background; binary masks as 0/1) and the name of
+  the encoding that was seen (``binary 0/255``, ``label map``, ``lossy JPEG``...), for summaries and for
+  multi-label targets.
 * :func:`read_pair` reads both and checks that their sizes agree.
 
 Every failure raises :class:`~metaseg_tf.data.discover.DataError` with the file name and the reason; the
@@ -15,6 +20,7 @@ callers that walk a whole dataset turn those into counted, reported skips.
 from __future__ import annotations
 
 import io
+from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
@@ -29,6 +35,7 @@ cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
 
 ImageSource = str | Path | bytes
 TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+JPEG_MAGIC = b"\xff\xd8\xff"
 
 
 def _decode_tiff(raw: bytes) -> np.ndarray | None:
@@ -50,8 +57,9 @@ def _raw_bytes(source: ImageSource) -> tuple[bytes, str]:
         raise DataError(f"cannot read {path}: {error.strerror or error}") from error
 
 
-def _decode(source: ImageSource) -> tuple[np.ndarray, str]:
-    """Raw pixels as stored (any dtype, 2D or 3D, RGB(A) order) and the source's name, or :class:`DataError`."""
+def _decode(source: ImageSource) -> tuple[np.ndarray, str, bool]:
+    """Raw pixels as stored (any dtype, 2D or 3D, RGB(A) order), the source's name and whether it was stored
+    lossily (JPEG), or :class:`DataError`."""
     raw, name = _raw_bytes(source)
     if len(raw) == 0:
         raise DataError(f"empty file: {name}")
@@ -67,7 +75,7 @@ def _decode(source: ImageSource) -> tuple[np.ndarray, str]:
         pixels = pixels[..., 0]
     if pixels.ndim not in (2, 3) or min(pixels.shape[:2]) < 2:
         raise DataError(f"not a 2D slice (shape {pixels.shape}): {name}")
-    return pixels, name
+    return pixels, name, raw.startswith(JPEG_MAGIC)
 
 
 def _to_unit_range(pixels: np.ndarray) -> np.ndarray:
@@ -98,7 +106,7 @@ def _to_channels(image: np.ndarray, channels: int) -> np.ndarray:
 def read_image(source: ImageSource, channels: int = 3) -> np.ndarray:
     """Read one slice (a file, or the encoded bytes of one) as ``float32`` ``(H, W, channels)`` in ``[0, 1]``
     (see the module docstring)."""
-    pixels, name = _decode(source)
+    pixels, name, _ = _decode(source)
     if pixels.ndim == 3 and pixels.shape[2] > 4:
         raise DataError(f"{pixels.shape[2]} channels are not supported (1-4 expected): {name}")
     try:
@@ -108,29 +116,68 @@ def read_image(source: ImageSource, channels: int = 3) -> np.ndarray:
     return np.ascontiguousarray(_to_channels(image, channels), dtype=np.float32)
 
 
-def read_mask(source: ImageSource) -> np.ndarray:
-    """Read one mask (a file, or the encoded bytes of one) as ``uint8`` ``(H, W)`` with values in ``{0, 1}``
-    (see the module docstring)."""
-    pixels, _ = _decode(source)
+@dataclass(frozen=True)
+class MaskLabels:
+    """A mask's labels ``(H, W)`` as stored (0 background; binary masks as 0/1) and its encoding's name."""
+
+    labels: np.ndarray
+    encoding: str
+
+    @property
+    def binary(self) -> np.ndarray:
+        """``uint8 (H, W)`` in {0, 1}: any non-zero label is lesion."""
+        return (self.labels > 0).astype(np.uint8)
+
+
+def read_mask_labels(source: ImageSource) -> MaskLabels:
+    """Read one mask (a file, or the encoded bytes of one) with its labels (see the module docstring)."""
+    pixels, _, lossy = _decode(source)
+    encoding = ""
     if pixels.ndim == 3:
         colour = pixels[..., :3] if pixels.shape[2] >= 3 else pixels[..., :1]
+        if not (colour == colour[..., :1]).all():
+            encoding = "colour (any channel)"
         pixels = colour.max(axis=2)
     if pixels.dtype == np.bool_:
-        return pixels.astype(np.uint8)
-    if np.issubdtype(pixels.dtype, np.integer):
-        top = int(pixels.max())
-        threshold = 0 if top <= 1 else np.iinfo(pixels.dtype).max // 2
-        return (pixels > threshold).astype(np.uint8)
-    return (np.nan_to_num(pixels.astype(np.float32)) > 0.5).astype(np.uint8)
+        return MaskLabels(pixels.astype(np.uint8), "boolean")
+    if np.issubdtype(pixels.dtype, np.floating):
+        pixels = np.nan_to_num(pixels.astype(np.float64))
+        if np.array_equal(pixels, np.round(pixels)) and pixels.min() >= 0:
+            return _integer_labels(pixels.astype(np.uint16), f"float {encoding}".strip())
+        return MaskLabels((pixels > 0.5).astype(np.uint8), "soft float (> 0.5)")
+    if lossy:
+        return MaskLabels((pixels > np.iinfo(pixels.dtype).max // 2).astype(np.uint8), "lossy JPEG (> half range)")
+    return _integer_labels(pixels, encoding)
+
+
+def _integer_labels(pixels: np.ndarray, encoding: str) -> MaskLabels:
+    values = np.unique(pixels)
+    values = values[values > 0]
+    if values.size == 0:
+        return MaskLabels(np.zeros(pixels.shape, np.uint8), encoding or "empty")
+    if values.size == 1:  # binary: 0/1, 0/255, 0/65535 ... stored as 0/1
+        return MaskLabels((pixels > 0).astype(np.uint8), encoding or f"binary 0/{int(values[0])}")
+    return MaskLabels(pixels, encoding or "label map")
+
+
+def read_mask(source: ImageSource) -> np.ndarray:
+    """Read one mask (a file, or the encoded bytes of one) as ``uint8`` ``(H, W)`` with values in ``{0, 1}``:
+    any non-zero label is lesion (JPEG: above half range; see the module docstring)."""
+    return read_mask_labels(source).binary
+
+
+def check_pair_shapes(pair: SlicePair, image: np.ndarray, mask: np.ndarray) -> None:
+    """:class:`DataError` naming both files when the image and its mask differ in size."""
+    if image.shape[:2] != mask.shape:
+        raise DataError(
+            f"image {pair.image_path.name} is {image.shape[1]}x{image.shape[0]} but mask "
+            f"{pair.mask_path.name} is {mask.shape[1]}x{mask.shape[0]}"
+        )
 
 
 def read_pair(pair: SlicePair, channels: int = 3) -> tuple[np.ndarray, np.ndarray]:
     """Image ``(H, W, channels)`` float32 and mask ``(H, W)`` uint8 of one pair; sizes must agree."""
     image = read_image(pair.image_path, channels)
     mask = read_mask(pair.mask_path)
-    if image.shape[:2] != mask.shape:
-        raise DataError(
-            f"image {pair.image_path.name} is {image.shape[1]}x{image.shape[0]} but mask "
-            f"{pair.mask_path.name} is {mask.shape[1]}x{mask.shape[0]}"
-        )
+    check_pair_shapes(pair, image, mask)
     return image, mask

@@ -5,10 +5,11 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
+import numpy as np
 from tqdm.auto import tqdm
 
 from metaseg_tf.data.discover import DataError, DiscoveryReport
-from metaseg_tf.data.io import read_pair
+from metaseg_tf.data.io import check_pair_shapes, read_image, read_mask_labels
 
 
 @dataclass
@@ -21,6 +22,8 @@ class DatasetSummary:
     lesion_pixels: int = 0
     total_pixels: int = 0
     image_shapes: Counter = field(default_factory=Counter)
+    mask_encodings: Counter = field(default_factory=Counter)
+    mask_labels: set[int] = field(default_factory=set)
     unreadable: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -43,6 +46,9 @@ class DatasetSummary:
                 f"with lesion : {self.slices_with_lesion} slices "
                 f"({100.0 * self.slices_with_lesion / max(self.usable_pairs, 1):.1f} %), lesion pixels "
                 f"{100.0 * self.lesion_pixels / max(self.total_pixels, 1):.2f} % of all",
+                f"masks       : " + (", ".join(f"{n} x {encoding}" for encoding, n in self.mask_encodings.most_common())
+                                     or "none read")
+                + (f"; labels {sorted(self.mask_labels)} (any non-zero label is lesion)" if self.mask_labels else ""),
             ]
         reasons = dict(report.skipped_reasons())
         if self.unreadable:
@@ -69,10 +75,15 @@ def summarise_dataset(report: DiscoveryReport, check: bool = True, progress: boo
         return summary
     for pair in tqdm(report.pairs, desc="reading pairs", unit="pair", disable=not progress):
         try:
-            image, mask = read_pair(pair)
+            image, labels = read_image(pair.image_path), read_mask_labels(pair.mask_path)
+            check_pair_shapes(pair, image, labels.labels)
         except DataError as error:
             summary.unreadable[str(pair.image_path)] = str(error)
             continue
+        summary.mask_encodings[labels.encoding] += 1
+        if labels.encoding.startswith(("label map", "float", "colour")):
+            summary.mask_labels.update(int(v) for v in np.unique(labels.labels) if v > 0)
+        mask = labels.binary
         summary.image_shapes[image.shape[:2]] += 1
         lesion = int(mask.sum())
         summary.slices_with_lesion += lesion > 0
