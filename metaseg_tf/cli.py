@@ -83,7 +83,10 @@ def _evaluate(args: argparse.Namespace) -> int:
     from metaseg_tf.evaluation.report import evaluate_run
 
     result = evaluate_run(args.run, split=args.split, which=args.which, threshold=args.threshold,
-                          data_dir=args.data, progress=not args.quiet)
+                          data_dir=args.data, progress=not args.quiet,
+                          allow_missing_patients=args.allow_missing_patients)
+    if result.summary["missing_patients"]:
+        print(f"not in the data any more, left out: {', '.join(result.summary['missing_patients'])}")
     dice = result.summary["per_patient"]["dice"]
     print(f"{result.summary['model']} on {result.summary['patients']} {result.summary['split']} patients "
           f"({result.summary['resolution']}): per-patient Dice {dice['mean']:.3f} ± {dice['sd']:.3f}, "
@@ -96,7 +99,8 @@ def _evaluate(args: argparse.Namespace) -> int:
 def _compare(args: argparse.Namespace) -> int:
     from metaseg_tf.evaluation.report import compare_runs
 
-    comparison = compare_runs(args.runs, args.out, split=args.split, labels=args.labels, progress=not args.quiet)
+    comparison = compare_runs(args.runs, args.out, split=args.split, labels=args.labels, progress=not args.quiet,
+                              allow_different_patients=args.allow_different_patients)
     print(comparison.markdown)
     print(comparison.out_dir)
     return 0
@@ -217,6 +221,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--which", default="best", choices=("best", "last"))
     evaluate.add_argument("--threshold", type=float, help="default: the run's config threshold")
     evaluate.add_argument("--data", type=_typed_path, help="score every slice of this other folder (external test set)")
+    evaluate.add_argument("--allow-missing-patients", action="store_true",
+                          help="score the run's recorded patients that the data still holds and list the others "
+                               "(default: stop with an error)")
     evaluate.set_defaults(handler=_evaluate)
 
     compare = commands.add_parser("compare", help="one table and paired Wilcoxon tests over several runs")
@@ -225,6 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--out", type=_typed_path, default=paths.resolve(paths.RESULTS_DIR),
                          help=f"a new comparison folder goes here (default: {paths.RESULTS_DIR} in the project)")
     compare.add_argument("--split", default="test", choices=("train", "val", "test"))
+    compare.add_argument("--allow-different-patients", action="store_true",
+                         help="compare runs evaluated on different patients (paired tests use the shared ones)")
     compare.set_defaults(handler=_compare)
 
     predict = commands.add_parser("predict", help="masks for an image, a folder or NIfTI volume(s)")

@@ -47,6 +47,15 @@ def tiny_config(phantom_dir: Path, tmp_path: Path, **changes) -> ExperimentConfi
     return ExperimentConfig(**{**settings, **changes})
 
 
+def add_patient_copy(data_dir: Path, source_case: str, new_case: str) -> Path:
+    """Copy one kaggle_3m patient folder of ``data_dir`` under a new case id (files renamed too)."""
+    target = data_dir / new_case
+    target.mkdir()
+    for path in (data_dir / source_case).iterdir():
+        (target / path.name.replace(source_case, new_case)).write_bytes(path.read_bytes())
+    return target
+
+
 @pytest.fixture(scope="session")
 def phantom_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small phantom (6 patients x 8 slices at 64 px), generated once per test session."""

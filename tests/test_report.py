@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pandas as pd
-from conftest import tiny_config
+import pytest
+from conftest import add_patient_copy, tiny_config
 
-from metaseg_tf.evaluation.report import compare_runs, evaluate_run
+from metaseg_tf.data import discover_pairs, split_for_config
+from metaseg_tf.data.discover import DataError
+from metaseg_tf.evaluation.report import compare_runs, evaluate_run, latest_evaluation
 from metaseg_tf.predict import load_model
 from metaseg_tf.training.train import train
 
@@ -32,3 +36,51 @@ def test_evaluate_and_compare_write_the_report(phantom_dir: Path, tmp_path: Path
     assert {"comparison.md", "comparison.csv", "wilcoxon.csv", "per_patient_dice.png"} <= {
         p.name for p in comparison.out_dir.iterdir()}
     assert len(comparison.tests) == 1 and 0.0 <= comparison.tests["p_value"][0] <= 1.0
+
+
+def test_the_recorded_split_is_read_back_and_drift_is_refused(phantom_dir: Path, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    shutil.copytree(phantom_dir, data)
+    config = tiny_config(data, tmp_path, model="unet", epochs=1, test_fraction=0.4)
+    run = train(config, runs_root=tmp_path / "runs", progress=False).run_dir
+    recorded = json.loads((run / "data.json").read_text())["split"]["test"]
+    add_patient_copy(data, recorded[0], "A_added_patient")  # a new patient shifts a recomputed permutation
+    cases = sorted({pair.case_id for pair in discover_pairs(data).pairs})
+    assert list(split_for_config(cases, config).test) != recorded  # re-splitting would score other patients
+    result = evaluate_run(run, progress=False)
+    assert sorted(result.evaluation.per_patient["case_id"]) == sorted(recorded)
+    assert result.summary["missing_patients"] == []
+
+    shutil.rmtree(data / recorded[0])  # a recorded test patient disappears
+    with pytest.raises(DataError, match=f"not in .* any more \\({recorded[0]}"):
+        evaluate_run(run, progress=False)
+    partial = evaluate_run(run, progress=False, allow_missing_patients=True)
+    assert partial.summary["missing_patients"] == [recorded[0]]
+    assert sorted(partial.evaluation.per_patient["case_id"]) == sorted(recorded[1:])
+
+
+def test_external_evaluation_of_a_kfold_run_does_not_split(phantom_dir: Path, tmp_path: Path) -> None:
+    run = train(tiny_config(phantom_dir, tmp_path, model="unet", epochs=1, n_folds=3, fold=1),
+                runs_root=tmp_path / "runs", progress=False).run_dir
+    external = tmp_path / "external"
+    for case in sorted(p.name for p in phantom_dir.iterdir() if p.is_dir())[:2]:  # fewer patients than folds
+        shutil.copytree(phantom_dir / case, external / case)
+    result = evaluate_run(run, data_dir=external, progress=False)
+    assert result.summary["patients"] == 2 and result.out_dir.name == "evaluation-external-external"
+
+
+def test_compare_uses_matching_evaluations_and_refuses_different_patients(phantom_dir: Path,
+                                                                         tmp_path: Path) -> None:
+    runs = [train(tiny_config(phantom_dir, tmp_path, model="unet", epochs=1, split_seed=seed),
+                  runs_root=tmp_path / "runs", name=f"seed{seed}", progress=False).run_dir for seed in (42, 7)]
+    low = evaluate_run(runs[0], threshold=0.2, which="last", progress=False)
+    assert low.out_dir.name == "evaluation-test-last-t0.2"
+    assert latest_evaluation(runs[0]) is None  # a last-model, 0.2-threshold evaluation is not the default one
+    assert latest_evaluation(runs[0], which="last", threshold=0.2) == low.out_dir
+    default = evaluate_run(runs[0], progress=False)
+    assert latest_evaluation(runs[0]) == default.out_dir and default.out_dir.name == "evaluation-test"
+    with pytest.raises(ValueError, match="different test patients"):
+        compare_runs(runs, tmp_path / "cmp", labels=["a", "b"], progress=False)
+    comparison = compare_runs(runs, tmp_path / "cmp", labels=["a", "b"], progress=False,
+                              allow_different_patients=True)
+    assert comparison.summaries["a"]["which"] == "best" and comparison.summaries["a"]["threshold"] == 0.5

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,9 +14,10 @@ import keras
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import tiny_config
+from conftest import add_patient_copy, tiny_config
 
 from metaseg_tf.config import ExperimentConfig
+from metaseg_tf.data.discover import DataError
 from metaseg_tf.training.runs import list_runs
 from metaseg_tf.training.train import train
 
@@ -63,6 +65,24 @@ def test_killed_run_resumes_where_it_stopped(phantom_dir: Path, tmp_path: Path) 
     history = pd.read_csv(run_dir / "history.csv")
     assert history["epoch"].tolist() == [0, 1, 2]  # the third epoch only, not a restart
     assert len(json.loads((run_dir / "timings.json").read_text())["epoch_seconds"]) == 3
+
+
+def test_a_resumed_run_keeps_its_recorded_patients(phantom_dir: Path, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    shutil.copytree(phantom_dir, data)
+    config = tiny_config(data, tmp_path, model="unet", epochs=2)
+    with pytest.raises(KeyboardInterrupt):
+        train(config, runs_root=tmp_path / "runs", progress=False, callbacks=[StopAfterEpoch(1)])
+    [run_dir] = (tmp_path / "runs").iterdir()
+    recorded = json.loads((run_dir / "data.json").read_text())
+    add_patient_copy(data, recorded["split"]["test"][0], "A_added_patient")  # would shift a new split
+    moved = shutil.move(data / recorded["split"]["train"][0], tmp_path / "aside")
+    with pytest.raises(DataError, match="train/val patients are not in"):
+        train(config, runs_root=tmp_path / "runs", progress=False)
+    shutil.move(moved, data / recorded["split"]["train"][0])
+    resumed = train(config, runs_root=tmp_path / "runs", progress=False)
+    assert resumed.run_dir == run_dir and resumed.state["epochs_done"] == 2
+    assert json.loads((run_dir / "data.json").read_text()) == recorded
 
 
 def test_same_seed_gives_same_split_and_initial_weights(phantom_dir: Path, tmp_path: Path) -> None:

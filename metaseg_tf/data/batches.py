@@ -25,13 +25,13 @@ from metaseg_tf.data.augment import (
     random_gamma,
     warp_pair,
 )
-from metaseg_tf.data.discover import DiscoveryReport, discover_pairs
+from metaseg_tf.data.discover import DataError, DiscoveryReport, discover_pairs
 from metaseg_tf.data.preprocess import (
     PreprocessedDataset,
     normalise,
     preprocess_dataset,
 )
-from metaseg_tf.data.split import PatientSplit, split_for_config
+from metaseg_tf.data.split import PatientSplit, missing_patients, split_for_config
 from metaseg_tf.paths import resolve
 
 logger = logging.getLogger(__name__)
@@ -154,8 +154,34 @@ class ExperimentData:
         }
 
 
-def load_experiment_data(config: ExperimentConfig, progress: bool = True) -> ExperimentData:
-    """Discover ``config.data_dir``, preprocess it (or load the cache) and split it by patient."""
+def load_experiment_data(config: ExperimentConfig, progress: bool = True, split: PatientSplit | None = None,
+                         external: bool = False) -> ExperimentData:
+    """Discover ``config.data_dir``, preprocess it (or load the cache) and split it by patient: with
+    ``split`` (a run's recorded split) that one; with ``external`` every patient is test (an external test
+    set is scored whole, never split, whatever the config's k-fold says); else the split the config asks
+    for."""
     report = discover_pairs(resolve(config.data_dir))
     dataset = preprocess_dataset(report, config, progress=progress)
-    return ExperimentData(report, dataset, split_for_config(dataset.case_ids, config))
+    if external:
+        split = PatientSplit.only_test(dataset.case_ids)
+    return ExperimentData(report, dataset, split or split_for_config(dataset.case_ids, config))
+
+
+def apply_recorded_split(data: ExperimentData, recorded: PatientSplit, parts: tuple[str, ...],
+                         allow_missing: bool = False) -> tuple[ExperimentData, list[str]]:
+    """``data`` with a run's recorded split, and the patients of ``parts`` that the data no longer holds.
+
+    Missing patients stop with a :class:`DataError` naming them, unless ``allow_missing``: then they are left
+    out and returned. Patients in the folder that the split does not know are not used (a warning says so).
+    """
+    missing = missing_patients(recorded, data.dataset.case_ids, parts)
+    if missing and not allow_missing:
+        raise DataError(f"{len(missing)} of the run's {'/'.join(parts)} patients are not in {data.report.root} any "
+                        f"more ({', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}); the run's split is "
+                        "fixed, so the data must still hold them (evaluation can score the rest with "
+                        "--allow-missing-patients)")
+    unknown = sorted(set(data.dataset.case_ids.tolist()) - {c for part in recorded.to_dict().values() for c in part})
+    if unknown:
+        logger.warning("%d patient(s) in %s are not in the run's recorded split and are not used: %s",
+                       len(unknown), data.report.root, ", ".join(unknown[:5]))
+    return ExperimentData(data.report, data.dataset, recorded.without(set(missing))), missing

@@ -10,6 +10,11 @@ and inflate every test figure (patient leakage). Here the unit is the case id.
 
 Both are deterministic for a given seed and set of case ids (the ids are sorted before shuffling, so the
 order in which files were found does not matter). Every non-empty fraction gets at least one patient.
+
+A split is computed once, when a run starts, and recorded in the run's ``data.json``; evaluating or
+resuming the run reads it back (:meth:`PatientSplit.from_dict`) instead of splitting the folder again, since
+one added or unreadable patient would shift the whole permutation. :func:`missing_patients` says which
+recorded patients the data no longer holds.
 """
 
 from __future__ import annotations
@@ -37,6 +42,28 @@ class PatientSplit:
 
     def to_dict(self) -> dict[str, list[str]]:
         return {"train": list(self.train), "val": list(self.val), "test": list(self.test)}
+
+    @classmethod
+    def from_dict(cls, parts: dict[str, list[str]]) -> PatientSplit:
+        """The split recorded by :meth:`to_dict` (a run's ``data.json``)."""
+        return cls(*(tuple(parts.get(part, ())) for part in ("train", "val", "test")))
+
+    @classmethod
+    def only_test(cls, case_ids: list[str] | np.ndarray) -> PatientSplit:
+        """Every patient in the test part: an external test set, which is scored whole and never split."""
+        return cls((), (), tuple(sorted(set(np.asarray(case_ids).tolist()))))
+
+    def without(self, missing: set[str]) -> PatientSplit:
+        """The same split less the patients in ``missing``."""
+        return PatientSplit(*(tuple(c for c in getattr(self, part) if c not in missing)
+                              for part in ("train", "val", "test")))
+
+
+def missing_patients(split: PatientSplit, case_ids: list[str] | np.ndarray,
+                     parts: tuple[str, ...] = ("train", "val", "test")) -> list[str]:
+    """The patients of ``parts`` of ``split`` that are not among ``case_ids`` (sorted)."""
+    present = set(np.asarray(case_ids).tolist())
+    return sorted(case for part in parts for case in getattr(split, part) if case not in present)
 
 
 def _count(n: int, fraction: float) -> int:

@@ -46,7 +46,7 @@ class DatasetSummary:
                 f"with lesion : {self.slices_with_lesion} slices "
                 f"({100.0 * self.slices_with_lesion / max(self.usable_pairs, 1):.1f} %), lesion pixels "
                 f"{100.0 * self.lesion_pixels / max(self.total_pixels, 1):.2f} % of all",
-                f"masks       : " + (", ".join(f"{n} x {encoding}" for encoding, n in self.mask_encodings.most_common())
+                "masks       : " + (", ".join(f"{n} x {encoding}" for encoding, n in self.mask_encodings.most_common())
                                      or "none read")
                 + (f"; labels {sorted(self.mask_labels)} (any non-zero label is lesion)" if self.mask_labels else ""),
             ]

@@ -34,24 +34,18 @@ from scipy import stats
 
 from metaseg_tf import plots
 from metaseg_tf.config import ExperimentConfig
-from metaseg_tf.data.batches import ExperimentData, load_experiment_data
+from metaseg_tf.data.batches import (
+    ExperimentData,
+    apply_recorded_split,
+    load_experiment_data,
+)
 from metaseg_tf.data.io import read_mask
 from metaseg_tf.evaluation.complexity import model_complexity
-from metaseg_tf.evaluation.scores import (
-    Evaluation,
-    dice_per_case,
-    evaluate_masks,
-    overlap_scores,
-)
+from metaseg_tf.evaluation.scores import Evaluation, dice_per_case, evaluate_masks, overlap_scores
 from metaseg_tf.models.nested_unet import average_heads, head_names, prune_nested_unet
 from metaseg_tf.paths import resolve
 from metaseg_tf.predict import load_model, predict_probabilities
-from metaseg_tf.training.runs import (
-    load_run_config,
-    new_dir,
-    read_json,
-    write_json,
-)
+from metaseg_tf.training.runs import load_run_config, load_run_split, new_dir, read_json, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -131,21 +125,32 @@ def evaluate_run(
     data: ExperimentData | None = None,
     data_dir: Path | str | None = None,
     progress: bool = True,
+    allow_missing_patients: bool = False,
 ) -> RunEvaluation:
-    """Score the run's ``which`` model on ``split`` of its own patient split; write a new evaluation folder.
+    """Score the run's ``which`` model on ``split`` of the patient split recorded when the run started (its
+    ``data.json``; the folder is never split again); write a new evaluation folder.
 
-    With ``data_dir`` every slice of that other folder is scored instead (an external test set, e.g. a
-    different modality), preprocessed with the run's settings; the folder is ``evaluation-<its name>``.
+    If the data no longer holds some of those patients the evaluation stops with a :class:`DataError` naming
+    them; with ``allow_missing_patients`` it scores the ones still there and lists the missing ones in
+    ``summary.json``. With ``data_dir`` every slice of that other folder is scored instead (an external test
+    set, e.g. a different modality, never split), preprocessed with the run's settings; the folder is
+    ``evaluation-external-<its name>``. Folders of other settings than the defaults (best model, the run's
+    threshold, native resolution) carry them in their name, e.g. ``evaluation-test-last-t0.3``.
     """
     run_dir = Path(run_dir)
     config = load_run_config(run_dir)
+    default_threshold = config.threshold
     threshold = config.threshold if threshold is None else threshold
+    missing: list[str] = []
     if data_dir is not None:
         config = config.replace(data_dir=str(data_dir))
         split = f"external-{Path(data_dir).name}"
-    data = data or load_experiment_data(config, progress=progress)
-    indices = (np.arange(len(data.dataset)) if data_dir is not None
-               else data.split.indices(data.dataset.case_ids, split))
+        data = data or load_experiment_data(config, progress=progress, external=True)
+    else:
+        recorded = load_run_split(run_dir)
+        data, missing = apply_recorded_split(data or load_experiment_data(config, progress, split=recorded),
+                                             recorded, (split,), allow_missing_patients)
+    indices = data.split.indices(data.dataset.case_ids, "test" if data_dir is not None else split)
     if len(indices) == 0:
         raise ValueError(f"the {split} part of {run_dir} has no slices")
     model = load_model(run_dir, which)
@@ -164,7 +169,9 @@ def evaluate_run(
     case_ids, slice_indices = data.dataset.case_ids[indices], data.dataset.slice_indices[indices]
     evaluation = evaluate_masks(truth, pred, case_ids, slice_indices)
 
-    out_dir = new_dir(run_dir, f"evaluation-{split}")
+    key = "".join([f"-{which}" if which != "best" else "", f"-t{threshold:g}" if threshold != default_threshold else "",
+                   "" if native_resolution else "-input_size"])
+    out_dir = new_dir(run_dir, f"evaluation-{split}{key}")
     evaluation.per_image.to_csv(out_dir / "per_image.csv", index=False)
     evaluation.per_patient.to_csv(out_dir / "per_patient.csv", index=False)
     sweep = _threshold_sweep(truth, probabilities, case_ids)
@@ -173,7 +180,7 @@ def evaluate_run(
     state, timings = read_json(run_dir / "state.json"), read_json(run_dir / "timings.json")
     summary = {
         "run": str(run_dir), "model": config.model, "which": which, "split": split, "threshold": threshold,
-        "resolution": resolution, "patients": len(patients), "slices": len(indices),
+        "native_resolution": native_resolution, "resolution": resolution, "missing_patients": missing, "patients": len(patients), "slices": len(indices),
         **evaluation.summary(),
         "lesions": {"truth": int(patients["truth_lesions"].sum()), "detected": int(patients["detected_lesions"].sum()),
                     "false_positives": int(patients["false_positive_lesions"].sum()),
@@ -193,9 +200,22 @@ def evaluate_run(
     return RunEvaluation(out_dir, evaluation, summary)
 
 
-def latest_evaluation(run_dir: Path | str, split: str = "test") -> Path | None:
-    """The newest ``evaluation-<split>`` folder of a run that holds a summary, if any."""
-    found = [p for p in Path(run_dir).glob(f"evaluation-{split}*") if (p / "summary.json").is_file()]
+def latest_evaluation(run_dir: Path | str, split: str = "test", which: str = "best", threshold: float | None = None,
+                      native_resolution: bool = True) -> Path | None:
+    """The newest evaluation folder of a run on ``split`` made with exactly these settings (model ``which``,
+    ``threshold``, default the run's own, and resolution), read from each folder's ``summary.json``; None if
+    there is none. Evaluations with other settings are never mixed in."""
+    run_dir = Path(run_dir)
+    threshold = load_run_config(run_dir).threshold if threshold is None else threshold
+    found = []
+    for folder in run_dir.glob("evaluation-*"):
+        if not (folder / "summary.json").is_file():
+            continue
+        summary = read_json(folder / "summary.json")
+        native = summary.get("native_resolution", str(summary.get("resolution", "")).startswith("native"))
+        if (summary.get("split"), summary.get("which"), native) == (split, which, native_resolution) and \
+                np.isclose(summary.get("threshold", float("nan")), threshold):
+            found.append(folder)
     return max(found, key=lambda p: (p / "summary.json").stat().st_mtime) if found else None
 
 
@@ -234,10 +254,18 @@ def paired_wilcoxon(per_patient: dict[str, pd.DataFrame], score: str = "dice") -
 
 
 def compare_runs(run_dirs: Sequence[Path | str], out_dir: Path | str, split: str = "test",
-                 labels: Sequence[str] | None = None, progress: bool = True) -> Comparison:
+                 labels: Sequence[str] | None = None, progress: bool = True, which: str = "best",
+                 threshold: float | None = None, native_resolution: bool = True,
+                 allow_different_patients: bool = False) -> Comparison:
     """One table of per-patient (mean ± sd [95 % CI]) and global scores, lesion detection, complexity and
-    training time for ``run_dirs`` (evaluated on ``split`` first where needed), plus paired Wilcoxon tests
-    on per-patient Dice; written as markdown, CSV and a PNG into a new folder under ``out_dir``."""
+    training time for ``run_dirs``, plus paired Wilcoxon tests on per-patient Dice; written as markdown, CSV
+    and a PNG into a new folder under ``out_dir``.
+
+    Each run's newest evaluation with exactly these settings (:func:`latest_evaluation`; ``threshold`` None:
+    each run's own) is used, made first where there is none. Runs evaluated on different patients are
+    refused (``ValueError``) unless ``allow_different_patients``: then the table says so and the paired
+    tests use the shared patients only.
+    """
     if len(run_dirs) < 1:
         raise ValueError("compare needs at least one run")
     labels = list(labels) if labels else [Path(r).name for r in run_dirs]
@@ -245,9 +273,10 @@ def compare_runs(run_dirs: Sequence[Path | str], out_dir: Path | str, split: str
         raise ValueError(f"labels must be distinct, got {labels}")
     rows, per_patient, summaries = [], {}, {}
     for label, run_dir in zip(labels, run_dirs):
-        evaluation_dir = latest_evaluation(run_dir, split)
+        evaluation_dir = latest_evaluation(run_dir, split, which, threshold, native_resolution)
         if evaluation_dir is None:
-            evaluation_dir = evaluate_run(run_dir, split, progress=progress).out_dir
+            evaluation_dir = evaluate_run(run_dir, split, which, threshold, native_resolution,
+                                          progress=progress).out_dir
         summary = summaries[label] = read_json(evaluation_dir / "summary.json")
         per_patient[label] = pd.read_csv(evaluation_dir / "per_patient.csv")
         scores, complexity = summary["per_patient"], summary["complexity"]
@@ -268,6 +297,14 @@ def compare_runs(run_dirs: Sequence[Path | str], out_dir: Path | str, split: str
             "epochs": summary["training"]["epochs"],
             "resolution": summary["resolution"],
         })
+    patient_sets = {label: frozenset(frame["case_id"].astype(str)) for label, frame in per_patient.items()}
+    if len(set(patient_sets.values())) > 1:
+        sizes = ", ".join(f"{label}: {len(cases)}" for label, cases in patient_sets.items())
+        if not allow_different_patients:
+            raise ValueError(f"the runs were evaluated on different {split} patients ({sizes}); compare runs of "
+                             "one patient split, or pass --allow-different-patients to test the shared ones only")
+        logger.warning("comparing runs evaluated on different patients (%s): paired tests use the shared ones",
+                       sizes)
     table = pd.DataFrame(rows)
     tests = paired_wilcoxon(per_patient)
     out_dir = new_dir(resolve(out_dir), f"comparison-{split}")
@@ -289,9 +326,11 @@ def compare_runs(run_dirs: Sequence[Path | str], out_dir: Path | str, split: str
     return comparison
 
 
-def _split_images(config: ExperimentConfig, split: str, data: ExperimentData | None,
+def _split_images(run_dir: Path | str, config: ExperimentConfig, split: str, data: ExperimentData | None,
                   progress: bool) -> tuple[ExperimentData, np.ndarray]:
-    data = data or load_experiment_data(config, progress=progress)
+    """The run's data with its recorded split, and the slices of ``split``."""
+    recorded = load_run_split(run_dir)
+    data, _ = apply_recorded_split(data or load_experiment_data(config, progress, split=recorded), recorded, (split,))
     indices = data.split.indices(data.dataset.case_ids, split)
     if len(indices) == 0:
         raise ValueError(f"the {split} part of the split has no slices")
@@ -313,7 +352,7 @@ def prune_level_scores(run_dir: Path | str, split: str = "val", data: Experiment
     levels = head_names(model)
     if not levels:
         raise ValueError(f"{run_dir} holds no U-Net++ with deep-supervision heads")
-    data, indices = _split_images(config, split, data, progress)
+    data, indices = _split_images(run_dir, config, split, data, progress)
     images, truth = data.dataset.images[indices], data.dataset.masks[indices] > 0
     case_ids = data.dataset.case_ids[indices]
     variants = {f"L{k}": prune_nested_unet(model, k) for k in range(1, len(levels) + 1)}
@@ -333,13 +372,13 @@ def side_by_side_overlays(run_dirs: Sequence[Path | str], labels: Sequence[str],
     """Best, median and worst patients (ranked by the models' mean per-patient Dice) with every model's
     prediction beside the truth, at the model's resolution. The runs must share one patient split."""
     configs = [load_run_config(run_dir) for run_dir in run_dirs]
-    data, indices = _split_images(configs[0], split, data, progress)
+    data, indices = _split_images(run_dirs[0], configs[0], split, data, progress)
     images, truth = data.dataset.images[indices], data.dataset.masks[indices] > 0
     case_ids = data.dataset.case_ids[indices]
     predictions, dice = {}, []
     for label, run_dir, config in zip(labels, run_dirs, configs):
-        if config.image_size != configs[0].image_size or config.split_seed != configs[0].split_seed:
-            raise ValueError(f"{run_dir} was trained at another size or split than {run_dirs[0]}")
+        if config.image_size != configs[0].image_size or load_run_split(run_dir) != load_run_split(run_dirs[0]):
+            raise ValueError(f"{run_dir} was trained at another size or on another patient split than {run_dirs[0]}")
         model = load_model(run_dir)
         probabilities = predict_probabilities(model, images, config.normalisation, config.batch_size, False)
         predictions[label] = probabilities >= config.threshold

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from metaseg_tf.config import ConfigError, ExperimentConfig
+from metaseg_tf.data.split import PatientSplit
 
 
 def read_json(path: Path) -> dict[str, Any]:
@@ -83,6 +84,14 @@ def load_run_config(run_dir: Path | str) -> ExperimentConfig:
         raise ConfigError(f"{run_dir} is not a run folder (no config.json and state.json); "
                           "create one with `metaseg train`")
     return ExperimentConfig.load(run_dir / "config.json")
+
+
+def load_run_split(run_dir: Path | str) -> PatientSplit:
+    """The patient split a run was trained with, as recorded in its ``data.json`` when it started."""
+    path = Path(run_dir) / "data.json"
+    if not path.is_file():
+        raise ConfigError(f"{path} is missing: the run's patient split is unknown")
+    return PatientSplit.from_dict(read_json(path)["split"])
 
 
 def run_model_path(run_dir: Path | str, which: str = "best") -> Path:

@@ -25,21 +25,12 @@ import keras
 
 from metaseg_tf import paths
 from metaseg_tf.config import ConfigError, ExperimentConfig
-from metaseg_tf.data.batches import (
-    ExperimentData,
-    SegmentationBatches,
-    load_experiment_data,
-)
+from metaseg_tf.data.batches import ExperimentData, SegmentationBatches, apply_recorded_split, load_experiment_data
 from metaseg_tf.environment import accelerator, environment_info
 from metaseg_tf.models import build_model
 from metaseg_tf.training.losses import SegmentationLoss
 from metaseg_tf.training.metrics import segmentation_metrics
-from metaseg_tf.training.runs import (
-    create_run_dir,
-    find_unfinished_run,
-    read_json,
-    write_json,
-)
+from metaseg_tf.training.runs import create_run_dir, find_unfinished_run, load_run_split, read_json, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -203,8 +194,7 @@ def _callbacks(run_dir: Path, config: ExperimentConfig, monitor: str, state: dic
 
 
 def _start_or_resume(config: ExperimentConfig, runs_root: Path, name: str, data: ExperimentData,
-                     resume: bool) -> tuple[Path, dict, dict]:
-    run_dir = find_unfinished_run(runs_root, name, config) if resume else None
+                     run_dir: Path | None) -> tuple[Path, dict, dict]:
     if run_dir is not None:
         state, timings = read_json(run_dir / "state.json"), read_json(run_dir / "timings.json")
         state["resumed"] = state.get("resumed", 0) + 1
@@ -232,14 +222,21 @@ def train(
     """Train ``config.model`` on ``config.data_dir`` into a run folder under ``runs_root``.
 
     ``name`` (default: the model name) is the folder's suffix after the timestamp. With ``resume`` an
-    unfinished run of the same name and configuration is continued instead of starting a new one.
+    unfinished run of the same name and configuration is continued instead of starting a new one, on the
+    patient split recorded when it started (a clear error if the data no longer holds those patients).
     ``data`` skips discovery and preprocessing when the caller has already loaded them; ``callbacks``
     are added after the engine's own (e.g. live plots in a notebook).
     """
     runs_root = paths.resolve(runs_root)
     name = name or config.model
-    data = data or load_experiment_data(config, progress=progress)
-    run_dir, state, timings = _start_or_resume(config, runs_root, name, data, resume)
+    unfinished = find_unfinished_run(runs_root, name, config) if resume else None
+    if unfinished is None:
+        data = data or load_experiment_data(config, progress=progress)
+    else:  # the split is part of the run: resume on the recorded patients, never on a new split
+        recorded = load_run_split(unfinished)
+        data, _ = apply_recorded_split(data or load_experiment_data(config, progress, split=recorded), recorded,
+                                       ("train", "val"))
+    run_dir, state, timings = _start_or_resume(config, runs_root, name, data, unfinished)
 
     keras.utils.set_random_seed(config.seed)
     with precision_policy(config) as policy, device_scope(config.devices):
