@@ -18,7 +18,7 @@ from conftest import add_patient_copy, tiny_config
 
 from metaseg_tf.config import ExperimentConfig
 from metaseg_tf.data.discover import DataError
-from metaseg_tf.training.runs import list_runs
+from metaseg_tf.training.runs import RunLockedError, list_runs
 from metaseg_tf.training.train import train
 
 RUN_FILES = {"config.json", "state.json", "data.json", "environment.json", "best.keras", "last.keras",
@@ -65,6 +65,43 @@ def test_killed_run_resumes_where_it_stopped(phantom_dir: Path, tmp_path: Path) 
     history = pd.read_csv(run_dir / "history.csv")
     assert history["epoch"].tolist() == [0, 1, 2]  # the third epoch only, not a restart
     assert len(json.loads((run_dir / "timings.json").read_text())["epoch_seconds"]) == 3
+
+
+def test_a_killed_and_resumed_run_matches_an_uninterrupted_one(phantom_dir: Path, tmp_path: Path) -> None:
+    """Same epochs, learning rates and best epoch: early stopping and reduce-on-plateau keep their counters."""
+    config = tiny_config(phantom_dir, tmp_path, model="unet", epochs=12, early_stopping_patience=3,
+                         learning_rate=0.05, jit_compile="off")
+    whole = train(config, runs_root=tmp_path / "whole", progress=False)
+    with pytest.raises(KeyboardInterrupt):
+        train(config, runs_root=tmp_path / "killed", progress=False, callbacks=[StopAfterEpoch(4)])
+    resumed = train(config, runs_root=tmp_path / "killed", progress=False)
+    assert resumed.state["resumed"] == 1
+    histories = [pd.read_csv(run.run_dir / "history.csv") for run in (whole, resumed)]
+    assert len(histories[0]) == len(histories[1]) == whole.state["epochs_done"] == resumed.state["epochs_done"]
+    np.testing.assert_allclose(histories[1]["learning_rate"], histories[0]["learning_rate"])
+    assert resumed.state["best_epoch"] == whole.state["best_epoch"]
+    assert resumed.state["stop_reason"] == whole.state["stop_reason"]
+
+
+def test_a_second_process_cannot_train_into_a_live_run_but_takes_over_a_killed_one(
+        phantom_dir: Path, tmp_path: Path) -> None:
+    config = tiny_config(phantom_dir, tmp_path, model="unet", epochs=2)
+    with pytest.raises(KeyboardInterrupt):
+        train(config, runs_root=tmp_path / "runs", progress=False, callbacks=[StopAfterEpoch(1)])
+    [run_dir] = (tmp_path / "runs").iterdir()
+    holder = subprocess.Popen(  # another live process training into the run
+        [sys.executable, "-c", "import sys, time\nfrom metaseg_tf.training.runs import hold_run_lock\n"
+         f"with hold_run_lock({str(run_dir)!r}):\n    print('held', flush=True)\n    time.sleep(120)\n"],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(RunLockedError, match=f"pid {holder.pid}"):
+            train(config, runs_root=tmp_path / "runs", progress=False)
+    finally:
+        holder.kill()  # killed, not released: the lock dies with its process
+        holder.wait()
+    resumed = train(config, runs_root=tmp_path / "runs", progress=False)
+    assert resumed.run_dir == run_dir and resumed.state["epochs_done"] == 2
 
 
 def test_a_resumed_run_keeps_its_recorded_patients(phantom_dir: Path, tmp_path: Path) -> None:

@@ -10,6 +10,8 @@ A run folder ``<runs root>/<YYYYmmdd-HHMMSS>-<name>/`` holds:
 ``best.keras``      the model at the epoch of best validation Dice; ``last.keras`` the final model
 ``history.csv``     one row per epoch (losses, metrics, learning rate)
 ``timings.json``    seconds per epoch and in total
+``callbacks.json``  counters of early stopping and reduce-on-plateau, restored when a killed run resumes
+``train.lock``      held (``fcntl``) by the process training into the folder; a second one is refused
 ``backup/``         Keras ``BackupAndRestore`` state while a run is unfinished (removed when it finishes)
 ``tensorboard/``    TensorBoard logs, when TensorFlow is installed
 ==================  ====================================================================================
@@ -20,8 +22,11 @@ and name resumes it instead of starting a new folder.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +77,42 @@ def find_unfinished_run(runs_root: Path | str, name: str, config: ExperimentConf
         if status.get("name") == name and status.get("status") == "running" and read_json(saved) == config.to_dict():
             return path
     return None
+
+
+class RunLockedError(ConfigError):
+    """Another live process is training into the run folder."""
+
+
+@contextlib.contextmanager
+def hold_run_lock(run_dir: Path | str) -> Iterator[Path]:
+    """Hold ``<run_dir>/train.lock`` (an exclusive ``fcntl`` lock holding our pid) while training into a run.
+
+    A second process that tries raises :class:`RunLockedError` naming the holder's pid. The operating system
+    releases the lock when its process ends, however it ends, so a run killed mid-way is taken over by the
+    next start without any clean-up. (Where ``fcntl`` does not exist, on Windows, nothing is locked.)
+    """
+    path = Path(run_dir) / "train.lock"
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield path
+        return
+    with open(path, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            raise RunLockedError(f"{run_dir} is being trained by another process (pid {holder}); wait for it, or "
+                                 "stop it, before training into this run folder") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
+        try:
+            yield path
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def is_run_dir(path: Path) -> bool:

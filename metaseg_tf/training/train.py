@@ -30,7 +30,14 @@ from metaseg_tf.environment import accelerator, environment_info
 from metaseg_tf.models import build_model
 from metaseg_tf.training.losses import SegmentationLoss
 from metaseg_tf.training.metrics import segmentation_metrics
-from metaseg_tf.training.runs import create_run_dir, find_unfinished_run, load_run_split, read_json, write_json
+from metaseg_tf.training.runs import (
+    create_run_dir,
+    find_unfinished_run,
+    hold_run_lock,
+    load_run_split,
+    read_json,
+    write_json,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -171,6 +178,33 @@ class RunProgress(keras.callbacks.Callback):
             self.model.stop_training = True
 
 
+class CallbackState(keras.callbacks.Callback):
+    """Keeps the counters of early stopping and reduce-on-plateau (``wait``, ``best``, cooldown, best and
+    stopped epoch) in ``callbacks.json`` after every epoch and puts them back when a killed run resumes, so it
+    decays its learning rate and stops at the same epochs as an uninterrupted run would. Must come after the
+    callbacks it watches (their ``on_train_begin`` resets the counters first)."""
+
+    FIELDS = ("wait", "best", "cooldown_counter", "best_epoch", "stopped_epoch")
+
+    def __init__(self, path: Path, watched: dict[str, keras.callbacks.Callback]) -> None:
+        super().__init__()
+        self.path, self.watched = path, watched
+
+    def on_train_begin(self, logs: dict | None = None) -> None:
+        saved = read_json(self.path) if self.path.is_file() else {}
+        for name, callback in self.watched.items():
+            for field_name, value in saved.get(name, {}).items():
+                setattr(callback, field_name, value)
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        def plain(value: Any) -> Any:
+            return None if value is None else float(value) if isinstance(value, float) or hasattr(value, "dtype") \
+                else value
+
+        write_json(self.path, {name: {f: plain(getattr(callback, f)) for f in self.FIELDS if hasattr(callback, f)}
+                               for name, callback in self.watched.items()})
+
+
 def _callbacks(run_dir: Path, config: ExperimentConfig, monitor: str, state: dict, progress: RunProgress,
                early_stopping: keras.callbacks.EarlyStopping) -> list[keras.callbacks.Callback]:
     callbacks: list[keras.callbacks.Callback] = [
@@ -178,13 +212,17 @@ def _callbacks(run_dir: Path, config: ExperimentConfig, monitor: str, state: dic
         keras.callbacks.ModelCheckpoint(str(run_dir / "best.keras"), monitor=monitor, mode="max",
                                         save_best_only=True, initial_value_threshold=state.get("best_value")),
     ]
+    watched: dict[str, keras.callbacks.Callback] = {}
     if config.lr_schedule == "plateau":  # before the CSV logger, so that the history records the rate
-        callbacks.append(keras.callbacks.ReduceLROnPlateau(
+        watched["reduce_lr_on_plateau"] = keras.callbacks.ReduceLROnPlateau(
             monitor=monitor, mode="max", factor=0.5, patience=max(2, config.early_stopping_patience // 3),
-            min_lr=config.learning_rate / 100))
+            min_lr=config.learning_rate / 100)
+        callbacks.append(watched["reduce_lr_on_plateau"])
     callbacks += [keras.callbacks.CSVLogger(str(run_dir / "history.csv"), append=True), progress]
     if config.early_stopping_patience:
+        watched["early_stopping"] = early_stopping
         callbacks.append(early_stopping)
+    callbacks.append(CallbackState(run_dir / "callbacks.json", watched))
     with contextlib.suppress(ImportError):
         import tensorboard  # noqa: F401  (with TensorFlow: the writer Keras' callback needs; optional)
         import tensorflow  # noqa: F401
@@ -230,14 +268,23 @@ def train(
     runs_root = paths.resolve(runs_root)
     name = name or config.model
     unfinished = find_unfinished_run(runs_root, name, config) if resume else None
-    if unfinished is None:
-        data = data or load_experiment_data(config, progress=progress)
-    else:  # the split is part of the run: resume on the recorded patients, never on a new split
-        recorded = load_run_split(unfinished)
-        data, _ = apply_recorded_split(data or load_experiment_data(config, progress, split=recorded), recorded,
-                                       ("train", "val"))
-    run_dir, state, timings = _start_or_resume(config, runs_root, name, data, unfinished)
+    with contextlib.ExitStack() as locks:
+        if unfinished is None:
+            data = data or load_experiment_data(config, progress=progress)
+        else:  # the split is part of the run: resume on the recorded patients, never on a new split
+            locks.enter_context(hold_run_lock(unfinished))
+            recorded = load_run_split(unfinished)
+            data, _ = apply_recorded_split(data or load_experiment_data(config, progress, split=recorded), recorded,
+                                           ("train", "val"))
+        run_dir, state, timings = _start_or_resume(config, runs_root, name, data, unfinished)
+        if unfinished is None:
+            locks.enter_context(hold_run_lock(run_dir))
+        return _fit(config, data, run_dir, state, timings, progress, callbacks)
 
+
+def _fit(config: ExperimentConfig, data: ExperimentData, run_dir: Path, state: dict[str, Any],
+         timings: dict[str, Any], progress: bool, callbacks: list[keras.callbacks.Callback] | None) -> TrainedRun:
+    """Build, compile and fit the model into ``run_dir`` (held by this process); finish the run's files."""
     keras.utils.set_random_seed(config.seed)
     with precision_policy(config) as policy, device_scope(config.devices):
         model = build_model(config.model, config)
