@@ -75,6 +75,12 @@ def test_bool_and_rgb_masks(tmp_path: Path) -> None:
     assert read_mask(write_image(tmp_path / "c.png", rgb)).sum() == 2
 
 
+def test_a_multi_page_tiff_is_refused_before_its_pages_are_decoded(tmp_path: Path) -> None:
+    tifffile.imwrite(tmp_path / "pages.tif", np.zeros((3, 16, 16), np.uint8), photometric="minisblack")  # 3 pages
+    with pytest.raises(DataError, match="holds 3 pages"):
+        read_image(tmp_path / "pages.tif")
+
+
 @pytest.mark.parametrize("ext", ["png", "tif"])
 def test_label_maps_and_16bit_0_255_masks_keep_their_lesions(tmp_path: Path, ext: str) -> None:
     labels = np.zeros((8, 8), np.uint8)

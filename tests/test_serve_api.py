@@ -80,6 +80,7 @@ def test_threshold_changes_the_mask_monotonically(client: TestClient, phantom_sl
         assert body["predictions"][0]["threshold"] == threshold
         areas.append(body["predictions"][0]["lesions"]["total_px"])
     assert areas[0] >= areas[1] >= areas[2]
+    assert areas[0] > 0  # a non-empty mask at a low threshold: an all-empty model cannot pass this test
 
 
 def test_attention_maps_come_back_for_attention_unet(client: TestClient, phantom_slice) -> None:
@@ -140,11 +141,64 @@ def test_a_declared_oversized_body_is_refused_before_it_is_read(client: TestClie
     assert response.status_code == 413 and "limit" in response.json()["detail"]
 
 
+def test_a_multi_page_tiff_is_refused_before_any_page_is_decoded(client: TestClient, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    pages = tmp_path / "pages.tif"
+    tifffile.imwrite(pages, np.zeros((400, 256, 256), np.uint8), compression="zlib")  # 400 pages, ~26 MB decoded
+    assert pages.stat().st_size < 200_000
+
+    def decode_nothing(*args, **kwargs):
+        raise AssertionError("a page was decoded")
+
+    monkeypatch.setattr("metaseg_tf.serve.api.read_image", decode_nothing)
+    response = client.post("/predict", files={"file": ("pages.tif", pages.read_bytes())})
+    assert response.status_code == 422 and "400 pages" in response.json()["detail"]
+
+
+def test_a_decompression_bomb_is_too_large_not_damaged(client: TestClient) -> None:
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", 30_000, 30_000, 8, 0, 0, 0, 0)  # 900 M grey pixels declared
+    bomb = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+    response = client.post("/predict", files={"file": ("bomb.png", bomb)})
+    assert response.status_code == 413 and "too large" in response.json()["detail"]
+
+
+def test_a_chunked_upload_without_length_is_cut_off_at_the_limit(app) -> None:
+    """At the ASGI level, as a server delivers a chunked body: reading stops soon after the 200 kB limit."""
+    import asyncio
+
+    head = b'--cut\r\nContent-Disposition: form-data; name="file"; filename="s.png"\r\n\r\n'
+    pulled, sent = [], []
+
+    async def receive() -> dict:  # 2 MB in 10 kB chunks, no Content-Length
+        pulled.append(1)
+        body = head if len(pulled) == 1 else b"x" * 10_000
+        return {"type": "http.request", "body": body, "more_body": len(pulled) < 200}
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": "/predict", "raw_path": b"/predict", "query_string": b"", "root_path": "",
+             "headers": [(b"content-type", b"multipart/form-data; boundary=cut"), (b"transfer-encoding", b"chunked")],
+             "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80)}
+    asyncio.run(app(scope, receive, send))
+    assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 413
+    assert b"limit" in b"".join(m.get("body", b"") for m in sent[1:])
+    assert len(pulled) < 40, f"{len(pulled) * 10} kB were read before the refusal"
+
+
 def test_concurrent_predictions_all_succeed(client: TestClient, phantom_slice) -> None:
     image, failures, masks = phantom_slice[0].read_bytes(), [], []
 
     def request() -> None:
-        response = client.post("/predict", files={"file": ("s.png", image)}, data={"model": "nested_unet"})
+        response = client.post("/predict", files={"file": ("s.png", image)},
+                               data={"model": "nested_unet", "threshold": "0.05"})
         (masks if response.status_code == 200 else failures).append(response)
 
     threads = [threading.Thread(target=request) for _ in range(24)]
@@ -154,6 +208,7 @@ def test_concurrent_predictions_all_succeed(client: TestClient, phantom_slice) -
         thread.join()
     assert not failures and len(masks) == 24
     assert len({r.json()["predictions"][0]["mask_png"] for r in masks}) == 1, "same input, same mask"
+    assert masks[0].json()["predictions"][0]["lesions"]["total_px"] > 0, "the shared mask is not empty"
 
 
 def test_start_up_without_runs_names_the_command_that_makes_them(tmp_path: Path, capsys) -> None:

@@ -38,12 +38,18 @@ TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 JPEG_MAGIC = b"\xff\xd8\xff"
 
 
-def _decode_tiff(raw: bytes) -> np.ndarray | None:
-    """TIFF pixels as stored (tifffile keeps 1-bit and MINISWHITE masks as written), or None."""
+def _decode_tiff(raw: bytes, name: str) -> np.ndarray | None:
+    """TIFF pixels as stored (tifffile keeps 1-bit and MINISWHITE masks as written), or None when tifffile
+    cannot decode them. A TIFF of several pages is refused before any page is decoded: a slice file holds
+    one 2D image, and decoding every page of a small file can take gigabytes."""
     try:
-        return tifffile.imread(io.BytesIO(raw))
+        with tifffile.TiffFile(io.BytesIO(raw)) as tiff:
+            pages = len(tiff.pages)
+            if pages == 1:
+                return tiff.pages[0].asarray()
     except Exception:  # tifffile raises many exception types for files it cannot decode
         return None
+    raise DataError(f"the TIFF holds {pages} pages; a slice file must hold one 2D image: {name}")
 
 
 def _raw_bytes(source: ImageSource) -> tuple[bytes, str]:
@@ -63,7 +69,7 @@ def _decode(source: ImageSource) -> tuple[np.ndarray, str, bool]:
     raw, name = _raw_bytes(source)
     if len(raw) == 0:
         raise DataError(f"empty file: {name}")
-    pixels = _decode_tiff(raw) if raw[:4] in TIFF_MAGIC else None
+    pixels = _decode_tiff(raw, name) if raw[:4] in TIFF_MAGIC else None
     if pixels is None:
         pixels = cv2.imdecode(np.frombuffer(raw, np.uint8), cv2.IMREAD_UNCHANGED)
         if pixels is None:

@@ -26,7 +26,7 @@ from typing import Annotated, Any
 
 import cv2
 import numpy as np
-from fastapi import FastAPI, File, Form, HTTPException, Request, UploadFile
+from fastapi import FastAPI, File, Form, HTTPException, UploadFile
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
 
@@ -163,8 +163,10 @@ def _file_type(head: bytes) -> str | None:
 
 
 def _decode_upload(data: bytes, settings: ServeSettings) -> np.ndarray:
-    """Validated pixels of an upload as float32 ``(H, W, 3)`` in ``[0, 1]``; the pixel dimensions are read from
-    the header (Pillow) before anything is decoded, so an oversized image never fills the memory."""
+    """Validated pixels of an upload as float32 ``(H, W, 3)`` in ``[0, 1]``. The header (Pillow) is read before
+    anything is decoded: an image with several pages or frames, more than ``max_side_pixels`` a side, or a
+    header that Pillow itself calls a decompression bomb is refused, so one request decodes at most one
+    ``max_side_pixels`` square image, whatever its file size."""
     from PIL import Image
 
     if not data:
@@ -177,8 +179,14 @@ def _decode_upload(data: bytes, settings: ServeSettings) -> np.ndarray:
     try:
         with Image.open(io.BytesIO(data)) as header:
             width, height = header.size
+            frames = getattr(header, "n_frames", 1)  # pages of a TIFF, frames of an animated PNG/WebP
+    except Image.DecompressionBombError:
+        raise HTTPException(413, f"the image is too large: its header declares more pixels than the limit of "
+                                 f"{settings.max_side_pixels} px a side") from None
     except Exception:  # Pillow raises several types for headers it cannot parse
         raise HTTPException(422, f"cannot read the {kind.upper()} header: the file is damaged") from None
+    if frames > 1:
+        raise HTTPException(422, f"the {kind.upper()} holds {frames} pages or frames; send one 2D slice")
     if max(width, height) > settings.max_side_pixels:
         raise HTTPException(413, f"the image is {width}x{height} px; the limit is {settings.max_side_pixels} px a side")
     try:
@@ -218,12 +226,46 @@ def _predict_one(served: ServedModel, image: np.ndarray, threshold: float | None
         latency_ms=round(latency, 2), attention_png=maps)
 
 
+class BodyLimit:
+    """ASGI middleware: 413 with a JSON ``detail`` for a request body over ``limit`` bytes, from the declared
+    Content-Length before anything is read, or, for a body sent without one (chunked), as soon as the bytes
+    received pass the limit, so no upload is spooled beyond it."""
+
+    def __init__(self, app: Any, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    def _too_large(self) -> HTTPException:
+        return HTTPException(413, f"the upload is larger than the limit of {self.limit} bytes")
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers", [])).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.limit:
+            response = JSONResponse({"detail": self._too_large().detail}, status_code=413)
+            await response(scope, receive, send)
+            return
+        received = 0
+
+        async def counted() -> dict:
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.limit:  # raised inside the body parser: FastAPI answers it as this 413
+                raise self._too_large()
+            return message
+
+        await self.app(scope, counted, send)
+
+
 def create_app(run_dirs: list[Path] | None = None, settings: ServeSettings | None = None) -> FastAPI:
     """The FastAPI application serving ``run_dirs`` (default: the newest pipeline run's two models)."""
     settings = settings or ServeSettings()
     models = load_models(run_dirs if run_dirs else newest_pipeline_runs())
     app = FastAPI(title="metaseg-tf", version="0.1.0",
                   description="Brain-lesion segmentation of 2D MRI slices with U-Net++ and Attention U-Net.")
+    app.add_middleware(BodyLimit, limit=settings.max_upload_bytes + 64 * 1024)  # room for the multipart framing
     app.state.models, app.state.settings = models, settings
 
     def chosen(model: str) -> list[ServedModel]:
@@ -232,15 +274,6 @@ def create_app(run_dirs: list[Path] | None = None, settings: ServeSettings | Non
         if model not in models:
             raise HTTPException(404, f"unknown model {model!r}; served: {', '.join(models)} or 'all'")
         return [models[model]]
-
-    @app.middleware("http")
-    async def refuse_oversized_bodies(request: Request, call_next):
-        """413 from the declared length, before a large body is received and parsed."""
-        declared = request.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > settings.max_upload_bytes + 64 * 1024:
-            return JSONResponse({"detail": f"the upload is larger than the limit of {settings.max_upload_bytes} "
-                                           f"bytes"}, status_code=413)
-        return await call_next(request)
 
     @app.get("/health")
     def health() -> dict[str, Any]:
