@@ -20,6 +20,7 @@ Unreadable files in a folder are skipped, counted and listed with the reason in 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +39,7 @@ from metaseg_tf.data.preprocess import normalise, preprocess_slice
 from metaseg_tf.paths import resolve
 from metaseg_tf.training.runs import load_run_config, new_dir, run_model_path
 
+logger = logging.getLogger(__name__)
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
 
@@ -147,12 +149,15 @@ def _overlay(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
 
 
 def _write_slice(out_dir: Path, stem: str, image: np.ndarray, prediction: SlicePrediction) -> None:
+    (out_dir / stem).parent.mkdir(parents=True, exist_ok=True)
     cv2.imwrite(str(out_dir / f"{stem}_mask.png"), prediction.mask * 255)
     cv2.imwrite(str(out_dir / f"{stem}_probability.png"), np.round(prediction.probability * 255).astype(np.uint8))
     cv2.imwrite(str(out_dir / f"{stem}_overlay.png"), _overlay(image, prediction.mask))
 
 
-def _scaled_volume(path: Path) -> tuple[np.ndarray, object]:
+def _scaled_volume(path: Path) -> tuple[np.ndarray, object, int]:
+    """The volume scaled to ``[0, 1]`` between the 0.5th and 99.5th percentiles of its finite voxels, its
+    NIfTI image, and how many voxels were NaN or infinite (they become 0, background)."""
     import nibabel as nib
 
     try:
@@ -162,8 +167,13 @@ def _scaled_volume(path: Path) -> tuple[np.ndarray, object]:
         raise DataError(f"cannot read NIfTI {path}: {error}") from error
     if data.ndim != 3:
         raise DataError(f"{path} has {data.ndim} dimensions; a 3D volume is expected")
-    low, high = np.percentile(data, [0.5, 99.5])
-    return np.clip((data - low) / (high - low if high > low else 1.0), 0, 1), volume
+    finite = np.isfinite(data)
+    if not finite.any():
+        raise DataError(f"{path} holds no finite voxel")
+    low, high = np.percentile(data[finite], [0.5, 99.5])
+    scaled = np.clip((data - low) / (high - low if high > low else 1.0), 0, 1)
+    scaled[~finite] = 0.0
+    return scaled, volume, int(finite.size - np.count_nonzero(finite))
 
 
 def axial_axis(affine: np.ndarray) -> int:
@@ -184,10 +194,14 @@ def predict_nifti(predictor: Predictor, paths: Sequence[Path | str], out_dir: Pa
         raise DataError(f"the model takes {channels} channel(s): give 1 volume or {channels}, not {len(paths)}")
     scaled = [_scaled_volume(p) for p in paths]
     reference = scaled[0][1]
-    if any(v.shape != reference.shape for _, v in scaled):
+    if any(v.shape != reference.shape for _, v, _ in scaled):
         raise DataError("the NIfTI volumes differ in shape; they must be co-registered")
     axis = axial_axis(reference.affine)
-    stacked = np.stack([np.moveaxis(data, axis, 0) for data, _ in scaled], axis=-1)  # (slices, H, W, volumes)
+    stacked = np.stack([np.moveaxis(data, axis, 0) for data, _, _ in scaled], axis=-1)  # (slices, H, W, volumes)
+    non_finite = sum(count for _, _, count in scaled)
+    if non_finite:
+        logger.warning("%d NaN or infinite voxel(s) in %s were set to 0 (background)", non_finite,
+                       ", ".join(p.name for p in paths))
     predictions = predictor.predict_slices(list(stacked), progress=progress)
     mask = np.moveaxis(np.stack([p.mask for p in predictions]), 0, axis)
     probability = np.moveaxis(np.stack([p.probability for p in predictions]), 0, axis)
@@ -201,13 +215,33 @@ def predict_nifti(predictor: Predictor, paths: Sequence[Path | str], out_dir: Pa
     pd.DataFrame(rows).to_csv(out_dir / "predictions.csv", index=False)
     return {"volume": str(paths[0]), "axial_axis": axis, "slices": len(predictions),
             "slices_with_lesion": int(sum(p.lesion_count > 0 for p in predictions)),
-            "lesion_voxels": int(mask.sum())}
+            "lesion_voxels": int(mask.sum()), "non_finite_voxels": non_finite}
+
+
+def _output_stems(relative: Sequence[Path]) -> list[str]:
+    """Where each input's outputs go, relative to the predictions folder: its path relative to the input
+    folder (a file given by itself: its name) without the extension. Inputs that would share one (``x.png``
+    beside ``x.tif``, or ``x.png`` in two input folders) keep their extension in it (``x-tif``), then a
+    counter, so no output ever overwrites another."""
+    stems = [path.with_suffix("").as_posix() for path in relative]
+    shared = {stem for stem in stems if stems.count(stem) > 1}
+    taken: set[str] = set()
+    result = []
+    for path, stem in zip(relative, stems):
+        stem = f"{stem}-{path.suffix.lstrip('.').lower()}" if stem in shared else stem
+        candidate, number = stem, 2
+        while candidate in taken:
+            candidate, number = f"{stem}-{number}", number + 1
+        taken.add(candidate)
+        result.append(candidate)
+    return result
 
 
 def predict_path(predictor: Predictor, inputs: Sequence[Path | str], out_root: Path | str,
                  progress: bool = True) -> tuple[Path, dict]:
     """Predict an image file, a folder of images (masks named ``*_mask.*`` are left out) or NIfTI
-    volume(s) into a new folder ``<out_root>/predictions``; returns the folder and a summary."""
+    volume(s) into a new folder ``<out_root>/predictions``; returns the folder and a summary. Outputs mirror
+    the inputs' paths inside their folders (:func:`_output_stems`), so none overwrites another."""
     inputs = [Path(p) for p in inputs]
     missing = [str(p) for p in inputs if not p.exists()]
     if missing:
@@ -216,24 +250,28 @@ def predict_path(predictor: Predictor, inputs: Sequence[Path | str], out_root: P
     if all(is_nifti(p) for p in inputs):
         return out_dir, predict_nifti(predictor, inputs, out_dir, progress)
     files: list[Path] = []
+    relative: list[Path] = []
     for path in inputs:
         if path.is_dir():
-            files += sorted(f for f in path.rglob("*") if f.suffix.lower() in IMAGE_EXTENSIONS
-                            and not f.stem.endswith(MASK_SUFFIX))
+            found = sorted(f for f in path.rglob("*") if f.suffix.lower() in IMAGE_EXTENSIONS
+                           and not f.stem.endswith(MASK_SUFFIX))
+            files += found
+            relative += [f.relative_to(path) for f in found]
         else:
             files.append(path)
+            relative.append(Path(path.name))
     rows, images, stems = [], [], []
-    for path in files:
+    for path, stem in zip(files, _output_stems(relative)):
         try:
             images.append(read_image(path, predictor.config.channels))
-            stems.append(path.stem)
+            stems.append((path, stem))
         except DataError as error:
             rows.append({"file": str(path), "status": f"skipped: {error}"})
     if not images:
         raise DataError(f"no readable image among {len(files)} file(s): {rows[0]['status'] if rows else 'none found'}")
-    for stem, image, prediction in zip(stems, images, predictor.predict_slices(images, progress)):
+    for (path, stem), image, prediction in zip(stems, images, predictor.predict_slices(images, progress)):
         _write_slice(out_dir, stem, image, prediction)
-        rows.append({"file": stem, "lesions": prediction.lesion_count, "lesion_pixels": int(sum(prediction.lesion_areas)),
+        rows.append({"file": str(path), "output": stem, "lesions": prediction.lesion_count, "lesion_pixels": int(sum(prediction.lesion_areas)),
                      "max_probability": float(prediction.probability.max()), "status": "ok"})
     pd.DataFrame(rows).to_csv(out_dir / "predictions.csv", index=False)
     return out_dir, {"predicted": len(images), "skipped": len(files) - len(images)}

@@ -71,6 +71,38 @@ def test_nifti_prediction_keeps_shape_and_affine(trained_run: Path, tmp_path: Pa
     assert cv2.imread(str(path)) is None  # a NIfTI is not an image OpenCV could have read by accident
 
 
+def test_outputs_of_inputs_that_share_a_name_never_overwrite_each_other(trained_run: Path, phantom_dir: Path,
+                                                                         tmp_path: Path) -> None:
+    slices = sorted(phantom_dir.rglob("*_1.png"))[:3]
+    root = tmp_path / "in"
+    for folder, source in zip(("a", "b"), slices):
+        (root / folder).mkdir(parents=True)
+        (root / folder / "x.png").write_bytes(source.read_bytes())
+    cv2.imwrite(str(root / "x.tif"), cv2.imread(str(slices[2])))
+    cv2.imwrite(str(root / "x.png"), cv2.imread(str(slices[2])))
+    out_dir, summary = predict_path(Predictor.from_run(trained_run), [root], tmp_path / "out", progress=False)
+    assert summary == {"predicted": 4, "skipped": 0}
+    masks = sorted(p.relative_to(out_dir).as_posix() for p in out_dir.rglob("*_mask.png"))
+    assert masks == ["a/x_mask.png", "b/x_mask.png", "x-png_mask.png", "x-tif_mask.png"]
+    table = pd.read_csv(out_dir / "predictions.csv")
+    assert sorted(table["output"]) == ["a/x", "b/x", "x-png", "x-tif"]
+    twice = predict_path(Predictor.from_run(trained_run), [root / "a" / "x.png", root / "b" / "x.png"],
+                         tmp_path / "out", progress=False)[0]  # two files of one name given directly
+    assert sorted(p.name for p in twice.glob("*_mask.png")) == ["x-png-2_mask.png", "x-png_mask.png"]
+
+
+def test_nan_voxels_are_counted_and_do_not_blank_the_volume(trained_run: Path, tmp_path: Path) -> None:
+    affine = np.diag([1.0, 1.0, 1.0, 1.0])  # axis 2 is S-I
+    volume = np.random.default_rng(0).normal(100, 20, (40, 36, 5)).astype(np.float32)
+    volume[:4, :4, :] = np.nan  # a corner of NaN on every slice
+    path = tmp_path / "nan.nii.gz"
+    nib.save(nib.Nifti1Image(volume, affine), str(path))
+    out_dir, summary = predict_path(Predictor.from_run(trained_run), [path], tmp_path / "out", progress=False)
+    assert summary["non_finite_voxels"] == 4 * 4 * 5
+    probability = nib.load(str(out_dir / "nan_probability.nii.gz")).get_fdata()
+    assert np.isfinite(probability).all() and probability.std() > 0  # not a blank NaN volume
+
+
 def test_real_nifti_case(trained_run: Path, real_data: Path, tmp_path: Path) -> None:
     """The real metastasis case: T1 post-contrast and FLAIR volumes, 256 x 256 x 224, axial axis 2."""
     case = real_data / "mets_nifti_case"
