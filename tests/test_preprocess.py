@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 from conftest import write_image
@@ -84,6 +86,20 @@ def test_dataset_is_cached_and_reused(phantom_dir: Path, tmp_path: Path) -> None
     np.testing.assert_array_equal(first.case_ids, second.case_ids)
     other = preprocess_dataset(report, config.replace(clahe=False), progress=False)
     assert not other.from_cache and other.cache_path != first.cache_path
+
+
+def test_the_cache_is_rebuilt_when_a_file_changes(phantom_dir: Path, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    shutil.copytree(phantom_dir, data)
+    config = ExperimentConfig(image_size=32, cache_dir=str(tmp_path / "cache"))
+    first = preprocess_dataset(discover_pairs(data), config, progress=False)
+    pair = discover_pairs(data).pairs[0]
+    mask = cv2.imread(str(pair.mask_path), cv2.IMREAD_UNCHANGED)
+    mask[:] = 255  # the annotation of one slice is redrawn
+    cv2.imwrite(str(pair.mask_path), mask)
+    second = preprocess_dataset(discover_pairs(data), config, progress=False)
+    assert not second.from_cache and second.cache_path != first.cache_path
+    assert second.masks[0].all() and not first.masks[0].all()
 
 
 def test_unreadable_pairs_are_skipped_and_listed(tmp_path: Path) -> None:

@@ -12,7 +12,7 @@ from conftest import add_patient_copy, tiny_config
 
 from metaseg_tf.data import discover_pairs, split_for_config
 from metaseg_tf.data.discover import DataError
-from metaseg_tf.evaluation.report import compare_runs, evaluate_run, latest_evaluation
+from metaseg_tf.evaluation.report import compare_runs, evaluate_run, latest_evaluation, paired_wilcoxon
 from metaseg_tf.predict import load_model
 from metaseg_tf.training.train import train
 
@@ -84,3 +84,20 @@ def test_compare_uses_matching_evaluations_and_refuses_different_patients(phanto
     comparison = compare_runs(runs, tmp_path / "cmp", labels=["a", "b"], progress=False,
                               allow_different_patients=True)
     assert comparison.summaries["a"]["which"] == "best" and comparison.summaries["a"]["threshold"] == 0.5
+
+
+def test_paired_wilcoxon_gives_the_exact_p_values_of_small_samples() -> None:
+    cases = [f"P{k}" for k in range(5)]
+    base = pd.DataFrame({"case_id": cases, "dice": [0.5] * 5})
+
+    def shifted(differences: list[float]) -> pd.DataFrame:
+        return pd.DataFrame({"case_id": cases, "dice": [0.5 + d / 100 for d in differences]})
+
+    # all five differences positive: the exact two-sided p is 2 / 2^5
+    [row] = paired_wilcoxon({"a": shifted([1, 2, 3, 4, 5]), "b": base}).to_dict(orient="records")
+    assert row["patients"] == 5 and row["p_value"] == pytest.approx(2 / 32)
+    # rank 2 negative: W- = 2; rank-sum subsets <= 2 are {}, {1}, {2}: p = 2 * 3 / 32
+    [row] = paired_wilcoxon({"a": shifted([1, -2, 3, 4, 5]), "b": base}).to_dict(orient="records")
+    assert row["statistic"] == 2 and row["p_value"] == pytest.approx(6 / 32)
+    [row] = paired_wilcoxon({"a": base, "b": base}).to_dict(orient="records")
+    assert row["p_value"] == 1.0  # no difference at all

@@ -37,7 +37,7 @@ from metaseg_tf.data.io import read_pair
 from metaseg_tf.paths import resolve
 
 logger = logging.getLogger(__name__)
-CACHE_FORMAT_VERSION = 1
+CACHE_FORMAT_VERSION = 2  # 2: masks read as any non-zero label (was: above half range)
 
 
 def window_to_uint8(image: np.ndarray) -> np.ndarray:
