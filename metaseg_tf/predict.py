@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from metaseg_tf.config import ExperimentConfig
 from metaseg_tf.data.discover import IMAGE_EXTENSIONS, MASK_SUFFIX, DataError
-from metaseg_tf.data.io import read_image
+from metaseg_tf.data.io import read_image, to_channels
 from metaseg_tf.data.preprocess import normalise, preprocess_slice
 from metaseg_tf.paths import resolve
 from metaseg_tf.training.runs import load_run_config, new_dir, run_model_path
@@ -119,12 +119,8 @@ class Predictor:
         threshold = self.threshold if threshold is None else threshold
         channels = self.config.channels
         prepared = []
-        for image in images:
-            image = np.asarray(image, np.float32)
-            image = image[..., None] if image.ndim == 2 else image
-            if image.shape[-1] != channels:
-                image = np.repeat(image[..., :1], channels, axis=-1) if channels == 3 else image.mean(-1, keepdims=True)
-            prepared.append(preprocess_slice(image, self.config))
+        for image in images:  # grey repeated, alpha dropped, as when files are read
+            prepared.append(preprocess_slice(to_channels(np.asarray(image, np.float32), channels), self.config))
         results = []
         starts = range(0, len(prepared), self.batch_size)
         for start in tqdm(starts, desc="predicting", unit="batch", disable=not progress):

@@ -105,3 +105,15 @@ def test_no_pairs_names_the_layouts_tried(tmp_path: Path) -> None:
 )
 def test_case_and_slice_from_stem(stem: str, expected: tuple[str, int]) -> None:
     assert split_case_and_slice(stem) == expected
+
+
+def test_two_images_of_one_case_with_one_slice_number_are_reported_not_both_used(tmp_path: Path) -> None:
+    image, mask = square_pair()
+    for stem in ("case1_4", "t1_5", "flair_5"):  # t1_5 and flair_5 both claim slice 5 of case1
+        write_image(tmp_path / "case1" / f"{stem}.png", image)
+        write_image(tmp_path / "case1" / f"{stem}_mask.png", mask)
+    report = discover_pairs(tmp_path)
+    assert [(p.case_id, p.slice_index, p.image_path.name) for p in report.pairs] == [
+        ("case1", 4, "case1_4.png"), ("case1", 5, "flair_5.png")]
+    assert report.repeated_slices == [tmp_path / "case1" / "t1_5.png"]
+    assert "slice number already taken by another image of the case" in report.skipped_reasons()

@@ -64,6 +64,13 @@ def test_masks_become_zero_one(tmp_path: Path, name: str, values: tuple[int, int
     assert out[0, 1] == 1 and out[0, 0] == 0
 
 
+def test_float_label_masks_do_not_overflow(tmp_path: Path) -> None:
+    labels = np.zeros((6, 6), np.float32)
+    labels[1, 1], labels[2, 2] = 70_000.0, np.inf
+    tifffile.imwrite(tmp_path / "f.tif", labels)
+    assert read_mask(tmp_path / "f.tif").sum() == 2
+
+
 def test_bool_and_rgb_masks(tmp_path: Path) -> None:
     boolean = np.zeros((6, 6), bool)
     boolean[2:4, 2:4] = True
@@ -98,7 +105,9 @@ def test_label_maps_and_16bit_0_255_masks_keep_their_lesions(tmp_path: Path, ext
 def test_jpeg_mask_with_grey_edges_binarises_at_half_range(tmp_path: Path) -> None:
     _, mask = square_pair(size=64, top=20, side=20)
     out = read_mask(write_image(tmp_path / "m.jpg", mask))
-    assert read_mask_labels(tmp_path / "m.jpg").encoding == "lossy JPEG (> half range)"
+    assert read_mask_labels(tmp_path / "m.jpg").encoding == "lossy JPEG (>= half its maximum)"
+    zero_one = read_mask(write_image(tmp_path / "01.jpg", (mask > 0).astype(np.uint8)))  # a 0/1 JPEG mask
+    assert abs(int(zero_one.sum()) - 400) <= 40
     assert set(np.unique(out)) <= {0, 1}
     assert abs(int(out.sum()) - 400) <= 40  # the square survives JPEG's ringing, give or take its rim
 

@@ -79,6 +79,10 @@ def test_compare_uses_matching_evaluations_and_refuses_different_patients(phanto
     assert latest_evaluation(runs[0], which="last", threshold=0.2) == low.out_dir
     default = evaluate_run(runs[0], progress=False)
     assert latest_evaluation(runs[0]) == default.out_dir and default.out_dir.name == "evaluation-test"
+    older = json.loads((default.out_dir / "summary.json").read_text())
+    del older["evaluation_version"]  # as written by a release whose scores meant something else
+    (default.out_dir / "summary.json").write_text(json.dumps(older))
+    assert latest_evaluation(runs[0]) is None
     with pytest.raises(ValueError, match="different test patients"):
         compare_runs(runs, tmp_path / "cmp", labels=["a", "b"], progress=False)
     comparison = compare_runs(runs, tmp_path / "cmp", labels=["a", "b"], progress=False,

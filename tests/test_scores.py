@@ -8,6 +8,7 @@ from scipy.spatial.distance import directed_hausdorff
 from sklearn.metrics import f1_score, jaccard_score, precision_score, recall_score
 
 from metaseg_tf.evaluation.scores import (
+    MAX_GAP_SLICES,
     bootstrap_ci,
     evaluate_masks,
     hausdorff_distance,
@@ -138,6 +139,8 @@ def test_slices_are_placed_by_their_number_so_a_gap_is_not_adjacency() -> None:
     volume = stack_slices(truth.astype(np.uint8), [7, 3])
     assert volume.shape == (5, 16, 16)  # slice 3 first, slice 7 last, 4-6 empty
     assert volume[0].any() and volume[4].any() and not volume[1:4].any()
+    sparse = stack_slices(truth, [20200101, 0])  # numbered by date: the gap is capped, not 20 M slices
+    assert sparse.shape == (MAX_GAP_SLICES + 2, 16, 16) and sparse[0].any() and sparse[-1].any()
     with pytest.raises(ValueError, match="same slice number"):
         stack_slices(truth, [2, 2], "A")
 

@@ -59,6 +59,7 @@ class DiscoveryReport:
     unpaired_masks: list[Path] = field(default_factory=list)
     duplicates: list[Path] = field(default_factory=list)
     ignored_files: list[Path] = field(default_factory=list)
+    repeated_slices: list[Path] = field(default_factory=list)
 
     @property
     def case_ids(self) -> list[str]:
@@ -66,7 +67,7 @@ class DiscoveryReport:
 
     @property
     def n_skipped(self) -> int:
-        return len(self.unpaired_images) + len(self.unpaired_masks) + len(self.duplicates)
+        return len(self.unpaired_images) + len(self.unpaired_masks) + len(self.duplicates) + len(self.repeated_slices)
 
     def skipped_reasons(self) -> dict[str, list[Path]]:
         """Skipped image files grouped by reason (only the non-empty groups); see also ``ignored_files``."""
@@ -74,6 +75,7 @@ class DiscoveryReport:
             "image without mask": self.unpaired_images,
             "mask without image": self.unpaired_masks,
             "duplicate stem with another extension": self.duplicates,
+            "slice number already taken by another image of the case": self.repeated_slices,
         }
         return {reason: paths for reason, paths in groups.items() if paths}
 
@@ -81,8 +83,8 @@ class DiscoveryReport:
         return (
             f"{self.root}: layout {self.layout}, {len(self.case_ids)} patients, {len(self.pairs)} pairs; "
             f"skipped {len(self.unpaired_images)} images without mask, {len(self.unpaired_masks)} masks "
-            f"without image, {len(self.duplicates)} duplicates; ignored {len(self.ignored_files)} other "
-            "files"
+            f"without image, {len(self.duplicates)} duplicates, {len(self.repeated_slices)} repeated slice "
+            f"numbers; ignored {len(self.ignored_files)} other files"
         )
 
 
@@ -201,6 +203,21 @@ def _discover_flat(root: Path) -> DiscoveryReport | None:
     )
 
 
+def _drop_repeated_slices(report: DiscoveryReport) -> None:
+    """A case's slices are placed by their number (3D scores, 2.5D context): two images of one case with one
+    number (``t1_5.png`` and ``flair_5.png``; names without a number are slice 0) cannot both be placed. The
+    first by name is kept; the others are skipped and reported."""
+    kept, seen = [], set()
+    for pair in report.pairs:
+        key = (pair.case_id, pair.slice_index)
+        if key in seen:
+            report.repeated_slices.append(pair.image_path)
+        else:
+            seen.add(key)
+            kept.append(pair)
+    report.pairs = kept
+
+
 _LAYOUT_FINDERS = {
     "images_masks": _discover_images_masks,
     "kaggle_3m": _discover_kaggle_3m,
@@ -226,6 +243,7 @@ def discover_pairs(root: str | Path) -> DiscoveryReport:
         report = _LAYOUT_FINDERS[layout](root)
         if report is not None and report.pairs:
             report.pairs.sort(key=lambda p: (p.case_id, p.slice_index, p.image_path.name))
+            _drop_repeated_slices(report)
             log = logger.warning if report.n_skipped else logger.info
             log(report.summary_line())
             return report

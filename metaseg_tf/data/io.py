@@ -6,7 +6,7 @@
 * :func:`read_mask` -> ``uint8`` array ``(H, W)`` holding only 0 and 1: **any non-zero value is lesion**, so
   0/1, 0/255, 16-bit 0/255 or 0/65535 masks and label maps (BraTS-style 1/2/3) all keep their lesions.
   The one exception is JPEG, a lossy format whose compression leaves small non-zero values around every
-  edge: JPEG masks are thresholded at half their range. Float masks: integral values are labels; soft
+  edge: JPEG masks are lesion where they reach half their own maximum (so 0/1 and 0/255 JPEGs both work). Float masks: integral values are labels; soft
   values in ``[0, 1]`` are lesion above 0.5. Colour masks are lesion where any colour channel is.
 * :func:`read_mask_labels` -> the labels as stored (0 = background; binary masks as 0/1) and the name of
   the encoding that was seen (``binary 0/255``, ``label map``, ``lossy JPEG``...), for summaries and for
@@ -96,7 +96,7 @@ def _to_unit_range(pixels: np.ndarray) -> np.ndarray:
     return (pixels - low) / (high - low) if high > low else np.zeros_like(pixels)
 
 
-def _to_channels(image: np.ndarray, channels: int) -> np.ndarray:
+def to_channels(image: np.ndarray, channels: int) -> np.ndarray:
     """``(H, W)`` or ``(H, W, 1|2|3|4)`` -> ``(H, W, channels)``; alpha is dropped, grey is repeated."""
     if image.ndim == 2:
         image = image[..., None]
@@ -119,7 +119,7 @@ def read_image(source: ImageSource, channels: int = 3) -> np.ndarray:
         image = _to_unit_range(pixels)
     except DataError as error:
         raise DataError(f"{error}: {name}") from error
-    return np.ascontiguousarray(_to_channels(image, channels), dtype=np.float32)
+    return np.ascontiguousarray(to_channels(image, channels), dtype=np.float32)
 
 
 @dataclass(frozen=True)
@@ -147,12 +147,14 @@ def read_mask_labels(source: ImageSource) -> MaskLabels:
     if pixels.dtype == np.bool_:
         return MaskLabels(pixels.astype(np.uint8), "boolean")
     if np.issubdtype(pixels.dtype, np.floating):
-        pixels = np.nan_to_num(pixels.astype(np.float64))
+        pixels = np.nan_to_num(pixels.astype(np.float64), posinf=65535.0, neginf=0.0)
         if np.array_equal(pixels, np.round(pixels)) and pixels.min() >= 0:
-            return _integer_labels(pixels.astype(np.uint16), f"float {encoding}".strip())
+            return _integer_labels(np.clip(pixels, 0, 65535).astype(np.uint16), f"float {encoding}".strip())
         return MaskLabels((pixels > 0.5).astype(np.uint8), "soft float (> 0.5)")
-    if lossy:
-        return MaskLabels((pixels > np.iinfo(pixels.dtype).max // 2).astype(np.uint8), "lossy JPEG (> half range)")
+    if lossy:  # compression ringing: lesion where the value reaches half the mask's own maximum (0/1 or 0/255)
+        top = int(pixels.max())
+        binary = (pixels.astype(np.int64) * 2 >= top) & (pixels > 0) if top else np.zeros(pixels.shape, bool)
+        return MaskLabels(binary.astype(np.uint8), "lossy JPEG (>= half its maximum)")
     return _integer_labels(pixels, encoding)
 
 
@@ -168,7 +170,7 @@ def _integer_labels(pixels: np.ndarray, encoding: str) -> MaskLabels:
 
 def read_mask(source: ImageSource) -> np.ndarray:
     """Read one mask (a file, or the encoded bytes of one) as ``uint8`` ``(H, W)`` with values in ``{0, 1}``:
-    any non-zero label is lesion (JPEG: above half range; see the module docstring)."""
+    any non-zero label is lesion (JPEG: from half its maximum; see the module docstring)."""
     return read_mask_labels(source).binary
 
 

@@ -52,6 +52,11 @@ logger = logging.getLogger(__name__)
 SWEEP_THRESHOLDS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
 
+# what summary.json's scores mean; evaluations of another version are never reused (2: BraTS-MET 2023
+# lesion-wise scores, slices placed by number, masks read as any non-zero label, the run's recorded split)
+EVALUATION_VERSION = 2
+
+
 def _native_truth(data: ExperimentData, indices: np.ndarray) -> list[np.ndarray] | None:
     pairs = {(pair.case_id, pair.slice_index): pair for pair in data.report.pairs}
     masks = [read_mask(pairs[(data.dataset.case_ids[i], int(data.dataset.slice_indices[i]))].mask_path)
@@ -180,7 +185,8 @@ def evaluate_run(
     state, timings = read_json(run_dir / "state.json"), read_json(run_dir / "timings.json")
     summary = {
         "run": str(run_dir), "model": config.model, "which": which, "split": split, "threshold": threshold,
-        "native_resolution": native_resolution, "resolution": resolution, "missing_patients": missing, "patients": len(patients), "slices": len(indices),
+        "native_resolution": native_resolution, "resolution": resolution, "missing_patients": missing,
+        "evaluation_version": EVALUATION_VERSION, "patients": len(patients), "slices": len(indices),
         **evaluation.summary(),
         "lesions": {"truth": int(patients["truth_lesions"].sum()), "detected": int(patients["detected_lesions"].sum()),
                     "false_positives": int(patients["false_positive_lesions"].sum()),
@@ -204,7 +210,8 @@ def latest_evaluation(run_dir: Path | str, split: str = "test", which: str = "be
                       native_resolution: bool = True) -> Path | None:
     """The newest evaluation folder of a run on ``split`` made with exactly these settings (model ``which``,
     ``threshold``, default the run's own, and resolution), read from each folder's ``summary.json``; None if
-    there is none. Evaluations with other settings are never mixed in."""
+    there is none. Evaluations with other settings, or made by a release whose scores meant something else
+    (:data:`EVALUATION_VERSION`), are never mixed in."""
     run_dir = Path(run_dir)
     threshold = load_run_config(run_dir).threshold if threshold is None else threshold
     found = []
@@ -212,9 +219,10 @@ def latest_evaluation(run_dir: Path | str, split: str = "test", which: str = "be
         if not (folder / "summary.json").is_file():
             continue
         summary = read_json(folder / "summary.json")
-        native = summary.get("native_resolution", str(summary.get("resolution", "")).startswith("native"))
-        if (summary.get("split"), summary.get("which"), native) == (split, which, native_resolution) and \
-                np.isclose(summary.get("threshold", float("nan")), threshold):
+        if (summary.get("split"), summary.get("which"), summary.get("native_resolution")) == \
+                (split, which, native_resolution) and \
+                np.isclose(summary.get("threshold", float("nan")), threshold) and \
+                summary.get("evaluation_version") == EVALUATION_VERSION:
             found.append(folder)
     return max(found, key=lambda p: (p / "summary.json").stat().st_mtime) if found else None
 

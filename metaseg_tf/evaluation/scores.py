@@ -233,14 +233,21 @@ def dice_per_case(truth: np.ndarray, pred: np.ndarray, case_ids: Sequence[str]) 
             for case in np.unique(case_ids)}
 
 
+MAX_GAP_SLICES = 8  # wider gaps in a case's slice numbering are stored as this many empty slices
+
+
 def stack_slices(masks: np.ndarray, slice_indices: Sequence[int], case: str = "") -> np.ndarray:
     """A case's slices ``(n, H, W)`` placed at their slice numbers in a volume ``(last - first + 1, H, W)``;
-    missing slice numbers stay empty, so slices on either side of a gap are not neighbours. Two slices with
-    one number raise ``ValueError``."""
+    missing slice numbers stay empty, so slices on either side of a gap are not neighbours. A gap wider than
+    :data:`MAX_GAP_SLICES` (sparse numbering, e.g. dates) is stored as that many empty slices: as far apart
+    for the lesion-wise scores, and the volume stays small. Two slices with one number raise ``ValueError``."""
     positions = np.asarray(slice_indices, int)
     if len(np.unique(positions)) != len(positions):
         raise ValueError(f"case {case!r} has several slices with the same slice number")
-    offsets = positions - positions.min()
+    order = np.argsort(positions)
+    steps = np.minimum(np.diff(positions[order]), MAX_GAP_SLICES + 1)
+    offsets = np.empty_like(positions)
+    offsets[order] = np.concatenate([[0], np.cumsum(steps)])
     volume = np.zeros((int(offsets.max()) + 1, *masks.shape[1:]), masks.dtype)
     volume[offsets] = masks
     return volume

@@ -32,12 +32,12 @@ from pydantic import BaseModel, Field
 
 from metaseg_tf import paths
 from metaseg_tf.data.discover import DataError
-from metaseg_tf.data.io import TIFF_MAGIC, read_image
+from metaseg_tf.data.io import JPEG_MAGIC, TIFF_MAGIC, read_image
 from metaseg_tf.training.runs import list_runs, read_json
 
 SERVED_MODELS = ("nested_unet", "attention_unet")
 # first bytes of each accepted format: TIFF (both byte orders, classic and BigTIFF), PNG, JPEG, BMP, WebP
-SIGNATURES = {**dict.fromkeys(TIFF_MAGIC, "tiff"), b"\x89PNG": "png", b"\xff\xd8\xff": "jpeg", b"BM": "bmp"}
+SIGNATURES = {**dict.fromkeys(TIFF_MAGIC, "tiff"), b"\x89PNG": "png", JPEG_MAGIC: "jpeg", b"BM": "bmp"}
 
 
 # form fields shared by the prediction endpoints (module level: the annotations are resolved from here)

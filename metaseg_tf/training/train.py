@@ -208,7 +208,6 @@ class CallbackState(keras.callbacks.Callback):
 def _callbacks(run_dir: Path, config: ExperimentConfig, monitor: str, state: dict, progress: RunProgress,
                early_stopping: keras.callbacks.EarlyStopping) -> list[keras.callbacks.Callback]:
     callbacks: list[keras.callbacks.Callback] = [
-        keras.callbacks.BackupAndRestore(str(run_dir / "backup"), delete_checkpoint=True),
         keras.callbacks.ModelCheckpoint(str(run_dir / "best.keras"), monitor=monitor, mode="max",
                                         save_best_only=True, initial_value_threshold=state.get("best_value")),
     ]
@@ -228,16 +227,24 @@ def _callbacks(run_dir: Path, config: ExperimentConfig, monitor: str, state: dic
         import tensorflow  # noqa: F401
 
         callbacks.append(keras.callbacks.TensorBoard(str(run_dir / "tensorboard"), write_graph=False))
+    # last: its end-of-epoch backup then holds the learning rate reduce-on-plateau has just set, and is
+    # written after state.json and callbacks.json, so a kill never leaves those behind the backup
+    callbacks.append(keras.callbacks.BackupAndRestore(str(run_dir / "backup"), delete_checkpoint=True))
     return callbacks
 
 
 def _start_or_resume(config: ExperimentConfig, runs_root: Path, name: str, data: ExperimentData,
-                     run_dir: Path | None) -> tuple[Path, dict, dict]:
+                     run_dir: Path | None, locks: contextlib.ExitStack) -> tuple[Path, dict, dict]:
+    """The resumed run (already locked by the caller) or a new run folder, locked before its state is written
+    so that no other process can take it for a killed run."""
     if run_dir is not None:
         state, timings = read_json(run_dir / "state.json"), read_json(run_dir / "timings.json")
+        if state.get("status") != "running":
+            raise ConfigError(f"{run_dir} finished while this process was starting; train again for a new run")
         state["resumed"] = state.get("resumed", 0) + 1
         return run_dir, state, timings
     run_dir = create_run_dir(runs_root, name)
+    locks.enter_context(hold_run_lock(run_dir))
     config.save(run_dir / "config.json")
     write_json(run_dir / "data.json", data.to_dict())
     write_json(run_dir / "environment.json", environment_info())
@@ -276,9 +283,7 @@ def train(
             recorded = load_run_split(unfinished)
             data, _ = apply_recorded_split(data or load_experiment_data(config, progress, split=recorded), recorded,
                                            ("train", "val"))
-        run_dir, state, timings = _start_or_resume(config, runs_root, name, data, unfinished)
-        if unfinished is None:
-            locks.enter_context(hold_run_lock(run_dir))
+        run_dir, state, timings = _start_or_resume(config, runs_root, name, data, unfinished, locks)
         return _fit(config, data, run_dir, state, timings, progress, callbacks)
 
 
