@@ -167,13 +167,16 @@ def load_experiment_data(config: ExperimentConfig, progress: bool = True, split:
     return ExperimentData(report, dataset, split or split_for_config(dataset.case_ids, config))
 
 
-def apply_recorded_split(data: ExperimentData, recorded: PatientSplit, parts: tuple[str, ...],
-                         allow_missing: bool = False) -> tuple[ExperimentData, list[str]]:
-    """``data`` with a run's recorded split, and the patients of ``parts`` that the data no longer holds.
+def load_recorded_data(config: ExperimentConfig, recorded: PatientSplit, parts: tuple[str, ...],
+                       allow_missing: bool = False, data: ExperimentData | None = None,
+                       progress: bool = True) -> tuple[ExperimentData, list[str]]:
+    """``config.data_dir`` (or ``data`` already loaded from it) with a run's recorded split, and the patients
+    of ``parts`` that the data no longer holds.
 
     Missing patients stop with a :class:`DataError` naming them, unless ``allow_missing``: then they are left
     out and returned. Patients in the folder that the split does not know are not used (a warning says so).
     """
+    data = data or load_experiment_data(config, progress, split=recorded)
     missing = missing_patients(recorded, data.dataset.case_ids, parts)
     if missing and not allow_missing:
         raise DataError(f"{len(missing)} of the run's {'/'.join(parts)} patients are not in {data.report.root} any "

@@ -6,8 +6,9 @@
 * :func:`read_mask` -> ``uint8`` array ``(H, W)`` holding only 0 and 1: **any non-zero value is lesion**, so
   0/1, 0/255, 16-bit 0/255 or 0/65535 masks and label maps (BraTS-style 1/2/3) all keep their lesions.
   The one exception is JPEG, a lossy format whose compression leaves small non-zero values around every
-  edge: JPEG masks are lesion where they reach half their own maximum (so 0/1 and 0/255 JPEGs both work). Float masks: integral values are labels; soft
-  values in ``[0, 1]`` are lesion above 0.5. Colour masks are lesion where any colour channel is.
+  edge: JPEG masks are lesion where they reach half their own maximum (so 0/1 and 0/255 JPEGs both work).
+  Float masks: integral values are labels; soft values in ``[0, 1]`` are lesion above 0.5. Colour masks are
+  lesion where any colour channel is.
 * :func:`read_mask_labels` -> the labels as stored (0 = background; binary masks as 0/1) and the name of
   the encoding that was seen (``binary 0/255``, ``label map``, ``lossy JPEG``...), for summaries and for
   multi-label targets.

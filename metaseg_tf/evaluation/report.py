@@ -34,11 +34,7 @@ from scipy import stats
 
 from metaseg_tf import plots
 from metaseg_tf.config import ExperimentConfig
-from metaseg_tf.data.batches import (
-    ExperimentData,
-    apply_recorded_split,
-    load_experiment_data,
-)
+from metaseg_tf.data.batches import ExperimentData, load_experiment_data, load_recorded_data
 from metaseg_tf.data.io import read_mask
 from metaseg_tf.evaluation.complexity import model_complexity
 from metaseg_tf.evaluation.scores import Evaluation, dice_per_case, evaluate_masks, overlap_scores
@@ -81,9 +77,7 @@ def _threshold_sweep(truth: np.ndarray, probabilities: np.ndarray, case_ids: np.
     truth = truth > 0
     for threshold in SWEEP_THRESHOLDS:
         pred = probabilities >= threshold
-        scores = _mean_dice(truth, pred, case_ids)
-        rows.append({"threshold": threshold, "global_dice": scores["global_dice"],
-                     "patient_dice": scores["patient_dice"]})
+        rows.append({"threshold": threshold, **_mean_dice(truth, pred, case_ids)})
     return pd.DataFrame(rows)
 
 
@@ -152,9 +146,8 @@ def evaluate_run(
         split = f"external-{Path(data_dir).name}"
         data = data or load_experiment_data(config, progress=progress, external=True)
     else:
-        recorded = load_run_split(run_dir)
-        data, missing = apply_recorded_split(data or load_experiment_data(config, progress, split=recorded),
-                                             recorded, (split,), allow_missing_patients)
+        data, missing = load_recorded_data(config, load_run_split(run_dir), (split,), allow_missing_patients,
+                                           data, progress)
     indices = data.split.indices(data.dataset.case_ids, "test" if data_dir is not None else split)
     if len(indices) == 0:
         raise ValueError(f"the {split} part of {run_dir} has no slices")
@@ -337,8 +330,7 @@ def compare_runs(run_dirs: Sequence[Path | str], out_dir: Path | str, split: str
 def _split_images(run_dir: Path | str, config: ExperimentConfig, split: str, data: ExperimentData | None,
                   progress: bool) -> tuple[ExperimentData, np.ndarray]:
     """The run's data with its recorded split, and the slices of ``split``."""
-    recorded = load_run_split(run_dir)
-    data, _ = apply_recorded_split(data or load_experiment_data(config, progress, split=recorded), recorded, (split,))
+    data, _ = load_recorded_data(config, load_run_split(run_dir), (split,), data=data, progress=progress)
     indices = data.split.indices(data.dataset.case_ids, split)
     if len(indices) == 0:
         raise ValueError(f"the {split} part of the split has no slices")

@@ -25,7 +25,7 @@ import keras
 
 from metaseg_tf import paths
 from metaseg_tf.config import ConfigError, ExperimentConfig
-from metaseg_tf.data.batches import ExperimentData, SegmentationBatches, apply_recorded_split, load_experiment_data
+from metaseg_tf.data.batches import ExperimentData, SegmentationBatches, load_experiment_data, load_recorded_data
 from metaseg_tf.environment import accelerator, environment_info
 from metaseg_tf.models import build_model
 from metaseg_tf.training.losses import SegmentationLoss
@@ -280,9 +280,8 @@ def train(
             data = data or load_experiment_data(config, progress=progress)
         else:  # the split is part of the run: resume on the recorded patients, never on a new split
             locks.enter_context(hold_run_lock(unfinished))
-            recorded = load_run_split(unfinished)
-            data, _ = apply_recorded_split(data or load_experiment_data(config, progress, split=recorded), recorded,
-                                           ("train", "val"))
+            data, _ = load_recorded_data(config, load_run_split(unfinished), ("train", "val"), data=data,
+                                         progress=progress)
         run_dir, state, timings = _start_or_resume(config, runs_root, name, data, unfinished, locks)
         return _fit(config, data, run_dir, state, timings, progress, callbacks)
 
