@@ -19,8 +19,9 @@ import yaml
 from metaseg_tf import paths
 from metaseg_tf.config import ConfigError, ExperimentConfig
 from metaseg_tf.data.discover import DataError, discover_pairs
-from metaseg_tf.data.summary import summarise_dataset
-from metaseg_tf.data.synthetic import PhantomSettings, generate_phantom
+from metaseg_tf.data.summary import summarise_dataset, summarise_volumes
+from metaseg_tf.data.synthetic import DEFAULT_PHANTOMS, PHANTOM_LAYOUTS, PhantomSettings, generate_phantom
+from metaseg_tf.data.volumes import discover_volumes
 from metaseg_tf.pipeline import PROFILES, PipelineError
 
 DEFAULT_PHANTOM = PhantomSettings()
@@ -30,7 +31,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up 
 CONFIG_FLAGS = {
     "model": "model", "data": "data_dir", "epochs": "epochs", "batch_size": "batch_size",
     "image_size": "image_size", "loss": "loss", "lr": "learning_rate", "seed": "seed",
-    "devices": "devices", "max_minutes": "max_train_minutes", "filters": "filters",
+    "devices": "devices", "max_minutes": "max_train_minutes", "filters": "filters", "sequences": "sequences",
+    "target": "target", "context_slices": "context_slices",
 }
 
 
@@ -75,6 +77,9 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--devices", type=int, help="data-parallel devices (MirroredStrategy / DataParallel)")
     parser.add_argument("--max-minutes", type=float, help="stop training after this many minutes")
     parser.add_argument("--no-clahe", action="store_true", help="switch CLAHE off")
+    parser.add_argument("--sequences", nargs="+", help="volume layouts: sequences in channel order, e.g. t1c t2f t1n")
+    parser.add_argument("--target", help="any, wt, tc, et, labels:1,3 or multilabel (volume layouts' regions)")
+    parser.add_argument("--context-slices", type=int, help="2.5D: neighbouring slices on each side as channels")
     parser.add_argument("-p", "--param", nargs=2, action="append", metavar=("KEY", "VALUE"),
                         help="any other ExperimentConfig field, e.g. -p lr_schedule cosine")
 
@@ -133,6 +138,12 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _data_summary(args: argparse.Namespace) -> int:
+    volumes = discover_volumes(args.directory)
+    if volumes is not None:
+        print("\n".join(summarise_volumes(volumes, show=args.show)))
+        if not volumes.cases:
+            raise DataError(f"no usable case in {volumes.root}")
+        return 0
     report = discover_pairs(args.directory)
     summary = summarise_dataset(report, check=not args.quick, progress=not args.quiet)
     print("\n".join(summary.lines(show=args.show)))
@@ -143,7 +154,7 @@ def _data_summary(args: argparse.Namespace) -> int:
 
 def _data_synth(args: argparse.Namespace) -> int:
     summary = generate_phantom(args.out, args.patients, args.slices, args.size, args.seed,
-                               progress=not args.quiet)
+                               progress=not args.quiet, layout=args.layout)
     verb = "reused" if summary.reused else "wrote"
     print(
         f"{verb} phantom in {summary.root}: {len(summary.case_ids)} patients x {args.slices} slices at "
@@ -157,6 +168,7 @@ def _pipeline(args: argparse.Namespace) -> int:
     from metaseg_tf.pipeline import run_pipeline
 
     overrides = {key: _parse_value(value) for key, value in args.param or []}
+    overrides.setdefault("phantom", args.phantom)
     run = run_pipeline(args.profile, args.data, args.out, overrides, progress=not args.quiet)
     total = sum(run.seconds.values())
     print(f"finished in {total / 60:.1f} min; open {run.report}")
@@ -192,6 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--slices", type=int, default=DEFAULT_PHANTOM.n_slices)
     synth.add_argument("--size", type=int, default=DEFAULT_PHANTOM.size)
     synth.add_argument("--seed", type=int, default=DEFAULT_PHANTOM.seed)
+    synth.add_argument("--layout", default="brats_mets", choices=PHANTOM_LAYOUTS,
+                       help="brats_mets: NIfTI volumes with BraTS labels (default); kaggle_3m: 2D PNG slices")
     synth.set_defaults(handler=_data_synth)
 
     pipeline = commands.add_parser(
@@ -201,6 +215,9 @@ def build_parser() -> argparse.ArgumentParser:
                           help="; ".join(f"{name}: {profile.description}" for name, profile in PROFILES.items())
                           + " (default: cpu)")
     pipeline.add_argument("--data", type=_typed_path, help="your own data folder instead of the synthetic phantom")
+    pipeline.add_argument("--phantom", default="brats_mets", choices=tuple(DEFAULT_PHANTOMS),
+                          help="the synthetic phantom used without --data: brats_mets (default, NIfTI volumes "
+                               "with BraTS labels) or kaggle_3m (2D slices)")
     pipeline.add_argument("--out", type=_typed_path, default=paths.resolve(paths.PIPELINE_ROOT),
                           help=f"a new run folder goes here (default: {paths.PIPELINE_ROOT} in the project)")
     pipeline.add_argument("-p", "--param", nargs=2, action="append", metavar=("KEY", "VALUE"),

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,8 @@ NORMALISATIONS = ("zscore", "minmax", "none")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 LR_SCHEDULES = ("constant", "plateau", "cosine")
 AUTO_SWITCH = ("auto", "on", "off")
+REGION_TARGETS = ("any", "wt", "tc", "et", "multilabel")  # or "labels:1,3" (any label set)
+FILL_RULES = ("skip", "zeros", "repeat")
 
 
 class ConfigError(ValueError):
@@ -36,13 +39,23 @@ class ExperimentConfig:
     """All settings of one experiment.
 
     Image tensors follow Keras' channels-last convention: a batch is ``(batch, image_size, image_size,
-    channels)`` and a mask batch ``(batch, image_size, image_size, 1)``.
+    input_channels)`` with ``input_channels = channels * (2 * context_slices + 1)``, and a target batch
+    ``(batch, image_size, image_size, output_channels)`` (1, or 3 regions for ``target="multilabel"``).
     """
 
     # --- data ------------------------------------------------------------------------------------
     data_dir: str = paths.PHANTOM_DIR
     cache_dir: str = paths.CACHE_DIR
     channels: int = 3
+    # volume layouts (BraTS-METS, MSD, BrainMetShare, generic NIfTI): which sequences, in channel order
+    # (empty: the first ``channels`` of t1c, t2f, t1n); ``channels`` follows
+    sequences: tuple[str, ...] = ()
+    fill_missing: str = "skip"  # a case without a requested sequence: skip it, or fill it with zeros / repeat
+    # what the model segments: "any" non-zero label (2D masks as today), a region "wt" / "tc" / "et" in the
+    # dataset's label convention, "labels:1,3" (any label set), or "multilabel" (one sigmoid per region)
+    target: str = "any"
+    context_slices: int = 0  # 2.5D: k neighbouring slices on each side of every sequence as extra channels
+    empty_slice_fraction: float = 1.0  # fraction of lesion-free training slices drawn each epoch
 
     # --- preprocessing (every field here changes the preprocessing cache key) ---------------------
     image_size: int = 128
@@ -92,12 +105,36 @@ class ExperimentConfig:
 
     def __post_init__(self) -> None:
         self.filters = tuple(int(f) for f in self.filters)
+        self.sequences = tuple(str(s).lower() for s in self.sequences)
+        if self.sequences:
+            self.channels = len(self.sequences)
         self.validate()
+
+    @property
+    def input_channels(self) -> int:
+        """Channels the model reads: every sequence (or image channel) at the slice and its 2.5D neighbours."""
+        return self.channels * (2 * self.context_slices + 1)
+
+    @property
+    def output_channels(self) -> int:
+        """One sigmoid output per region: 3 (WT, TC, ET) for ``multilabel``, else 1."""
+        return 3 if self.target == "multilabel" else 1
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` naming the first invalid field."""
-        if self.channels not in (1, 3):
-            raise ConfigError(f"channels must be 1 or 3, got {self.channels}")
+        if not self.sequences and self.channels not in (1, 3):
+            raise ConfigError(f"channels must be 1 or 3 (or follow sequences), got {self.channels}")
+        if len(set(self.sequences)) != len(self.sequences):
+            raise ConfigError(f"sequences must be distinct, got {self.sequences}")
+        if self.fill_missing not in FILL_RULES:
+            raise ConfigError(f"fill_missing must be one of {FILL_RULES}, got {self.fill_missing!r}")
+        if self.target not in REGION_TARGETS and not re.fullmatch(r"labels:\d+(,\d+)*", self.target):
+            raise ConfigError(f"target must be one of {', '.join(REGION_TARGETS)} or labels:1,3 (a label set), "
+                              f"got {self.target!r}")
+        if not 0 <= self.context_slices <= 8:
+            raise ConfigError(f"context_slices must lie in [0, 8], got {self.context_slices}")
+        if not 0 < self.empty_slice_fraction <= 1:
+            raise ConfigError(f"empty_slice_fraction must lie in (0, 1], got {self.empty_slice_fraction}")
         if self.image_size < 16 or self.image_size % 16:
             raise ConfigError(f"image_size must be a multiple of 16 and >= 16, got {self.image_size}")
         if self.clahe_clip_limit <= 0 or self.clahe_tile_grid < 1:
@@ -136,6 +173,7 @@ class ExperimentConfig:
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         data["filters"] = list(self.filters)
+        data["sequences"] = list(self.sequences)
         return data
 
     @classmethod
@@ -174,6 +212,7 @@ class ExperimentConfig:
     # --- identity ------------------------------------------------------------------------------------
     def preprocessing_key(self) -> str:
         """Short hash of the fields that change preprocessed arrays (the cache key's config part)."""
-        fields = ("channels", "image_size", "clahe", "clahe_clip_limit", "clahe_tile_grid")
+        fields = ("channels", "image_size", "clahe", "clahe_clip_limit", "clahe_tile_grid", "sequences",
+                  "fill_missing")
         payload = json.dumps({name: getattr(self, name) for name in fields}, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:12]

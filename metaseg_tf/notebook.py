@@ -16,7 +16,7 @@ from typing import Any
 
 from metaseg_tf import paths
 from metaseg_tf.config import ExperimentConfig
-from metaseg_tf.data.synthetic import PhantomSettings, generate_phantom
+from metaseg_tf.data.synthetic import default_phantom
 from metaseg_tf.paths import resolve
 from metaseg_tf.training.runs import list_runs, read_json
 
@@ -38,19 +38,17 @@ def configure_backend(backend: str = "") -> str:
 
 
 def experiment_config(data_dir: str = "", config_overrides: dict[str, Any] | None = None,
-                      progress: bool = True, **fields: Any) -> ExperimentConfig:
+                      progress: bool = True, phantom: str = "brats_mets", **fields: Any) -> ExperimentConfig:
     """The experiment's config from a notebook's parameters.
 
-    ``data_dir`` empty means the synthetic phantom in ``data/phantom`` (generated on first use with the
-    default :class:`PhantomSettings`). ``fields`` are :class:`ExperimentConfig` fields (``image_size``,
-    ``epochs``, ``filters``...); ``config_overrides`` any further ones. ``cache_dir`` is resolved like the
-    data folder.
+    ``data_dir`` empty means the embedded synthetic phantom of layout ``phantom`` (``brats_mets``, the default:
+    NIfTI volumes with BraTS labels; ``kaggle_3m``: 2D slices), generated on first use
+    (:func:`~metaseg_tf.data.synthetic.default_phantom`). ``fields`` are :class:`ExperimentConfig` fields
+    (``image_size``, ``epochs``, ``target``...); ``config_overrides`` any further ones. ``cache_dir`` is
+    resolved like the data folder.
     """
     if not data_dir:
-        defaults = PhantomSettings()
-        generate_phantom(resolve(paths.PHANTOM_DIR), defaults.n_patients, defaults.n_slices, defaults.size,
-                         defaults.seed, progress=progress)
-        data_dir = paths.PHANTOM_DIR
+        data_dir = str(default_phantom(phantom, progress=progress).root)
     settings = {**fields, **(config_overrides or {})}
     settings["cache_dir"] = str(resolve(settings.get("cache_dir", ExperimentConfig.cache_dir)))
     return ExperimentConfig.from_dict({**settings, "data_dir": str(resolve(data_dir))})

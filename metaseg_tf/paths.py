@@ -15,8 +15,10 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS_DIR = PROJECT_ROOT / "notebooks"
 
 # generated data (git-ignored)
-PHANTOM_DIR = "data/phantom"  # the embedded default dataset
-SMOKE_PHANTOM_DIR = "data/phantom-smoke"  # the smoke profile's tiny phantom
+PHANTOM_DIR = "data/phantom-brats"  # the embedded default dataset: the BraTS-METS-layout phantom
+KAGGLE_PHANTOM_DIR = "data/phantom"  # the 2D kaggle_3m-layout phantom
+SMOKE_PHANTOM_DIR = "data/phantom-brats-smoke"  # the smoke profile's tiny phantoms
+KAGGLE_SMOKE_PHANTOM_DIR = "data/phantom-smoke"
 EXAMPLE_PHANTOM_DIR = "data/phantom-examples"  # the web app's "try an example" slices
 CACHE_DIR = "data/cache"  # preprocessed arrays
 

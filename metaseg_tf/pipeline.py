@@ -23,13 +23,13 @@ import logging
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from metaseg_tf import paths
 from metaseg_tf.config import ConfigError, ExperimentConfig
-from metaseg_tf.data.synthetic import PhantomSettings, generate_phantom
+from metaseg_tf.data.synthetic import DEFAULT_PHANTOMS, default_phantom
 from metaseg_tf.paths import NOTEBOOKS_DIR, PROJECT_ROOT, resolve
 from metaseg_tf.training.runs import create_run_dir, read_json, write_json
 
@@ -40,27 +40,26 @@ class PipelineError(RuntimeError):
 
 @dataclass(frozen=True)
 class PipelineProfile:
-    """A preset of the notebooks' parameters and the phantom used when no data folder is given."""
+    """A preset of the notebooks' parameters; ``smoke`` profiles use the tiny phantoms when no data folder is
+    given (:data:`~metaseg_tf.data.synthetic.SMOKE_PHANTOMS`), the others the default ones."""
 
     description: str
     parameters: dict[str, Any]
-    phantom: PhantomSettings = field(default_factory=PhantomSettings)
-    phantom_dir: str = paths.PHANTOM_DIR
+    smoke: bool = False
 
 
 # The parameters every numbered notebook declares in its `parameters` cell, with their interactive defaults.
 NOTEBOOK_PARAMETERS: dict[str, Any] = {
-    "data_dir": "", "out_dir": paths.INTERACTIVE_DIR, "backend": "", "image_size": 64, "epochs": 30,
-    "batch_size": 16, "filters": [8, 16, 32, 64, 128], "seed": 0, "clahe": True, "max_train_minutes": 0.0,
-    "clahe_ablation": False, "config_overrides": {}, "progress": True,
+    "data_dir": "", "phantom": "brats_mets", "out_dir": paths.INTERACTIVE_DIR, "backend": "", "target": "tc",
+    "image_size": 64, "epochs": 30, "batch_size": 16, "filters": [8, 16, 32, 64, 128], "seed": 0, "clahe": True,
+    "max_train_minutes": 0.0, "clahe_ablation": False, "config_overrides": {}, "progress": True,
 }
 
 PROFILES: dict[str, PipelineProfile] = {
     "smoke": PipelineProfile(
         "seconds per notebook: proves the pipeline runs (CI)",
         {"image_size": 32, "epochs": 2, "batch_size": 8, "filters": [4, 8, 16, 32, 64], "clahe_ablation": True,
-         "config_overrides": {"jit_compile": "off", "test_fraction": 0.25}},
-        PhantomSettings(n_patients=8, n_slices=8, size=64), paths.SMOKE_PHANTOM_DIR),
+         "config_overrides": {"jit_compile": "off", "test_fraction": 0.25}}, smoke=True),
     "cpu": PipelineProfile(
         "the default: about ten minutes on a 2-core laptop, meaningful masks on the phantom",
         {"image_size": 64, "epochs": 30, "batch_size": 16, "filters": [8, 16, 32, 64, 128]}),
@@ -103,7 +102,9 @@ def pipeline_parameters(profile: str = "cpu", data_dir: str | Path | None = None
     if data_dir is not None:
         parameters["data_dir"] = str(resolve(data_dir))
     fields = {name: parameters[name] for name in ("image_size", "epochs", "batch_size", "filters", "seed",
-                                                  "clahe", "max_train_minutes")}
+                                                  "clahe", "max_train_minutes", "target")}
+    if parameters["phantom"] not in DEFAULT_PHANTOMS:
+        raise ConfigError(f"unknown phantom {parameters['phantom']!r}; choose one of {', '.join(DEFAULT_PHANTOMS)}")
     ExperimentConfig.from_dict({**fields, **parameters["config_overrides"]})
     return parameters
 
@@ -135,7 +136,8 @@ def run_pipeline(
     progress: bool = True,
 ) -> PipelineRun:
     """Execute the numbered notebooks with papermill into a new folder under ``out_root``; see the module
-    docstring. ``data_dir`` ``None`` uses the profile's synthetic phantom (generated on first use)."""
+    docstring. ``data_dir`` ``None`` uses the synthetic phantom of the ``phantom`` parameter (``brats_mets``,
+    the default, or ``kaggle_3m``; generated on first use)."""
     import papermill
     from papermill.exceptions import PapermillExecutionError
 
@@ -144,11 +146,10 @@ def run_pipeline(
     parameters = pipeline_parameters(profile, data_dir, overrides)
     preset = PROFILES[profile]
     if data_dir is None:
-        phantom = preset.phantom
-        summary = generate_phantom(resolve(preset.phantom_dir), phantom.n_patients, phantom.n_slices, phantom.size,
-                                   phantom.seed, progress=progress)
+        summary = default_phantom(parameters["phantom"], smoke=preset.smoke, progress=progress)
         parameters["data_dir"] = str(summary.root)
-        print(f"data: synthetic phantom in {summary.root} ({'reused' if summary.reused else 'generated'})")
+        print(f"data: synthetic {parameters['phantom']} phantom in {summary.root} "
+              f"({'reused' if summary.reused else 'generated'})")
     if "backend" not in (overrides or {}):
         parameters["backend"] = os.environ.get("KERAS_BACKEND", "")
     out_dir = create_run_dir(resolve(out_root), profile)

@@ -167,3 +167,29 @@ def accuracy_latency(table: pd.DataFrame, path: Path | str, score: str = "dice")
     axis.set_xlabel("latency per image (ms)")
     axis.set_ylabel(score)
     return _save(fig, path)
+
+
+LABEL_COLOURS = {1: "red", 2: "yellow", 3: "deepskyblue"}
+
+
+def sequence_label_grid(examples: Sequence[tuple[str, int, np.ndarray, np.ndarray]], sequences: Sequence[str],
+                        path: Path | str, label_names: Mapping[int, str] | None = None) -> Path:
+    """One row per example ``(case_id, slice, images (H, W, C), labels (H, W))``: each sequence, then the
+    first sequence with every label's contour in its colour (:data:`LABEL_COLOURS`)."""
+    columns = len(sequences) + 1
+    fig, axes = plt.subplots(len(examples), columns, figsize=(2.4 * columns, 2.5 * len(examples)), squeeze=False)
+    for row, (case_id, z, images, labels) in zip(axes, examples):
+        for axis, (c, name) in zip(row, enumerate(sequences)):
+            axis.imshow(images[..., c], cmap="gray")
+            axis.set_title(f"{case_id} z={z}: {name}" if c == 0 else name, fontsize=7)
+            axis.axis("off")
+        axis = row[-1]
+        axis.imshow(images[..., 0], cmap="gray")
+        for value in np.unique(labels[labels > 0]):
+            axis.contour((labels == value).astype(float), levels=[0.5], colors=LABEL_COLOURS.get(int(value), "white"),
+                         linewidths=0.8)
+        names = label_names or {}
+        axis.set_title("labels: " + ", ".join(f"{int(v)} {names.get(int(v), '')}".strip()
+                                              for v in np.unique(labels[labels > 0])), fontsize=7)
+        axis.axis("off")
+    return _save(fig, path)

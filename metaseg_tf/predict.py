@@ -1,4 +1,5 @@
-"""Prediction with a trained run: a slice array, an image file, a folder of images, or a NIfTI volume.
+"""Prediction with a trained run: a slice array, an image file, a folder of images, NIfTI volumes or cases of a
+volume layout (BraTS-METS, MSD, BrainMetShare, generic NIfTI).
 
 This module owns model loading (:func:`load_model`, :func:`predict_probabilities`): evaluation, the
 notebooks and the web app load and run models through it, so inference does not pull in the reporting code.
@@ -7,19 +8,25 @@ Each slice goes through the run's own preprocessing (window, CLAHE, resize, norm
 (optionally with horizontal-flip test-time augmentation: the mean of the image's and its mirror's
 probabilities), back to the slice's original size (bilinear), is thresholded, and loses connected
 components smaller than ``min_component_pixels``. Written outputs per slice: ``<stem>_mask.png`` (0/255),
-``<stem>_probability.png`` (0-255) and ``<stem>_overlay.png``; for a NIfTI volume ``<stem>_mask.nii.gz`` and
-``<stem>_probability.nii.gz`` with the input's affine and header, so they overlay in any NIfTI viewer.
+``<stem>_probability.png`` (0-255) and ``<stem>_overlay.png``.
 
-NIfTI volumes are cut along their axial axis, found from the affine (the voxel axis that points
-superior/inferior, ``nibabel.aff2axcodes``). Intensities are scaled to ``[0, 1]`` between the volume's
-0.5th and 99.5th percentiles; one volume fills every input channel, or several co-registered volumes
-(e.g. pre-contrast, FLAIR, post-contrast for a model trained on kaggle_3m) fill one channel each.
+Volumes are read like training data (:mod:`metaseg_tf.data.volumes`): reoriented to the canonical axial
+orientation from the affine, windowed per volume and sequence, each axial slice predicted with its 2.5D
+context, and the result put back into the input's own voxel grid. Written per case, BraTS-style:
+``<case>-seg.nii.gz`` (``uint8``; a binary mask for one region, the labels of the dataset's convention for a
+``multilabel`` run) and ``<case>-probability.nii.gz`` (``float32``, one volume per region), both with the
+input's affine and header so they overlay in any NIfTI viewer, and ``<case>-overlay.png`` (the slices with
+most predicted lesion). Components smaller than ``min_component_pixels`` voxels (3D, 26-connected) are
+removed. Where the case has a segmentation the per-case scores are computed too. Given NIfTI files by
+themselves: one volume fills every input channel, or one co-registered volume per sequence of the run, in
+its order.
 
 Unreadable files in a folder are skipped, counted and listed with the reason in ``predictions.csv``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -33,18 +40,29 @@ from scipy import ndimage
 from tqdm.auto import tqdm
 
 from metaseg_tf.config import ExperimentConfig
+from metaseg_tf.data.context import volume_context
 from metaseg_tf.data.discover import IMAGE_EXTENSIONS, MASK_SUFFIX, DataError
 from metaseg_tf.data.io import read_image, to_channels
-from metaseg_tf.data.preprocess import normalise, preprocess_slice
+from metaseg_tf.data.preprocess import normalise, preprocess_slice, preprocess_volume_slices
+from metaseg_tf.data.targets import Target, resolve_target
+from metaseg_tf.data.volumes import (
+    CaseVolume,
+    SequenceSource,
+    VolumeCase,
+    discover_volumes,
+    from_canonical,
+    is_nifti,
+    nifti_stem,
+    read_case,
+    resolve_sequences,
+)
+from metaseg_tf.evaluation.scores import evaluate_masks
 from metaseg_tf.paths import resolve
-from metaseg_tf.training.runs import load_run_config, new_dir, run_model_path
+from metaseg_tf.training.runs import load_run_config, new_dir, read_json, run_model_path
 
 logger = logging.getLogger(__name__)
-NIFTI_SUFFIXES = (".nii", ".nii.gz")
-
-
-def is_nifti(path: Path) -> bool:
-    return path.name.lower().endswith(NIFTI_SUFFIXES)
+# canonical (slice, row, column) = (S, P, L) axes as an affine: for volumes that came as slice images
+CANONICAL_AFFINE = np.array([[0.0, 0.0, -1.0, 0.0], [0.0, -1.0, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0], [0, 0, 0, 1.0]])
 
 
 @dataclass
@@ -62,8 +80,9 @@ class SlicePrediction:
 
 
 def remove_small_components(mask: np.ndarray, min_pixels: int) -> tuple[np.ndarray, list[int]]:
-    """Drop 8-connected components below ``min_pixels``; return the mask and the kept components' areas."""
-    labels, count = ndimage.label(mask, structure=np.ones((3, 3), bool))
+    """Drop components (8-connected in 2D, 26-connected in 3D) below ``min_pixels``; return the mask and the
+    kept components' sizes."""
+    labels, count = ndimage.label(mask, structure=np.ones((3,) * mask.ndim, bool))
     areas = np.bincount(labels.ravel(), minlength=count + 1)[1:]
     keep = np.flatnonzero(areas >= max(min_pixels, 1)) + 1
     return np.isin(labels, keep).astype(np.uint8), [int(areas[k - 1]) for k in keep]
@@ -78,56 +97,93 @@ def load_model(run_dir: Path | str, which: str = "best") -> keras.Model:
 
 
 def batch_probabilities(model: keras.Model, batch: np.ndarray, normalisation: str) -> np.ndarray:
-    """Foreground probabilities ``float32 (B, S, S)`` of one preprocessed batch ``(B, S, S, C)``, read at the
-    model's last output (for U-Net++ with deep supervision the deepest head, the output its validation Dice
-    was monitored on)."""
+    """Probabilities ``float32 (B, S, S, R)`` (one channel per output region) of one preprocessed batch
+    ``(B, S, S, C)``, read at the model's last output (for U-Net++ with deep supervision the deepest head, the
+    output its validation Dice was monitored on)."""
     output = model.predict_on_batch(normalise(batch, normalisation))
     output = output[-1] if isinstance(output, (list, tuple)) else output
-    return np.asarray(keras.ops.convert_to_numpy(output), np.float32)[..., 0]
+    return np.asarray(keras.ops.convert_to_numpy(output), np.float32)
 
 
 def predict_probabilities(model: keras.Model, images: np.ndarray, normalisation: str,
                           batch_size: int = 16, progress: bool = False) -> np.ndarray:
-    """Foreground probabilities ``float32 (N, S, S)`` for preprocessed ``uint8 (N, S, S, C)`` slices, in
-    batches of ``batch_size`` (see :func:`batch_probabilities`)."""
+    """Probabilities ``float32 (N, S, S, R)`` for preprocessed ``uint8 (N, S, S, C)`` slices, in batches of
+    ``batch_size`` (see :func:`batch_probabilities`)."""
     starts = range(0, len(images), batch_size)
     chunks = [batch_probabilities(model, images[start : start + batch_size], normalisation)
               for start in tqdm(starts, desc="predicting", unit="batch", disable=not progress)]
-    return np.concatenate(chunks) if chunks else np.zeros((0, *images.shape[1:3]), np.float32)
+    outputs = model.outputs[-1].shape[-1]
+    return np.concatenate(chunks) if chunks else np.zeros((0, *images.shape[1:3], outputs), np.float32)
+
+
+@dataclass
+class VolumePrediction:
+    """One case's prediction in canonical orientation: ``probabilities`` ``float32 (Z, H, W, R)``, ``masks``
+    ``uint8 (Z, H, W, R)`` (one channel per region of the run's target) and ``labels`` ``uint8 (Z, H, W)``
+    (:meth:`~metaseg_tf.data.targets.Target.to_labels`)."""
+
+    probabilities: np.ndarray
+    masks: np.ndarray
+    labels: np.ndarray
 
 
 class Predictor:
-    """A trained model with its run's preprocessing; call :meth:`predict_slices` on ``(H, W, C)`` images."""
+    """A trained model with its run's preprocessing; call :meth:`predict_slices` on ``(H, W, C)`` images or
+    :meth:`predict_volume` on a case read with :func:`~metaseg_tf.data.volumes.read_case`. ``label_convention``
+    is the training data's (a run's ``data.json`` records it)."""
 
     def __init__(self, model: keras.Model, config: ExperimentConfig, threshold: float | None = None,
-                 flip_tta: bool = False, min_component_pixels: int = 0, batch_size: int = 16) -> None:
+                 flip_tta: bool = False, min_component_pixels: int = 0, batch_size: int = 16,
+                 label_convention: str = "binary") -> None:
         self.model, self.config = model, config
         self.threshold = config.threshold if threshold is None else threshold
         self.flip_tta, self.min_component_pixels, self.batch_size = flip_tta, min_component_pixels, batch_size
+        self.target: Target = resolve_target(config.target, label_convention)
 
     @classmethod
     def from_run(cls, run_dir: Path | str, which: str = "best", **options) -> Predictor:
-        return cls(load_model(run_dir, which), load_run_config(run_dir), **options)
+        convention = read_json(Path(run_dir) / "data.json").get("label_convention", "binary")
+        return cls(load_model(run_dir, which), load_run_config(run_dir), label_convention=convention, **options)
 
     def _probabilities(self, batch: np.ndarray) -> np.ndarray:
-        return batch_probabilities(self.model, batch, self.config.normalisation)
+        """``(B, S, S, R)`` probabilities of preprocessed slices (with their context channels), flip TTA
+        included."""
+        probabilities = batch_probabilities(self.model, batch, self.config.normalisation)
+        if self.flip_tta:
+            flipped = batch_probabilities(self.model, np.ascontiguousarray(batch[:, :, ::-1]), self.config.normalisation)
+            probabilities = (probabilities + flipped[:, :, ::-1]) / 2
+        return probabilities
+
+    def predict_volume(self, volume: CaseVolume, progress: bool = False) -> VolumePrediction:
+        """Every axial slice of ``volume`` with its 2.5D context, back at the volume's in-plane size
+        (bilinear), thresholded; components below ``min_component_pixels`` voxels removed (3D)."""
+        slices = volume_context(preprocess_volume_slices(volume.images, self.config), self.config.context_slices)
+        starts = range(0, len(slices), self.batch_size)
+        chunks = [self._probabilities(slices[start : start + self.batch_size])
+                  for start in tqdm(starts, desc=f"predicting {volume.case_id}", unit="batch", disable=not progress)]
+        height, width = volume.images.shape[1:3]
+        probabilities = np.stack([cv2.resize(p, (width, height), interpolation=cv2.INTER_LINEAR).reshape(height, width, -1)
+                                  for p in np.concatenate(chunks)])
+        masks = np.stack([remove_small_components(probabilities[..., r] >= self.threshold, self.min_component_pixels)[0]
+                          for r in range(probabilities.shape[-1])], axis=-1)
+        return VolumePrediction(probabilities, masks, self.target.to_labels(masks))
 
     def predict_slices(self, images: Sequence[np.ndarray], progress: bool = False,
                        threshold: float | None = None) -> list[SlicePrediction]:
-        """``images``: ``float (H, W)`` or ``(H, W, C)`` in ``[0, 1]``, any size; one prediction each.
+        """``images``: ``float (H, W)`` or ``(H, W, C)`` in ``[0, 1]``, any size; one prediction each, of the
+        run's first region. A model trained with 2.5D context sees each lone slice as its own neighbours.
         ``threshold`` overrides the predictor's own for this call."""
         threshold = self.threshold if threshold is None else threshold
-        channels = self.config.channels
+        channels, copies = self.config.channels, 2 * self.config.context_slices + 1
         prepared = []
-        for image in images:  # grey repeated, alpha dropped, as when files are read
-            prepared.append(preprocess_slice(to_channels(np.asarray(image, np.float32), channels), self.config))
+        for image in images:  # grey repeated, alpha dropped, as when files are read; a lone slice is its own context
+            slice_ = preprocess_slice(to_channels(np.asarray(image, np.float32), channels), self.config)
+            prepared.append(np.concatenate([slice_] * copies, axis=-1) if copies > 1 else slice_)
         results = []
         starts = range(0, len(prepared), self.batch_size)
         for start in tqdm(starts, desc="predicting", unit="batch", disable=not progress):
             batch = np.stack(prepared[start : start + self.batch_size])
-            probabilities = self._probabilities(batch)
-            if self.flip_tta:
-                probabilities = (probabilities + self._probabilities(batch[:, :, ::-1])[:, :, ::-1]) / 2
+            probabilities = self._probabilities(batch)[..., 0]  # a slice: the first region (WT when multilabel)
             for offset, probability in enumerate(probabilities):
                 height, width = np.asarray(images[start + offset]).shape[:2]
                 probability = cv2.resize(probability, (width, height), interpolation=cv2.INTER_LINEAR)
@@ -151,67 +207,91 @@ def _write_slice(out_dir: Path, stem: str, image: np.ndarray, prediction: SliceP
     cv2.imwrite(str(out_dir / f"{stem}_overlay.png"), _overlay(image, prediction.mask))
 
 
-def _scaled_volume(path: Path) -> tuple[np.ndarray, object, int]:
-    """The volume scaled to ``[0, 1]`` between the 0.5th and 99.5th percentiles of its finite voxels, its
-    NIfTI image, and how many voxels were NaN or infinite (they become 0, background)."""
+def _volume_overlay(volume: CaseVolume, labels: np.ndarray, count: int = 4) -> np.ndarray:
+    """The ``count`` slices with most predicted lesion side by side (first channel, contours in red)."""
+    per_slice = labels.reshape(len(labels), -1).astype(bool).sum(axis=1)
+    chosen = sorted(np.argsort(per_slice)[::-1][:count]) if per_slice.any() else [len(labels) // 2]
+    return np.concatenate([_overlay(volume.images[k][..., :1], labels[k] > 0) for k in chosen], axis=1)
+
+
+def case_scores(volume: CaseVolume, prediction: VolumePrediction, target: Target) -> dict[str, dict]:
+    """Per-case scores of each region of ``target`` (Dice, IoU, precision, recall, HD95 in mm when the
+    volume's spacing is known, BraTS-MET 2023 lesion-wise scores; :func:`~metaseg_tf.evaluation.scores.
+    evaluate_masks`) against the case's own labels."""
+    truth = target.masks(volume.labels)
+    slices = np.arange(len(truth))
+    case_ids = np.full(len(truth), volume.case_id)
+    return {name: evaluate_masks(truth[..., r], prediction.masks[..., r], case_ids, slices,
+                                 volume.spacing).per_patient.iloc[0].drop("case_id").to_dict()
+            for r, name in enumerate(target.names)}
+
+
+def write_case_prediction(volume: CaseVolume, prediction: VolumePrediction, out_dir: Path) -> dict[str, Path]:
+    """``<case>-seg.nii.gz``, ``<case>-probability.nii.gz`` (in the input's voxel grid, with its affine and
+    header) and ``<case>-overlay.png``; returns their paths."""
     import nibabel as nib
 
-    try:
-        volume = nib.load(str(path))
-        data = np.asarray(volume.get_fdata(dtype=np.float32))
-    except Exception as error:  # nibabel raises several types for broken files
-        raise DataError(f"cannot read NIfTI {path}: {error}") from error
-    if data.ndim != 3:
-        raise DataError(f"{path} has {data.ndim} dimensions; a 3D volume is expected")
-    finite = np.isfinite(data)
-    if not finite.any():
-        raise DataError(f"{path} holds no finite voxel")
-    low, high = np.percentile(data[finite], [0.5, 99.5])
-    scaled = np.clip((data - low) / (high - low if high > low else 1.0), 0, 1)
-    scaled[~finite] = 0.0
-    return scaled, volume, int(finite.size - np.count_nonzero(finite))
-
-
-def axial_axis(affine: np.ndarray) -> int:
-    """The voxel axis whose direction is superior/inferior in world space."""
-    import nibabel as nib
-
-    return [code in ("S", "I") for code in nib.aff2axcodes(affine)].index(True)
-
-
-def predict_nifti(predictor: Predictor, paths: Sequence[Path | str], out_dir: Path, progress: bool = True) -> dict:
-    """Predict every axial slice of one volume (or co-registered volumes, one per channel); write NIfTI
-    mask and probability volumes with the first input's affine, and a per-slice CSV."""
-    import nibabel as nib
-
-    paths = [Path(p) for p in paths]
-    channels = predictor.config.channels
-    if len(paths) not in (1, channels):
-        raise DataError(f"the model takes {channels} channel(s): give 1 volume or {channels}, not {len(paths)}")
-    scaled = [_scaled_volume(p) for p in paths]
-    reference = scaled[0][1]
-    if any(v.shape != reference.shape for _, v, _ in scaled):
-        raise DataError("the NIfTI volumes differ in shape; they must be co-registered")
-    axis = axial_axis(reference.affine)
-    stacked = np.stack([np.moveaxis(data, axis, 0) for data, _, _ in scaled], axis=-1)  # (slices, H, W, volumes)
-    non_finite = sum(count for _, _, count in scaled)
-    if non_finite:
-        logger.warning("%d NaN or infinite voxel(s) in %s were set to 0 (background)", non_finite,
-                       ", ".join(p.name for p in paths))
-    predictions = predictor.predict_slices(list(stacked), progress=progress)
-    mask = np.moveaxis(np.stack([p.mask for p in predictions]), 0, axis)
-    probability = np.moveaxis(np.stack([p.probability for p in predictions]), 0, axis)
-    stem = paths[0].name.split(".nii")[0]
-    for name, array, dtype in (("mask", mask, np.uint8), ("probability", probability, np.float32)):
-        image = nib.Nifti1Image(array.astype(dtype), reference.affine, reference.header)
+    reference = volume.reference
+    affine = reference.affine if reference is not None else CANONICAL_AFFINE
+    header = reference.header.copy() if reference is not None else None
+    probabilities = prediction.probabilities[..., 0] if prediction.probabilities.shape[-1] == 1 \
+        else prediction.probabilities
+    written = {}
+    for name, array, dtype in (("seg", prediction.labels, np.uint8), ("probability", probabilities, np.float32)):
+        image = nib.Nifti1Image(from_canonical(array, affine).astype(dtype), affine, header)
         image.set_data_dtype(dtype)
-        nib.save(image, str(out_dir / f"{stem}_{name}.nii.gz"))
-    rows = [{"file": stem, "slice": k, "lesions": p.lesion_count, "lesion_pixels": int(sum(p.lesion_areas)),
-             "max_probability": float(p.probability.max()), "status": "ok"} for k, p in enumerate(predictions)]
+        written[name] = out_dir / f"{volume.case_id}-{name}.nii.gz"
+        nib.save(image, str(written[name]))
+    written["overlay"] = out_dir / f"{volume.case_id}-overlay.png"
+    cv2.imwrite(str(written["overlay"]), _volume_overlay(volume, prediction.labels))
+    return written
+
+
+def predict_cases(predictor: Predictor, cases: Sequence[VolumeCase], out_dir: Path, progress: bool = True) -> dict:
+    """Predict every case (see the module docstring); cases that cannot be read are skipped and listed with the
+    reason in ``predictions.csv`` (one row per case, with its scores where it has labels)."""
+    config = predictor.config
+    sequences = resolve_sequences(config.sequences, config.channels)
+    rows, taken = [], set()
+    for case in cases:
+        name, number = case.case_id, 2
+        while name in taken:  # two input folders with one case id: never overwrite the first one's outputs
+            name, number = f"{case.case_id}-{number}", number + 1
+        taken.add(name)
+        case = dataclasses.replace(case, case_id=name)
+        try:
+            volume = read_case(case, sequences, config.fill_missing)
+        except DataError as error:
+            rows.append({"case_id": case.case_id, "status": f"skipped: {error}"})
+            continue
+        prediction = predictor.predict_volume(volume, progress)
+        write_case_prediction(volume, prediction, out_dir)
+        row = {"case_id": case.case_id, "status": "ok", "slices": len(prediction.labels),
+               "lesion_voxels": int((prediction.labels > 0).sum()), "non_finite_voxels": volume.non_finite_voxels,
+               "filled_sequences": " ".join(volume.filled)}
+        if volume.labels is not None:
+            for region, scores in case_scores(volume, prediction, predictor.target).items():
+                row.update({f"{region}_{name}": value for name, value in scores.items()
+                            if name in ("dice", "hd95", "lesion_dice", "lesion_hd95", "truth_lesions",
+                                        "detected_lesions", "false_positive_lesions")})
+        rows.append(row)
     pd.DataFrame(rows).to_csv(out_dir / "predictions.csv", index=False)
-    return {"volume": str(paths[0]), "axial_axis": axis, "slices": len(predictions),
-            "slices_with_lesion": int(sum(p.lesion_count > 0 for p in predictions)),
-            "lesion_voxels": int(mask.sum()), "non_finite_voxels": non_finite}
+    done = [row for row in rows if row["status"] == "ok"]
+    if not done:
+        raise DataError(f"no case could be predicted: {rows[0]['status'] if rows else 'none given'}")
+    return {"cases": len(done), "skipped": len(rows) - len(done),
+            "lesion_voxels": int(sum(row["lesion_voxels"] for row in done))}
+
+
+def nifti_case(predictor: Predictor, paths: Sequence[Path]) -> VolumeCase:
+    """NIfTI files given by themselves as one case named after the first: one volume fills every sequence
+    of the run, or one volume per sequence in the run's order."""
+    sequences = resolve_sequences(predictor.config.sequences, predictor.config.channels)
+    if len(paths) not in (1, len(sequences)):
+        raise DataError(f"the model takes {len(sequences)} sequence(s) ({', '.join(sequences)}): give 1 volume or "
+                        f"{len(sequences)}, not {len(paths)}")
+    sources = [SequenceSource(p) for p in paths] * (len(sequences) if len(paths) == 1 else 1)
+    return VolumeCase(nifti_stem(paths[0]), dict(zip(sequences, sources)))
 
 
 def _output_stems(relative: Sequence[Path]) -> list[str]:
@@ -235,16 +315,22 @@ def _output_stems(relative: Sequence[Path]) -> list[str]:
 
 def predict_path(predictor: Predictor, inputs: Sequence[Path | str], out_root: Path | str,
                  progress: bool = True) -> tuple[Path, dict]:
-    """Predict an image file, a folder of images (masks named ``*_mask.*`` are left out) or NIfTI
-    volume(s) into a new folder ``<out_root>/predictions``; returns the folder and a summary. Outputs mirror
-    the inputs' paths inside their folders (:func:`_output_stems`), so none overwrites another."""
+    """Predict an image file, a folder of images (masks named ``*_mask.*`` are left out), NIfTI volume(s) of
+    one case, or folders of a volume layout (a case folder, or a dataset of cases) into a new folder
+    ``<out_root>/predictions``; returns the folder and a summary. Image outputs mirror the inputs' paths
+    inside their folders (:func:`_output_stems`), so none overwrites another; volume outputs are named after
+    their case."""
     inputs = [Path(p) for p in inputs]
     missing = [str(p) for p in inputs if not p.exists()]
     if missing:
         raise DataError(f"input not found: {', '.join(missing)}")
     out_dir = new_dir(resolve(out_root), "predictions")
     if all(is_nifti(p) for p in inputs):
-        return out_dir, predict_nifti(predictor, inputs, out_dir, progress)
+        return out_dir, predict_cases(predictor, [nifti_case(predictor, inputs)], out_dir, progress)
+    volume_reports = [discover_volumes(p) for p in inputs if p.is_dir()]
+    if volume_reports and all(volume_reports) and len(volume_reports) == len(inputs):
+        cases = [case for report in volume_reports for case in report.cases]
+        return out_dir, predict_cases(predictor, cases, out_dir, progress)
     files: list[Path] = []
     relative: list[Path] = []
     for path in inputs:

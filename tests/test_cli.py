@@ -51,12 +51,17 @@ def test_folder_without_pairs_names_layouts(tmp_path: Path, capsys: pytest.Captu
 def test_synth_then_summary_of_it(tmp_path: Path, capsys: pytest.CaptureFixture,
                                   monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
-    assert main(["data", "synth", "ph", "--patients", "5", "--slices", "4", "--size", "64"]) == 0
+    assert main(["data", "synth", "brats", "--patients", "3", "--slices", "4", "--size", "64"]) == 0
+    assert main(["-q", "data", "summary", "brats"]) == 0  # the default layout: BraTS-METS volumes
+    out = capsys.readouterr().out
+    assert "layout      : brats_mets" in out and "cases       : 3 (3 with labels" in out
+    assert "t1c in 3 cases, t1n in 3 cases, t2f in 3 cases, t2w in 3 cases" in out
+    assert main(["data", "synth", "ph", "--patients", "5", "--slices", "4", "--size", "64", "--layout", "kaggle_3m"]) == 0
     assert "wrote phantom" in capsys.readouterr().out
     assert main(["-q", "data", "summary", "ph"]) == 0
     out = capsys.readouterr().out
     assert "5" in out and "20" in out  # 5 patients, 20 pairs
-    assert main(["data", "synth", "ph", "--patients", "5", "--slices", "4", "--size", "64"]) == 0
+    assert main(["data", "synth", "ph", "--patients", "5", "--slices", "4", "--size", "64", "--layout", "kaggle_3m"]) == 0
     assert "reused phantom" in capsys.readouterr().out
 
 

@@ -90,7 +90,7 @@ def test_a_failing_notebook_stops_the_pipeline_with_a_clear_message_and_keeps_it
     assert record["status"] == "failed" and record["failed_notebook"] == "02_broken.ipynb"
 
 
-def _assert_complete(out_dir: Path, models: tuple[str, ...]) -> None:
+def _assert_complete(out_dir: Path, models: tuple[str, ...], eda_figure: str = "01_eda-sequences_labels.png") -> None:
     record = json.loads((out_dir / "pipeline.json").read_text())
     assert record["status"] == "finished" and len(record["seconds"]) == 5
     for notebook in notebooks():
@@ -98,7 +98,7 @@ def _assert_complete(out_dir: Path, models: tuple[str, ...]) -> None:
         code = [cell for cell in executed.cells if cell.cell_type == "code"]
         assert all(cell.execution_count for cell in code), notebook.name
     figures = {p.name for p in (out_dir / "figures").glob("*.png")}
-    for expected in ("01_eda-examples.png", "02_clahe_preprocessing-before_after.png",
+    for expected in (eda_figure, "02_clahe_preprocessing-before_after.png",
                      "03_train_nested_unet-pruning.png", "04_train_attention_unet-attention_maps.png",
                      "05_compare_models-test_examples.png"):
         assert expected in figures
@@ -112,13 +112,24 @@ def _assert_complete(out_dir: Path, models: tuple[str, ...]) -> None:
             assert per_patient["dice"].between(0, 1).all() and per_patient["iou"].between(0, 1).all()
     report = (out_dir / "report.md").read_text()
     assert "## Conclusion" in report and "nested_unet" in report and "attention_unet" in report
-    for link in ("notebooks/05_compare_models.ipynb", "figures/01_eda-examples.png"):
+    for link in ("notebooks/05_compare_models.ipynb", f"figures/{eda_figure}"):
         assert f"({link})" in report and (out_dir / link).is_file()
 
 
 def test_smoke_pipeline_runs_all_five_notebooks_and_writes_the_report(tmp_path: Path) -> None:
+    """The main job's default: the BraTS-METS-layout phantom, one region (TC), scored per case in mm."""
     run = run_pipeline("smoke", out_root=tmp_path, progress=False)
     _assert_complete(run.out_dir, ("nested_unet", "attention_unet"))
+    assert "phantom-brats" in json.loads((run.out_dir / "pipeline.json").read_text())["parameters"]["data_dir"]
+    (comparison,) = (run.out_dir / "comparison").glob("comparison-test*")
+    regions = pd.read_csv(comparison / "regions.csv")
+    assert list(regions["region"]) == ["tc", "tc"] and "lesion_hd95_mm" in regions.columns
+    evaluation = next((run.out_dir / "runs").glob("*nested_unet/evaluation-test"))
+    summary = json.loads((evaluation / "summary.json").read_text())
+    assert summary["distance_unit"] == "mm" and summary["label_convention"] == "brats"
+    assert summary["regions"]["tc"]["labels"] == [1, 3]
+    report = run.report.read_text()
+    assert "Per region and lesion-wise" in report and "hd95_mm" in report
     (ablation,) = (run.out_dir / "clahe_ablation").glob("comparison-test*")
     assert tuple(pd.read_csv(ablation / "comparison.csv")["model"]) == ("clahe", "no_clahe")
     assert "CLAHE ablation" in run.report.read_text()
@@ -128,12 +139,13 @@ def test_smoke_pipeline_runs_all_five_notebooks_and_writes_the_report(tmp_path: 
 
 
 def test_smoke_pipeline_runs_under_jax(tmp_path: Path) -> None:
+    """JAX backend, and the 2D kaggle_3m phantom (the flag that keeps the 2D layout's main job)."""
     pytest.importorskip("jax")
     environment = {**os.environ, "KERAS_BACKEND": "jax"}
     done = subprocess.run([sys.executable, "-m", "metaseg_tf.cli", "-q", "pipeline", "--profile", "smoke", "--out",
-                           str(tmp_path), "-p", "clahe_ablation", "false"], env=environment, cwd=ROOT,
+                           str(tmp_path), "--phantom", "kaggle_3m", "-p", "clahe_ablation", "false"], env=environment, cwd=ROOT,
                           capture_output=True, text=True, timeout=1200)
     assert done.returncode == 0, done.stderr[-3000:]
     (out_dir,) = tmp_path.iterdir()
     assert json.loads((out_dir / "pipeline.json").read_text())["environment"]["keras_backend"] == "jax"
-    _assert_complete(out_dir, ("nested_unet", "attention_unet"))
+    _assert_complete(out_dir, ("nested_unet", "attention_unet"), eda_figure="01_eda-examples.png")

@@ -11,9 +11,9 @@ import pandas as pd
 import pytest
 
 from metaseg_tf.data.discover import DataError
+from metaseg_tf.data.volumes import axial_axis
 from metaseg_tf.predict import (
     Predictor,
-    axial_axis,
     predict_path,
     remove_small_components,
 )
@@ -65,9 +65,11 @@ def test_nifti_prediction_keeps_shape_and_affine(trained_run: Path, tmp_path: Pa
     nib.save(nib.Nifti1Image(volume, affine), str(path))
     assert axial_axis(affine) == 0
     out_dir, summary = predict_path(Predictor.from_run(trained_run), [path], tmp_path / "out", progress=False)
-    written = nib.load(str(out_dir / "case_mask.nii.gz"))
+    written = nib.load(str(out_dir / "case-seg.nii.gz"))
     assert written.shape == volume.shape and np.allclose(written.affine, affine)
-    assert summary["axial_axis"] == 0 and summary["slices"] == 6
+    assert summary["cases"] == 1 and pd.read_csv(out_dir / "predictions.csv")["slices"].tolist() == [6]
+    assert nib.load(str(out_dir / "case-probability.nii.gz")).shape == volume.shape
+    assert (out_dir / "case-overlay.png").is_file()
     assert cv2.imread(str(path)) is None  # a NIfTI is not an image OpenCV could have read by accident
 
 
@@ -97,9 +99,9 @@ def test_nan_voxels_are_counted_and_do_not_blank_the_volume(trained_run: Path, t
     volume[:4, :4, :] = np.nan  # a corner of NaN on every slice
     path = tmp_path / "nan.nii.gz"
     nib.save(nib.Nifti1Image(volume, affine), str(path))
-    out_dir, summary = predict_path(Predictor.from_run(trained_run), [path], tmp_path / "out", progress=False)
-    assert summary["non_finite_voxels"] == 4 * 4 * 5
-    probability = nib.load(str(out_dir / "nan_probability.nii.gz")).get_fdata()
+    out_dir, _ = predict_path(Predictor.from_run(trained_run), [path], tmp_path / "out", progress=False)
+    assert pd.read_csv(out_dir / "predictions.csv")["non_finite_voxels"].tolist() == [4 * 4 * 5]
+    probability = nib.load(str(out_dir / "nan-probability.nii.gz")).get_fdata()
     assert np.isfinite(probability).all() and probability.std() > 0  # not a blank NaN volume
 
 
@@ -108,13 +110,14 @@ def test_real_nifti_case(trained_run: Path, real_data: Path, tmp_path: Path) -> 
     case = real_data / "mets_nifti_case"
     t1ce, flair = sorted(case.glob("*t1ce*.nii.gz"))[0], sorted(case.glob("*flair*.nii.gz"))[0]
     out_dir, summary = predict_path(Predictor.from_run(trained_run), [t1ce], tmp_path / "out", progress=False)
-    assert summary["axial_axis"] == 2 and summary["slices"] == 224
-    written = nib.load(str(next(out_dir.glob("*_mask.nii.gz"))))
+    assert axial_axis(nib.load(str(t1ce)).affine) == 2
+    assert summary["cases"] == 1 and pd.read_csv(out_dir / "predictions.csv")["slices"].tolist() == [224]
+    written = nib.load(str(next(out_dir.glob("*-seg.nii.gz"))))
     source = nib.load(str(t1ce))
     assert written.shape == source.shape and np.allclose(written.affine, source.affine)
     # kaggle_3m channels are pre-contrast, FLAIR, post-contrast; this case has no pre-contrast volume
-    three = predict_path(Predictor.from_run(trained_run), [t1ce, flair, t1ce], tmp_path / "out2", progress=False)[1]
-    assert three["slices"] == 224
+    three = predict_path(Predictor.from_run(trained_run), [t1ce, flair, t1ce], tmp_path / "out2", progress=False)[0]
+    assert pd.read_csv(three / "predictions.csv")["slices"].tolist() == [224]
     with pytest.raises(DataError, match="give 1 volume or 3"):
         predict_path(Predictor.from_run(trained_run), [t1ce, flair], tmp_path / "out3", progress=False)
 

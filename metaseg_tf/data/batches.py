@@ -3,9 +3,14 @@
 The batches are NumPy arrays built with NumPy and OpenCV, so the same pipeline feeds a model under the
 TensorFlow, JAX or PyTorch backend, and ``PyDataset`` can run it in worker threads or processes.
 
-Shapes: ``x`` is ``float32 (batch, S, S, C)`` (normalised as the config says) and ``y`` is
-``float32 (batch, S, S, 1)`` holding 0 and 1 (a tuple of ``target_copies`` such arrays for a model with
-several outputs, e.g. U-Net++'s deep-supervision heads).
+Shapes: ``x`` is ``float32 (batch, S, S, config.input_channels)`` (normalised as the config says; with
+2.5D context the neighbouring slices' channels too, :mod:`metaseg_tf.data.context`) and ``y`` is
+``float32 (batch, S, S, config.output_channels)`` holding 0 and 1: the config's target made from the stored
+labels (:mod:`metaseg_tf.data.targets`; a tuple of ``target_copies`` such arrays for a model with several
+outputs, e.g. U-Net++'s deep-supervision heads).
+
+Data folders of a volume layout (:mod:`metaseg_tf.data.volumes`) and of a 2D slice layout
+(:mod:`metaseg_tf.data.discover`) give the same :class:`ExperimentData`; :func:`discover_data` finds which.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import keras
 import numpy as np
@@ -25,13 +31,17 @@ from metaseg_tf.data.augment import (
     random_gamma,
     warp_pair,
 )
+from metaseg_tf.data.context import context_rows, stack_context
 from metaseg_tf.data.discover import DataError, DiscoveryReport, discover_pairs
 from metaseg_tf.data.preprocess import (
     PreprocessedDataset,
     normalise,
     preprocess_dataset,
+    preprocess_volumes,
 )
 from metaseg_tf.data.split import PatientSplit, missing_patients, split_for_config
+from metaseg_tf.data.targets import Target, resolve_target
+from metaseg_tf.data.volumes import VolumeReport, discover_volumes
 from metaseg_tf.paths import resolve
 
 logger = logging.getLogger(__name__)
@@ -41,8 +51,10 @@ class SegmentationBatches(keras.utils.PyDataset):
     """Batches of the slices at ``indices`` of ``dataset``.
 
     With ``training=True`` the order is reshuffled every epoch and, if ``config.augment``, each slice is
-    augmented jointly with its mask. The random draws depend only on ``(seed, epoch, batch index)``, so
-    batches are reproducible whether or not workers fetch them out of order.
+    augmented jointly with its mask. With ``config.empty_slice_fraction < 1`` each training epoch draws
+    that fraction of the slices without lesion (and every slice with one). The random draws depend only on
+    ``(seed, epoch, batch index)``, so batches are reproducible whether or not workers fetch them out of
+    order.
     """
 
     def __init__(
@@ -60,6 +72,13 @@ class SegmentationBatches(keras.utils.PyDataset):
             raise ValueError("no slices to batch: the split part is empty")
         self.dataset = dataset
         self.indices = np.asarray(indices)
+        self.target = resolve_target(config.target, dataset.convention)
+        self.rows = (context_rows(dataset.case_ids, dataset.slice_indices, config.context_slices)
+                     if config.context_slices else None)
+        lesion = dataset.masks[self.indices].reshape(len(self.indices), -1).any(axis=1)
+        self.lesion_indices, self.empty_indices = self.indices[lesion], self.indices[~lesion]
+        self.empty_per_epoch = (round(config.empty_slice_fraction * len(self.empty_indices))
+                                if training else len(self.empty_indices))
         self.batch_size = config.batch_size
         self.normalisation = config.normalisation
         self.training = training
@@ -75,12 +94,25 @@ class SegmentationBatches(keras.utils.PyDataset):
         self._order = self._epoch_order()
 
     def __len__(self) -> int:
-        return math.ceil(len(self.indices) / self.batch_size)
+        return math.ceil(self.slices_per_epoch / self.batch_size)
+
+    @property
+    def slices_per_epoch(self) -> int:
+        return len(self.lesion_indices) + self.empty_per_epoch
 
     def _epoch_order(self) -> np.ndarray:
         if not self.training:
             return self.indices
-        return np.random.default_rng([self.seed, self.epoch]).permutation(self.indices)
+        rng = np.random.default_rng([self.seed, self.epoch])
+        if self.empty_per_epoch < len(self.empty_indices):
+            empty = rng.choice(self.empty_indices, self.empty_per_epoch, replace=False)
+            return rng.permutation(np.concatenate([self.lesion_indices, empty]))
+        return rng.permutation(self.indices)
+
+    def model_inputs(self, chosen: np.ndarray) -> np.ndarray:
+        """``uint8 (B, S, S, input_channels)``: the slices at ``chosen`` with their 2.5D context."""
+        return self.dataset.images[chosen] if self.rows is None else stack_context(self.dataset.images,
+                                                                                    self.rows[chosen])
 
     def on_epoch_end(self) -> None:
         self.epoch += 1
@@ -94,22 +126,20 @@ class SegmentationBatches(keras.utils.PyDataset):
         if not 0 <= batch_index < len(self):
             raise IndexError(f"batch {batch_index} out of range [0, {len(self)})")
         chosen = self._order[batch_index * self.batch_size : (batch_index + 1) * self.batch_size]
-        images = self.dataset.images[chosen]
-        masks = self.dataset.masks[chosen]
+        images = self.model_inputs(chosen)
+        labels = self.dataset.masks[chosen]
         if self.augmentation is None:
-            x = normalise(images, self.normalisation)
-            return x, masks[..., None].astype(np.float32)
+            return normalise(images, self.normalisation), self.target.masks(labels).astype(np.float32)
         rng = np.random.default_rng([self.seed, self.epoch, batch_index])
         size = images.shape[1]
         x = np.empty(images.shape, np.float32)
-        y = np.empty((*masks.shape, 1), np.float32)
+        warped_labels = np.empty_like(labels)
         for k in range(len(chosen)):
-            image, mask = warp_pair(images[k], masks[k], random_affine(rng, self.augmentation, size))
+            image, warped_labels[k] = warp_pair(images[k], labels[k], random_affine(rng, self.augmentation, size))
             image = random_gamma(image.astype(np.float32) / 255.0, rng, self.augmentation.intensity_jitter)
             image = normalise(image, self.normalisation)
             x[k] = random_gain_offset(image, rng, self.augmentation.intensity_jitter)
-            y[k, ..., 0] = mask
-        return x, y
+        return x, self.target.masks(warped_labels).astype(np.float32)
 
 
 def split_batches(
@@ -127,12 +157,27 @@ def split_batches(
 
 @dataclass
 class ExperimentData:
-    """Everything a run needs from its data folder: the discovery report, the preprocessed slices and the
-    patient split."""
+    """Everything a run needs from its data folder: the discovery report (slice pairs or volume cases), the
+    preprocessed slices and the patient split."""
 
-    report: DiscoveryReport
+    report: DiscoveryReport | VolumeReport
     dataset: PreprocessedDataset
     split: PatientSplit
+
+    def target(self, config: ExperimentConfig) -> Target:
+        """The config's target in this data's label convention."""
+        return resolve_target(config.target, self.dataset.convention)
+
+    def truth(self, config: ExperimentConfig, indices: np.ndarray) -> np.ndarray:
+        """``uint8 (n, S, S, regions)`` target masks of the slices at ``indices``."""
+        return self.target(config).masks(self.dataset.masks[indices])
+
+    def model_inputs(self, config: ExperimentConfig, indices: np.ndarray) -> np.ndarray:
+        """``uint8 (n, S, S, input_channels)``: the slices at ``indices`` with their 2.5D context."""
+        if not config.context_slices:
+            return self.dataset.images[indices]
+        rows = context_rows(self.dataset.case_ids, self.dataset.slice_indices, config.context_slices)
+        return stack_context(self.dataset.images, rows[indices])
 
     def part_sizes(self) -> dict[str, tuple[int, int]]:
         """``{part: (patients, slices)}`` for train, val and test."""
@@ -140,18 +185,33 @@ class ExperimentData:
                 for part, cases in self.split.to_dict().items()}
 
     def to_dict(self) -> dict:
-        """The data report of a run directory: what was found, what was skipped and why, the split."""
+        """The data report of a run directory: what was found, what was skipped and why, the label
+        convention, the volumes' geometry, the split."""
+        if isinstance(self.report, VolumeReport):
+            found = {"cases_found": len(self.report.cases) + len(self.report.skipped),
+                     "slices_used": len(self.dataset),
+                     "skipped_at_discovery": {"ignored files": [str(p) for p in self.report.ignored_files]}}
+        else:
+            found = {"pairs_found": len(self.report.pairs), "pairs_used": len(self.dataset),
+                     "skipped_at_discovery": {reason: [str(p) for p in paths]
+                                              for reason, paths in self.report.skipped_reasons().items()}}
         return {
             "root": str(self.report.root),
             "layout": self.report.layout,
-            "pairs_found": len(self.report.pairs),
-            "pairs_used": len(self.dataset),
-            "skipped_at_discovery": {reason: [str(p) for p in paths]
-                                     for reason, paths in self.report.skipped_reasons().items()},
+            **found,
             "skipped_at_reading": self.dataset.skipped,
+            "label_convention": self.dataset.convention,
+            "geometry": self.dataset.geometry,
             "split": self.split.to_dict(),
             "slices_per_part": {part: sizes[1] for part, sizes in self.part_sizes().items()},
         }
+
+
+def discover_data(root: Path | str) -> DiscoveryReport | VolumeReport:
+    """The volume layout of ``root`` (:func:`~metaseg_tf.data.volumes.discover_volumes`), else its 2D slice
+    layout (:func:`~metaseg_tf.data.discover.discover_pairs`, which raises :class:`DataError` naming every
+    layout tried when there is none)."""
+    return discover_volumes(root) or discover_pairs(root)
 
 
 def load_experiment_data(config: ExperimentConfig, progress: bool = True, split: PatientSplit | None = None,
@@ -160,8 +220,9 @@ def load_experiment_data(config: ExperimentConfig, progress: bool = True, split:
     ``split`` (a run's recorded split) that one; with ``external`` every patient is test (an external test
     set is scored whole, never split, whatever the config's k-fold says); else the split the config asks
     for."""
-    report = discover_pairs(resolve(config.data_dir))
-    dataset = preprocess_dataset(report, config, progress=progress)
+    report = discover_data(resolve(config.data_dir))
+    dataset = (preprocess_volumes(report, config, progress=progress) if isinstance(report, VolumeReport)
+               else preprocess_dataset(report, config, progress=progress))
     if external:
         split = PatientSplit.only_test(dataset.case_ids)
     return ExperimentData(report, dataset, split or split_for_config(dataset.case_ids, config))

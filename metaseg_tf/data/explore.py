@@ -2,7 +2,8 @@
 
 Lesion statistics are taken from the masks at their **native** resolution, before any resizing, and
 lesions are 8-connected components of a slice's mask (scikit-image), so a count or an area here is what a
-radiologist would count on that slice.
+radiologist would count on that slice. For volume layouts (:func:`volume_statistics`) lesions are
+26-connected components of each region in 3D, with volumes in mm^3 where the voxel spacing is known.
 """
 
 from __future__ import annotations
@@ -14,9 +15,19 @@ import pandas as pd
 from skimage import measure
 from tqdm.auto import tqdm
 
-from metaseg_tf.data.discover import DataError, SlicePair
+from metaseg_tf.config import ExperimentConfig
+from metaseg_tf.data.discover import DataError, DiscoveryReport, SlicePair
 from metaseg_tf.data.io import read_image, read_mask
 from metaseg_tf.data.preprocess import apply_clahe, window_to_uint8
+from metaseg_tf.data.targets import resolve_target
+from metaseg_tf.data.volumes import (
+    VolumeCase,
+    VolumeReport,
+    canonical_spacing,
+    read_case,
+    read_case_labels,
+    resolve_sequences,
+)
 
 
 def lesion_statistics(pairs: Sequence[SlicePair], progress: bool = True) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -84,12 +95,28 @@ def channel_intensities(pairs: Sequence[SlicePair], channels: int = 3, sample: i
 
 def clahe_variants(image: np.ndarray, clip_limits: Sequence[float], tile_grids: Sequence[int],
                    channel: int = 1) -> dict[tuple[float, int], np.ndarray]:
-    """``channel`` of a float ``(H, W, C)`` slice after windowing and CLAHE with each clip limit and tile
-    grid: ``{(clip_limit, tile_grid): uint8 (H, W)}``."""
-    windowed = window_to_uint8(image)
+    """``channel`` of a slice after CLAHE with each clip limit and tile grid: ``{(clip_limit, tile_grid):
+    uint8 (H, W)}``. ``image``: a windowed ``uint8 (H, W, C)`` slice, or a float one in ``[0, 1]`` that is
+    windowed per slice first."""
+    windowed = image if image.dtype == np.uint8 else window_to_uint8(image)
     return {(clip, tiles): apply_clahe(windowed, clip, tiles)[..., channel]
             for clip in clip_limits for tiles in tile_grids}
 
+
+
+def example_slice(report: DiscoveryReport | VolumeReport, config: ExperimentConfig, progress: bool = True
+                  ) -> tuple[str, np.ndarray]:
+    """One slice to show preprocessing on, windowed as training windows it (``uint8 (H, W, C)``): of a volume
+    layout the first case's axial slice with most of the config's target region (volume window), of a 2D
+    layout the slice with most lesion (per-slice window); and its title."""
+    if isinstance(report, VolumeReport):
+        region = config.target if config.target in ("wt", "tc", "et") else "wt"
+        sequences = resolve_sequences(config.sequences, config.channels)
+        case_id, z, image, _ = volume_examples(report, sequences, 1, config.fill_missing, region)[0]
+        return f"{case_id} axial slice {z} ({', '.join(sequences)})", np.round(image * 255).astype(np.uint8)
+    slices, _ = lesion_statistics(report.pairs, progress=progress)
+    pair = example_pairs(report.pairs, slices, n=1)[0]
+    return f"{pair.case_id} slice {pair.slice_index}", window_to_uint8(read_image(pair.image_path, config.channels))
 
 
 def example_pairs(pairs: Sequence[SlicePair], slices: pd.DataFrame, n: int = 8) -> list[SlicePair]:
@@ -106,3 +133,69 @@ def slices_with_lesion(masks: np.ndarray, indices: np.ndarray, n: int) -> np.nda
     areas = masks[indices].reshape(len(indices), -1).sum(axis=1)
     order = np.argsort(-areas, kind="stable")
     return indices[order[areas[order] > 0][:n]]
+
+
+def volume_statistics(report: VolumeReport, sequences: Sequence[str], progress: bool = True
+                      ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Per-case and per-lesion tables of a volume layout's labelled cases, in 3D.
+
+    ``cases``: ``case_id``, ``shape`` (canonical ``Z x H x W``), ``spacing_mm``, the sequences present, the
+    voxels of every label, and per region of the dataset's convention its volume (mm^3, or voxels where the
+    spacing is unknown) and lesion count. ``lesions``: one row per 26-connected component of each region
+    (``case_id``, ``region``, ``volume``, ``equivalent_diameter``: the diameter of a sphere of that volume).
+    Cases that cannot be read are listed in ``cases.attrs["skipped"]`` with the reason.
+    """
+    target = resolve_target("multilabel", report.convention) if report.convention != "binary" \
+        else resolve_target("any", report.convention)
+    case_rows, lesion_rows, skipped = [], [], {}
+    for case in tqdm(report.labelled_cases, desc="volume statistics", unit="case", disable=not progress):
+        try:
+            labels = read_case_labels(case)
+            spacing = canonical_spacing(_affine(case)) if not _is_slice_stack(case) else None
+        except DataError as error:
+            skipped[case.case_id] = str(error)
+            continue
+        voxel = float(np.prod(spacing)) if spacing else 1.0
+        row = {"case_id": case.case_id, "shape": "x".join(map(str, labels.shape)),
+               "spacing_mm": "x".join(f"{s:.2f}" for s in spacing) if spacing else "unknown",
+               "sequences": " ".join(name for name in sequences if name in case.sequences) or "none"}
+        values, counts = np.unique(labels, return_counts=True)
+        row.update({f"label_{int(v)}_voxels": int(c) for v, c in zip(values, counts) if v})
+        for region, masks in zip(target.names, np.moveaxis(target.masks(labels), -1, 0)):
+            components = measure.label(masks, connectivity=3)
+            sizes = np.bincount(components.ravel())[1:]
+            row[f"{region}_volume"] = float(masks.sum() * voxel)
+            row[f"{region}_lesions"] = len(sizes)
+            lesion_rows += [{"case_id": case.case_id, "region": region, "volume": float(size * voxel),
+                             "equivalent_diameter": float((6 * size * voxel / np.pi) ** (1 / 3))} for size in sizes]
+        case_rows.append(row)
+    cases = pd.DataFrame(case_rows).fillna(0)
+    cases.attrs["skipped"] = skipped
+    cases.attrs["unit"] = "mm" if all(r["spacing_mm"] != "unknown" for r in case_rows) else "voxels"
+    return cases, pd.DataFrame(lesion_rows, columns=["case_id", "region", "volume", "equivalent_diameter"])
+
+
+def _is_slice_stack(case: VolumeCase) -> bool:
+    return bool(next(iter(case.sequences.values())).slice_files)
+
+
+def _affine(case: VolumeCase) -> np.ndarray:
+    import nibabel as nib
+
+    return nib.load(str(next(iter(case.sequences.values())).path)).affine
+
+
+def volume_examples(report: VolumeReport, sequences: Sequence[str], n: int = 3, fill_missing: str = "skip",
+                    region: str = "tc") -> list[tuple[str, int, np.ndarray, np.ndarray]]:
+    """Up to ``n`` labelled cases to look at: of each, the axial slice with most ``region`` (in the dataset's
+    convention), as ``(case_id, slice, images float32 (H, W, sequences) windowed, labels uint8 (H, W))``."""
+    target = resolve_target(region, report.convention)
+    examples = []
+    for case in report.select(tuple(sequences), fill_missing).labelled_cases[:n]:
+        volume = read_case(case, tuple(sequences), fill_missing)
+        area = target.masks(volume.labels)[..., 0].reshape(len(volume.labels), -1).sum(axis=1)
+        if not area.any():
+            area = (volume.labels > 0).reshape(len(volume.labels), -1).sum(axis=1)
+        z = int(np.argmax(area))
+        examples.append((case.case_id, z, volume.images[z], volume.labels[z]))
+    return examples

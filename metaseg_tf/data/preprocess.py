@@ -13,9 +13,14 @@ The order, for every slice (training, evaluation and serving alike):
    each channel of each slice zero mean and unit variance, a common choice for MRI whose intensities vary
    between scanners; ``minmax`` maps to ``[0, 1]``; ``none`` keeps ``[0, 1]`` intensities.
 
+Volumes (:mod:`metaseg_tf.data.volumes`) are windowed per volume and per sequence instead of per slice
+(step 1 is :func:`~metaseg_tf.data.volumes.window_volume`), then cut into axial slices in the canonical
+orientation and go through steps 2-4 like any slice (:func:`preprocess_volume_slices`).
+
 Steps 1-3 are cached as ``uint8`` arrays (a quarter of float32's memory) in an ``.npz`` file keyed by the
 dataset's files (path, size, modification time) and the preprocessing fields of the config, so a second
-run skips them. Slices that cannot be read are skipped, counted and listed in the result.
+run skips them. Masks are cached with their labels (0 background), so one cache serves every target.
+Slices (or cases) that cannot be read are skipped, counted and listed in the result.
 """
 
 from __future__ import annotations
@@ -33,11 +38,12 @@ from tqdm.auto import tqdm
 
 from metaseg_tf.config import ExperimentConfig
 from metaseg_tf.data.discover import DataError, DiscoveryReport, SlicePair
-from metaseg_tf.data.io import read_pair
+from metaseg_tf.data.io import check_pair_shapes, read_image, read_mask_labels
+from metaseg_tf.data.volumes import VolumeReport, read_case, resolve_sequences
 from metaseg_tf.paths import resolve
 
 logger = logging.getLogger(__name__)
-CACHE_FORMAT_VERSION = 2  # 2: masks read as any non-zero label (was: above half range)
+CACHE_FORMAT_VERSION = 3  # 3: masks keep their labels, volume layouts; 2: masks read as any non-zero label
 
 
 def window_to_uint8(image: np.ndarray) -> np.ndarray:
@@ -79,6 +85,24 @@ def preprocess_slice(image: np.ndarray, config: ExperimentConfig) -> np.ndarray:
     return resize_image(windowed, config.image_size)
 
 
+def preprocess_volume_slices(images: np.ndarray, config: ExperimentConfig) -> np.ndarray:
+    """Steps 2-3 for the axial slices of a volume already windowed to ``[0, 1]``: ``float (Z, H, W, C)`` ->
+    ``uint8 (Z, S, S, C)``."""
+    quantised = np.round(np.clip(images, 0.0, 1.0) * 255.0).astype(np.uint8)
+    out = np.empty((len(quantised), config.image_size, config.image_size, quantised.shape[3]), np.uint8)
+    for k, image in enumerate(quantised):
+        if config.clahe:
+            image = apply_clahe(image, config.clahe_clip_limit, config.clahe_tile_grid)
+        out[k] = resize_image(image, config.image_size)
+    return out
+
+
+def resize_labels(labels: np.ndarray, size: int) -> np.ndarray:
+    """``uint8 (Z, H, W)`` label slices -> ``(Z, size, size)``, nearest neighbour (labels stay labels)."""
+    return np.stack([resize_mask(np.ascontiguousarray(slice_), size) for slice_ in labels]) if len(labels) else \
+        np.zeros((0, size, size), np.uint8)
+
+
 def normalise(images: np.ndarray, method: str = "zscore") -> np.ndarray:
     """``(..., H, W, C)`` slices, ``uint8`` or float in ``[0, 1]`` -> ``float32`` network input.
 
@@ -118,8 +142,11 @@ def _zscore(scaled: np.ndarray) -> np.ndarray:
 class PreprocessedDataset:
     """Preprocessed slices of one dataset, in discovery order (by case, then slice number).
 
-    ``images``: ``uint8 (N, S, S, C)``; ``masks``: ``uint8 (N, S, S)`` in {0, 1}; ``case_ids`` and
-    ``slice_indices``: ``(N,)``. ``skipped`` maps each unusable file to the reason.
+    ``images``: ``uint8 (N, S, S, C)``; ``masks``: ``uint8 (N, S, S)`` labels as stored (0 background; binary
+    masks 0/1; :mod:`metaseg_tf.data.targets` turns them into a target); ``case_ids`` and ``slice_indices``:
+    ``(N,)``. ``skipped`` maps each unusable file (or case) to the reason. ``convention`` names what the labels
+    mean; ``geometry`` holds, per case of a volume layout, its canonical ``shape`` ``(Z, H, W)`` and voxel
+    ``spacing`` in mm (None: unknown).
     """
 
     images: np.ndarray
@@ -129,6 +156,8 @@ class PreprocessedDataset:
     skipped: dict[str, str] = field(default_factory=dict)
     cache_path: Path | None = None
     from_cache: bool = False
+    convention: str = "binary"
+    geometry: dict[str, dict] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
@@ -138,14 +167,17 @@ class PreprocessedDataset:
         return sorted(set(self.case_ids.tolist()))
 
 
-def cache_key(pairs: list[SlicePair], config: ExperimentConfig) -> str:
+def cache_key(files: list[Path], config: ExperimentConfig) -> str:
     """Hash of the dataset's files (path, size, mtime) and the preprocessing fields of ``config``."""
     digest = hashlib.sha256(f"v{CACHE_FORMAT_VERSION}:{config.preprocessing_key()}".encode())
-    for pair in pairs:
-        for path in (pair.image_path, pair.mask_path):
-            stat = path.stat()
-            digest.update(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns};".encode())
+    for path in files:
+        stat = path.stat()
+        digest.update(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns};".encode())
     return digest.hexdigest()[:16]
+
+
+def _pair_files(pairs: list[SlicePair]) -> list[Path]:
+    return [path for pair in pairs for path in (pair.image_path, pair.mask_path)]
 
 
 def _load_cache(path: Path) -> PreprocessedDataset:
@@ -158,6 +190,8 @@ def _load_cache(path: Path) -> PreprocessedDataset:
             skipped=json.loads(str(arrays["skipped"])),
             cache_path=path,
             from_cache=True,
+            convention=str(arrays["convention"]),
+            geometry=json.loads(str(arrays["geometry"])),
         )
 
 
@@ -171,6 +205,8 @@ def _save_cache(dataset: PreprocessedDataset, path: Path) -> None:
         case_ids=dataset.case_ids,
         slice_indices=dataset.slice_indices,
         skipped=np.asarray(json.dumps(dataset.skipped)),
+        convention=np.asarray(dataset.convention),
+        geometry=np.asarray(json.dumps(dataset.geometry)),
     )
     partial.replace(path)  # atomic: a reader never sees a half-written cache
 
@@ -186,8 +222,7 @@ def preprocess_dataset(
     Unreadable, truncated or size-mismatched pairs are skipped and listed in ``skipped`` with the reason,
     and a warning says how many. Raises :class:`DataError` when no pair at all could be used.
     """
-    key = cache_key(report.pairs, config)
-    cache_path = resolve(config.cache_dir) / f"{report.root.name}-{key}.npz"
+    cache_path = resolve(config.cache_dir) / f"{report.root.name}-{cache_key(_pair_files(report.pairs), config)}.npz"
     if use_cache and cache_path.is_file():
         logger.info("loading preprocessed slices from %s", cache_path)
         return _load_cache(cache_path)
@@ -200,12 +235,14 @@ def preprocess_dataset(
     pairs = tqdm(report.pairs, desc=f"preprocessing {report.root.name}", unit="slice", disable=not progress)
     for index, pair in enumerate(pairs):
         try:
-            image, mask = read_pair(pair, channels)
+            image = read_image(pair.image_path, channels)
+            labels = read_mask_labels(pair.mask_path).labels
+            check_pair_shapes(pair, image, labels)
         except DataError as error:
             skipped[str(pair.image_path)] = str(error)
             continue
         images[len(kept)] = preprocess_slice(image, config)
-        masks[len(kept)] = resize_mask(mask, size)
+        masks[len(kept)] = resize_mask(np.minimum(labels, 255).astype(np.uint8), size)
         kept.append(index)
     if skipped:
         logger.warning("skipped %d of %d pairs that could not be used (see .skipped)", len(skipped),
@@ -219,6 +256,71 @@ def preprocess_dataset(
         slice_indices=np.asarray([report.pairs[i].slice_index for i in kept], dtype=np.int64),
         skipped=skipped,
         cache_path=cache_path if use_cache else None,
+    )
+    if use_cache:
+        _save_cache(dataset, cache_path)
+    return dataset
+
+
+def _volume_files(report: VolumeReport) -> list[Path]:
+    files = []
+    for case in report.cases:
+        sources = [*case.sequences.values(), *([case.labels] if case.labels else [])]
+        for source in sources:
+            files += list(source.slice_files) or [source.path]
+        files += list(case.region_masks.values())
+    return sorted(set(files))
+
+
+def preprocess_volumes(
+    report: VolumeReport,
+    config: ExperimentConfig,
+    use_cache: bool = True,
+    progress: bool = True,
+) -> PreprocessedDataset:
+    """Read every labelled case of ``report`` with the config's sequences, window each volume, cut it into
+    canonical axial slices and preprocess them (or load the cached result).
+
+    Cases without labels (prediction only), without a requested sequence (unless ``fill_missing``) or that
+    cannot be read are skipped and listed in ``skipped`` with the reason. Raises :class:`DataError` when no
+    case at all could be used.
+    """
+    sequences = resolve_sequences(config.sequences, config.channels)
+    selected = report.select(sequences, config.fill_missing)
+    cases = selected.labelled_cases
+    skipped = dict(selected.skipped)
+    skipped.update({case.case_id: "no labels (prediction only)" for case in selected.cases if not case.labelled})
+    cache_path = resolve(config.cache_dir) / f"{report.root.name}-{cache_key(_volume_files(selected), config)}.npz"
+    if use_cache and cache_path.is_file():
+        logger.info("loading preprocessed slices from %s", cache_path)
+        return _load_cache(cache_path)
+    images, masks, case_ids, slice_indices, geometry = [], [], [], [], {}
+    for case in tqdm(cases, desc=f"preprocessing {report.root.name}", unit="case", disable=not progress):
+        try:
+            volume = read_case(case, sequences, config.fill_missing)
+        except DataError as error:
+            skipped[case.case_id] = str(error)
+            continue
+        if volume.non_finite_voxels:
+            logger.warning("case %s: %d NaN or infinite voxel(s) set to 0", case.case_id, volume.non_finite_voxels)
+        if volume.filled:
+            logger.warning("case %s: sequence(s) %s filled (%s)", case.case_id, ", ".join(volume.filled),
+                           config.fill_missing)
+        images.append(preprocess_volume_slices(volume.images, config))
+        masks.append(resize_labels(volume.labels, config.image_size))
+        case_ids += [case.case_id] * len(volume.images)
+        slice_indices.append(np.arange(len(volume.images)))
+        geometry[case.case_id] = {"shape": list(volume.images.shape[:3]), "spacing": volume.spacing,
+                                  "non_finite_voxels": volume.non_finite_voxels, "filled": volume.filled}
+    if skipped:
+        logger.warning("skipped %d of %d cases (see .skipped)", len(skipped), len(report.cases) + len(report.skipped))
+    if not images:
+        raise DataError(f"none of the {len(report.cases)} cases in {report.root} could be used: "
+                        + "; ".join(f"{case}: {reason}" for case, reason in list(skipped.items())[:3]))
+    dataset = PreprocessedDataset(
+        images=np.concatenate(images), masks=np.concatenate(masks), case_ids=np.asarray(case_ids),
+        slice_indices=np.concatenate(slice_indices).astype(np.int64), skipped=skipped,
+        cache_path=cache_path if use_cache else None, convention=report.convention, geometry=geometry,
     )
     if use_cache:
         _save_cache(dataset, cache_path)

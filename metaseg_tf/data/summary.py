@@ -1,4 +1,5 @@
-"""What a dataset folder holds: patients, pairs, lesion prevalence and every file that was skipped."""
+"""What a dataset folder holds: patients, pairs (or cases and sequences of a volume layout), lesion prevalence
+and every file that was skipped."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ from tqdm.auto import tqdm
 
 from metaseg_tf.data.discover import DataError, DiscoveryReport
 from metaseg_tf.data.io import check_pair_shapes, read_image, read_mask_labels
+from metaseg_tf.data.targets import LABEL_NAMES
+from metaseg_tf.data.volumes import VolumeReport
 
 
 @dataclass
@@ -90,3 +93,24 @@ def summarise_dataset(report: DiscoveryReport, check: bool = True, progress: boo
         summary.lesion_pixels += lesion
         summary.total_pixels += mask.size
     return summary
+
+
+def summarise_volumes(report: VolumeReport, show: int = 5) -> list[str]:
+    """Human-readable summary of a volume layout: cases, sequences, labels, and every skipped case and
+    ignored file with the reason (naming up to ``show`` of each)."""
+    sequences = Counter(name for case in report.cases for name in case.sequences)
+    lines = [
+        f"data folder : {report.root}",
+        f"layout      : {report.layout} (labels: {report.convention} convention, "
+        + ", ".join(f"{k} {v}" for k, v in LABEL_NAMES[report.convention].items()) + ")",
+        f"cases       : {len(report.cases)} ({len(report.labelled_cases)} with labels, "
+        f"{len(report.cases) - len(report.labelled_cases)} prediction only)",
+        "sequences   : " + (", ".join(f"{name} in {n} cases" for name, n in sorted(sequences.items())) or "none"),
+    ]
+    lines.append(f"skipped     : {len(report.skipped)} cases" if report.skipped else "skipped     : nothing")
+    for case, reason in list(report.skipped.items())[:show]:
+        lines.append(f"                {case}  -- {reason}")
+    if report.ignored_files:
+        lines.append(f"ignored     : {len(report.ignored_files)} x not a sequence or label file of the layout")
+        lines += [f"                {path}" for path in report.ignored_files[:show]]
+    return lines

@@ -35,7 +35,8 @@ from scipy import stats
 from metaseg_tf import plots
 from metaseg_tf.config import ExperimentConfig
 from metaseg_tf.data.batches import ExperimentData, load_experiment_data, load_recorded_data
-from metaseg_tf.data.io import read_mask
+from metaseg_tf.data.io import read_mask_labels
+from metaseg_tf.data.volumes import VolumeReport, read_case_labels
 from metaseg_tf.evaluation.complexity import model_complexity
 from metaseg_tf.evaluation.scores import Evaluation, dice_per_case, evaluate_masks, overlap_scores
 from metaseg_tf.models.nested_unet import average_heads, head_names, prune_nested_unet
@@ -48,22 +49,48 @@ logger = logging.getLogger(__name__)
 SWEEP_THRESHOLDS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
 
-# what summary.json's scores mean; evaluations of another version are never reused (2: BraTS-MET 2023
+# what summary.json's scores mean; evaluations of another version are never reused (3: per-region scores of
+# the run's target, HD95 and lesion volumes in mm where the voxel spacing is known; 2: BraTS-MET 2023
 # lesion-wise scores, slices placed by number, masks read as any non-zero label, the run's recorded split)
-EVALUATION_VERSION = 2
+EVALUATION_VERSION = 3
 
 
-def _native_truth(data: ExperimentData, indices: np.ndarray) -> list[np.ndarray] | None:
-    pairs = {(pair.case_id, pair.slice_index): pair for pair in data.report.pairs}
-    masks = [read_mask(pairs[(data.dataset.case_ids[i], int(data.dataset.slice_indices[i]))].mask_path)
-             for i in indices]
-    return masks if len({m.shape for m in masks}) == 1 else None
+def _native_truth(data: ExperimentData, indices: np.ndarray) -> np.ndarray | None:
+    """The labels ``(n, H, W)`` of the slices at ``indices`` at their native size (re-read from the files;
+    volumes in canonical orientation), or None when slices of the split differ in size."""
+    case_ids, slice_indices = data.dataset.case_ids[indices], data.dataset.slice_indices[indices]
+    if isinstance(data.report, VolumeReport):
+        cases = {case.case_id: case for case in data.report.cases}
+        volumes = {case: read_case_labels(cases[case]) for case in dict.fromkeys(case_ids.tolist())}
+        labels = [volumes[case][int(k)] for case, k in zip(case_ids, slice_indices)]
+    else:
+        pairs = {(pair.case_id, pair.slice_index): pair for pair in data.report.pairs}
+        labels = [read_mask_labels(pairs[(case, int(k))].mask_path).labels for case, k in zip(case_ids, slice_indices)]
+    if len({m.shape for m in labels}) != 1:
+        return None
+    return np.minimum(np.stack(labels), 255).astype(np.uint8)
+
+
+def _spacing(data: ExperimentData, size: int | None) -> dict[str, tuple[float, float, float] | None]:
+    """Voxel spacing in mm per case of a volume layout (None: unknown), at the native grid or, with ``size``,
+    at the model's ``size x size`` slices."""
+    spacing = {}
+    for case, geometry in data.dataset.geometry.items():
+        native = geometry.get("spacing")
+        if native is None or size is None:
+            spacing[case] = None if native is None else tuple(native)
+        else:
+            rows, columns = geometry["shape"][1:]
+            spacing[case] = (native[0], native[1] * rows / size, native[2] * columns / size)
+    return spacing
 
 
 def _to_size(probabilities: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    if probabilities.shape[1:] == shape:
+    """``(n, S, S, R)`` -> ``(n, H, W, R)``, bilinear."""
+    if probabilities.shape[1:3] == shape:
         return probabilities
-    return np.stack([cv2.resize(p, (shape[1], shape[0]), interpolation=cv2.INTER_LINEAR) for p in probabilities])
+    return np.stack([cv2.resize(p, (shape[1], shape[0]), interpolation=cv2.INTER_LINEAR).reshape(*shape, -1)
+                     for p in probabilities])
 
 
 def _mean_dice(truth: np.ndarray, pred: np.ndarray, case_ids: np.ndarray) -> dict[str, float]:
@@ -152,26 +179,35 @@ def evaluate_run(
     if len(indices) == 0:
         raise ValueError(f"the {split} part of {run_dir} has no slices")
     model = load_model(run_dir, which)
-    images = data.dataset.images[indices]
-    probabilities = predict_probabilities(model, images, config.normalisation, config.batch_size, progress)
-    truth = data.dataset.masks[indices]
+    target = data.target(config)
+    probabilities = predict_probabilities(model, data.model_inputs(config, indices), config.normalisation,
+                                          config.batch_size, progress)
+    labels = data.dataset.masks[indices]
     resolution = f"model input {config.image_size} px"
     native = _native_truth(data, indices) if native_resolution else None
     if native is not None:
-        truth = np.stack(native)
-        probabilities = _to_size(probabilities, truth.shape[1:])
-        resolution = f"native {truth.shape[1]} x {truth.shape[2]} px"
+        labels = native
+        probabilities = _to_size(probabilities, labels.shape[1:])
+        resolution = f"native {labels.shape[1]} x {labels.shape[2]} px"
     elif native_resolution:
         logger.warning("slices differ in size: scoring at the model's %d px instead of native size", config.image_size)
-    pred = probabilities >= threshold
+    spacing = _spacing(data, None if native is not None else config.image_size)
+    distance_unit = "mm" if spacing and all(v is not None for v in spacing.values()) else "px"
+    truth, pred = target.masks(labels), probabilities >= threshold
     case_ids, slice_indices = data.dataset.case_ids[indices], data.dataset.slice_indices[indices]
-    evaluation = evaluate_masks(truth, pred, case_ids, slice_indices)
+    evaluations = {region: evaluate_masks(truth[..., r], pred[..., r], case_ids, slice_indices, spacing or None)
+                   for r, region in enumerate(target.names)}
+    evaluation = evaluations[target.names[0]]
+    truth, probabilities, pred = truth[..., 0], probabilities[..., 0], pred[..., 0]
+    images = data.dataset.images[indices]
 
     key = "".join([f"-{which}" if which != "best" else "", f"-t{threshold:g}" if threshold != default_threshold else "",
                    "" if native_resolution else "-input_size"])
     out_dir = new_dir(run_dir, f"evaluation-{split}{key}")
     evaluation.per_image.to_csv(out_dir / "per_image.csv", index=False)
     evaluation.per_patient.to_csv(out_dir / "per_patient.csv", index=False)
+    for region, region_evaluation in list(evaluations.items())[1:]:
+        region_evaluation.per_patient.to_csv(out_dir / f"per_patient-{region}.csv", index=False)
     sweep = _threshold_sweep(truth, probabilities, case_ids)
     patients = evaluation.per_patient
     complexity = model_complexity(model, batch_size=1, repeats=10)
@@ -180,7 +216,10 @@ def evaluate_run(
         "run": str(run_dir), "model": config.model, "which": which, "split": split, "threshold": threshold,
         "native_resolution": native_resolution, "resolution": resolution, "missing_patients": missing,
         "evaluation_version": EVALUATION_VERSION, "patients": len(patients), "slices": len(indices),
+        "target": config.target, "label_convention": data.dataset.convention, "distance_unit": distance_unit,
         **evaluation.summary(),
+        "regions": {region: {"labels": "any non-zero" if target.regions[region] is None else list(target.regions[region]),
+                             **region_evaluation.summary()} for region, region_evaluation in evaluations.items()},
         "lesions": {"truth": int(patients["truth_lesions"].sum()), "detected": int(patients["detected_lesions"].sum()),
                     "false_positives": int(patients["false_positive_lesions"].sum()),
                     "false_positives_per_patient": float(patients["false_positive_lesions"].mean())},
@@ -234,6 +273,7 @@ class Comparison:
     out_dir: Path
     markdown: str
     summaries: dict[str, dict]
+    regions: pd.DataFrame | None = None
 
 
 def paired_wilcoxon(per_patient: dict[str, pd.DataFrame], score: str = "dice") -> pd.DataFrame:
@@ -251,6 +291,22 @@ def paired_wilcoxon(per_patient: dict[str, pd.DataFrame], score: str = "dice") -
                      "mean_difference": float(diff.mean()) if len(diff) else float("nan"),
                      "median_difference": float(np.median(diff)) if len(diff) else float("nan"),
                      "statistic": statistic, "p_value": p_value})
+    return pd.DataFrame(rows)
+
+
+def region_table(summaries: dict[str, dict]) -> pd.DataFrame:
+    """One row per run and region: the region's labels, per-patient Dice [CI], HD95 and the BraTS-MET 2023
+    lesion-wise Dice, HD95 and sensitivity (from each evaluation's ``summary.json``)."""
+    rows = []
+    for label, summary in summaries.items():
+        unit = summary.get("distance_unit", "px")
+        for region, scores in summary.get("regions", {}).items():
+            scores = scores["per_patient"]
+            rows.append({"model": label, "region": region, "labels": str(summary["regions"][region]["labels"]),
+                         "dice": _mean_ci(scores["dice"]), f"hd95_{unit}": f"{scores['hd95']['mean']:.1f}",
+                         "lesion_dice": f"{scores['lesion_dice']['mean']:.3f}",
+                         f"lesion_hd95_{unit}": f"{scores['lesion_hd95']['mean']:.1f}",
+                         "lesion_sensitivity": f"{scores['lesion_sensitivity']['mean']:.3f}"})
     return pd.DataFrame(rows)
 
 
@@ -285,7 +341,7 @@ def compare_runs(run_dirs: Sequence[Path | str], out_dir: Path | str, split: str
             "model": label, "architecture": summary["model"], "patients": summary["patients"],
             "dice": _mean_ci(scores["dice"]), "iou": _mean_ci(scores["iou"]),
             "precision": _mean_ci(scores["precision"]), "recall": _mean_ci(scores["recall"]),
-            "hd95_px": f"{scores['hd95']['mean']:.1f} ± {scores['hd95']['sd']:.1f}",
+            f"hd95_{summary.get('distance_unit', 'px')}": f"{scores['hd95']['mean']:.1f} ± {scores['hd95']['sd']:.1f}",
             "lesion_sensitivity": f"{scores['lesion_sensitivity']['mean']:.3f}",
             "fp_lesions_per_patient": f"{summary['lesions']['false_positives_per_patient']:.2f}",
             "lesion_dice": f"{scores['lesion_dice']['mean']:.3f}",
@@ -307,21 +363,28 @@ def compare_runs(run_dirs: Sequence[Path | str], out_dir: Path | str, split: str
         logger.warning("comparing runs evaluated on different patients (%s): paired tests use the shared ones",
                        sizes)
     table = pd.DataFrame(rows)
+    regions = region_table(summaries)
     tests = paired_wilcoxon(per_patient)
     out_dir = new_dir(resolve(out_dir), f"comparison-{split}")
     table.to_csv(out_dir / "comparison.csv", index=False)
+    regions.to_csv(out_dir / "regions.csv", index=False)
     tests.to_csv(out_dir / "wilcoxon.csv", index=False)
     plots.distribution({label: frame["dice"] for label, frame in per_patient.items()}, out_dir / "per_patient_dice.png")
     markdown = "\n".join([
         f"# Comparison on the {split} split", "",
         "Per-patient scores: mean ± sd [95 % bootstrap CI of the mean] over patients (3D, all slices of a "
-        "case). HD95 in pixels. Lesion-wise scores after BraTS-MET 2023. Latency: one image, batch 1.", "",
+        "case). HD95 in mm where the voxel spacing is known, else in pixels. Lesion-wise scores after BraTS-MET "
+        "2023. Latency: one image, batch 1.", "",
         table.to_markdown(index=False), "",
+        "## Per region and lesion-wise (BraTS-MET 2023)", "",
+        "Per-patient means [95 % bootstrap CI] of each region the models were trained on; lesion-wise Dice and "
+        "HD95 after the BraTS 2023 metastasis rules (misses and false positives score 0 and 374).", "",
+        regions.to_markdown(index=False), "",
         "## Paired Wilcoxon signed-rank test, per-patient Dice", "",
         tests.to_markdown(index=False, floatfmt=".4g") if len(tests) else "(one run: nothing to test)", "",
         "![per-patient Dice](per_patient_dice.png)", "",
     ])
-    comparison = Comparison(table, tests, out_dir, markdown, summaries)
+    comparison = Comparison(table, tests, out_dir, markdown, summaries, regions)
     (out_dir / "conclusion.md").write_text(conclusion(comparison) + "\n")
     (out_dir / "comparison.md").write_text(markdown)
     return comparison
@@ -353,15 +416,16 @@ def prune_level_scores(run_dir: Path | str, split: str = "val", data: Experiment
     if not levels:
         raise ValueError(f"{run_dir} holds no U-Net++ with deep-supervision heads")
     data, indices = _split_images(run_dir, config, split, data, progress)
-    images, truth = data.dataset.images[indices], data.dataset.masks[indices] > 0
+    images, truth = data.model_inputs(config, indices), data.truth(config, indices)
     case_ids = data.dataset.case_ids[indices]
     variants = {f"L{k}": prune_nested_unet(model, k) for k in range(1, len(levels) + 1)}
     variants["mean of heads"] = average_heads(model)
     rows = []
     for label, variant in variants.items():
         pred = predict_probabilities(variant, images, config.normalisation, config.batch_size, False) >= config.threshold
+        pred, region_truth = pred[..., 0], truth[..., 0]
         complexity = model_complexity(variant, batch_size=1, repeats=10)
-        rows.append({"label": label, **_mean_dice(truth, pred, case_ids), "parameters": complexity.parameters,
+        rows.append({"label": label, **_mean_dice(region_truth, pred, case_ids), "parameters": complexity.parameters,
                      "gflops_per_image": (complexity.flops_per_image or float("nan")) / 1e9,
                      "latency_ms": complexity.latency_ms})
     return pd.DataFrame(rows)
@@ -373,15 +437,18 @@ def side_by_side_overlays(run_dirs: Sequence[Path | str], labels: Sequence[str],
     prediction beside the truth, at the model's resolution. The runs must share one patient split."""
     configs = [load_run_config(run_dir) for run_dir in run_dirs]
     data, indices = _split_images(run_dirs[0], configs[0], split, data, progress)
-    images, truth = data.dataset.images[indices], data.dataset.masks[indices] > 0
+    images, truth = data.dataset.images[indices], data.truth(configs[0], indices)[..., 0]
     case_ids = data.dataset.case_ids[indices]
     predictions, dice = {}, []
     for label, run_dir, config in zip(labels, run_dirs, configs):
-        if config.image_size != configs[0].image_size or load_run_split(run_dir) != load_run_split(run_dirs[0]):
-            raise ValueError(f"{run_dir} was trained at another size or on another patient split than {run_dirs[0]}")
+        if (config.image_size, config.target) != (configs[0].image_size, configs[0].target) or \
+                load_run_split(run_dir) != load_run_split(run_dirs[0]):
+            raise ValueError(f"{run_dir} was trained at another size, on another target or on another patient "
+                             f"split than {run_dirs[0]}")
         model = load_model(run_dir)
-        probabilities = predict_probabilities(model, images, config.normalisation, config.batch_size, False)
-        predictions[label] = probabilities >= config.threshold
+        probabilities = predict_probabilities(model, data.model_inputs(config, indices), config.normalisation,
+                                              config.batch_size, False)
+        predictions[label] = probabilities[..., 0] >= config.threshold
         dice.append(dice_per_case(truth, predictions[label], case_ids))
     mean_dice = {case: float(np.mean([scores[case] for scores in dice])) for case in dice[0]}
     ranked = sorted(mean_dice, key=mean_dice.get, reverse=True)
@@ -417,7 +484,7 @@ def conclusion(comparison: Comparison) -> str:
                         "not significant at the 5 % level: the data do not separate these models on Dice."))
     criteria = {
         "per-patient Dice": ({label: dice[label]["mean"] for label in labels}, False),
-        "HD95 (px)": ({label: summaries[label]["per_patient"]["hd95"]["mean"] for label in labels}, True),
+        f"HD95 ({summaries[best].get('distance_unit', 'px')})": ({label: summaries[label]["per_patient"]["hd95"]["mean"] for label in labels}, True),
         "lesion sensitivity": ({label: summaries[label]["per_patient"]["lesion_sensitivity"]["mean"]
                                 for label in labels}, False),
         "false-positive lesions per patient": ({label: summaries[label]["lesions"]["false_positives_per_patient"]

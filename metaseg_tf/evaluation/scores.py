@@ -23,7 +23,7 @@ Conventions (explicit, and tested):
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -258,14 +258,15 @@ def evaluate_masks(
     pred: np.ndarray,
     case_ids: Sequence[str],
     slice_indices: Sequence[int] | None = None,
-    spacing: Sequence[float] | None = None,
+    spacing: Sequence[float] | Mapping[str, Sequence[float] | None] | None = None,
 ) -> Evaluation:
     """Score binary predictions ``pred`` against ``truth``, both ``(N, H, W)``, slice ``k`` of case
     ``case_ids[k]`` at slice number ``slice_indices[k]`` (default: the given order). Per patient, the slices
     are placed by their numbers (:func:`stack_slices`): a gap in the numbering is a gap in the volume.
 
-    ``spacing`` is the voxel size ``(slice, row, column)`` used for the per-patient HD95 (default 1 each:
-    distances in pixels).
+    ``spacing`` is the voxel size ``(slice, row, column)`` in mm used for HD95 and the lesion-wise scores,
+    one for all cases or a mapping case id -> spacing (None, the default: 1 each, distances in pixels and
+    volumes in voxels).
     """
     truth, pred = _binary_pair(truth, pred)
     if truth.ndim != 3 or len(case_ids) != len(truth):
@@ -273,14 +274,17 @@ def evaluate_masks(
     case_ids = np.asarray(case_ids)
     slice_indices = np.arange(len(truth)) if slice_indices is None else np.asarray(slice_indices)
 
+    def case_spacing(case: str) -> Sequence[float] | None:
+        return spacing.get(str(case)) if isinstance(spacing, Mapping) else spacing
+
     image_rows = []
     for k in range(len(truth)):
         counts = ConfusionCounts.from_masks(truth[k], pred[k])
         image_rows.append({
             "case_id": case_ids[k], "slice_index": int(slice_indices[k]),
             "truth_pixels": counts.true_pos + counts.false_neg, "pred_pixels": counts.true_pos + counts.false_pos,
-            **counts.scores(), "hd95": hausdorff_distance(truth[k], pred[k], 95.0, None if spacing is None
-                                                          else spacing[1:]),
+            **counts.scores(), "hd95": hausdorff_distance(truth[k], pred[k], 95.0, None if case_spacing(case_ids[k])
+                                                          is None else case_spacing(case_ids[k])[1:]),
         })
 
     patient_rows = []
@@ -288,12 +292,12 @@ def evaluate_masks(
         members = np.flatnonzero(case_ids == case)
         volume_truth = stack_slices(truth[members], slice_indices[members], str(case))
         volume_pred = stack_slices(pred[members], slice_indices[members], str(case))
-        lesions = lesion_wise_scores(volume_truth, volume_pred, spacing=spacing)
+        lesions = lesion_wise_scores(volume_truth, volume_pred, spacing=case_spacing(case))
         patient_rows.append({
             "case_id": case, "slices": len(members),
             "truth_voxels": int(volume_truth.sum()), "pred_voxels": int(volume_pred.sum()),
             **overlap_scores(volume_truth, volume_pred),
-            "hd95": hausdorff_distance(volume_truth, volume_pred, 95.0, spacing),
+            "hd95": hausdorff_distance(volume_truth, volume_pred, 95.0, case_spacing(case)),
             "truth_lesions": lesions.truth_lesions, "detected_lesions": lesions.detected,
             "false_positive_lesions": lesions.false_positives, "lesion_sensitivity": lesions.sensitivity,
             "lesion_dice": lesions.lesion_dice, "lesion_hd95": lesions.lesion_hd95,

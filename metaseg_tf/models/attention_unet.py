@@ -23,7 +23,8 @@ from metaseg_tf.models.blocks import (
 
 
 def attention_unet(
-    input_shape: tuple[int, int, int], filters: Sequence[int] = (16, 32, 64, 128, 256), num_classes: int = 1
+    input_shape: tuple[int, int, int], filters: Sequence[int] = (16, 32, 64, 128, 256), num_classes: int = 1,
+    multilabel: bool = False,
 ) -> keras.Model:
     """Attention U-Net: ``(B, H, W, C)`` -> ``(B, H, W, num_classes)`` probabilities.
 
@@ -38,7 +39,7 @@ def attention_unet(
         gated, _ = attention_gate(nodes[level], x, max(filters[level] // 2, 1), f"attention_{level}")
         x = layers.Concatenate(name=f"{name}_concat")([gated, upsample(x, filters[level], name)])
         x = conv_block(x, filters[level], name)
-    return keras.Model(inputs, segmentation_head(x, num_classes, "mask"), name="attention_unet")
+    return keras.Model(inputs, segmentation_head(x, num_classes, "mask", multilabel), name="attention_unet")
 
 
 def attention_coefficient_layers(model: keras.Model) -> list[str]:

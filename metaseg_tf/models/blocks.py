@@ -71,11 +71,12 @@ def attention_gate(
     return gated, alpha
 
 
-def segmentation_head(x: KerasTensor, num_classes: int, name: str) -> KerasTensor:
-    """1x1 convolution to class scores; sigmoid for one class (binary), softmax for several.
+def segmentation_head(x: KerasTensor, num_classes: int, name: str, multilabel: bool = False) -> KerasTensor:
+    """1x1 convolution to class scores; sigmoid for one class (binary) or for each of several overlapping
+    regions (``multilabel``: BraTS' nested WT, TC, ET), softmax for several exclusive classes.
 
     ``(B, H, W, C)`` -> ``(B, H, W, num_classes)`` probabilities, kept in float32 under mixed precision.
     """
-    activation = "sigmoid" if num_classes == 1 else "softmax"
+    activation = "sigmoid" if num_classes == 1 or multilabel else "softmax"
     scores = layers.Conv2D(num_classes, 1, name=f"{name}_logits")(x)
     return layers.Activation(activation, dtype="float32", name=name)(scores)

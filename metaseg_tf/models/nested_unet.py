@@ -29,6 +29,7 @@ def nested_unet(
     filters: Sequence[int] = (16, 32, 64, 128, 256),
     num_classes: int = 1,
     deep_supervision: bool = True,
+    multilabel: bool = False,
 ) -> keras.Model:
     """U-Net++: ``(B, H, W, C)`` -> ``depth`` head outputs ``(B, H, W, num_classes)`` with deep supervision
     (``depth = len(filters) - 1``, outputs ordered ``head_1 .. head_depth``), else ``head_depth`` alone."""
@@ -44,7 +45,7 @@ def nested_unet(
             same_level = [nodes[(level, k)] for k in range(step)]
             joined = layers.Concatenate(name=f"{name}_concat")([*same_level, below])
             nodes[(level, step)] = conv_block(joined, filters[level], name)
-    heads = [segmentation_head(nodes[(0, step)], num_classes, f"head_{step}") for step in range(1, depth + 1)]
+    heads = [segmentation_head(nodes[(0, step)], num_classes, f"head_{step}", multilabel) for step in range(1, depth + 1)]
     outputs = heads if deep_supervision else heads[-1]
     return keras.Model(inputs, outputs, name="nested_unet")
 

@@ -12,7 +12,8 @@ from metaseg_tf.models.blocks import conv_block, encoder, segmentation_head, ups
 
 
 def unet(
-    input_shape: tuple[int, int, int], filters: Sequence[int] = (16, 32, 64, 128, 256), num_classes: int = 1
+    input_shape: tuple[int, int, int], filters: Sequence[int] = (16, 32, 64, 128, 256), num_classes: int = 1,
+    multilabel: bool = False,
 ) -> keras.Model:
     """U-Net: ``(B, H, W, C)`` -> ``(B, H, W, num_classes)`` probabilities.
 
@@ -26,4 +27,4 @@ def unet(
         name = f"decoder_{level}"
         x = layers.Concatenate(name=f"{name}_concat")([nodes[level], upsample(x, filters[level], name)])
         x = conv_block(x, filters[level], name)
-    return keras.Model(inputs, segmentation_head(x, num_classes, "mask"), name="unet")
+    return keras.Model(inputs, segmentation_head(x, num_classes, "mask", multilabel), name="unet")

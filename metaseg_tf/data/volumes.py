@@ -1,0 +1,521 @@
+"""Brain-metastasis datasets as they are published: multi-sequence volumes and their label maps.
+
+Layouts (auto-detected by :func:`discover_volumes`, tried in this order; the first that yields cases wins):
+
+``msd``
+    Medical Segmentation Decathlon Task01 and nnU-Net raw data: ``imagesTr/<case>.nii.gz`` 4D (channels
+    FLAIR, T1w, T1gd, T2w, or the names in ``dataset.json``) or nnU-Net's split form
+    ``imagesTr/<case>_0000.nii.gz`` ...; labels ``labelsTr/<case>.nii.gz`` (1 oedema, 2 non-enhancing,
+    3 enhancing: the ``msd`` convention). ``imagesTs/`` cases have no labels: prediction only.
+``brats_mets``
+    BraTS-METS 2023/2024 and Pretreat-MetsToBrain-Masks: ``<case>/<case>-{t1c,t1n,t2f,t2w,seg}.nii.gz``
+    (labels 1 NETC, 2 SNFH, 3 ET: the ``brats`` convention). Cases without ``seg`` are prediction only.
+``brainmetshare``
+    Stanford BrainMetShare: ``<case>/{0,1,2,3,seg}/<n>.png``, sequences 0 ``t1c`` (T1 gradient-echo
+    post-contrast), 1 ``t1n`` (T1 pre-contrast), 2 ``t1c_se`` (T1 spin-echo post-contrast), 3 ``t2f``
+    (FLAIR); slices sorted by their number; spacing unknown (distances in pixels).
+``generic``
+    A folder per case (or the data folder itself as one case) holding one NIfTI per sequence and one or more
+    mask NIfTIs. A file is a mask when its name has a token ``seg``, ``mask`` or ``label``; a mask whose name
+    has ``whole`` / ``core`` / ``enh`` is the WT / TC / ET region and they are combined into one label map of
+    the ``brats`` convention (TC -> 1, the rest of WT -> 2, ET -> 3); another mask keeps its labels. A
+    sequence file is named by a token (split at ``_ - .``): ``t1c t1ce t1gd t1post`` -> ``t1c``, ``t1n t1
+    t1pre`` -> ``t1n``, ``t2f flair`` -> ``t2f``, ``t2w t2`` -> ``t2w``. Example: ``*_t1ce_*``,
+    ``*_flair_*``, ``*_whole_seg_*``, ``*_core_seg_*``.
+
+Sequence names follow BraTS 2023: ``t1c`` (T1 post-contrast), ``t1n`` (T1 native), ``t2f`` (T2-FLAIR),
+``t2w`` (T2-weighted). A case that lacks a requested sequence is skipped and reported, or, when the config
+asks (``fill_missing``), filled with zeros or with the first requested sequence it has. Nothing is dropped
+silently: :class:`VolumeReport` lists every skipped case and ignored file with the reason.
+
+**Canonical orientation.** Every volume is read into one voxel order, whatever its affine, at training and
+prediction alike: ``(slice, row, column)`` with slices from inferior to superior, rows from anterior to
+posterior and columns from the patient's right to left (axis codes ``S P L``: an axial slice shown as a
+radiologist sees it). :func:`to_canonical` / :func:`from_canonical` reorient with nibabel's orientation
+tools from the affine (never by assuming the third array axis is axial), and predictions go back to the
+input's own voxel grid.
+
+**Intensities** are windowed per volume and per sequence: the 0.5th-99.5th percentile of the brain (the
+non-zero finite voxels) maps to ``[0, 1]`` (NaN-safe: non-finite voxels are counted and become 0).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from metaseg_tf.data.discover import IMAGE_EXTENSIONS, DataError
+from metaseg_tf.data.io import read_image, read_mask_labels
+from metaseg_tf.data.targets import REGION_LABELS
+
+logger = logging.getLogger(__name__)
+
+SEQUENCE_NAMES = ("t1c", "t1n", "t2f", "t2w", "t1c_se")
+DEFAULT_SEQUENCES = ("t1c", "t2f", "t1n")
+SEQUENCE_ALIASES = {
+    "t1c": ("t1c", "t1ce", "t1gd", "t1post", "t1wce", "ce"),
+    "t1n": ("t1n", "t1", "t1pre", "t1w", "t1native"),
+    "t2f": ("t2f", "flair", "t2flair"),
+    "t2w": ("t2w", "t2"),
+}
+CANONICAL_AXCODES = ("S", "P", "L")
+VOLUME_LAYOUTS = ("msd", "brats_mets", "brainmetshare", "generic")
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+MSD_CHANNELS = ("t2f", "t1n", "t1c", "t2w")  # Task01_BrainTumour: FLAIR, T1w, T1gd, T2w
+BRAINMETSHARE_FOLDERS = {"0": "t1c", "1": "t1n", "2": "t1c_se", "3": "t2f"}
+BRATS_SUFFIXES = ("t1c", "t1n", "t2f", "t2w")
+LAYOUT_CONVENTIONS = {"msd": "msd", "brats_mets": "brats", "brainmetshare": "binary", "generic": "brats"}
+WINDOW_PERCENTILES = (0.5, 99.5)
+_REGION_TOKENS = {"whole": "wt", "wt": "wt", "core": "tc", "tc": "tc", "enh": "et", "enhancing": "et", "et": "et"}
+_MASK_TOKENS = ("seg", "mask", "label", "labels")
+
+
+def is_nifti(path: Path) -> bool:
+    return path.name.lower().endswith(NIFTI_SUFFIXES)
+
+
+def nifti_stem(path: Path) -> str:
+    """``case-t1c.nii.gz`` -> ``case-t1c``."""
+    name = path.name
+    return name[: -len(".nii.gz")] if name.lower().endswith(".nii.gz") else name[: -len(".nii")]
+
+
+def _tokens(path: Path) -> list[str]:
+    return [t for t in re.split(r"[_\-. ]+", nifti_stem(path).lower()) if t]
+
+
+def sequence_of(path: Path) -> str | None:
+    """The BraTS 2023 sequence name a file's name stands for (see the module docstring), or None."""
+    tokens = _tokens(path)
+    for name, aliases in SEQUENCE_ALIASES.items():
+        if any(token in aliases for token in tokens):
+            return name
+    return None
+
+
+# A source of one sequence: a NIfTI file, a channel of a 4D NIfTI file, or a stack of 2D slice files.
+@dataclass(frozen=True)
+class SequenceSource:
+    path: Path
+    channel: int | None = None
+    slice_files: tuple[Path, ...] = ()
+
+
+@dataclass
+class VolumeCase:
+    """One case of a volume layout: where each sequence and the labels are (``labels`` None: no
+    segmentation, prediction only; ``region_masks``: WT/TC/ET masks to combine, generic layout)."""
+
+    case_id: str
+    sequences: dict[str, SequenceSource]
+    labels: SequenceSource | None = None
+    region_masks: dict[str, Path] = field(default_factory=dict)
+
+    @property
+    def labelled(self) -> bool:
+        return self.labels is not None or bool(self.region_masks)
+
+
+@dataclass
+class VolumeReport:
+    """The cases found under ``root`` in one layout, and what was not used, with the reason."""
+
+    root: Path
+    layout: str
+    cases: list[VolumeCase]
+    skipped: dict[str, str] = field(default_factory=dict)
+    ignored_files: list[Path] = field(default_factory=list)
+
+    @property
+    def convention(self) -> str:
+        return LAYOUT_CONVENTIONS[self.layout]
+
+    @property
+    def case_ids(self) -> list[str]:
+        return [case.case_id for case in self.cases]
+
+    @property
+    def labelled_cases(self) -> list[VolumeCase]:
+        return [case for case in self.cases if case.labelled]
+
+    def summary_line(self) -> str:
+        sequences = sorted({name for case in self.cases for name in case.sequences})
+        return (f"{self.root}: layout {self.layout}, {len(self.cases)} cases ({len(self.labelled_cases)} with "
+                f"labels), sequences {', '.join(sequences) or 'none'}; skipped {len(self.skipped)} cases; "
+                f"ignored {len(self.ignored_files)} other files")
+
+    def select(self, sequences: tuple[str, ...], fill_missing: str = "skip") -> VolumeReport:
+        """The cases that have every one of ``sequences`` (or, with ``fill_missing`` ``zeros`` / ``repeat``,
+        at least one of them); the others are moved to ``skipped`` with the sequences they lack."""
+        kept, skipped = [], dict(self.skipped)
+        for case in self.cases:
+            lacking = [name for name in sequences if name not in case.sequences]
+            has_any = len(lacking) < len(sequences)
+            if lacking and (fill_missing == "skip" or not has_any):
+                skipped[case.case_id] = (f"missing sequence(s) {', '.join(lacking)} (has "
+                                         f"{', '.join(sorted(case.sequences)) or 'none'})")
+            else:
+                kept.append(case)
+        return VolumeReport(self.root, self.layout, kept, skipped, self.ignored_files)
+
+
+# --- orientation ------------------------------------------------------------------------------------
+def _orientation_transform(affine: np.ndarray, inverse: bool = False) -> np.ndarray:
+    from nibabel import orientations
+
+    source, target = orientations.io_orientation(affine), orientations.axcodes2ornt(CANONICAL_AXCODES)
+    return orientations.ornt_transform(target, source) if inverse else orientations.ornt_transform(source, target)
+
+
+def to_canonical(data: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """Voxels ``(X, Y, Z[, ...])`` in the file's order -> ``(slice, row, column[, ...])`` in the canonical
+    orientation (``S P L``, see the module docstring), from the affine's closest axis directions."""
+    from nibabel import orientations
+
+    return np.ascontiguousarray(orientations.apply_orientation(data, _orientation_transform(affine)))
+
+
+def from_canonical(data: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """The inverse of :func:`to_canonical`: canonical ``(slice, row, column[, ...])`` -> the file's voxel order."""
+    from nibabel import orientations
+
+    return np.ascontiguousarray(orientations.apply_orientation(data, _orientation_transform(affine, inverse=True)))
+
+
+def canonical_spacing(affine: np.ndarray) -> tuple[float, float, float]:
+    """Voxel size in mm along the canonical ``(slice, row, column)`` axes."""
+    from nibabel import affines
+
+    sizes = affines.voxel_sizes(affine)
+    order = _orientation_transform(affine)[:, 0].astype(int)  # file axis i goes to canonical axis order[i]
+    spacing = np.empty(3)
+    spacing[order[:3]] = sizes[:3]
+    return float(spacing[0]), float(spacing[1]), float(spacing[2])
+
+
+def axial_axis(affine: np.ndarray) -> int:
+    """The file's voxel axis that points superior/inferior in world space."""
+    return int(np.flatnonzero(_orientation_transform(affine)[:, 0] == 0)[0])
+
+
+# --- intensities ------------------------------------------------------------------------------------
+def window_volume(data: np.ndarray) -> tuple[np.ndarray, int]:
+    """``float32`` volume in ``[0, 1]``: the brain's (non-zero finite voxels) 0.5th-99.5th percentiles map
+    to 0 and 1; returns it and how many voxels were NaN or infinite (they become 0). An all-zero volume (a
+    filled sequence) stays 0."""
+    data = np.asarray(data, np.float32)
+    finite = np.isfinite(data)
+    brain = finite & (data != 0)
+    if not brain.any():
+        return np.zeros(data.shape, np.float32), int(data.size - np.count_nonzero(finite))
+    low, high = np.percentile(data[brain], WINDOW_PERCENTILES)
+    scaled = np.clip((np.where(finite, data, low) - low) / (high - low if high > low else 1.0), 0.0, 1.0)
+    scaled[~brain] = 0.0
+    return scaled.astype(np.float32), int(data.size - np.count_nonzero(finite))
+
+
+# --- reading ------------------------------------------------------------------------------------------
+@dataclass
+class CaseVolume:
+    """One case in canonical orientation: ``images`` ``float32 (Z, H, W, C)`` windowed to ``[0, 1]`` (one
+    channel per requested sequence), ``labels`` ``uint8 (Z, H, W)`` or None, ``spacing`` in mm per canonical
+    axis (``None``: unknown, slice images), the reference image whose affine and header predictions are
+    written with (None for slice images), and what was repaired on the way."""
+
+    case_id: str
+    images: np.ndarray
+    labels: np.ndarray | None
+    spacing: tuple[float, float, float] | None
+    reference: object | None = None
+    non_finite_voxels: int = 0
+    filled: list[str] = field(default_factory=list)
+
+
+def _load_nifti(path: Path):
+    import nibabel as nib
+
+    try:
+        image = nib.load(str(path))
+    except Exception as error:  # nibabel raises several types for broken or truncated files
+        raise DataError(f"cannot read NIfTI {path}: {error}") from error
+    return image
+
+
+def _read_slice_stack(files: tuple[Path, ...], labels: bool) -> np.ndarray:
+    slices = [read_mask_labels(f).labels if labels else read_image(f, 1)[..., 0] for f in files]
+    if len({s.shape for s in slices}) != 1:
+        raise DataError(f"the slices of {files[0].parent} differ in size")
+    return np.stack(slices)
+
+
+def _read_source(source: SequenceSource, labels: bool = False) -> tuple[np.ndarray, object | None]:
+    """The source's voxels in canonical orientation ``(Z, H, W)`` and its NIfTI image (None: slice files)."""
+    if source.slice_files:
+        return _read_slice_stack(source.slice_files, labels), None
+    image = _load_nifti(source.path)
+    data = np.asarray(image.dataobj) if labels else image.get_fdata(dtype=np.float32)
+    if source.channel is not None:
+        if data.ndim != 4 or source.channel >= data.shape[3]:
+            raise DataError(f"{source.path} has shape {data.shape}: no channel {source.channel}")
+        data = data[..., source.channel]
+    if data.ndim == 4 and data.shape[3] == 1:
+        data = data[..., 0]
+    if data.ndim != 3:
+        raise DataError(f"{source.path} has shape {data.shape}; a 3D volume is expected")
+    return to_canonical(data, image.affine), image
+
+
+def _label_map(data: np.ndarray, name: str) -> np.ndarray:
+    data = np.nan_to_num(np.asarray(data, np.float64))
+    if data.min() < 0 or data.max() > 255 or not np.array_equal(data, np.round(data)):
+        if data.max() <= 1.0:  # a soft or float binary mask
+            return (data > 0.5).astype(np.uint8)
+        raise DataError(f"{name}: labels must be integers in 0..255, got values in [{data.min()}, {data.max()}]")
+    return data.astype(np.uint8)
+
+
+def read_case(case: VolumeCase, sequences: tuple[str, ...], fill_missing: str = "skip",
+              with_labels: bool = True) -> CaseVolume:
+    """Read ``sequences`` of ``case`` (and its labels) into a :class:`CaseVolume`; every volume must share
+    one voxel grid. Raises :class:`DataError` naming the file and the reason."""
+    channels: list[np.ndarray | None] = []
+    reference, non_finite, filled, read = None, 0, [], {}
+    for name in sequences:
+        source = case.sequences.get(name)
+        if source is None:
+            if fill_missing == "skip":
+                raise DataError(f"case {case.case_id} has no {name} sequence")
+            channels.append(None)
+            filled.append(name)
+            continue
+        if source not in read:  # one file may fill several channels: read (and count) it once
+            data, image = _read_source(source)
+            windowed, bad = window_volume(data)
+            read[source] = windowed
+            non_finite += bad
+            reference = reference or image
+        windowed = read[source]
+        if channels and any(c is not None and c.shape != windowed.shape for c in channels):
+            raise DataError(f"case {case.case_id}: {name} is {windowed.shape[::-1]} voxels, unlike the other "
+                            "sequences; the sequences must be co-registered on one grid")
+        channels.append(windowed)
+    present = [c for c in channels if c is not None]
+    if not present:
+        raise DataError(f"case {case.case_id} has none of the sequences {', '.join(sequences)}")
+    fill = np.zeros_like(present[0]) if fill_missing != "repeat" else present[0]
+    images = np.stack([fill if c is None else c for c in channels], axis=-1)
+    labels = read_case_labels(case) if with_labels and case.labelled else None
+    if labels is not None and labels.shape != images.shape[:3]:
+        raise DataError(f"case {case.case_id}: the labels are {labels.shape} voxels but the images "
+                        f"{images.shape[:3]}")
+    spacing = canonical_spacing(reference.affine) if reference is not None else None
+    return CaseVolume(case.case_id, images, labels, spacing, reference, non_finite, filled)
+
+
+def read_case_labels(case: VolumeCase) -> np.ndarray:
+    """``uint8 (Z, H, W)`` labels of a labelled case in canonical orientation: its label map, or its WT / TC /
+    ET masks combined into the ``brats`` convention (innermost region last)."""
+    if case.labels is not None:
+        data, _ = _read_source(case.labels, labels=True)
+        return _label_map(data, str(case.labels.path))
+    labels = None
+    for region in ("wt", "tc", "et"):
+        if region in case.region_masks:
+            data, _ = _read_source(SequenceSource(case.region_masks[region]), labels=True)
+            labels = np.zeros(data.shape, np.uint8) if labels is None else labels
+            if data.shape != labels.shape:
+                raise DataError(f"case {case.case_id}: the region masks differ in size")
+            labels[_label_map(data, str(case.region_masks[region])) > 0] = REGION_LABELS["brats"][region]
+    if labels is None:
+        raise DataError(f"case {case.case_id} has no labels")
+    return labels
+
+
+# --- layouts ------------------------------------------------------------------------------------------
+def _visible(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if not p.name.startswith("."))
+
+
+def _case_dirs(root: Path) -> list[Path]:
+    return [p for p in _visible(root) if p.is_dir()]
+
+
+def _msd_channel_names(root: Path, count: int) -> tuple[str, ...]:
+    """Sequence names of the 4D channels: from ``dataset.json`` (MSD ``modality`` or nnU-Net v2
+    ``channel_names``) where given, else Task01's order."""
+    manifest = root / "dataset.json"
+    if manifest.is_file():
+        try:
+            described = json.loads(manifest.read_text())
+            names = described.get("channel_names") or described.get("modality") or {}
+            mapped = [sequence_of(Path(str(names[str(k)]))) for k in range(count)]
+            if all(mapped) and len(set(mapped)) == count:
+                return tuple(mapped)
+        except (ValueError, KeyError, AttributeError):
+            logger.warning("%s could not be read; using Task01's channel order", manifest)
+    return MSD_CHANNELS[:count]
+
+
+def _discover_msd(root: Path) -> VolumeReport | None:
+    report = VolumeReport(root, "msd", [])
+    found = False
+    for images_dir, labels_dir in (("imagesTr", "labelsTr"), ("imagesTs", None)):
+        folder = root / images_dir
+        if not folder.is_dir():
+            continue
+        files = [f for f in _visible(folder) if is_nifti(f)]
+        report.ignored_files += [f for f in _visible(folder) if not is_nifti(f)]
+        by_case: dict[str, dict[int, Path]] = {}
+        for path in files:
+            match = re.fullmatch(r"(?P<case>.+)_(?P<channel>\d{4})", nifti_stem(path))
+            case, channel = (match["case"], int(match["channel"])) if match else (nifti_stem(path), -1)
+            by_case.setdefault(case, {})[channel] = path
+        for case_id, channels in sorted(by_case.items()):
+            found = True
+            if -1 in channels:  # one 4D file
+                try:
+                    shape = _load_nifti(channels[-1]).shape
+                except DataError as error:
+                    report.skipped[case_id] = str(error)
+                    continue
+                count = shape[3] if len(shape) == 4 else 1
+                names = _msd_channel_names(root, count)
+                sequences = {name: SequenceSource(channels[-1], k if count > 1 else None) for k, name in enumerate(names)}
+            else:
+                names = _msd_channel_names(root, max(channels) + 1)
+                sequences = {names[k]: SequenceSource(path) for k, path in channels.items() if k < len(names)}
+            label = root / labels_dir / f"{case_id}.nii.gz" if labels_dir else None
+            labels = SequenceSource(label) if label is not None and label.is_file() else None
+            report.cases.append(VolumeCase(case_id, sequences, labels))
+    return report if found else None
+
+
+def _discover_brats(root: Path) -> VolumeReport | None:
+    report = VolumeReport(root, "brats_mets", [])
+    pattern = re.compile(r"(?P<case>.+)-(?P<kind>t1c|t1n|t2f|t2w|seg)")
+    for case_dir in _case_dirs(root):
+        sequences, labels = {}, None
+        for path in _visible(case_dir):
+            match = pattern.fullmatch(nifti_stem(path)) if is_nifti(path) else None
+            if match is None or match["case"] != case_dir.name:
+                report.ignored_files.append(path)
+            elif match["kind"] == "seg":
+                labels = SequenceSource(path)
+            else:
+                sequences[match["kind"]] = SequenceSource(path)
+        if sequences or labels:
+            report.cases.append(VolumeCase(case_dir.name, sequences, labels))
+    return report if report.cases else None
+
+
+def _numbered_pngs(folder: Path) -> tuple[Path, ...]:
+    files = [f for f in _visible(folder) if f.suffix.lower() in IMAGE_EXTENSIONS and re.fullmatch(r"\d+", f.stem)]
+    return tuple(sorted(files, key=lambda f: int(f.stem)))
+
+
+def _discover_brainmetshare(root: Path) -> VolumeReport | None:
+    report = VolumeReport(root, "brainmetshare", [])
+    for case_dir in _case_dirs(root):
+        subfolders = {p.name: p for p in _visible(case_dir) if p.is_dir()}
+        if not set(subfolders) & set(BRAINMETSHARE_FOLDERS):
+            continue
+        stacks = {name: _numbered_pngs(folder) for name, folder in subfolders.items()
+                  if name in BRAINMETSHARE_FOLDERS or name == "seg"}
+        numbers = {name: [f.stem for f in files] for name, files in stacks.items()}
+        reference = numbers.get("0") or next(iter(numbers.values()))
+        uneven = [name for name, found in numbers.items() if found != reference]
+        if uneven:
+            report.skipped[case_dir.name] = (f"the slice files of folder(s) {', '.join(uneven)} do not match "
+                                             "folder 0's numbering")
+            continue
+        sequences = {BRAINMETSHARE_FOLDERS[name]: SequenceSource(subfolders[name], slice_files=files)
+                     for name, files in stacks.items() if name != "seg" and files}
+        labels = SequenceSource(subfolders["seg"], slice_files=stacks["seg"]) if stacks.get("seg") else None
+        report.cases.append(VolumeCase(case_dir.name, sequences, labels))
+    return report if report.cases else None
+
+
+def _generic_case(case_id: str, files: list[Path], report: VolumeReport) -> VolumeCase | None:
+    sequences, region_masks, labels = {}, {}, None
+    for path in files:
+        tokens = _tokens(path)
+        if any(token in _MASK_TOKENS for token in tokens):
+            regions = [_REGION_TOKENS[t] for t in tokens if t in _REGION_TOKENS]
+            if regions:
+                region_masks[regions[0]] = path
+            elif labels is None:
+                labels = SequenceSource(path)
+            else:
+                report.ignored_files.append(path)
+            continue
+        name = sequence_of(path)
+        if name is None or name in sequences:
+            report.ignored_files.append(path)
+        else:
+            sequences[name] = SequenceSource(path)
+    if not sequences:
+        return None
+    if labels is not None and region_masks:
+        report.ignored_files += list(region_masks.values())
+        region_masks = {}
+    return VolumeCase(case_id, sequences, labels, region_masks)
+
+
+def _common_case_id(files: list[Path], fallback: str) -> str:
+    prefix = nifti_stem(files[0])
+    for path in files[1:]:
+        stem = nifti_stem(path)
+        while not stem.startswith(prefix):
+            prefix = prefix[:-1]
+    prefix = prefix.rstrip("_-. ")
+    return prefix or fallback
+
+
+def _discover_generic(root: Path) -> VolumeReport | None:
+    report = VolumeReport(root, "generic", [])
+    own = [f for f in _visible(root) if f.is_file() and is_nifti(f)]
+    folders = [(d, [f for f in _visible(d) if f.is_file() and is_nifti(f)]) for d in _case_dirs(root)]
+    if own:  # the data folder is one case
+        folders = [(root, own)]
+    for folder, files in folders:
+        if not files:
+            continue
+        case_id = _common_case_id(files, folder.name) if folder == root else folder.name
+        case = _generic_case(case_id, files, report)
+        if case is None:
+            report.skipped[case_id] = "no NIfTI file named after a known sequence (t1c, t1n, t2f, t2w)"
+        else:
+            report.cases.append(case)
+    return report if report.cases else None
+
+
+_FINDERS = {"msd": _discover_msd, "brats_mets": _discover_brats, "brainmetshare": _discover_brainmetshare,
+            "generic": _discover_generic}
+
+
+def discover_volumes(root: str | Path) -> VolumeReport | None:
+    """The volume layout of ``root`` and its cases (sorted by id), or None when ``root`` holds none (it may
+    then hold a 2D slice layout, :func:`~metaseg_tf.data.discover.discover_pairs`)."""
+    root = Path(root)
+    if not root.is_dir():
+        return None
+    for layout in VOLUME_LAYOUTS:
+        report = _FINDERS[layout](root)
+        if report is not None:
+            report.cases.sort(key=lambda case: case.case_id)
+            unlabelled = [case.case_id for case in report.cases if not case.labelled]
+            if unlabelled:
+                logger.info("%d case(s) without labels (prediction only): %s", len(unlabelled), ", ".join(unlabelled[:5]))
+            (logger.warning if report.skipped else logger.info)(report.summary_line())
+            return report
+    return None
+
+
+def resolve_sequences(sequences: tuple[str, ...], channels: int) -> tuple[str, ...]:
+    """A config's sequences, or (none given) the first ``channels`` of :data:`DEFAULT_SEQUENCES`."""
+    return tuple(sequences) or DEFAULT_SEQUENCES[:channels]
