@@ -14,7 +14,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from metaseg_tf import paths
 from metaseg_tf.config import ExperimentConfig
 from metaseg_tf.data.synthetic import default_phantom
 from metaseg_tf.paths import resolve

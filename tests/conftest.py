@@ -97,3 +97,25 @@ def phantom_slice(phantom_dir: Path) -> tuple[Path, Path]:
     pairs = discover_pairs(phantom_dir).pairs
     pair = max(pairs, key=lambda p: int(read_mask(p.mask_path).sum()))
     return pair.image_path, pair.mask_path
+
+
+@pytest.fixture(scope="session")
+def brats_phantom_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small BraTS-METS-layout phantom (4 cases x 8 slices at 64 px, NIfTI, labels 1/2/3), once per session."""
+    root = tmp_path_factory.mktemp("brats") / "phantom"
+    generate_phantom(root, n_patients=4, n_slices=8, size=64, seed=4, progress=False, layout="brats_mets")
+    return root
+
+
+@pytest.fixture(scope="session")
+def brats_run(brats_phantom_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A U-Net++ trained for one epoch on the BraTS phantom: multilabel (WT, TC, ET), 2.5D context of one
+    slice each side, half of the lesion-free slices drawn per epoch."""
+    from metaseg_tf.training.train import train
+
+    root = tmp_path_factory.mktemp("brats_run")
+    config = ExperimentConfig(data_dir=str(brats_phantom_dir), cache_dir=str(root / "cache"), image_size=32,
+                              filters=(4, 8, 16), batch_size=8, epochs=1, jit_compile="off", model="nested_unet",
+                              target="multilabel", context_slices=1, empty_slice_fraction=0.5,
+                              test_fraction=0.25, val_fraction=0.25)
+    return train(config, runs_root=root / "runs", progress=False).run_dir

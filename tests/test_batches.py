@@ -97,3 +97,29 @@ def test_split_batches_on_phantom(phantom_dir: Path, tmp_path: Path) -> None:
     assert n_slices == len(dataset)
     x, y = batches["train"][0]
     assert x.shape == (4, 32, 32, 3) and np.isfinite(x).all()
+
+
+def test_volume_batches_carry_context_channels_and_multilabel_targets(brats_phantom_dir: Path, tmp_path: Path) -> None:
+    from metaseg_tf.data.batches import load_experiment_data
+
+    config = ExperimentConfig(data_dir=str(brats_phantom_dir), cache_dir=str(tmp_path), image_size=32, batch_size=4,
+                              target="multilabel", context_slices=1, sequences=("t1c", "t2f"))
+    data = load_experiment_data(config, progress=False)
+    assert data.report.layout == "brats_mets" and data.dataset.convention == "brats"
+    assert config.channels == 2 and config.input_channels == 6 and data.dataset.images.shape[1:] == (32, 32, 2)
+    assert set(np.unique(data.dataset.masks)) == {0, 1, 2, 3}  # the cache keeps the labels
+    assert data.dataset.geometry["BraTS-MET-04000-000"]["spacing"] == pytest.approx([3.75, 3.75, 3.75])
+    train = data.split.indices(data.dataset.case_ids, "train")
+    x, y = SegmentationBatches(data.dataset, train, config)[0]
+    assert x.shape == (4, 32, 32, 6) and y.shape == (4, 32, 32, 3)
+    np.testing.assert_array_equal(y[..., 0] >= y[..., 1], True)  # WT contains TC
+    # the centre block of the context is the slice itself; its neighbour block is the previous slice
+    first = SegmentationBatches(data.dataset, train[:2], config.replace(normalisation="none"))[0][0]
+    np.testing.assert_allclose(first[1, ..., 2:4], data.dataset.images[train[1]] / 255.0)
+    np.testing.assert_allclose(first[1, ..., 0:2], data.dataset.images[train[0]] / 255.0)
+    halved = SegmentationBatches(data.dataset, train, config.replace(empty_slice_fraction=0.5), training=True)
+    lesion = data.dataset.masks[train].reshape(len(train), -1).any(axis=1)
+    assert halved.slices_per_epoch == lesion.sum() + round(0.5 * (~lesion).sum())
+    epochs = [set(halved._epoch_order().tolist()) for halved.epoch in range(10)]
+    assert all(set(train[lesion]) <= drawn and len(drawn) == halved.slices_per_epoch for drawn in epochs)
+    assert set().union(*epochs) == set(train)  # each epoch draws other lesion-free slices

@@ -140,3 +140,24 @@ def test_models_saved_by_the_release_before_the_layout_move_load_and_predict_the
     np.testing.assert_allclose(np.asarray(output), saved[name], atol=1e-5)
     compiled = keras.saving.load_model(fixtures / f"legacy-{name}.keras")  # the registered loss and metrics
     assert type(compiled.loss[-1] if isinstance(compiled.loss, list) else compiled.loss).__name__ == "SegmentationLoss"
+
+
+def test_volume_cases_are_written_back_as_brats_seg_files_in_the_input_grid(brats_run: Path, brats_phantom_dir: Path,
+                                                                             tmp_path: Path) -> None:
+    """A multilabel run predicts a BraTS case folder (and a whole dataset folder): ``<case>-seg.nii.gz`` with
+    labels of the BraTS convention, on the input's grid with its affine, and per-case scores per region."""
+    case = sorted(p for p in brats_phantom_dir.iterdir() if p.is_dir())[0]
+    predictor = Predictor.from_run(brats_run, threshold=0.3)
+    assert predictor.target.names == ["wt", "tc", "et"] and predictor.target.convention == "brats"
+    out_dir, summary = predict_path(predictor, [case], tmp_path / "out", progress=False)
+    assert summary["cases"] == 1
+    source = nib.load(str(case / f"{case.name}-t1c.nii.gz"))
+    seg = nib.load(str(out_dir / f"{case.name}-seg.nii.gz"))
+    assert seg.shape == source.shape and np.allclose(seg.affine, source.affine)
+    assert seg.get_data_dtype() == np.uint8 and set(np.unique(np.asarray(seg.dataobj))) <= {0, 1, 2, 3}
+    probability = nib.load(str(out_dir / f"{case.name}-probability.nii.gz"))
+    assert probability.shape == (*source.shape, 3)  # one volume per region: WT, TC, ET
+    row = pd.read_csv(out_dir / "predictions.csv").iloc[0]
+    assert row["status"] == "ok" and 0 <= row["wt_dice"] <= 1 and "et_lesion_hd95" in row
+    whole, whole_summary = predict_path(predictor, [brats_phantom_dir], tmp_path / "all", progress=False)
+    assert whole_summary["cases"] == 4 and len(list(whole.glob("*-seg.nii.gz"))) == 4

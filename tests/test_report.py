@@ -105,3 +105,18 @@ def test_paired_wilcoxon_gives_the_exact_p_values_of_small_samples() -> None:
     assert row["statistic"] == 2 and row["p_value"] == pytest.approx(6 / 32)
     [row] = paired_wilcoxon({"a": base, "b": base}).to_dict(orient="records")
     assert row["p_value"] == 1.0  # no difference at all
+
+
+def test_volume_run_is_scored_per_region_in_mm(brats_run: Path) -> None:
+    result = evaluate_run(brats_run, split="test", progress=False)
+    summary = result.summary
+    assert summary["target"] == "multilabel" and summary["label_convention"] == "brats"
+    assert summary["distance_unit"] == "mm" and summary["resolution"] == "native 64 x 64 px"
+    assert list(summary["regions"]) == ["wt", "tc", "et"]
+    assert summary["regions"]["tc"]["labels"] == [1, 3] and summary["regions"]["et"]["labels"] == [3]
+    assert summary["per_patient"]["dice"]["mean"] == summary["regions"]["wt"]["per_patient"]["dice"]["mean"]
+    for region in ("tc", "et"):
+        table = pd.read_csv(result.out_dir / f"per_patient-{region}.csv")
+        assert table["dice"].between(0, 1).all() and len(table) == summary["patients"]
+    comparison = compare_runs([brats_run], brats_run.parent / "cmp", progress=False)
+    assert list(comparison.regions["region"]) == ["wt", "tc", "et"] and "lesion_hd95_mm" in comparison.regions

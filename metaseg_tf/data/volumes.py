@@ -71,6 +71,7 @@ BRAINMETSHARE_FOLDERS = {"0": "t1c", "1": "t1n", "2": "t1c_se", "3": "t2f"}
 BRATS_SUFFIXES = ("t1c", "t1n", "t2f", "t2w")
 LAYOUT_CONVENTIONS = {"msd": "msd", "brats_mets": "brats", "brainmetshare": "binary", "generic": "brats"}
 WINDOW_PERCENTILES = (0.5, 99.5)
+WINDOW_SAMPLE = 1 << 18  # brain voxels the percentiles are taken from (every n-th of a larger brain)
 _REGION_TOKENS = {"whole": "wt", "wt": "wt", "core": "tc", "tc": "tc", "enh": "et", "enhancing": "et", "et": "et"}
 _MASK_TOKENS = ("seg", "mask", "label", "labels")
 
@@ -80,9 +81,12 @@ def is_nifti(path: Path) -> bool:
 
 
 def nifti_stem(path: Path) -> str:
-    """``case-t1c.nii.gz`` -> ``case-t1c``."""
+    """``case-t1c.nii.gz`` -> ``case-t1c`` (a name without a NIfTI suffix is returned whole)."""
     name = path.name
-    return name[: -len(".nii.gz")] if name.lower().endswith(".nii.gz") else name[: -len(".nii")]
+    for suffix in (".nii.gz", ".nii"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
 
 
 def _tokens(path: Path) -> list[str]:
@@ -213,7 +217,10 @@ def window_volume(data: np.ndarray) -> tuple[np.ndarray, int]:
     brain = finite & (data != 0)
     if not brain.any():
         return np.zeros(data.shape, np.float32), int(data.size - np.count_nonzero(finite))
-    low, high = np.percentile(data[brain], WINDOW_PERCENTILES)
+    values = data[brain]
+    if values.size > WINDOW_SAMPLE:  # a regular subsample: the same percentiles to ~0.01 %, several times faster
+        values = values[:: values.size // WINDOW_SAMPLE]
+    low, high = np.percentile(values, WINDOW_PERCENTILES)
     scaled = np.clip((np.where(finite, data, low) - low) / (high - low if high > low else 1.0), 0.0, 1.0)
     scaled[~brain] = 0.0
     return scaled.astype(np.float32), int(data.size - np.count_nonzero(finite))
@@ -271,7 +278,12 @@ def _read_source(source: SequenceSource, labels: bool = False) -> tuple[np.ndarr
 
 
 def _label_map(data: np.ndarray, name: str) -> np.ndarray:
-    data = np.nan_to_num(np.asarray(data, np.float64))
+    data = np.asarray(data)
+    if np.issubdtype(data.dtype, np.integer) or data.dtype == np.bool_:
+        if data.size and (data.min() < 0 or data.max() > 255):
+            raise DataError(f"{name}: labels must lie in 0..255, got values in [{data.min()}, {data.max()}]")
+        return data.astype(np.uint8)
+    data = np.nan_to_num(data.astype(np.float64))
     if data.min() < 0 or data.max() > 255 or not np.array_equal(data, np.round(data)):
         if data.max() <= 1.0:  # a soft or float binary mask
             return (data > 0.5).astype(np.uint8)

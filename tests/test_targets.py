@@ -1,0 +1,41 @@
+"""Targets: regions of each label convention, label sets, multilabel masks and the way back to labels."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from metaseg_tf.data.targets import resolve_target
+
+LABELS = np.array([[0, 1, 2, 3]], np.uint8)
+
+
+@pytest.mark.parametrize(("target", "convention", "expected"), [
+    ("wt", "brats", [0, 1, 1, 1]), ("tc", "brats", [0, 1, 0, 1]), ("et", "brats", [0, 0, 0, 1]),
+    ("tc", "msd", [0, 0, 1, 1]), ("wt", "msd", [0, 1, 1, 1]),  # MSD: 1 oedema, 2 non-enhancing, 3 enhancing
+    ("any", "brats", [0, 1, 1, 1]), ("labels:2", "brats", [0, 0, 1, 0]), ("tc", "binary", [0, 1, 1, 1]),
+])
+def test_region_masks_follow_the_convention(target: str, convention: str, expected: list[int]) -> None:
+    resolved = resolve_target(target, convention)
+    assert resolved.masks(LABELS)[0, :, 0].tolist() == expected
+    assert resolved.names == (["lesion"] if convention == "binary" or target == "any" else
+                              ["labels_2"] if target == "labels:2" else [target])
+
+
+@pytest.mark.parametrize("convention", ["brats", "msd"])
+def test_multilabel_masks_and_back_to_the_same_labels(convention: str) -> None:
+    labels = np.random.default_rng(0).integers(0, 4, (5, 6, 7)).astype(np.uint8)
+    target = resolve_target("multilabel", convention)
+    masks = target.masks(labels)
+    assert target.names == ["wt", "tc", "et"] and masks.shape == (5, 6, 7, 3)
+    assert (masks[..., 0] >= masks[..., 1]).all() and (masks[..., 1] >= masks[..., 2]).all()  # nested regions
+    np.testing.assert_array_equal(target.to_labels(masks), labels)
+
+
+def test_one_region_is_written_as_a_binary_mask_and_multilabel_needs_region_labels() -> None:
+    target = resolve_target("tc", "brats")
+    assert target.to_labels(target.masks(LABELS)).tolist() == [[0, 1, 0, 1]]
+    with pytest.raises(ValueError, match="multilabel needs masks with region labels"):
+        resolve_target("multilabel", "binary")
+    with pytest.raises(ValueError, match="unknown label convention"):
+        resolve_target("wt", "kits")
