@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import base64
+import gzip
 import threading
 from pathlib import Path
 
 import cv2
+import nibabel as nib
 import numpy as np
 import pytest
 import schemathesis
@@ -17,12 +19,21 @@ from schemathesis.checks import not_a_server_error
 from scipy import ndimage
 
 from metaseg_tf.cli import main
+from metaseg_tf.data.io import read_image, read_mask
+from metaseg_tf.data.volumes import from_canonical, read_case
+from metaseg_tf.predict import nifti_case
 from metaseg_tf.serve.api import (
+    VOLUME_SCORES,
     ServeError,
     ServeSettings,
+    app_from_environment,
     create_app,
     newest_pipeline_runs,
 )
+
+# voxel axis 0 is axial (3 mm, inferior to superior), axis 1 runs right to left, axis 2 posterior to anterior:
+# an orientation unlike the canonical one, so a transposed or flipped seg cannot pass for the right one
+AXIAL_FIRST = np.array([[0.0, -1.0, 0.0, 20.0], [0.0, 0.0, 0.9, -15.0], [3.0, 0.0, 0.0, -6.0], [0.0, 0.0, 0.0, 1.0]])
 
 
 @pytest.fixture(scope="module")
@@ -43,12 +54,42 @@ def _mask(encoded: str) -> np.ndarray:
     return cv2.imdecode(np.frombuffer(base64.b64decode(encoded), np.uint8), cv2.IMREAD_UNCHANGED)
 
 
+def _nifti(array: np.ndarray, affine: np.ndarray = AXIAL_FIRST, compressed: bool = True) -> bytes:
+    data = nib.Nifti1Image(array, affine).to_bytes()
+    return gzip.compress(data) if compressed else data
+
+
+def _seg(encoded: str) -> nib.Nifti1Image:
+    return nib.Nifti1Image.from_bytes(gzip.decompress(base64.b64decode(encoded)))
+
+
+@pytest.fixture(scope="module")
+def phantom_volume(phantom_slice) -> tuple[np.ndarray, np.ndarray]:
+    """A (6, 40, 36) volume and its lesion mask in file order (AXIAL_FIRST): the phantom slice with the largest
+    lesion, cropped around it, on slices 1-4 (slices 0 and 5 empty)."""
+    image, mask = read_image(phantom_slice[0], 1)[..., 0], read_mask(phantom_slice[1])
+    rows, columns = np.nonzero(mask)
+    top = int(np.clip(rows.mean() - 20, 0, mask.shape[0] - 40))
+    left = int(np.clip(columns.mean() - 18, 0, mask.shape[1] - 36))
+    volume, truth = np.zeros((6, 40, 36), np.float32), np.zeros((6, 40, 36), np.uint8)
+    volume[1:5] = image[top : top + 40, left : left + 36] * 1000
+    truth[1:5] = mask[top : top + 40, left : left + 36] > 0
+    assert truth.sum() > 0
+    return volume, truth
+
+
+@pytest.fixture(scope="module")
+def limited_client(served_runs: list[Path]) -> TestClient:
+    return TestClient(create_app(served_runs, ServeSettings(max_volume_bytes=30_000, max_voxels=1_000)))
+
+
 def test_health_and_models_describe_what_is_served(client: TestClient, served_runs: list[Path]) -> None:
     assert client.get("/health").json() == {"status": "ok", "models": ["nested_unet", "attention_unet"]}
     models = {m["name"]: m for m in client.get("/models").json()}
     assert set(models) == {"nested_unet", "attention_unet"}
     for model in models.values():
         assert model["input_size"] == 32 and model["channels"] == 3 and model["clahe"] is True
+        assert model["sequences"] == ["t1c", "t2f", "t1n"]
         assert model["parameters"] > 0 and model["run"] in {run.name for run in served_runs}
         assert model["training_data"]["patients_per_part"] == {"train": 4, "val": 1, "test": 1}
         assert model["training_data"]["slices_per_part"]["train"] == 32 and model["training_data"]["skipped"] == 0
@@ -222,7 +263,8 @@ def test_fuzzed_requests_never_cause_a_server_error(app) -> None:
     """Schemathesis generates requests from the OpenAPI schema (valid and invalid) for every operation."""
     schema = schemathesis.openapi.from_asgi("/openapi.json", app)
     operations = [result.ok() for result in schema.get_all_operations()]
-    assert {operation.path for operation in operations} == {"/health", "/models", "/predict", "/predict/mask"}
+    assert {operation.path for operation in operations} == {"/health", "/models", "/predict", "/predict/mask",
+                                                            "/predict/volume"}
     for operation in operations:
 
         @given(case=operation.as_strategy())
@@ -231,3 +273,136 @@ def test_fuzzed_requests_never_cause_a_server_error(app) -> None:
             case.call_and_validate(checks=[not_a_server_error])
 
         call()
+
+
+def test_a_volume_comes_back_as_a_seg_on_its_own_grid(client: TestClient, app, phantom_volume, tmp_path: Path) -> None:
+    volume, _ = phantom_volume
+    response = client.post("/predict/volume", files={"files": ("../../etc/case-t1c.nii.gz", _nifti(volume))})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["case_id"] == "case-t1c" and body["shape"] == [6, 40, 36]
+    assert body["axial_slices"] == 6 and body["canonical_shape"] == [6, 36, 40]
+    assert body["spacing_mm"] == pytest.approx([3.0, 0.9, 1.0])
+    assert [p["model"] for p in body["predictions"]] == ["nested_unet", "attention_unet"]
+    (tmp_path / "case-t1c.nii.gz").write_bytes(_nifti(volume))
+    for prediction in body["predictions"]:
+        seg = _seg(prediction["seg_nii_gz"])
+        labels = np.asarray(seg.dataobj)
+        assert prediction["seg_filename"] == "case-t1c-seg.nii.gz" and prediction["scores"] is None
+        assert seg.shape == volume.shape and np.allclose(seg.affine, AXIAL_FIRST) and labels.dtype == np.uint8
+        assert set(np.unique(labels)) <= {0, 1} and prediction["lesion_voxels"] == int(labels.sum())
+        assert prediction["shape"] == [6, 40, 36] and prediction["slices"] == 6 and prediction["latency_ms"] > 0
+        # the library's own prediction of the same file, put back into the file's grid, is the same seg
+        predictor = app.state.models[prediction["model"]].predictor
+        case = read_case(nifti_case(predictor, [tmp_path / "case-t1c.nii.gz"]), ("t1c", "t2f", "t1n"))
+        expected = from_canonical(predictor.predict_volume(case).labels, AXIAL_FIRST)
+        assert np.array_equal(labels, expected)
+
+
+def test_one_volume_per_sequence_is_the_same_case_as_one_for_all(client: TestClient, phantom_volume) -> None:
+    data = _nifti(phantom_volume[0])
+    one = client.post("/predict/volume", files={"files": ("v.nii.gz", data)}, data={"model": "attention_unet"})
+    three = client.post("/predict/volume", data={"model": "attention_unet"},
+                        files=[("files", (f"v-{name}.nii.gz", data)) for name in ("t1c", "t2f", "t1n")])
+    assert one.status_code == three.status_code == 200, three.text
+    assert three.json()["case_id"] == "v-t1c"
+    first, second = (np.asarray(_seg(r.json()["predictions"][0]["seg_nii_gz"]).dataobj) for r in (one, three))
+    assert np.array_equal(first, second)
+
+
+def test_a_seg_upload_gives_per_case_scores(client: TestClient, phantom_volume) -> None:
+    volume, truth = phantom_volume
+    voxels = []
+    for threshold in (0.05, 0.95):
+        response = client.post("/predict/volume", data={"model": "nested_unet", "threshold": str(threshold)},
+                               files=[("files", ("case.nii", _nifti(volume, compressed=False))),
+                                      ("seg", ("case-seg.nii.gz", _nifti(truth)))])
+        assert response.status_code == 200, response.text
+        (prediction,) = response.json()["predictions"]
+        assert prediction["threshold"] == threshold
+        voxels.append(prediction["lesion_voxels"])
+        (scores,) = prediction["scores"].values()  # the served runs segment one region
+        assert set(scores) == set(VOLUME_SCORES)
+        assert 0 <= scores["dice"] <= 1 and 0 <= scores["lesion_dice"] <= 1
+        assert scores["hd95"] >= 0 and scores["lesion_hd95"] >= 0
+        assert scores["truth_lesions"] >= 1 and 0 <= scores["detected_lesions"] <= scores["truth_lesions"]
+        assert scores["false_positive_lesions"] >= 0
+    assert voxels[0] >= voxels[1] and voxels[0] > 0
+
+
+def test_a_volume_may_be_larger_than_the_slice_limit(client: TestClient) -> None:
+    """The body limit of /predict/volume follows max_volume_bytes; /predict keeps its own (about 264 kB here)."""
+    volume = np.random.default_rng(0).random((6, 110, 120)).astype(np.float32)
+    data = _nifti(volume, compressed=False)
+    assert len(data) > 300_000
+    response = client.post("/predict/volume", files={"files": ("big.nii", data)}, data={"model": "nested_unet"})
+    assert response.status_code == 200, response.text
+    assert client.post("/predict", files={"file": ("big.png", data)}).status_code == 413
+
+
+def _header_only(shape: tuple[int, ...]) -> bytes:
+    """A gzipped NIfTI whose header declares ``shape`` (uint8) but holds no voxels."""
+    header = nib.Nifti1Header()
+    header.set_data_shape(shape)
+    header.set_data_dtype(np.uint8)
+    header["vox_offset"] = 352
+    return gzip.compress(header.binaryblock + bytes(4))
+
+
+def _bad_volume_uploads() -> dict[str, tuple[list, dict, int, str]]:
+    volume = np.random.default_rng(3).random((6, 40, 36)).astype(np.float32)
+    good = ("files", ("v.nii.gz", _nifti(volume)))
+    labels = np.zeros((6, 40, 36), np.float32)
+    labels[2, 10:20, 10:20] = 2.5
+    complete = _nifti(volume, compressed=False)
+    return {
+        "empty": ([("files", ("v.nii.gz", b""))], {}, 422, "empty"),
+        "png": ([("files", ("v.nii.gz", _png(np.zeros((40, 36), np.uint8))))], {}, 415, "not a NIfTI"),
+        "gzipped text": ([("files", ("v.nii.gz", gzip.compress(b"patient name, dose\n" * 50)))], {}, 415,
+                         "not a NIfTI"),
+        "4D": ([("files", ("v.nii.gz", _nifti(np.zeros((6, 40, 36, 2), np.float32))))], {}, 422, "3D volume"),
+        "truncated": ([("files", ("v.nii", complete[: len(complete) // 2]))], {}, 422, "truncated"),
+        "damaged header": ([("files", ("v.nii", complete[:348] + b"\xff" * 8))], {}, 422, "damaged"),
+        "header declares 1e9 voxels": ([("files", ("v.nii.gz", _header_only((1000, 1000, 1000))))], {}, 413,
+                                       "limit is 40000000 voxels"),
+        "two files for three sequences": ([good, good], {}, 422, "takes 3 sequence(s) (t1c, t2f, t1n)"),
+        "seg on another grid": ([good, ("seg", ("s.nii.gz", _nifti(np.zeros((6, 40, 35), np.uint8))))], {}, 422,
+                                "one voxel grid"),
+        "seg with another affine": ([good, ("seg", ("s.nii.gz", _nifti(np.zeros((6, 40, 36), np.uint8), np.eye(4))))],
+                                    {}, 422, "another affine"),
+        "seg with non-integer labels": ([good, ("seg", ("s.nii.gz", _nifti(labels)))], {}, 422, "integers"),
+        "unknown model": ([good], {"model": "unet3d"}, 404, "served: nested_unet, attention_unet"),
+    }
+
+
+@pytest.mark.parametrize("case", list(_bad_volume_uploads()))
+def test_bad_volume_uploads_get_a_clear_4xx(client: TestClient, case: str) -> None:
+    files, data, status, message = _bad_volume_uploads()[case]
+    response = client.post("/predict/volume", files=files, data=data)
+    assert response.status_code == status, response.text
+    assert message in response.json()["detail"]
+    assert "/tmp" not in response.json()["detail"], "no server path in the answer"
+
+
+def test_volume_limits_of_the_settings(limited_client: TestClient) -> None:
+    """max_volume_bytes per file, max_voxels from the header, and the body limit of the volume endpoint."""
+    over_bytes = _nifti(np.zeros((6, 40, 36), np.float32), compressed=False)  # 35 kB, 8640 voxels
+    response = limited_client.post("/predict/volume", files={"files": ("v.nii", over_bytes)})
+    assert response.status_code == 413 and "30000 bytes per volume" in response.json()["detail"]
+    over_voxels = _nifti(np.zeros((16, 16, 8), np.uint8))  # 2048 voxels, a few hundred bytes
+    response = limited_client.post("/predict/volume", files={"files": ("v.nii.gz", over_voxels)})
+    assert response.status_code == 413 and "2048 voxels (16x16x8); the limit is 1000" in response.json()["detail"]
+    body = limited_client.post("/predict/volume", content=b"x" * 200_000,
+                               headers={"content-type": "application/octet-stream"})
+    assert body.status_code == 413 and "limit of 185536 bytes" in body.json()["detail"]  # 4 x 30 000 + 64 KiB
+
+
+def test_volume_limits_come_from_the_environment(served_runs: list[Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    monkeypatch.setenv("METASEG_SERVE_RUNS", os.pathsep.join(map(str, served_runs)))
+    monkeypatch.setenv("METASEG_MAX_VOLUME_MB", "0.5")
+    monkeypatch.setenv("METASEG_MAX_VOXELS", "123456")
+    settings = app_from_environment().state.settings
+    assert (settings.max_volume_bytes, settings.max_voxels) == (512 * 1024, 123456)
+    assert settings.max_upload_bytes == 20 * 1024 * 1024

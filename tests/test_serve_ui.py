@@ -2,20 +2,40 @@
 
 from __future__ import annotations
 
+import base64
+import gzip
 import threading
 import time
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pytest
 import uvicorn
 from conftest import free_port
 from streamlit.testing.v1 import AppTest
 
+from metaseg_tf.data.discover import DataError
+from metaseg_tf.data.io import read_image, read_mask
+from metaseg_tf.data.volumes import to_canonical, window_volume
 from metaseg_tf.evaluation.scores import overlap_scores
 from metaseg_tf.serve.api import create_app
 from metaseg_tf.serve.launch import UI_SCRIPT
-from metaseg_tf.serve.ui import overlay, prediction_rows
+from metaseg_tf.serve.ui import (
+    canonical_volume,
+    decode_volume_seg,
+    default_slice,
+    display_volume,
+    nifti_from_bytes,
+    overlay,
+    prediction_rows,
+    request_volume_prediction,
+    volume_rows,
+    volume_slice_panels,
+)
+
+# voxel axis 0 is axial, axis 1 right to left, axis 2 posterior to anterior: unlike the canonical order
+AXIAL_FIRST = np.array([[0.0, -1.0, 0.0, 20.0], [0.0, 0.0, 0.9, -15.0], [3.0, 0.0, 0.0, -6.0], [0.0, 0.0, 0.0, 1.0]])
 
 
 @pytest.fixture(scope="module")
@@ -98,3 +118,84 @@ def test_metric_rows_agree_with_the_evaluation_module() -> None:
     assert rows.loc[0, "iou"] == pytest.approx(expected["iou"], abs=1e-4)
     assert "dice" not in prediction_rows([{"model": "m", "lesions": {"count": 1, "total_px": 36}, "latency_ms": 3.0}],
                                          {"m": pred}, None).columns
+
+
+@pytest.fixture(scope="module")
+def phantom_case(phantom_slice) -> tuple[np.ndarray, np.ndarray]:
+    """A (4, 64, 50) volume of the phantom slice with the largest lesion (file order, AXIAL_FIRST) and its mask."""
+    image, mask = read_image(phantom_slice[0], 1)[..., 0], read_mask(phantom_slice[1])
+    columns = np.nonzero(mask)[1]
+    left = int(np.clip(columns.mean() - 25, 0, mask.shape[1] - 50))
+    volume = np.stack([image[:, left : left + 50] * 1000] * 4).astype(np.float32)
+    return volume, np.stack([mask[:, left : left + 50] > 0] * 4).astype(np.uint8)
+
+
+def _nifti_bytes(array: np.ndarray, compressed: bool = True, image_class=nib.Nifti1Image) -> bytes:
+    data = image_class(array, AXIAL_FIRST).to_bytes()
+    return gzip.compress(data) if compressed else data
+
+
+def test_a_volume_from_the_api_decodes_to_the_canonical_arrays(api_url: str, phantom_case) -> None:
+    volume, truth = phantom_case
+    response, error = request_volume_prediction(api_url, [("case.nii.gz", _nifti_bytes(volume))],
+                                                ("case-seg.nii.gz", _nifti_bytes(truth)), "all", 0.05)
+    assert error is None, error
+    assert response["canonical_shape"] == [4, 50, 64] and response["axial_slices"] == 4
+    assert np.array_equal(canonical_volume(_nifti_bytes(volume)), to_canonical(volume, AXIAL_FIRST))
+    for prediction in response["predictions"]:
+        seg = decode_volume_seg(prediction["seg_nii_gz"])
+        written = nib.Nifti1Image.from_bytes(gzip.decompress(base64.b64decode(prediction["seg_nii_gz"])))
+        assert np.array_equal(seg, to_canonical(np.asarray(written.dataobj), written.affine))
+        assert seg.shape == (4, 50, 64) and seg.dtype == np.uint8 and seg.sum() == prediction["lesion_voxels"] > 0
+        # the API's Dice is the overlap of this decoded seg with the canonical truth: both are oriented alike
+        (scores,) = prediction["scores"].values()
+        dice = overlap_scores(to_canonical(truth, AXIAL_FIRST) > 0, seg > 0)["dice"]
+        assert scores["dice"] == pytest.approx(dice, abs=1e-6)
+    table = volume_rows(response["predictions"])
+    assert list(table["model"]) == ["nested_unet", "attention_unet"] and table["dice"].between(0, 1).all()
+    refused, error = request_volume_prediction(api_url, [("case.nii.gz", b"\x89PNG\r\n\x1a\n" + bytes(40))], None,
+                                               "all", 0.5)
+    assert refused is None and error.startswith("415:") and "not a NIfTI" in error
+
+
+def test_nifti_bytes_of_every_kind_are_read_and_others_refused(phantom_case) -> None:
+    volume = phantom_case[0]
+    expected = to_canonical(volume, AXIAL_FIRST)
+    for data in (_nifti_bytes(volume), _nifti_bytes(volume, compressed=False),
+                 _nifti_bytes(volume, image_class=nib.Nifti2Image)):
+        assert np.array_equal(canonical_volume(data), expected)
+        assert np.allclose(nifti_from_bytes(data).affine, AXIAL_FIRST)
+    assert np.array_equal(display_volume(_nifti_bytes(volume)), window_volume(expected)[0])
+    for bad in (b"", b"\x89PNG\r\n\x1a\n" + bytes(400), gzip.compress(b"text" * 100), _nifti_bytes(volume)[:100]):
+        with pytest.raises(DataError):
+            canonical_volume(bad)
+    with pytest.raises(DataError, match="3D volume"):
+        canonical_volume(_nifti_bytes(np.zeros((4, 5, 6, 2), np.float32)))
+
+
+def test_the_panels_of_a_volume_slice_and_the_default_slice() -> None:
+    volume = np.random.default_rng(0).random((5, 20, 30)).astype(np.float32)
+    truth, seg = np.zeros((5, 20, 30), np.uint8), np.zeros((5, 20, 30), np.uint8)
+    truth[3, 5:10, 5:10] = 2
+    seg[3, 6:10, 6:12], seg[1, 0:2, 0:2] = 1, 1
+    panels = volume_slice_panels(volume, 3, truth, {"m": seg}, mask_only=True)
+    assert [caption for caption, _ in panels] == ["original", "ground truth", "m"]
+    assert all(picture.shape == (20, 30, 3) and picture.dtype == np.uint8 for _, picture in panels)
+    assert np.array_equal(panels[1][1][..., 0] > 0, truth[3] > 0)
+    assert np.array_equal(panels[2][1][..., 0] > 0, seg[3] > 0)
+    assert [caption for caption, _ in volume_slice_panels(volume, 0, None, {}, mask_only=False)] == ["original"]
+    assert default_slice({"m": seg}, 5) == 3 and default_slice({"m": np.zeros_like(seg)}, 5) == 2
+    assert default_slice({}, 7) == 3
+
+
+def test_volume_rows_without_a_label_map_have_no_scores() -> None:
+    rows = volume_rows([{"model": "m", "lesion_voxels": 12, "latency_ms": 1500.0, "scores": None}])
+    assert list(rows.columns) == ["model", "lesion voxels", "inference (s)"] and rows.loc[0, "inference (s)"] == 1.5
+
+
+def test_the_volume_mode_asks_for_a_nifti(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, api_url: str) -> None:
+    app = _app(monkeypatch, api_url, tmp_path).run()
+    app.radio(key="mode").set_value("NIfTI volume").run()
+    assert not app.exception and not app.error
+    assert "Upload a NIfTI volume" in app.info[0].value
+    assert not app.button, "the slice mode's phantom button is not shown"

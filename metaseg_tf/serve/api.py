@@ -1,13 +1,25 @@
-"""The prediction service (FastAPI): trained runs behind ``/health``, ``/models`` and ``/predict``.
+"""The prediction service (FastAPI): trained runs behind ``/health``, ``/models``, ``/predict`` (one 2D slice)
+and ``/predict/volume`` (NIfTI volumes).
 
 Each model is a :class:`~metaseg_tf.predict.Predictor` built from a run folder, so an upload goes through
 exactly the preprocessing the model was trained with (window, CLAHE, resize, normalisation, from the run's
 ``config.json``) and the mask comes back at the uploaded image's own size.
 
-Uploads are checked before they reach a model: the file type (tif, png, jpg, bmp, webp; 8 or 16 bit; grey,
-RGB or RGBA) by its content, the byte size and the pixel dimensions. A bad upload gets a 4xx answer with a
-JSON ``detail`` that says what was wrong, never a 500. Inference on one model is serialised by a lock, so
-concurrent requests are safe whatever the backend.
+Slice uploads are checked before they reach a model: the file type (tif, png, jpg, bmp, webp; 8 or 16 bit;
+grey, RGB or RGBA) by its content, the byte size and the pixel dimensions.
+
+``/predict/volume`` takes one 3D NIfTI (``.nii`` or ``.nii.gz``; it fills every sequence the model needs) or
+one NIfTI per sequence of the model, in the model's sequence order (``/models`` lists it), and optionally a
+label map ``seg`` on the same voxel grid for per-case scores. The volumes are read like training data
+(:mod:`metaseg_tf.data.volumes`: canonical axial orientation from the affine, windowed per sequence) and the
+prediction comes back as the bytes of ``<case>-seg.nii.gz`` (base64) in the input's own voxel grid, with its
+affine. Each volume is checked before its voxels are read: its byte size, the NIfTI signature, the header's
+shape (3D, at most ``max_voxels`` voxels) and that all uploads share one grid; the request body may then be
+as large as the volumes it can carry (the slice endpoints keep their own, smaller limit). Uploads are written
+to a temporary folder under sanitised names, never the client's path.
+
+A bad upload gets a 4xx answer with a JSON ``detail`` that says what was wrong, never a 500. Inference on
+one model is serialised by a lock, so concurrent requests are safe whatever the backend.
 
 Start it with ``metaseg serve --api-only`` or
 ``uvicorn metaseg_tf.serve.api:app_from_environment --factory`` (runs from ``METASEG_SERVE_RUNS``).
@@ -16,10 +28,16 @@ Start it with ``metaseg serve --api-only`` or
 from __future__ import annotations
 
 import base64
+import copy
+import dataclasses
 import io
+import math
 import os
+import re
+import tempfile
 import threading
 import time
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
@@ -33,16 +51,28 @@ from pydantic import BaseModel, Field
 from metaseg_tf import paths
 from metaseg_tf.data.discover import DataError
 from metaseg_tf.data.io import JPEG_MAGIC, TIFF_MAGIC, read_image
+from metaseg_tf.data.volumes import is_nifti, nifti_stem, resolve_sequences
 from metaseg_tf.training.runs import list_runs, read_json
 
 SERVED_MODELS = ("nested_unet", "attention_unet")
 # first bytes of each accepted format: TIFF (both byte orders, classic and BigTIFF), PNG, JPEG, BMP, WebP
 SIGNATURES = {**dict.fromkeys(TIFF_MAGIC, "tiff"), b"\x89PNG": "png", JPEG_MAGIC: "jpeg", b"BM": "bmp"}
+GZIP_MAGIC = b"\x1f\x8b"
+NIFTI_HEADER_SIZES = (348, 540)  # sizeof_hdr of NIfTI-1 and NIfTI-2, the first 4 bytes (either byte order)
+MULTIPART_ROOM = 64 * 1024  # room for the multipart framing and the form fields of one request
+# per-case scores returned by /predict/volume, per region (see metaseg_tf.predict.case_scores)
+VOLUME_SCORES = ("dice", "hd95", "lesion_dice", "lesion_hd95", "truth_lesions", "detected_lesions",
+                 "false_positive_lesions")
 
 
 # form fields shared by the prediction endpoints (module level: the annotations are resolved from here)
 Threshold = Annotated[float | None, Form(gt=0.0, lt=1.0, description="default: each run's own threshold")]
 SliceUpload = Annotated[UploadFile, File(description="one 2D MRI slice: TIFF, PNG, JPEG, BMP or WebP")]
+VolumeUploads = Annotated[list[UploadFile], File(
+    description="one 3D NIfTI (.nii or .nii.gz) for every sequence, or one per sequence of the model in its "
+                "sequence order (GET /models lists it)")]
+SegUpload = Annotated[UploadFile | None, File(
+    description="optional: the case's label map (NIfTI) on the same voxel grid, for per-case scores")]
 
 
 class ServeError(RuntimeError):
@@ -51,10 +81,13 @@ class ServeError(RuntimeError):
 
 @dataclass(frozen=True)
 class ServeSettings:
-    """Limits of the service (defaults: 20 MB uploads, 4096 px per side, 0.5 threshold from each run)."""
+    """Limits of the service (defaults: 20 MB slice uploads, 4096 px per side; 200 MB and 40 million voxels
+    per uploaded volume; the threshold is each run's own unless a request sets one)."""
 
     max_upload_bytes: int = 20 * 1024 * 1024
     max_side_pixels: int = 4096
+    max_volume_bytes: int = 200 * 1024 * 1024
+    max_voxels: int = 40_000_000
 
 
 def newest_pipeline_runs(pipeline_root: str | Path = paths.PIPELINE_ROOT) -> list[Path]:
@@ -89,10 +122,12 @@ def _model_info(name: str, run_dir: Path, config: Any, parameters: int) -> dict[
         summary = read_json(evaluation / "summary.json")
         dice = summary["per_patient"]["dice"]
         test = {"patients": summary["patients"], "per_patient_dice": dice["mean"], "per_patient_dice_ci95": dice["ci95"],
-                "global_dice": summary["global"]["dice"], "hd95_px": summary["per_patient"]["hd95"]["mean"]}
+                "global_dice": summary["global"]["dice"],
+                f"hd95_{summary.get('distance_unit', 'px')}": summary["per_patient"]["hd95"]["mean"]}
     return {"name": name, "architecture": config.model, "run": run_dir.name, "input_size": config.image_size,
-            "channels": config.channels, "clahe": config.clahe, "threshold": config.threshold, "parameters": parameters,
-            "training_data": {"data_dir": config.data_dir, "layout": data.get("layout"), "pairs_used": data.get("pairs_used"),
+            "channels": config.channels, "sequences": list(resolve_sequences(config.sequences, config.channels)),
+            "clahe": config.clahe, "threshold": config.threshold, "parameters": parameters,
+            "training_data": {"data_dir": config.data_dir, "layout": data.get("layout"), "slices_used": data.get("pairs_used", data.get("slices_used")),
                               "patients_per_part": {part: len(cases) for part, cases in data.get("split", {}).items()},
                               "slices_per_part": data.get("slices_per_part", {}),
                               "skipped": len(data.get("skipped_at_reading", {}))
@@ -143,6 +178,42 @@ class PredictionResponse(BaseModel):
     width: int
     height: int
     predictions: list[ModelPrediction]
+
+
+class RegionScores(BaseModel):
+    """Per-case scores of one region against the uploaded ``seg`` (null where a score is undefined)."""
+
+    dice: float | None
+    hd95: float | None = Field(description="95th-percentile Hausdorff distance in mm (voxels if no spacing)")
+    lesion_dice: float | None = Field(description="BraTS-MET 2023 lesion-wise Dice")
+    lesion_hd95: float | None = Field(description="BraTS-MET 2023 lesion-wise HD95 in mm")
+    truth_lesions: int | None
+    detected_lesions: int | None
+    false_positive_lesions: int | None
+
+
+class VolumeModelPrediction(BaseModel):
+    model: str
+    threshold: float
+    shape: list[int] = Field(description="the voxel grid of the input and of the returned seg, in file order")
+    slices: int = Field(description="axial slices predicted")
+    lesion_voxels: int
+    seg_filename: str = Field(description="<case>-seg.nii.gz")
+    seg_nii_gz: str = Field(description="base64 of <case>-seg.nii.gz: uint8 labels (1 lesion for a one-region "
+                                        "model) on the input's voxel grid, with its affine and header")
+    latency_ms: float
+    scores: dict[str, RegionScores] | None = Field(default=None, description="per region, when a seg was sent")
+
+
+class VolumeResponse(BaseModel):
+    case_id: str
+    shape: list[int] = Field(description="the uploaded voxel grid, in file order")
+    axial_slices: int
+    canonical_shape: list[int] = Field(description="(slice, row, column) for display: axial slices inferior to "
+                                                   "superior, rows anterior to posterior, columns the patient's "
+                                                   "right to left (metaseg_tf.data.volumes.to_canonical)")
+    spacing_mm: list[float] | None = Field(description="voxel size along the canonical axes")
+    predictions: list[VolumeModelPrediction]
 
 
 def _png(array: np.ndarray) -> bytes:
@@ -226,24 +297,155 @@ def _predict_one(served: ServedModel, image: np.ndarray, threshold: float | None
         latency_ms=round(latency, 2), attention_png=maps)
 
 
+# --- volumes ------------------------------------------------------------------------------------------
+AFFINE_TOLERANCE_MM = 0.01  # two uploads are on one grid when their shapes agree and affines within this
+
+
+def _upload_name(filename: str | None, gzipped: bool, fallback: str) -> str:
+    """A safe file name for an upload: the client's base name (never its folders) reduced to letters, digits,
+    ``.``, ``_`` and ``-``, with ``.nii.gz`` or ``.nii`` after its content (gzip or not)."""
+    base = re.split(r"[\\/]", filename or "")[-1]
+    stem = nifti_stem(Path(base)) if is_nifti(Path(base)) else base.split(".")[0]
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", stem).lstrip("._-")[:100] or fallback
+    return stem + (".nii.gz" if gzipped else ".nii")
+
+
+def _nifti_signature(head: bytes) -> bool:
+    """Whether ``head`` (a file's first bytes) starts a NIfTI-1 or NIfTI-2 file, plain or gzip-compressed."""
+    if head[:2] == GZIP_MAGIC:
+        try:
+            head = zlib.decompressobj(16 + zlib.MAX_WBITS).decompress(head, 4)
+        except zlib.error:
+            return False
+    return len(head) >= 4 and any(int.from_bytes(head[:4], order) in NIFTI_HEADER_SIZES for order in ("little", "big"))
+
+
+def _save_volume(upload: UploadFile, folder: Path, role: str, settings: ServeSettings) -> Path:
+    """Write one NIfTI upload into ``folder`` under a safe name, after checking that it is not empty, starts
+    like a NIfTI file and stays within ``max_volume_bytes``."""
+    head = upload.file.read(64 * 1024)
+    if not head:
+        raise HTTPException(422, f"the {role} upload is empty")
+    if not _nifti_signature(head):
+        raise HTTPException(415, f"the {role} upload is not a NIfTI volume: send a .nii or .nii.gz file")
+    folder.mkdir(parents=True)
+    path = folder / _upload_name(upload.filename, head[:2] == GZIP_MAGIC, folder.name)
+    total = 0
+    with path.open("wb") as out:
+        while head:
+            total += len(head)
+            if total > settings.max_volume_bytes:
+                raise HTTPException(413, f"the {role} upload is larger than the limit of {settings.max_volume_bytes} "
+                                         "bytes per volume")
+            out.write(head)
+            head = upload.file.read(1024 * 1024)
+    return path
+
+
+def _volume_grid(path: Path, role: str, settings: ServeSettings) -> tuple[tuple[int, ...], np.ndarray]:
+    """The voxel grid (3D shape, affine) of a saved upload, from its header alone (nibabel reads the voxels
+    lazily): a volume that is not 3D or has more than ``max_voxels`` voxels is refused before it is read."""
+    import nibabel as nib
+
+    try:
+        image = nib.load(str(path))
+        shape, affine = tuple(int(n) for n in image.shape), np.asarray(image.affine, np.float64)
+    except Exception:  # nibabel raises several types for headers it cannot parse
+        raise HTTPException(422, f"cannot read the NIfTI header of the {role}: the file is damaged") from None
+    if len(shape) == 4 and shape[3] == 1:
+        shape = shape[:3]
+    if len(shape) != 3:
+        several = " (several volumes in one file: send one 3D file per sequence)" if len(shape) == 4 else ""
+        raise HTTPException(422, f"the {role} has shape {shape}: a 3D volume is expected{several}")
+    voxels = math.prod(shape)
+    if voxels == 0 or not np.isfinite(affine).all():
+        raise HTTPException(422, f"the {role} has an empty grid or an invalid affine (shape {shape})")
+    if voxels > settings.max_voxels:
+        raise HTTPException(413, f"the {role} has {voxels} voxels ({'x'.join(map(str, shape))}); the limit is "
+                                 f"{settings.max_voxels} voxels per volume")
+    return shape, affine
+
+
+def _check_one_grid(grids: dict[str, tuple[tuple[int, ...], np.ndarray]]) -> None:
+    """422 unless every upload has the first one's shape and affine (co-registered on one voxel grid)."""
+    (first, (shape, affine)), *others = grids.items()
+    for role, (other_shape, other_affine) in others:
+        if other_shape != shape:
+            raise HTTPException(422, f"the {role} is {other_shape} voxels but the {first} {shape}: every upload "
+                                     "must be on one voxel grid (co-registered and resampled)")
+        if not np.allclose(other_affine, affine, rtol=0, atol=AFFINE_TOLERANCE_MM):
+            difference = float(np.abs(other_affine - affine).max())
+            raise HTTPException(422, f"the {role} has another affine than the {first} (they differ by up to "
+                                     f"{difference:.3g}): every upload must be on one voxel grid")
+
+
+def _read_volume(served: ServedModel, paths: list[Path], seg: Path | None, folder: Path) -> Any:
+    """The uploads as one case (:func:`~metaseg_tf.predict.nifti_case`) read for ``served``'s sequences."""
+    from metaseg_tf.data.volumes import SequenceSource, read_case
+    from metaseg_tf.predict import nifti_case
+
+    config = served.predictor.config
+    try:
+        case = nifti_case(served.predictor, paths)
+        if seg is not None:
+            case = dataclasses.replace(case, labels=SequenceSource(seg))
+        return read_case(case, resolve_sequences(config.sequences, config.channels), config.fill_missing)
+    except DataError as error:  # its message names the file: shown relative to the temporary folder
+        raise HTTPException(422, str(error).replace(f"{folder}{os.sep}", "")) from None
+    except Exception:  # nibabel and numpy raise several types for voxel data that is truncated or unusable
+        raise HTTPException(422, "cannot read the voxels of the uploaded volumes: is a file truncated or "
+                                 "damaged?") from None
+
+
+def _finite(value: Any) -> float | None:
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def _predict_volume_one(served: ServedModel, volume: Any, threshold: float | None,
+                        out_dir: Path) -> VolumeModelPrediction:
+    from metaseg_tf.predict import case_scores, write_case_prediction
+
+    predictor = copy.copy(served.predictor)  # this request's threshold, without touching the shared predictor
+    predictor.threshold = predictor.threshold if threshold is None else threshold
+    started = time.perf_counter()
+    with served.lock:
+        prediction = predictor.predict_volume(volume)
+    latency = (time.perf_counter() - started) * 1000
+    out_dir.mkdir(parents=True)
+    seg_path = write_case_prediction(volume, prediction, out_dir)["seg"]
+    scores = None
+    if volume.labels is not None:
+        scores = {region: RegionScores(**{name: _finite(values[name]) for name in VOLUME_SCORES})
+                  for region, values in case_scores(volume, prediction, predictor.target).items()}
+    return VolumeModelPrediction(
+        model=served.name, threshold=predictor.threshold, shape=list(volume.reference.shape[:3]),
+        slices=len(prediction.labels), lesion_voxels=int(np.count_nonzero(prediction.labels)),
+        seg_filename=seg_path.name, seg_nii_gz=_b64(seg_path.read_bytes()), latency_ms=round(latency, 2),
+        scores=scores)
+
+
 class BodyLimit:
-    """ASGI middleware: 413 with a JSON ``detail`` for a request body over ``limit`` bytes, from the declared
-    Content-Length before anything is read, or, for a body sent without one (chunked), as soon as the bytes
-    received pass the limit, so no upload is spooled beyond it."""
+    """ASGI middleware: 413 with a JSON ``detail`` for a request body over ``limit`` bytes (``path_limits``:
+    another limit for the paths named there), from the declared Content-Length before anything is read, or,
+    for a body sent without one (chunked), as soon as the bytes received pass the limit, so no upload is
+    spooled beyond it."""
 
-    def __init__(self, app: Any, limit: int) -> None:
-        self.app, self.limit = app, limit
+    def __init__(self, app: Any, limit: int, path_limits: dict[str, int] | None = None) -> None:
+        self.app, self.limit, self.path_limits = app, limit, dict(path_limits or {})
 
-    def _too_large(self) -> HTTPException:
-        return HTTPException(413, f"the upload is larger than the limit of {self.limit} bytes")
+    @staticmethod
+    def _too_large(limit: int) -> HTTPException:
+        return HTTPException(413, f"the upload is larger than the limit of {limit} bytes")
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        limit = self.path_limits.get(scope.get("path", ""), self.limit)
         declared = dict(scope.get("headers", [])).get(b"content-length", b"")
-        if declared.isdigit() and int(declared) > self.limit:
-            response = JSONResponse({"detail": self._too_large().detail}, status_code=413)
+        if declared.isdigit() and int(declared) > limit:
+            response = JSONResponse({"detail": self._too_large(limit).detail}, status_code=413)
             await response(scope, receive, send)
             return
         received = 0
@@ -252,8 +454,8 @@ class BodyLimit:
             nonlocal received
             message = await receive()
             received += len(message.get("body", b""))
-            if received > self.limit:  # raised inside the body parser: FastAPI answers it as this 413
-                raise self._too_large()
+            if received > limit:  # raised inside the body parser: FastAPI answers it as this 413
+                raise self._too_large(limit)
             return message
 
         await self.app(scope, counted, send)
@@ -264,8 +466,13 @@ def create_app(run_dirs: list[Path] | None = None, settings: ServeSettings | Non
     settings = settings or ServeSettings()
     models = load_models(run_dirs if run_dirs else newest_pipeline_runs())
     app = FastAPI(title="metaseg-tf", version="0.1.0",
-                  description="Brain-lesion segmentation of 2D MRI slices with U-Net++ and Attention U-Net.")
-    app.add_middleware(BodyLimit, limit=settings.max_upload_bytes + 64 * 1024)  # room for the multipart framing
+                  description="Brain-lesion segmentation of 2D MRI slices and NIfTI volumes with U-Net++ "
+                              "and Attention U-Net.")
+    # a volume request carries up to one file per sequence and a seg; the slice endpoints keep their limit
+    files_per_volume_request = max(len(served.info["sequences"]) for served in models.values()) + 1
+    app.add_middleware(BodyLimit, limit=settings.max_upload_bytes + MULTIPART_ROOM,
+                       path_limits={"/predict/volume": settings.max_volume_bytes * files_per_volume_request
+                                    + MULTIPART_ROOM})
     app.state.models, app.state.settings = models, settings
 
     def chosen(model: str) -> list[ServedModel]:
@@ -312,14 +519,53 @@ def create_app(run_dirs: list[Path] | None = None, settings: ServeSettings | Non
                         headers={"X-Lesion-Count": str(prediction.lesions.count),
                                  "X-Latency-Ms": str(prediction.latency_ms)})
 
+    @app.post("/predict/volume", response_model=VolumeResponse)
+    def predict_volume(files: VolumeUploads, seg: SegUpload = None,
+                       model: Annotated[str, Form(description="a served model's name, or 'all'")] = "all",
+                       threshold: Threshold = None) -> VolumeResponse:
+        """Segment a NIfTI case with one or all models; each returns ``<case>-seg.nii.gz`` (base64) on the
+        input's voxel grid and, with a ``seg``, the per-case scores of each region."""
+        targets = chosen(model)
+        for served in targets:
+            sequences = served.info["sequences"]
+            if len(files) not in (1, len(sequences)):
+                raise HTTPException(422, f"{served.name} takes {len(sequences)} sequence(s) ({', '.join(sequences)}): "
+                                         f"send 1 volume for all of them, or {len(sequences)} in this order, "
+                                         f"not {len(files)}")
+        roles = ["volume"] if len(files) == 1 else [f"volume {k + 1} of {len(files)}" for k in range(len(files))]
+        with tempfile.TemporaryDirectory(prefix="metaseg-volume-") as temporary:
+            folder = Path(temporary)
+            paths = [_save_volume(upload, folder / f"volume-{k + 1}", role, settings)
+                     for k, (upload, role) in enumerate(zip(files, roles))]
+            seg_path = _save_volume(seg, folder / "seg", "seg", settings) if seg is not None else None
+            grids = {role: _volume_grid(path, role, settings) for role, path in zip(roles, paths)}
+            if seg_path is not None:
+                grids["seg"] = _volume_grid(seg_path, "seg", settings)
+            _check_one_grid(grids)
+            volumes: dict[tuple, Any] = {}  # models that read the same sequences share one read
+            predictions = []
+            for k, served in enumerate(targets):
+                config = served.predictor.config
+                key = (tuple(served.info["sequences"]), config.fill_missing)
+                if key not in volumes:
+                    volumes[key] = _read_volume(served, paths, seg_path, folder)
+                predictions.append(_predict_volume_one(served, volumes[key], threshold, folder / f"model-{k + 1}"))
+            volume = next(iter(volumes.values()))
+        return VolumeResponse(case_id=volume.case_id, shape=list(grids[roles[0]][0]),
+                              axial_slices=int(volume.images.shape[0]), canonical_shape=list(volume.images.shape[:3]),
+                              spacing_mm=list(volume.spacing) if volume.spacing is not None else None,
+                              predictions=predictions)
+
     return app
 
 
 def app_from_environment() -> FastAPI:
     """App factory for uvicorn: runs from ``METASEG_SERVE_RUNS`` (``os.pathsep``-separated), limits from
-    ``METASEG_MAX_UPLOAD_MB`` and ``METASEG_MAX_SIDE_PX``."""
+    ``METASEG_MAX_UPLOAD_MB``, ``METASEG_MAX_SIDE_PX``, ``METASEG_MAX_VOLUME_MB`` and ``METASEG_MAX_VOXELS``."""
     runs = [Path(p) for p in os.environ.get("METASEG_SERVE_RUNS", "").split(os.pathsep) if p]
     settings = ServeSettings(
         max_upload_bytes=int(float(os.environ.get("METASEG_MAX_UPLOAD_MB", 20)) * 1024 * 1024),
-        max_side_pixels=int(os.environ.get("METASEG_MAX_SIDE_PX", 4096)))
+        max_side_pixels=int(os.environ.get("METASEG_MAX_SIDE_PX", 4096)),
+        max_volume_bytes=int(float(os.environ.get("METASEG_MAX_VOLUME_MB", 200)) * 1024 * 1024),
+        max_voxels=int(float(os.environ.get("METASEG_MAX_VOXELS", 40_000_000))))
     return create_app(runs or None, settings)

@@ -1,5 +1,13 @@
 """The web front end (Streamlit): upload a slice, see both models' masks beside the image and the truth.
 
+Two input modes: a **2D slice** (TIFF, PNG, JPEG, BMP, WebP; optionally its mask) sent to ``/predict``, or a
+**NIfTI volume** (``.nii`` / ``.nii.gz``: one volume for every sequence, or one per sequence of the model in
+its order; optionally the case's label map) sent to ``/predict/volume``. A volume is shown one axial slice at
+a time: a slider walks the slices from inferior to superior, each shown as a radiologist sees it (anterior
+at the top, the patient's right on the left: :func:`metaseg_tf.data.volumes.to_canonical`), with the truth
+and each model's mask beside it, the per-case scores when a label map was given, and each model's
+``<case>-seg.nii.gz`` to download.
+
 Run it with ``metaseg serve`` (together with the API) or ``streamlit run metaseg_tf/serve/ui.py``; it talks
 to the prediction API over HTTP at ``METASEG_API_URL`` (default ``http://127.0.0.1:8000``, changeable in the
 sidebar) and says so in a banner when the API cannot be reached. Without own data, "Try a phantom example"
@@ -9,6 +17,7 @@ loads slices of the synthetic phantom.
 from __future__ import annotations
 
 import base64
+import gzip
 import os
 
 import cv2
@@ -21,10 +30,16 @@ from metaseg_tf import paths
 from metaseg_tf.data.discover import DataError, discover_pairs
 from metaseg_tf.data.io import read_image, read_mask
 from metaseg_tf.data.synthetic import generate_phantom
+from metaseg_tf.data.volumes import to_canonical, window_volume
 from metaseg_tf.evaluation.scores import overlap_scores
 
 DEFAULT_API_URL = "http://127.0.0.1:8000"
 UPLOAD_TYPES = ["tif", "tiff", "png", "jpg", "jpeg", "bmp", "webp"]
+VOLUME_TYPES = ["nii", "gz"]  # Streamlit checks the last extension: .nii.gz is "gz" (the API checks the content)
+INPUT_MODES = ("2D slice", "NIfTI volume")
+VOLUME_SCORE_COLUMNS = {"dice": "dice", "hd95": "HD95 (mm)", "lesion_dice": "lesion-wise dice",
+                        "lesion_hd95": "lesion-wise HD95 (mm)", "truth_lesions": "truth lesions",
+                        "detected_lesions": "detected", "false_positive_lesions": "false positives"}
 TRUTH_COLOUR, PREDICTION_COLOUR = (0, 200, 0), (230, 30, 30)
 
 
@@ -41,6 +56,20 @@ def request_prediction(api_url: str, image: bytes, filename: str, model: str, th
     response = requests.post(f"{api_url}/predict", files={"file": (filename, image)},
                              data={"model": model, "threshold": str(threshold), "attention": str(attention).lower()},
                              timeout=120)
+    return _answer(response)
+
+
+def request_volume_prediction(api_url: str, volumes: list[tuple[str, bytes]], seg: tuple[str, bytes] | None,
+                              model: str, threshold: float) -> tuple[dict | None, str | None]:
+    """``/predict/volume`` with ``volumes`` (``(file name, bytes)``: one, or one per sequence in the model's
+    order) and an optional label map ``seg``: ``(response JSON, None)`` or ``(None, the API's error message)``."""
+    files = [("files", volume) for volume in volumes] + ([("seg", seg)] if seg is not None else [])
+    response = requests.post(f"{api_url}/predict/volume", files=files,
+                             data={"model": model, "threshold": str(threshold)}, timeout=600)
+    return _answer(response)
+
+
+def _answer(response: requests.Response) -> tuple[dict | None, str | None]:
     if response.ok:
         return response.json(), None
     try:
@@ -53,6 +82,53 @@ def request_prediction(api_url: str, image: bytes, filename: str, model: str, th
 def decode_png(encoded: str) -> np.ndarray:
     """A base64 PNG from the API as an array (as stored: grey ``(H, W)`` or BGR colour)."""
     return cv2.imdecode(np.frombuffer(base64.b64decode(encoded), np.uint8), cv2.IMREAD_UNCHANGED)
+
+
+def nifti_from_bytes(data: bytes):
+    """A NIfTI-1 or NIfTI-2 image (nibabel) from a file's bytes, gzip-compressed or not; raises
+    :class:`DataError` for anything else."""
+    import nibabel as nib
+
+    try:
+        raw = gzip.decompress(data) if data[:2] == b"\x1f\x8b" else data
+        sizes = {int.from_bytes(raw[:4], order) for order in ("little", "big")} if len(raw) >= 4 else set()
+        if not sizes & {348, 540}:
+            raise DataError("not a NIfTI file")
+        return (nib.Nifti2Image if 540 in sizes else nib.Nifti1Image).from_bytes(raw)
+    except DataError:
+        raise
+    except Exception as error:  # gzip, zlib and nibabel raise several types for damaged files
+        raise DataError(f"cannot read the NIfTI file ({error})") from error
+
+
+def canonical_volume(data: bytes) -> np.ndarray:
+    """The voxels of a 3D NIfTI file's bytes in the canonical orientation ``(slice, row, column)``: axial
+    slices inferior to superior, rows anterior to posterior, columns the patient's right to left."""
+    image = nifti_from_bytes(data)
+    voxels = np.asarray(image.dataobj)
+    if voxels.ndim == 4 and voxels.shape[3] == 1:
+        voxels = voxels[..., 0]
+    if voxels.ndim != 3:
+        raise DataError(f"the NIfTI file has shape {voxels.shape}; a 3D volume is expected")
+    return to_canonical(voxels, image.affine)
+
+
+def decode_volume_seg(encoded: str) -> np.ndarray:
+    """A ``seg_nii_gz`` of ``/predict/volume`` (base64 ``<case>-seg.nii.gz`` in the input's grid) as canonical
+    ``uint8 (slice, row, column)`` labels, voxel for voxel beside :func:`canonical_volume` of the input."""
+    return canonical_volume(base64.b64decode(encoded)).astype(np.uint8)
+
+
+def display_volume(data: bytes) -> np.ndarray:
+    """A NIfTI file's bytes as a canonical ``float32`` volume in ``[0, 1]``, windowed like the training data
+    (the brain's 0.5th-99.5th percentiles), so every slice is shown on one grey scale."""
+    return window_volume(canonical_volume(data))[0]
+
+
+def default_slice(segs: dict[str, np.ndarray], slices: int) -> int:
+    """The axial slice with the most predicted lesion (over all models), else the middle one."""
+    per_slice = sum((seg.reshape(len(seg), -1) > 0).sum(axis=1) for seg in segs.values()) if segs else np.zeros(1)
+    return int(np.argmax(per_slice)) if np.any(per_slice) else slices // 2
 
 
 def display_image(image: np.ndarray) -> np.ndarray:
@@ -71,6 +147,38 @@ def overlay(image: np.ndarray, mask: np.ndarray, colour: tuple[int, int, int], m
     shown[inside] = (0.55 * shown[inside] + 0.45 * np.asarray(colour)).astype(np.uint8)
     contours, _ = cv2.findContours(inside.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
     return cv2.drawContours(shown, contours, -1, colour, 1)
+
+
+def slice_panels(image: np.ndarray, truth: np.ndarray | None, masks: dict[str, np.ndarray],
+                 mask_only: bool) -> list[tuple[str, np.ndarray]]:
+    """``(caption, RGB picture)`` of a slice: the original, the truth (when given) and each model's mask."""
+    panels = [("original", display_image(image))]
+    if truth is not None:
+        panels.append(("ground truth", overlay(image, truth, TRUTH_COLOUR, mask_only)))
+    return panels + [(name, overlay(image, mask, PREDICTION_COLOUR, mask_only)) for name, mask in masks.items()]
+
+
+def volume_slice_panels(volume: np.ndarray, index: int, truth: np.ndarray | None, segs: dict[str, np.ndarray],
+                        mask_only: bool) -> list[tuple[str, np.ndarray]]:
+    """:func:`slice_panels` of canonical axial slice ``index`` of ``volume`` (truth and segs: canonical labels,
+    any non-zero label is lesion)."""
+    return slice_panels(volume[index], None if truth is None else truth[index] > 0,
+                        {name: seg[index] > 0 for name, seg in segs.items()}, mask_only)
+
+
+def volume_rows(predictions: list[dict]) -> pd.DataFrame:
+    """One row per model (and region, when the API scored the case against an uploaded label map): lesion
+    voxels, inference time and the per-case scores."""
+    rows = []
+    for prediction in predictions:
+        row = {"model": prediction["model"], "lesion voxels": prediction["lesion_voxels"],
+               "inference (s)": round(prediction["latency_ms"] / 1000, 2)}
+        if not prediction.get("scores"):
+            rows.append(row)
+        for region, scores in (prediction.get("scores") or {}).items():
+            rows.append({**row, "region": region, **{label: None if scores[name] is None else round(scores[name], 4)
+                                                     for name, label in VOLUME_SCORE_COLUMNS.items()}})
+    return pd.DataFrame(rows)
 
 
 def prediction_rows(predictions: list[dict], masks: dict[str, np.ndarray], truth: np.ndarray | None) -> pd.DataFrame:
@@ -109,9 +217,73 @@ def _source() -> tuple[str, bytes, bytes | None] | None:
     return st.session_state.get("example")
 
 
+def _show_panels(panels: list[tuple[str, np.ndarray]]) -> None:
+    for column, (caption, picture) in zip(st.columns(len(panels)), panels):
+        column.image(picture, caption=caption, width="stretch", alt=caption)
+
+
+def _volume_mode(api_url: str, models: list[dict], shown_models: list[str], threshold: float, mask_only: bool) -> None:
+    """Upload a NIfTI case, segment it once per change of input, model or threshold, and browse its slices."""
+    order = next((m.get("sequences") for m in models if m["name"] in shown_models and m.get("sequences")), None)
+    order_text = f" in the order {', '.join(order)}" if order else ""
+    uploads = st.file_uploader(f"NIfTI volume(s): one for every sequence, or one per sequence{order_text}",
+                               type=VOLUME_TYPES, accept_multiple_files=True, key="volumes")
+    seg_upload = st.file_uploader("Label map / mask NIfTI (optional, same voxel grid)", type=VOLUME_TYPES,
+                                  key="volume_seg")
+    if not uploads:
+        st.info("Upload a NIfTI volume (.nii or .nii.gz), and optionally its label map for per-case scores.")
+        st.stop()
+    if not shown_models:
+        st.warning("Choose at least one model in the sidebar.")
+        st.stop()
+    model = shown_models[0] if len(shown_models) == 1 else "all"
+    key = (api_url, tuple(u.file_id for u in uploads), seg_upload.file_id if seg_upload else None, model, threshold)
+    if st.session_state.get("volume_key") != key:  # the slider reruns the script: segment once per input
+        with st.spinner("Segmenting the volume ..."):
+            response, error = request_volume_prediction(
+                api_url, [(u.name, u.getvalue()) for u in uploads],
+                (seg_upload.name, seg_upload.getvalue()) if seg_upload else None, model, threshold)
+        if error:
+            st.error(f"The backend refused the volume: {error}")
+            st.stop()
+        try:
+            views = [display_volume(u.getvalue()) for u in uploads]
+            truth = canonical_volume(seg_upload.getvalue()) if seg_upload else None
+            segs = {p["model"]: decode_volume_seg(p["seg_nii_gz"]) for p in response["predictions"]}
+        except DataError as error:
+            st.error(f"Cannot show the volume: {error}")
+            st.stop()
+        st.session_state["volume_key"] = key
+        st.session_state["volume_result"] = (response, views, truth, segs)
+    response, views, truth, segs = st.session_state["volume_result"]
+    predictions = [p for p in response["predictions"] if p["model"] in shown_models]
+    segs = {name: seg for name, seg in segs.items() if name in shown_models}
+
+    slices, shown = response["axial_slices"], 0
+    if len(uploads) > 1:
+        names = [f"{order[k]}: {u.name}" if order and len(order) == len(uploads) else u.name
+                 for k, u in enumerate(uploads)]
+        shown = names.index(st.selectbox("Sequence shown", names))
+    index = 0
+    if slices > 1:  # a slider needs two values
+        index = st.slider("Axial slice (inferior to superior)", 0, slices - 1, default_slice(segs, slices))
+    spacing = response.get("spacing_mm")
+    st.caption(f"{response['case_id']}: {'x'.join(map(str, response['shape']))} voxels, {slices} axial slices"
+               + (f", voxels {' x '.join(f'{v:.2g}' for v in spacing)} mm" if spacing else "")
+               + f"; slice {index + 1} of {slices}, threshold {threshold:.2f}; anterior at the top, the patient's "
+               "right on the left")
+    _show_panels(volume_slice_panels(views[shown], index, truth, segs, mask_only))
+    st.subheader("Per model" + (" (per-case scores against the label map)" if truth is not None else ""))
+    st.table(volume_rows(predictions).set_index("model"))
+    for column, prediction in zip(st.columns(max(len(predictions), 1)), predictions):
+        column.download_button(f"{prediction['model']}: {prediction['seg_filename']}",
+                               base64.b64decode(prediction["seg_nii_gz"]), file_name=prediction["seg_filename"],
+                               mime="application/gzip", key=f"download-{prediction['model']}", on_click="ignore")
+
+
 def main() -> None:
     st.set_page_config(page_title="metaseg-tf", layout="wide")
-    st.title("metaseg-tf · lesion segmentation of brain MRI slices")
+    st.title("metaseg-tf · lesion segmentation of brain MRI slices and volumes")
     api_url = st.sidebar.text_input("Backend URL", os.environ.get("METASEG_API_URL", DEFAULT_API_URL)).rstrip("/")
     try:
         models = fetch_models(api_url)
@@ -128,6 +300,9 @@ def main() -> None:
         st.dataframe(pd.DataFrame([{"model": m["name"], "input px": m["input_size"], "CLAHE": m["clahe"],
                                     "test Dice": m["test_metrics"].get("per_patient_dice")} for m in models]))
 
+    if st.radio("Input", INPUT_MODES, horizontal=True, key="mode") == INPUT_MODES[1]:
+        _volume_mode(api_url, models, shown_models, threshold, mask_only)
+        return
     source = _source()
     if source is None:
         st.info("Upload a slice (and optionally its mask), or try a phantom example.")
@@ -155,13 +330,9 @@ def main() -> None:
     predictions = [p for p in response["predictions"] if p["model"] in shown_models]
     masks = {p["model"]: decode_png(p["mask_png"]) for p in predictions}
 
-    panels = [("original", display_image(image))]
-    if truth is not None:
-        panels.append(("ground truth", overlay(image, truth, TRUTH_COLOUR, mask_only)))
-    panels += [(name, overlay(image, mask, PREDICTION_COLOUR, mask_only)) for name, mask in masks.items()]
+    panels = slice_panels(image, truth, masks, mask_only)
     st.caption(f"{filename}: {image.shape[1]}x{image.shape[0]} px, threshold {threshold:.2f}")
-    for column, (caption, picture) in zip(st.columns(len(panels)), panels):
-        column.image(picture, caption=caption, width="stretch", alt=caption)
+    _show_panels(panels)
     st.subheader("Per model")
     st.table(prediction_rows(predictions, masks, truth).set_index("model"))
     for prediction in predictions:
