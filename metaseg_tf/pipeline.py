@@ -10,7 +10,7 @@ kept for inspection.
 Profiles (presets of the notebooks' parameters):
 
 * ``smoke`` - a tiny phantom, 32 px, two epochs: seconds per notebook, for CI;
-* ``cpu`` (default) - the default phantom at 64 px: the whole run fits in about ten minutes on two cores
+* ``cpu`` (default) - the default (BraTS-layout) phantom at 64 px: the whole run takes about five minutes on two cores
   and the masks are meaningful;
 * ``gpu`` - 256 px, wide filters, up to 100 epochs, mixed precision and XLA where they help, the CLAHE
   ablation included. On a host with JAX but no TensorFlow run it with ``KERAS_BACKEND=jax``.
@@ -61,7 +61,7 @@ PROFILES: dict[str, PipelineProfile] = {
         {"image_size": 32, "epochs": 2, "batch_size": 8, "filters": [4, 8, 16, 32, 64], "clahe_ablation": True,
          "config_overrides": {"jit_compile": "off", "test_fraction": 0.25}}, smoke=True),
     "cpu": PipelineProfile(
-        "the default: about ten minutes on a 2-core laptop, meaningful masks on the phantom",
+        "the default: about five minutes on a 2-core laptop, meaningful masks on the phantom",
         {"image_size": 64, "epochs": 30, "batch_size": 16, "filters": [8, 16, 32, 64, 128]}),
     "gpu": PipelineProfile(
         "full size on a GPU host: 256 px, filters 32-512, up to 100 epochs, CLAHE ablation",

@@ -154,6 +154,18 @@ class Predictor:
             probabilities = (probabilities + flipped[:, :, ::-1]) / 2
         return probabilities
 
+    def prepare_slice(self, image: np.ndarray) -> np.ndarray:
+        """A lone 2D slice ``float (H, W[, C])`` in ``[0, 1]`` as the model's input ``uint8 (S, S,
+        input_channels)``: grey repeated or alpha dropped as when files are read, the run's preprocessing, and
+        the slice as its own 2.5D neighbours. A model of other than 1 or 3 sequences cannot take a slice image
+        (:class:`DataError`: predict the case's volumes instead)."""
+        channels, copies = self.config.channels, 2 * self.config.context_slices + 1
+        if channels not in (1, 3):
+            raise DataError(f"this model takes {channels} sequences ({', '.join(self.config.sequences)}); a slice "
+                            "image gives 1 or 3 channels: predict the case's NIfTI volumes instead")
+        slice_ = preprocess_slice(to_channels(np.asarray(image, np.float32), channels), self.config)
+        return np.concatenate([slice_] * copies, axis=-1) if copies > 1 else slice_
+
     def predict_volume(self, volume: CaseVolume, progress: bool = False) -> VolumePrediction:
         """Every axial slice of ``volume`` with its 2.5D context, back at the volume's in-plane size
         (bilinear), thresholded; components below ``min_component_pixels`` voxels removed (3D)."""
@@ -174,11 +186,7 @@ class Predictor:
         run's first region. A model trained with 2.5D context sees each lone slice as its own neighbours.
         ``threshold`` overrides the predictor's own for this call."""
         threshold = self.threshold if threshold is None else threshold
-        channels, copies = self.config.channels, 2 * self.config.context_slices + 1
-        prepared = []
-        for image in images:  # grey repeated, alpha dropped, as when files are read; a lone slice is its own context
-            slice_ = preprocess_slice(to_channels(np.asarray(image, np.float32), channels), self.config)
-            prepared.append(np.concatenate([slice_] * copies, axis=-1) if copies > 1 else slice_)
+        prepared = [self.prepare_slice(image) for image in images]
         results = []
         starts = range(0, len(prepared), self.batch_size)
         for start in tqdm(starts, desc="predicting", unit="batch", disable=not progress):
@@ -217,7 +225,8 @@ def _volume_overlay(volume: CaseVolume, labels: np.ndarray, count: int = 4) -> n
 def case_scores(volume: CaseVolume, prediction: VolumePrediction, target: Target) -> dict[str, dict]:
     """Per-case scores of each region of ``target`` (Dice, IoU, precision, recall, HD95 in mm when the
     volume's spacing is known, BraTS-MET 2023 lesion-wise scores; :func:`~metaseg_tf.evaluation.scores.
-    evaluate_masks`) against the case's own labels."""
+    evaluate_masks`) against the case's own labels, read with ``target``'s convention: pass the target in the
+    convention of the case's dataset, which may differ from the training data's."""
     truth = target.masks(volume.labels)
     slices = np.arange(len(truth))
     case_ids = np.full(len(truth), volume.case_id)
@@ -247,11 +256,15 @@ def write_case_prediction(volume: CaseVolume, prediction: VolumePrediction, out_
     return written
 
 
-def predict_cases(predictor: Predictor, cases: Sequence[VolumeCase], out_dir: Path, progress: bool = True) -> dict:
-    """Predict every case (see the module docstring); cases that cannot be read are skipped and listed with the
-    reason in ``predictions.csv`` (one row per case, with its scores where it has labels)."""
+def predict_cases(predictor: Predictor, cases: Sequence[VolumeCase], out_dir: Path, progress: bool = True,
+                  convention: str | None = None) -> dict:
+    """Predict every case (see the module docstring); cases whose images cannot be read are skipped and listed
+    with the reason in ``predictions.csv`` (one row per case, with its scores where it has labels that can be
+    read; a broken segmentation only costs the scores, and the row says why). ``convention``: the label
+    convention of the cases' dataset, which the scores read their labels with (default: the run's)."""
     config = predictor.config
     sequences = resolve_sequences(config.sequences, config.channels)
+    scoring = resolve_target(config.target, convention or predictor.target.convention)
     rows, taken = [], set()
     for case in cases:
         name, number = case.case_id, 2
@@ -259,18 +272,23 @@ def predict_cases(predictor: Predictor, cases: Sequence[VolumeCase], out_dir: Pa
             name, number = f"{case.case_id}-{number}", number + 1
         taken.add(name)
         case = dataclasses.replace(case, case_id=name)
+        labels_note = ""
         try:
             volume = read_case(case, sequences, config.fill_missing)
         except DataError as error:
-            rows.append({"case_id": case.case_id, "status": f"skipped: {error}"})
-            continue
+            try:  # the images may be fine where the segmentation is not
+                volume = read_case(case, sequences, config.fill_missing, with_labels=False)
+                labels_note = f"not scored: {error}"
+            except DataError:
+                rows.append({"case_id": case.case_id, "status": f"skipped: {error}"})
+                continue
         prediction = predictor.predict_volume(volume, progress)
         write_case_prediction(volume, prediction, out_dir)
-        row = {"case_id": case.case_id, "status": "ok", "slices": len(prediction.labels),
+        row = {"case_id": case.case_id, "status": "ok", "scores": labels_note, "slices": len(prediction.labels),
                "lesion_voxels": int((prediction.labels > 0).sum()), "non_finite_voxels": volume.non_finite_voxels,
                "filled_sequences": " ".join(volume.filled)}
         if volume.labels is not None:
-            for region, scores in case_scores(volume, prediction, predictor.target).items():
+            for region, scores in case_scores(volume, prediction, scoring).items():
                 row.update({f"{region}_{name}": value for name, value in scores.items()
                             if name in ("dice", "hd95", "lesion_dice", "lesion_hd95", "truth_lesions",
                                         "detected_lesions", "false_positive_lesions")})
@@ -330,7 +348,9 @@ def predict_path(predictor: Predictor, inputs: Sequence[Path | str], out_root: P
     volume_reports = [discover_volumes(p) for p in inputs if p.is_dir()]
     if volume_reports and all(volume_reports) and len(volume_reports) == len(inputs):
         cases = [case for report in volume_reports for case in report.cases]
-        return out_dir, predict_cases(predictor, cases, out_dir, progress)
+        conventions = {report.convention for report in volume_reports}
+        return out_dir, predict_cases(predictor, cases, out_dir, progress,
+                                      conventions.pop() if len(conventions) == 1 else None)
     files: list[Path] = []
     relative: list[Path] = []
     for path in inputs:

@@ -123,3 +123,6 @@ def test_volume_batches_carry_context_channels_and_multilabel_targets(brats_phan
     epochs = [set(halved._epoch_order().tolist()) for halved.epoch in range(10)]
     assert all(set(train[lesion]) <= drawn and len(drawn) == halved.slices_per_epoch for drawn in epochs)
     assert set().union(*epochs) == set(train)  # each epoch draws other lesion-free slices
+    enhancing = SegmentationBatches(data.dataset, train, config.replace(target="et", empty_slice_fraction=0.5),
+                                    training=True)  # "lesion" is the target region: oedema-only slices are empty
+    assert set(enhancing.lesion_indices) == set(train[(data.dataset.masks[train] == 3).reshape(len(train), -1).any(1)])

@@ -161,3 +161,23 @@ def test_volume_cases_are_written_back_as_brats_seg_files_in_the_input_grid(brat
     assert row["status"] == "ok" and 0 <= row["wt_dice"] <= 1 and "et_lesion_hd95" in row
     whole, whole_summary = predict_path(predictor, [brats_phantom_dir], tmp_path / "all", progress=False)
     assert whole_summary["cases"] == 4 and len(list(whole.glob("*-seg.nii.gz"))) == 4
+
+
+def test_case_scores_read_the_labels_in_the_convention_of_the_predicted_dataset(brats_run: Path, brats_phantom_dir: Path,
+                                                                               tmp_path: Path) -> None:
+    """The BraTS-trained run predicts one case in BraTS layout and the same case in MSD layout (4D FLAIR, T1w,
+    T1gd, T2w; labels 1 oedema, 2 non-enhancing, 3 enhancing): the per-region scores must be the same."""
+    case = sorted(p for p in brats_phantom_dir.iterdir() if p.is_dir())[0]
+    volumes = {name: nib.load(str(case / f"{case.name}-{name}.nii.gz")) for name in ("t2f", "t1n", "t1c", "t2w", "seg")}
+    affine = volumes["t1c"].affine
+    four_d = np.stack([np.asarray(volumes[name].dataobj) for name in ("t2f", "t1n", "t1c", "t2w")], axis=-1)
+    seg = np.asarray(volumes["seg"].dataobj)
+    msd_labels = np.select([seg == 1, seg == 2, seg == 3], [2, 1, 3], 0).astype(np.uint8)  # NETC 1->2, SNFH 2->1
+    for folder, data in (("imagesTr", four_d), ("labelsTr", msd_labels)):
+        (tmp_path / "msd" / folder).mkdir(parents=True)
+        nib.save(nib.Nifti1Image(data, affine), str(tmp_path / "msd" / folder / f"{case.name}.nii.gz"))
+    predictor = Predictor.from_run(brats_run, threshold=0.3)
+    brats = pd.read_csv(predict_path(predictor, [case], tmp_path / "a", progress=False)[0] / "predictions.csv")
+    msd = pd.read_csv(predict_path(predictor, [tmp_path / "msd"], tmp_path / "b", progress=False)[0] / "predictions.csv")
+    for column in ("wt_dice", "tc_dice", "et_dice", "tc_lesion_dice"):
+        assert msd[column].iloc[0] == pytest.approx(brats[column].iloc[0]), column

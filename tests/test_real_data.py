@@ -10,6 +10,7 @@ import pytest
 
 from metaseg_tf.config import ExperimentConfig
 from metaseg_tf.data import discover_pairs, split_for_config, summarise_dataset
+from metaseg_tf.data.discover import DataError
 from metaseg_tf.data.io import read_pair
 from metaseg_tf.data.preprocess import preprocess_dataset
 
@@ -90,3 +91,5 @@ def test_real_nifti_case_trains_a_few_steps_and_predicts_back_onto_its_grid(real
     assert summary["cases"] == 1 and seg.shape == t1ce.shape and np.allclose(seg.affine, t1ce.affine)
     row = pd.read_csv(out_dir / "predictions.csv").iloc[0]
     assert row["slices"] == 224 and 0 <= row["tc_dice"] <= 1  # scored against its own core mask
+    with pytest.raises(DataError, match="takes 2 sequences"):  # a slice image cannot feed a 2-sequence model
+        Predictor.from_run(run.run_dir).predict_slices([np.zeros((64, 64), np.float32)])

@@ -32,9 +32,14 @@ def test_multilabel_masks_and_back_to_the_same_labels(convention: str) -> None:
     np.testing.assert_array_equal(target.to_labels(masks), labels)
 
 
-def test_one_region_is_written_as_a_binary_mask_and_multilabel_needs_region_labels() -> None:
+def test_one_region_is_written_with_its_own_label_and_multilabel_needs_region_labels() -> None:
+    """A BraTS evaluator reads ET from label 3: an ET-only run's seg must say 3, not 1 (NETC)."""
     target = resolve_target("tc", "brats")
     assert target.to_labels(target.masks(LABELS)).tolist() == [[0, 1, 0, 1]]
+    assert resolve_target("et", "brats").to_labels(np.array([[[0], [1]]])).tolist() == [[0, 3]]
+    assert resolve_target("wt", "brats").to_labels(np.array([[[0], [1]]])).tolist() == [[0, 2]]
+    assert resolve_target("tc", "msd").to_labels(np.array([[[0], [1]]])).tolist() == [[0, 2]]
+    assert resolve_target("labels:1,3", "brats").to_labels(np.array([[[1]]])).tolist() == [[1]]
     with pytest.raises(ValueError, match="multilabel needs masks with region labels"):
         resolve_target("multilabel", "binary")
     with pytest.raises(ValueError, match="unknown label convention"):

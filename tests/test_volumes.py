@@ -201,3 +201,63 @@ def test_generic_layout_combines_region_masks_into_brats_labels(tmp_path: Path) 
 def test_folders_without_volumes_are_left_to_the_2d_layouts(tmp_path: Path, phantom_dir: Path) -> None:
     assert discover_volumes(phantom_dir) is None
     assert discover_volumes(tmp_path / "missing") is None
+
+
+def test_a_seg_on_another_affine_of_the_same_shape_is_refused_not_silently_flipped(tmp_path: Path) -> None:
+    case = _brats_case(tmp_path, "BraTS-MET-00001-000")
+    _save(case / "BraTS-MET-00001-000-seg.nii.gz", _labels(), np.diag([1.0, 1.0, 2.5, 1.0]))  # RAS beside LPS
+    report = discover_volumes(tmp_path)
+    with pytest.raises(DataError, match="labels has another affine"):
+        read_case(report.cases[0], ("t1c",))
+    assert read_case(report.cases[0], ("t1c",), with_labels=False).labels is None
+
+
+def test_binary_and_brats_2021_label_maps_are_read_in_the_2023_convention(tmp_path: Path) -> None:
+    case = _brats_case(tmp_path, "BraTS-MET-00001-000")
+    seg = case / "BraTS-MET-00001-000-seg.nii.gz"
+    _save(seg, (_labels() > 0).astype(np.uint8) * 255, AFFINES["LPS like BraTS"])  # a 0/255 mask
+    report = discover_volumes(tmp_path)
+    assert set(np.unique(read_case_labels(report.cases[0]))) == {0, 1}
+    brats_2021 = np.where(_labels() == 3, 4, _labels()).astype(np.uint8)  # 1 NCR, 2 ED, 4 ET
+    _save(seg, brats_2021, AFFINES["LPS like BraTS"])
+    np.testing.assert_array_equal(read_case_labels(report.cases[0]),
+                                  to_canonical(_labels(), AFFINES["LPS like BraTS"]))
+
+
+def test_layout_edge_cases_are_reported_not_dropped_or_merged(tmp_path: Path) -> None:
+    # a BraTS case folder with a seg but no sequence, and an unknown sequence name asked for
+    _brats_case(tmp_path / "brats", "BraTS-MET-00001-000")
+    _save(tmp_path / "brats" / "BraTS-MET-00002-000" / "BraTS-MET-00002-000-seg.nii.gz", _labels(), np.eye(4))
+    report = discover_volumes(tmp_path / "brats")
+    assert report.case_ids == ["BraTS-MET-00001-000"] and "no sequence" in report.skipped["BraTS-MET-00002-000"]
+    with pytest.raises(DataError, match="unknown sequence name.*flair"):
+        report.select(("flair",))
+    # 4D MSD-style files whose names end in four digits stay separate cases; .nii labels are found
+    four_d = np.stack([_image(k) for k in range(4)], axis=-1)
+    for name in ("pt_0001", "pt_0002"):
+        _save(tmp_path / "msd" / "imagesTr" / f"{name}.nii.gz", four_d, np.eye(4))
+    _save(tmp_path / "msd" / "labelsTr" / "pt_0001.nii", _labels(), np.eye(4))
+    report = discover_volumes(tmp_path / "msd")
+    assert report.case_ids == ["pt_0001", "pt_0002"] and [c.case_id for c in report.labelled_cases] == ["pt_0001"]
+    # a generic case folder: a brain mask is not the lesion label map, other files are listed as ignored
+    generic = tmp_path / "generic" / "case1"
+    _save(generic / "case1_t1ce.nii.gz", _image(0), np.eye(4))
+    _save(generic / "case1_brain_mask.nii.gz", np.ones(SHAPE, np.uint8), np.eye(4))
+    _save(generic / "case1_seg.nii.gz", _labels(), np.eye(4))
+    (generic / "readme.txt").write_text("notes")
+    report = discover_volumes(tmp_path / "generic")
+    assert report.cases[0].labels.path.name == "case1_seg.nii.gz"
+    assert sorted(p.name for p in report.ignored_files) == ["case1_brain_mask.nii.gz", "readme.txt"]
+
+
+def test_the_volume_cache_key_follows_dataset_json(tmp_path: Path) -> None:
+    from metaseg_tf.config import ExperimentConfig
+    from metaseg_tf.data.preprocess import _volume_files, cache_key
+
+    for k in range(4):
+        _save(tmp_path / "imagesTr" / f"case_7_{k:04d}.nii.gz", _image(k), np.eye(4))
+    _save(tmp_path / "labelsTr" / "case_7.nii.gz", _labels(), np.eye(4))
+    config = ExperimentConfig()
+    before = cache_key(_volume_files(discover_volumes(tmp_path)), config)
+    (tmp_path / "dataset.json").write_text(json.dumps({"channel_names": {"0": "T1", "1": "T1ce", "2": "T2", "3": "FLAIR"}}))
+    assert cache_key(_volume_files(discover_volumes(tmp_path)), config) != before

@@ -75,7 +75,7 @@ class SegmentationBatches(keras.utils.PyDataset):
         self.target = resolve_target(config.target, dataset.convention)
         self.rows = (context_rows(dataset.case_ids, dataset.slice_indices, config.context_slices)
                      if config.context_slices else None)
-        lesion = dataset.masks[self.indices].reshape(len(self.indices), -1).any(axis=1)
+        lesion = self.target.masks(dataset.masks[self.indices]).reshape(len(self.indices), -1).any(axis=1)
         self.lesion_indices, self.empty_indices = self.indices[lesion], self.indices[~lesion]
         self.empty_per_epoch = (round(config.empty_slice_fraction * len(self.empty_indices))
                                 if training else len(self.empty_indices))

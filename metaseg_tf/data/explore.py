@@ -151,7 +151,7 @@ def volume_statistics(report: VolumeReport, sequences: Sequence[str], progress: 
     for case in tqdm(report.labelled_cases, desc="volume statistics", unit="case", disable=not progress):
         try:
             labels = read_case_labels(case)
-            spacing = canonical_spacing(_affine(case)) if not _is_slice_stack(case) else None
+            spacing = _spacing(case)
         except DataError as error:
             skipped[case.case_id] = str(error)
             continue
@@ -175,24 +175,33 @@ def volume_statistics(report: VolumeReport, sequences: Sequence[str], progress: 
     return cases, pd.DataFrame(lesion_rows, columns=["case_id", "region", "volume", "equivalent_diameter"])
 
 
-def _is_slice_stack(case: VolumeCase) -> bool:
-    return bool(next(iter(case.sequences.values())).slice_files)
-
-
-def _affine(case: VolumeCase) -> np.ndarray:
+def _spacing(case: VolumeCase) -> tuple[float, float, float] | None:
+    """The case's voxel size in mm along the canonical axes, from its first sequence's header (None for slice
+    images, whose spacing is unknown)."""
     import nibabel as nib
 
-    return nib.load(str(next(iter(case.sequences.values())).path)).affine
+    source = next(iter(case.sequences.values()))
+    if source.slice_files:
+        return None
+    try:
+        return canonical_spacing(nib.load(str(source.path)).affine)
+    except Exception as error:  # nibabel raises several types for headers it cannot parse
+        raise DataError(f"cannot read the header of {source.path}: {error}") from error
 
 
 def volume_examples(report: VolumeReport, sequences: Sequence[str], n: int = 3, fill_missing: str = "skip",
                     region: str = "tc") -> list[tuple[str, int, np.ndarray, np.ndarray]]:
-    """Up to ``n`` labelled cases to look at: of each, the axial slice with most ``region`` (in the dataset's
-    convention), as ``(case_id, slice, images float32 (H, W, sequences) windowed, labels uint8 (H, W))``."""
+    """Up to ``n`` labelled, readable cases to look at: of each, the axial slice with most ``region`` (in the
+    dataset's convention), as ``(case_id, slice, images float32 (H, W, sequences) windowed, labels uint8 (H, W))``."""
     target = resolve_target(region, report.convention)
     examples = []
-    for case in report.select(tuple(sequences), fill_missing).labelled_cases[:n]:
-        volume = read_case(case, tuple(sequences), fill_missing)
+    for case in report.select(tuple(sequences), fill_missing).labelled_cases:
+        if len(examples) == n:
+            break
+        try:
+            volume = read_case(case, tuple(sequences), fill_missing)
+        except DataError:  # listed by the data summary; an example is taken from the next case
+            continue
         area = target.masks(volume.labels)[..., 0].reshape(len(volume.labels), -1).sum(axis=1)
         if not area.any():
             area = (volume.labels > 0).reshape(len(volume.labels), -1).sum(axis=1)

@@ -228,6 +228,10 @@ def preprocess_dataset(
         return _load_cache(cache_path)
 
     size, channels = config.image_size, config.channels
+    if channels not in (1, 3):
+        raise DataError(f"{report.root} holds 2D slices (layout {report.layout}), which give 1 or 3 channels, but "
+                        f"the config asks for {channels} sequences ({', '.join(config.sequences)}); sequences "
+                        "apply to volume layouts")
     images = np.empty((len(report.pairs), size, size, channels), np.uint8)
     masks = np.empty((len(report.pairs), size, size), np.uint8)
     kept: list[int] = []
@@ -263,7 +267,8 @@ def preprocess_dataset(
 
 
 def _volume_files(report: VolumeReport) -> list[Path]:
-    files = []
+    """Every file the cases are read from, and ``dataset.json`` (MSD / nnU-Net channel names) if present."""
+    files = [report.root / "dataset.json"] if (report.root / "dataset.json").is_file() else []
     for case in report.cases:
         sources = [*case.sequences.values(), *([case.labels] if case.labels else [])]
         for source in sources:

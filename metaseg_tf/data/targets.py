@@ -61,11 +61,14 @@ class Target:
     def to_labels(self, region_masks: np.ndarray) -> np.ndarray:
         """Binary ``(..., regions)`` predictions -> ``uint8 (...)`` labels of the convention.
 
-        One region: its voxels become 1 (a binary mask). Several regions (WT, TC, ET): the label map of the
+        One region: its voxels get the region's label in the convention (BraTS: WT 2, TC 1, ET 3), so an
+        evaluator that reads the file by the convention finds that region (and its outer regions) in it; a
+        label set or a binary convention gives 1. Several regions (WT, TC, ET): the label map of the
         convention, innermost region last, so ET voxels are labelled ET even where WT was missed."""
         region_masks = np.asarray(region_masks) > 0
         if len(self.regions) == 1:
-            return region_masks[..., 0].astype(np.uint8)
+            value = REGION_LABELS[self.convention].get(self.names[0], 1)
+            return region_masks[..., 0].astype(np.uint8) * np.uint8(value)
         labels = np.zeros(region_masks.shape[:-1], np.uint8)
         values = REGION_LABELS[self.convention]
         for channel, name in sorted(enumerate(self.names), key=lambda item: REGION_NAMES.index(item[1])):

@@ -55,7 +55,7 @@ from metaseg_tf.data.targets import REGION_LABELS
 
 logger = logging.getLogger(__name__)
 
-SEQUENCE_NAMES = ("t1c", "t1n", "t2f", "t2w", "t1c_se")
+SEQUENCE_NAMES = ("t1c", "t1n", "t2f", "t2w", "t1c_se")  # every name a layout can give a sequence
 DEFAULT_SEQUENCES = ("t1c", "t2f", "t1n")
 SEQUENCE_ALIASES = {
     "t1c": ("t1c", "t1ce", "t1gd", "t1post", "t1wce", "ce"),
@@ -74,6 +74,8 @@ WINDOW_PERCENTILES = (0.5, 99.5)
 WINDOW_SAMPLE = 1 << 18  # brain voxels the percentiles are taken from (every n-th of a larger brain)
 _REGION_TOKENS = {"whole": "wt", "wt": "wt", "core": "tc", "tc": "tc", "enh": "et", "enhancing": "et", "et": "et"}
 _MASK_TOKENS = ("seg", "mask", "label", "labels")
+_NOT_LESION_TOKENS = ("brain", "brainmask", "skull", "skullstrip")  # brain masks are not lesion labels
+GRID_TOLERANCE_MM = 0.01  # two volumes share a grid when their shapes agree and their affines within this
 
 
 def is_nifti(path: Path) -> bool:
@@ -156,6 +158,10 @@ class VolumeReport:
     def select(self, sequences: tuple[str, ...], fill_missing: str = "skip") -> VolumeReport:
         """The cases that have every one of ``sequences`` (or, with ``fill_missing`` ``zeros`` / ``repeat``,
         at least one of them); the others are moved to ``skipped`` with the sequences they lack."""
+        unknown = [name for name in sequences if name not in SEQUENCE_NAMES]
+        if unknown:
+            raise DataError(f"unknown sequence name(s) {', '.join(unknown)}; the layouts name them "
+                            f"{', '.join(SEQUENCE_NAMES)} (see metaseg_tf.data.volumes)")
         kept, skipped = [], dict(self.skipped)
         for case in self.cases:
             lacking = [name for name in sequences if name not in case.sequences]
@@ -278,17 +284,25 @@ def _read_source(source: SequenceSource, labels: bool = False) -> tuple[np.ndarr
 
 
 def _label_map(data: np.ndarray, name: str) -> np.ndarray:
+    """Stored labels -> ``uint8``: integers in 0..255 as they are, except a single non-zero value (a binary
+    0/1, 0/255 mask), which becomes 1, and BraTS 2021's enhancing 4 (labels 1, 2, 4), which becomes 2023's 3;
+    a soft float mask is lesion above 0.5."""
     data = np.asarray(data)
-    if np.issubdtype(data.dtype, np.integer) or data.dtype == np.bool_:
-        if data.size and (data.min() < 0 or data.max() > 255):
-            raise DataError(f"{name}: labels must lie in 0..255, got values in [{data.min()}, {data.max()}]")
-        return data.astype(np.uint8)
-    data = np.nan_to_num(data.astype(np.float64))
-    if data.min() < 0 or data.max() > 255 or not np.array_equal(data, np.round(data)):
-        if data.max() <= 1.0:  # a soft or float binary mask
+    if not (np.issubdtype(data.dtype, np.integer) or data.dtype == np.bool_):
+        data = np.nan_to_num(data.astype(np.float64))
+        if not np.array_equal(data, np.round(data)) and data.min() >= 0 and data.max() <= 1.0:
             return (data > 0.5).astype(np.uint8)
-        raise DataError(f"{name}: labels must be integers in 0..255, got values in [{data.min()}, {data.max()}]")
-    return data.astype(np.uint8)
+        if not np.array_equal(data, np.round(data)):
+            raise DataError(f"{name}: labels must be integers in 0..255, got values in [{data.min()}, {data.max()}]")
+    if data.size and (data.min() < 0 or data.max() > 255):
+        raise DataError(f"{name}: labels must lie in 0..255, got values in [{data.min()}, {data.max()}]")
+    labels = data.astype(np.uint8)
+    values = np.unique(labels[labels > 0]) if labels.any() else np.zeros(0, np.uint8)
+    if len(values) == 1:
+        return (labels > 0).astype(np.uint8)
+    if 4 in values and 3 not in values and set(values.tolist()) <= {1, 2, 4}:
+        labels[labels == 4] = 3
+    return labels
 
 
 def read_case(case: VolumeCase, sequences: tuple[str, ...], fill_missing: str = "skip",
@@ -296,7 +310,7 @@ def read_case(case: VolumeCase, sequences: tuple[str, ...], fill_missing: str = 
     """Read ``sequences`` of ``case`` (and its labels) into a :class:`CaseVolume`; every volume must share
     one voxel grid. Raises :class:`DataError` naming the file and the reason."""
     channels: list[np.ndarray | None] = []
-    reference, non_finite, filled, read = None, 0, [], {}
+    reference, non_finite, filled, read, grids = None, 0, [], {}, {}
     for name in sequences:
         source = case.sequences.get(name)
         if source is None:
@@ -311,41 +325,61 @@ def read_case(case: VolumeCase, sequences: tuple[str, ...], fill_missing: str = 
             read[source] = windowed
             non_finite += bad
             reference = reference or image
+            grids[name] = (windowed.shape, None if image is None else image.affine)
         windowed = read[source]
-        if channels and any(c is not None and c.shape != windowed.shape for c in channels):
-            raise DataError(f"case {case.case_id}: {name} is {windowed.shape[::-1]} voxels, unlike the other "
-                            "sequences; the sequences must be co-registered on one grid")
         channels.append(windowed)
     present = [c for c in channels if c is not None]
     if not present:
         raise DataError(f"case {case.case_id} has none of the sequences {', '.join(sequences)}")
+    _check_one_grid(case.case_id, grids)
     fill = np.zeros_like(present[0]) if fill_missing != "repeat" else present[0]
     images = np.stack([fill if c is None else c for c in channels], axis=-1)
-    labels = read_case_labels(case) if with_labels and case.labelled else None
-    if labels is not None and labels.shape != images.shape[:3]:
-        raise DataError(f"case {case.case_id}: the labels are {labels.shape} voxels but the images "
-                        f"{images.shape[:3]}")
+    labels = None
+    if with_labels and case.labelled:
+        labels, label_affine = _case_labels(case)
+        _check_one_grid(case.case_id, {**grids, "labels": (labels.shape, label_affine)})
     spacing = canonical_spacing(reference.affine) if reference is not None else None
     return CaseVolume(case.case_id, images, labels, spacing, reference, non_finite, filled)
 
 
-def read_case_labels(case: VolumeCase) -> np.ndarray:
-    """``uint8 (Z, H, W)`` labels of a labelled case in canonical orientation: its label map, or its WT / TC /
-    ET masks combined into the ``brats`` convention (innermost region last)."""
+def _check_one_grid(case_id: str, grids: dict[str, tuple[tuple[int, ...], np.ndarray | None]]) -> None:
+    """:class:`DataError` unless every volume has the first one's shape and (where known) affine: volumes of
+    one shape on different affines would be reoriented differently and silently misaligned."""
+    (first, (shape, affine)), *others = grids.items()
+    for name, (other_shape, other_affine) in others:
+        if other_shape != shape:
+            raise DataError(f"case {case_id}: {name} is {other_shape} voxels (canonical order) but {first} {shape}; "
+                            "the sequences and labels must be co-registered on one grid")
+        if affine is not None and other_affine is not None and \
+                not np.allclose(other_affine, affine, rtol=0, atol=GRID_TOLERANCE_MM):
+            raise DataError(f"case {case_id}: {name} has another affine than {first} (up to "
+                            f"{np.abs(other_affine - affine).max():.3g} apart); the sequences and labels must be "
+                            "co-registered on one grid")
+
+
+def _case_labels(case: VolumeCase) -> tuple[np.ndarray, np.ndarray | None]:
     if case.labels is not None:
-        data, _ = _read_source(case.labels, labels=True)
-        return _label_map(data, str(case.labels.path))
-    labels = None
-    for region in ("wt", "tc", "et"):
+        data, image = _read_source(case.labels, labels=True)
+        return _label_map(data, str(case.labels.path)), None if image is None else image.affine
+    labels, affine = None, None
+    for region in ("wt", "tc", "et"):  # innermost last: TC inside WT, ET inside TC
         if region in case.region_masks:
-            data, _ = _read_source(SequenceSource(case.region_masks[region]), labels=True)
+            data, image = _read_source(SequenceSource(case.region_masks[region]), labels=True)
             labels = np.zeros(data.shape, np.uint8) if labels is None else labels
-            if data.shape != labels.shape:
-                raise DataError(f"case {case.case_id}: the region masks differ in size")
+            _check_one_grid(case.case_id, {"the first region mask": (labels.shape, affine),
+                                           f"the {region} mask": (data.shape, image.affine)})
+            affine = image.affine
             labels[_label_map(data, str(case.region_masks[region])) > 0] = REGION_LABELS["brats"][region]
     if labels is None:
         raise DataError(f"case {case.case_id} has no labels")
-    return labels
+    return labels, affine
+
+
+def read_case_labels(case: VolumeCase) -> np.ndarray:
+    """``uint8 (Z, H, W)`` labels of a labelled case in canonical orientation: its label map, or its WT / TC /
+    ET masks combined into the ``brats`` convention (innermost region last). A label map with one non-zero
+    value (a binary 0/1 or 0/255 mask) becomes 0/1; BraTS 2021's enhancing label 4 becomes 2023's 3."""
+    return _case_labels(case)[0]
 
 
 # --- layouts ------------------------------------------------------------------------------------------
@@ -368,9 +402,29 @@ def _msd_channel_names(root: Path, count: int) -> tuple[str, ...]:
             mapped = [sequence_of(Path(str(names[str(k)]))) for k in range(count)]
             if all(mapped) and len(set(mapped)) == count:
                 return tuple(mapped)
+            logger.warning("the channel names in %s (%s) are not all known sequences; using Task01's channel "
+                           "order %s", manifest, names, ", ".join(MSD_CHANNELS[:count]))
         except (ValueError, KeyError, AttributeError):
             logger.warning("%s could not be read; using Task01's channel order", manifest)
     return MSD_CHANNELS[:count]
+
+
+def _msd_cases(files: list[Path]) -> dict[str, dict[int, Path]]:
+    """Files of ``imagesTr`` grouped by case: nnU-Net's split form ``<case>_0000 .. _000N`` (channels from 0
+    without gaps) gives one case of N channels; any other file is one case of one 4D file (channel -1), so a
+    4D file named ``pt_0001`` stays case ``pt_0001``."""
+    split: dict[str, dict[int, Path]] = {}
+    for path in files:
+        match = re.fullmatch(r"(?P<case>.+)_(?P<channel>\d{4})", nifti_stem(path))
+        if match:
+            split.setdefault(match["case"], {})[int(match["channel"])] = path
+    by_case: dict[str, dict[int, Path]] = {}
+    for case, channels in split.items():
+        if sorted(channels) == list(range(len(channels))):
+            by_case[case] = channels
+    grouped = {path for channels in by_case.values() for path in channels.values()}
+    by_case.update({nifti_stem(path): {-1: path} for path in files if path not in grouped})
+    return dict(sorted(by_case.items()))
 
 
 def _discover_msd(root: Path) -> VolumeReport | None:
@@ -382,11 +436,7 @@ def _discover_msd(root: Path) -> VolumeReport | None:
             continue
         files = [f for f in _visible(folder) if is_nifti(f)]
         report.ignored_files += [f for f in _visible(folder) if not is_nifti(f)]
-        by_case: dict[str, dict[int, Path]] = {}
-        for path in files:
-            match = re.fullmatch(r"(?P<case>.+)_(?P<channel>\d{4})", nifti_stem(path))
-            case, channel = (match["case"], int(match["channel"])) if match else (nifti_stem(path), -1)
-            by_case.setdefault(case, {})[channel] = path
+        by_case = _msd_cases(files)
         for case_id, channels in sorted(by_case.items()):
             found = True
             if -1 in channels:  # one 4D file
@@ -401,8 +451,10 @@ def _discover_msd(root: Path) -> VolumeReport | None:
             else:
                 names = _msd_channel_names(root, max(channels) + 1)
                 sequences = {names[k]: SequenceSource(path) for k, path in channels.items() if k < len(names)}
-            label = root / labels_dir / f"{case_id}.nii.gz" if labels_dir else None
-            labels = SequenceSource(label) if label is not None and label.is_file() else None
+                report.ignored_files += [path for k, path in channels.items() if k >= len(names)]
+            candidates = [root / labels_dir / f"{case_id}{suffix}" for suffix in NIFTI_SUFFIXES] if labels_dir else []
+            label = next((path for path in candidates if path.is_file()), None)
+            labels = SequenceSource(label) if label is not None else None
             report.cases.append(VolumeCase(case_id, sequences, labels))
     return report if found else None
 
@@ -420,9 +472,11 @@ def _discover_brats(root: Path) -> VolumeReport | None:
                 labels = SequenceSource(path)
             else:
                 sequences[match["kind"]] = SequenceSource(path)
-        if sequences or labels:
+        if sequences:
             report.cases.append(VolumeCase(case_dir.name, sequences, labels))
-    return report if report.cases else None
+        elif labels is not None:
+            report.skipped[case_dir.name] = "a segmentation but no sequence file"
+    return report if report.cases or report.skipped else None
 
 
 def _numbered_pngs(folder: Path) -> tuple[Path, ...]:
@@ -438,6 +492,10 @@ def _discover_brainmetshare(root: Path) -> VolumeReport | None:
             continue
         stacks = {name: _numbered_pngs(folder) for name, folder in subfolders.items()
                   if name in BRAINMETSHARE_FOLDERS or name == "seg"}
+        used = {path for files in stacks.values() for path in files}
+        report.ignored_files += [path for name, folder in subfolders.items() for path in _visible(folder)
+                                 if path not in used]
+        report.ignored_files += [path for path in _visible(case_dir) if path.is_file()]
         numbers = {name: [f.stem for f in files] for name, files in stacks.items()}
         reference = numbers.get("0") or next(iter(numbers.values()))
         uneven = [name for name, found in numbers.items() if found != reference]
@@ -456,6 +514,9 @@ def _generic_case(case_id: str, files: list[Path], report: VolumeReport) -> Volu
     sequences, region_masks, labels = {}, {}, None
     for path in files:
         tokens = _tokens(path)
+        if any(token in _NOT_LESION_TOKENS for token in tokens):
+            report.ignored_files.append(path)
+            continue
         if any(token in _MASK_TOKENS for token in tokens):
             regions = [_REGION_TOKENS[t] for t in tokens if t in _REGION_TOKENS]
             if regions:
@@ -492,11 +553,13 @@ def _discover_generic(root: Path) -> VolumeReport | None:
     report = VolumeReport(root, "generic", [])
     own = [f for f in _visible(root) if f.is_file() and is_nifti(f)]
     folders = [(d, [f for f in _visible(d) if f.is_file() and is_nifti(f)]) for d in _case_dirs(root)]
-    if own:  # the data folder is one case
+    if own:  # the data folder is one case; its subfolders are not read
+        report.ignored_files += [d for d, _ in folders]
         folders = [(root, own)]
     for folder, files in folders:
         if not files:
             continue
+        report.ignored_files += [f for f in _visible(folder) if f.is_file() and not is_nifti(f)]
         case_id = _common_case_id(files, folder.name) if folder == root else folder.name
         case = _generic_case(case_id, files, report)
         if case is None:

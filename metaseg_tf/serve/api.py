@@ -199,8 +199,9 @@ class VolumeModelPrediction(BaseModel):
     slices: int = Field(description="axial slices predicted")
     lesion_voxels: int
     seg_filename: str = Field(description="<case>-seg.nii.gz")
-    seg_nii_gz: str = Field(description="base64 of <case>-seg.nii.gz: uint8 labels (1 lesion for a one-region "
-                                        "model) on the input's voxel grid, with its affine and header")
+    seg_nii_gz: str = Field(description="base64 of <case>-seg.nii.gz: uint8 labels (a one-region model: the "
+                                        "region's own label, e.g. BraTS TC 1) on the input's voxel grid, with its "
+                                        "affine and header")
     latency_ms: float
     scores: dict[str, RegionScores] | None = Field(default=None, description="per region, when a seg was sent")
 
@@ -267,10 +268,10 @@ def _decode_upload(data: bytes, settings: ServeSettings) -> np.ndarray:
 
 
 def _attention_pngs(served: ServedModel, image: np.ndarray) -> list[str]:
-    from metaseg_tf.data.preprocess import normalise, preprocess_slice
+    from metaseg_tf.data.preprocess import normalise
     from metaseg_tf.models.attention_unet import attention_maps
 
-    prepared = preprocess_slice(image, served.predictor.config)[None]
+    prepared = served.predictor.prepare_slice(image)[None]
     maps = attention_maps(served.predictor.model, normalise(prepared, served.predictor.config.normalisation))
     height, width = image.shape[:2]
     pngs = []
@@ -285,7 +286,10 @@ def _predict_one(served: ServedModel, image: np.ndarray, threshold: float | None
     used = predictor.config.threshold if threshold is None else threshold
     started = time.perf_counter()
     with served.lock:
-        (result,) = predictor.predict_slices([image], threshold=used)
+        try:
+            (result,) = predictor.predict_slices([image], threshold=used)
+        except DataError as error:  # e.g. a model of 2 or 4 sequences cannot take a slice image
+            raise HTTPException(422, f"{served.name}: {error}") from None
         maps = _attention_pngs(served, image) if attention and served.info["architecture"] == "attention_unet" else None
     latency = (time.perf_counter() - started) * 1000
     probability = result.probability
