@@ -40,8 +40,8 @@ from scipy import ndimage
 from tqdm.auto import tqdm
 
 from metaseg_tf.config import ExperimentConfig
-from metaseg_tf.data.context import volume_context
-from metaseg_tf.data.discover import IMAGE_EXTENSIONS, MASK_SUFFIX, DataError
+from metaseg_tf.data.context import context_rows, stack_context, volume_context
+from metaseg_tf.data.discover import IMAGE_EXTENSIONS, MASK_SUFFIX, DataError, split_case_and_slice
 from metaseg_tf.data.io import read_image, to_channels
 from metaseg_tf.data.preprocess import normalise, preprocess_slice, preprocess_volume_slices
 from metaseg_tf.data.targets import Target, resolve_target
@@ -154,17 +154,17 @@ class Predictor:
             probabilities = (probabilities + flipped[:, :, ::-1]) / 2
         return probabilities
 
-    def prepare_slice(self, image: np.ndarray) -> np.ndarray:
-        """A lone 2D slice ``float (H, W[, C])`` in ``[0, 1]`` as the model's input ``uint8 (S, S,
-        input_channels)``: grey repeated or alpha dropped as when files are read, the run's preprocessing, and
-        the slice as its own 2.5D neighbours. A model of other than 1 or 3 sequences cannot take a slice image
-        (:class:`DataError`: predict the case's volumes instead)."""
+    def prepare_slice(self, image: np.ndarray, alone: bool = True) -> np.ndarray:
+        """A 2D slice ``float (H, W[, C])`` in ``[0, 1]`` preprocessed as the run's were: grey repeated or alpha
+        dropped as when files are read, window, CLAHE, resize: ``uint8 (S, S, channels)``; ``alone``: with the
+        slice as its own 2.5D neighbours, ``(S, S, input_channels)``. A model of other than 1 or 3 sequences
+        cannot take a slice image (:class:`DataError`: predict the case's volumes instead)."""
         channels, copies = self.config.channels, 2 * self.config.context_slices + 1
         if channels not in (1, 3):
             raise DataError(f"this model takes {channels} sequences ({', '.join(self.config.sequences)}); a slice "
                             "image gives 1 or 3 channels: predict the case's NIfTI volumes instead")
         slice_ = preprocess_slice(to_channels(np.asarray(image, np.float32), channels), self.config)
-        return np.concatenate([slice_] * copies, axis=-1) if copies > 1 else slice_
+        return np.concatenate([slice_] * copies, axis=-1) if alone and copies > 1 else slice_
 
     def predict_volume(self, volume: CaseVolume, progress: bool = False) -> VolumePrediction:
         """Every axial slice of ``volume`` with its 2.5D context, back at the volume's in-plane size
@@ -181,12 +181,19 @@ class Predictor:
         return VolumePrediction(probabilities, masks, self.target.to_labels(masks))
 
     def predict_slices(self, images: Sequence[np.ndarray], progress: bool = False,
-                       threshold: float | None = None) -> list[SlicePrediction]:
+                       threshold: float | None = None, case_ids: Sequence[str] | None = None,
+                       slice_indices: Sequence[int] | None = None) -> list[SlicePrediction]:
         """``images``: ``float (H, W)`` or ``(H, W, C)`` in ``[0, 1]``, any size; one prediction each, of the
-        run's first region. A model trained with 2.5D context sees each lone slice as its own neighbours.
-        ``threshold`` overrides the predictor's own for this call."""
+        run's first region. For a model trained with 2.5D context, ``case_ids`` and ``slice_indices`` say which
+        slices are neighbours (as at training: by slice number within a case); without them each slice is its
+        own neighbour. ``threshold`` overrides the predictor's own for this call."""
         threshold = self.threshold if threshold is None else threshold
-        prepared = [self.prepare_slice(image) for image in images]
+        if self.config.context_slices and case_ids is not None and len(images) > 1:
+            slices = np.stack([self.prepare_slice(image, alone=False) for image in images])
+            rows = context_rows(np.asarray(case_ids), np.asarray(slice_indices), self.config.context_slices)
+            prepared = list(stack_context(slices, rows))
+        else:
+            prepared = [self.prepare_slice(image) for image in images]
         results = []
         starts = range(0, len(prepared), self.batch_size)
         for start in tqdm(starts, desc="predicting", unit="batch", disable=not progress):
@@ -337,7 +344,8 @@ def predict_path(predictor: Predictor, inputs: Sequence[Path | str], out_root: P
     one case, or folders of a volume layout (a case folder, or a dataset of cases) into a new folder
     ``<out_root>/predictions``; returns the folder and a summary. Image outputs mirror the inputs' paths
     inside their folders (:func:`_output_stems`), so none overwrites another; volume outputs are named after
-    their case."""
+    their case. A model with 2.5D context reads each image with its neighbours as in training: the images of
+    its folder with the same case id, in slice-number order (``<case>_<n>``, as kaggle_3m names them)."""
     inputs = [Path(p) for p in inputs]
     missing = [str(p) for p in inputs if not p.exists()]
     if missing:
@@ -371,7 +379,10 @@ def predict_path(predictor: Predictor, inputs: Sequence[Path | str], out_root: P
             rows.append({"file": str(path), "status": f"skipped: {error}"})
     if not images:
         raise DataError(f"no readable image among {len(files)} file(s): {rows[0]['status'] if rows else 'none found'}")
-    for (path, stem), image, prediction in zip(stems, images, predictor.predict_slices(images, progress)):
+    cases = [(str(path.parent), *split_case_and_slice(path.stem)) for path, _ in stems]  # 2.5D neighbours
+    predictions = predictor.predict_slices(images, progress, case_ids=[f"{folder}/{case}" for folder, case, _ in cases],
+                                           slice_indices=[number for _, _, number in cases])
+    for (path, stem), image, prediction in zip(stems, images, predictions):
         _write_slice(out_dir, stem, image, prediction)
         rows.append({"file": str(path), "output": stem, "lesions": prediction.lesion_count, "lesion_pixels": int(sum(prediction.lesion_areas)),
                      "max_probability": float(prediction.probability.max()), "status": "ok"})

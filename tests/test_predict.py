@@ -181,3 +181,29 @@ def test_case_scores_read_the_labels_in_the_convention_of_the_predicted_dataset(
     msd = pd.read_csv(predict_path(predictor, [tmp_path / "msd"], tmp_path / "b", progress=False)[0] / "predictions.csv")
     for column in ("wt_dice", "tc_dice", "et_dice", "tc_lesion_dice"):
         assert msd[column].iloc[0] == pytest.approx(brats[column].iloc[0]), column
+
+
+def test_a_context_model_reads_the_neighbouring_slices_of_a_folder_by_case_and_number(brats_run: Path,
+                                                                                     tmp_path: Path) -> None:
+    """Slices named <case>_<n> are each other's 2.5D neighbours at prediction, as at training; a lone slice is
+    its own neighbour."""
+    predictor = Predictor.from_run(brats_run, threshold=0.3)
+    rng = np.random.default_rng(0)
+    images = [rng.random((40, 40, 3)).astype(np.float32) for _ in range(3)]
+    together = predictor.predict_slices(images, case_ids=["a", "a", "a"], slice_indices=[3, 1, 2])
+    alone = predictor.predict_slices(images)
+    assert not np.allclose(together[2].probability, alone[2].probability)
+    single = predictor.predict_slices(images[:1], case_ids=["a"], slice_indices=[1])
+    np.testing.assert_allclose(single[0].probability, alone[0].probability, atol=1e-6)
+    from metaseg_tf.data.context import stack_context
+
+    slices = np.stack([predictor.prepare_slice(image, alone=False) for image in images])
+    expected = predictor._probabilities(stack_context(slices, np.array([[1, 2, 0]])))[0, ..., 0]  # slice 2: 1, 2, 3
+    resized = cv2.resize(expected, (40, 40), interpolation=cv2.INTER_LINEAR)
+    np.testing.assert_allclose(together[2].probability, resized, atol=1e-5)
+    folder = tmp_path / "case"
+    folder.mkdir()
+    for number, image in zip((3, 1, 2), images):
+        cv2.imwrite(str(folder / f"a_{number}.png"), cv2.cvtColor(np.round(image * 255).astype(np.uint8), cv2.COLOR_RGB2BGR))
+    out_dir, _ = predict_path(predictor, [folder], tmp_path / "out", progress=False)
+    assert len(list(out_dir.glob("a_*_mask.png"))) == 3
