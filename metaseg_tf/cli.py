@@ -22,6 +22,8 @@ from metaseg_tf.data.discover import DataError, discover_pairs
 from metaseg_tf.data.summary import summarise_dataset, summarise_volumes
 from metaseg_tf.data.synthetic import DEFAULT_PHANTOMS, PHANTOM_LAYOUTS, PhantomSettings, generate_phantom
 from metaseg_tf.data.volumes import discover_volumes
+from metaseg_tf.engines import ENGINES
+from metaseg_tf.export import EXPORT_FORMATS
 from metaseg_tf.pipeline import PROFILES, PipelineError
 
 DEFAULT_PHANTOM = PhantomSettings()
@@ -120,9 +122,21 @@ def _predict(args: argparse.Namespace) -> int:
     if (args.run is None) == (args.model is None):
         raise ConfigError("give the run folder once: `metaseg predict RUN --input ...`")
     predictor = Predictor.from_run(args.run or args.model, which=args.which, threshold=args.threshold, flip_tta=args.tta,
-                                   min_component_pixels=args.min_component)
+                                   min_component_pixels=args.min_component, engine=args.engine)
     out_dir, summary = predict_path(predictor, args.input, args.out, progress=not args.quiet)
     print(", ".join(f"{key} {value}" for key, value in summary.items()))
+    print(out_dir)
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from metaseg_tf.export import export_run, read_export
+
+    out_dir = export_run(args.run, args.format, args.which)
+    difference = read_export(out_dir).get("max_abs_difference_to_keras")
+    print(f"{args.format} export of the {args.which} model"
+          + (f"; largest probability difference to Keras on a check batch {difference:.2e}" if difference is not None
+             else ""))
     print(out_dir)
     return 0
 
@@ -181,7 +195,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     try:
         return serve(args.runs, args.host, args.api_port, args.ui_port, api=not args.ui_only, ui=not args.api_only,
-                     api_url=args.api_url)
+                     api_url=args.api_url, engine=args.engine)
     except ServeError as error:
         raise ConfigError(str(error)) from None
 
@@ -264,7 +278,16 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--threshold", type=float, help="default: the run's config threshold")
     predict.add_argument("--tta", action="store_true", help="average with the horizontally flipped image")
     predict.add_argument("--min-component", type=int, default=0, help="drop lesions smaller than this (pixels)")
+    predict.add_argument("--engine", default="keras", choices=ENGINES,
+                         help="run the network with Keras (default), ONNX Runtime or OpenVINO (the run's newest "
+                              "export of that format, exported first if there is none)")
     predict.set_defaults(handler=_predict)
+
+    export = commands.add_parser("export", help="export a run's model as ONNX, OpenVINO IR or a TF SavedModel")
+    export.add_argument("run", type=_typed_path, help="run folder made by `metaseg train`")
+    export.add_argument("--format", required=True, choices=EXPORT_FORMATS)
+    export.add_argument("--which", default="best", choices=("best", "last"))
+    export.set_defaults(handler=_export)
 
     serve = commands.add_parser("serve", help="start the web app: prediction API (FastAPI) and UI (Streamlit)")
     serve.add_argument("--runs", type=_typed_path, nargs="+",
@@ -276,6 +299,8 @@ def build_parser() -> argparse.ArgumentParser:
     parts.add_argument("--api-only", action="store_true", help="start only the API")
     parts.add_argument("--ui-only", action="store_true", help="start only the UI (see --api-url)")
     serve.add_argument("--api-url", help="where the UI finds the API (default: this host's --api-port)")
+    serve.add_argument("--engine", default="keras", choices=ENGINES,
+                       help="how the API runs the networks: Keras (default), ONNX Runtime or OpenVINO")
     serve.set_defaults(handler=_serve)
     return parser
 

@@ -56,6 +56,7 @@ from metaseg_tf.data.volumes import (
     read_case,
     resolve_sequences,
 )
+from metaseg_tf.engines import Engine, KerasEngine, load_engine
 from metaseg_tf.evaluation.scores import evaluate_masks
 from metaseg_tf.paths import resolve
 from metaseg_tf.training.runs import load_run_config, new_dir, read_json, run_model_path
@@ -100,9 +101,7 @@ def batch_probabilities(model: keras.Model, batch: np.ndarray, normalisation: st
     """Probabilities ``float32 (B, S, S, R)`` (one channel per output region) of one preprocessed batch
     ``(B, S, S, C)``, read at the model's last output (for U-Net++ with deep supervision the deepest head, the
     output its validation Dice was monitored on)."""
-    output = model.predict_on_batch(normalise(batch, normalisation))
-    output = output[-1] if isinstance(output, (list, tuple)) else output
-    return np.asarray(keras.ops.convert_to_numpy(output), np.float32)
+    return KerasEngine(model).predict(normalise(batch, normalisation))
 
 
 def predict_probabilities(model: keras.Model, images: np.ndarray, normalisation: str,
@@ -134,23 +133,28 @@ class Predictor:
 
     def __init__(self, model: keras.Model, config: ExperimentConfig, threshold: float | None = None,
                  flip_tta: bool = False, min_component_pixels: int = 0, batch_size: int = 16,
-                 label_convention: str = "binary") -> None:
+                 label_convention: str = "binary", engine: Engine | None = None) -> None:
         self.model, self.config = model, config
+        self.engine: Engine = engine if engine is not None else KerasEngine(model)
         self.threshold = config.threshold if threshold is None else threshold
         self.flip_tta, self.min_component_pixels, self.batch_size = flip_tta, min_component_pixels, batch_size
         self.target: Target = resolve_target(config.target, label_convention)
 
     @classmethod
-    def from_run(cls, run_dir: Path | str, which: str = "best", **options) -> Predictor:
+    def from_run(cls, run_dir: Path | str, which: str = "best", engine: str = "keras", **options) -> Predictor:
+        """The run's model with its preprocessing; ``engine`` ``keras``, ``onnx`` or ``openvino``
+        (:mod:`metaseg_tf.engines`: the run's newest export of that format, exported first if needed)."""
         convention = read_json(Path(run_dir) / "data.json").get("label_convention", "binary")
-        return cls(load_model(run_dir, which), load_run_config(run_dir), label_convention=convention, **options)
+        model = load_model(run_dir, which)
+        return cls(model, load_run_config(run_dir), label_convention=convention,
+                   engine=load_engine(run_dir, engine, which, model), **options)
 
     def _probabilities(self, batch: np.ndarray) -> np.ndarray:
-        """``(B, S, S, R)`` probabilities of preprocessed slices (with their context channels), flip TTA
-        included."""
-        probabilities = batch_probabilities(self.model, batch, self.config.normalisation)
+        """``(B, S, S, R)`` probabilities of preprocessed slices (with their context channels) from the
+        predictor's engine, flip TTA included."""
+        probabilities = self.engine.predict(normalise(batch, self.config.normalisation))
         if self.flip_tta:
-            flipped = batch_probabilities(self.model, np.ascontiguousarray(batch[:, :, ::-1]), self.config.normalisation)
+            flipped = self.engine.predict(normalise(np.ascontiguousarray(batch[:, :, ::-1]), self.config.normalisation))
             probabilities = (probabilities + flipped[:, :, ::-1]) / 2
         return probabilities
 

@@ -88,6 +88,7 @@ class ServeSettings:
     max_side_pixels: int = 4096
     max_volume_bytes: int = 200 * 1024 * 1024
     max_voxels: int = 40_000_000
+    engine: str = "keras"  # keras, onnx or openvino (metaseg_tf.engines)
 
 
 def newest_pipeline_runs(pipeline_root: str | Path = paths.PIPELINE_ROOT) -> list[Path]:
@@ -135,7 +136,7 @@ def _model_info(name: str, run_dir: Path, config: Any, parameters: int) -> dict[
             "test_metrics": test}
 
 
-def load_models(run_dirs: list[Path]) -> dict[str, ServedModel]:
+def load_models(run_dirs: list[Path], engine: str = "keras") -> dict[str, ServedModel]:
     """Load each run's best model; names are the architectures (the run folder's name on a clash)."""
     from metaseg_tf.predict import Predictor
 
@@ -143,11 +144,12 @@ def load_models(run_dirs: list[Path]) -> dict[str, ServedModel]:
     for run_dir in run_dirs:
         run_dir = paths.resolve(run_dir)
         try:
-            predictor = Predictor.from_run(run_dir)
+            predictor = Predictor.from_run(run_dir, engine=engine)
         except Exception as error:  # a broken run folder must stop the start-up with its reason
             raise ServeError(f"cannot load {run_dir}: {error}") from error
         name = predictor.config.model if predictor.config.model not in models else run_dir.name
-        info = _model_info(name, run_dir, predictor.config, predictor.model.count_params())
+        info = {**_model_info(name, run_dir, predictor.config, predictor.model.count_params()),
+                "engine": predictor.engine.name}
         models[name] = ServedModel(name, run_dir, predictor, info)
     return models
 
@@ -468,7 +470,7 @@ class BodyLimit:
 def create_app(run_dirs: list[Path] | None = None, settings: ServeSettings | None = None) -> FastAPI:
     """The FastAPI application serving ``run_dirs`` (default: the newest pipeline run's two models)."""
     settings = settings or ServeSettings()
-    models = load_models(run_dirs if run_dirs else newest_pipeline_runs())
+    models = load_models(run_dirs if run_dirs else newest_pipeline_runs(), settings.engine)
     app = FastAPI(title="metaseg-tf", version="0.1.0",
                   description="Brain-lesion segmentation of 2D MRI slices and NIfTI volumes with U-Net++ "
                               "and Attention U-Net.")
@@ -565,11 +567,13 @@ def create_app(run_dirs: list[Path] | None = None, settings: ServeSettings | Non
 
 def app_from_environment() -> FastAPI:
     """App factory for uvicorn: runs from ``METASEG_SERVE_RUNS`` (``os.pathsep``-separated), limits from
-    ``METASEG_MAX_UPLOAD_MB``, ``METASEG_MAX_SIDE_PX``, ``METASEG_MAX_VOLUME_MB`` and ``METASEG_MAX_VOXELS``."""
+    ``METASEG_MAX_UPLOAD_MB``, ``METASEG_MAX_SIDE_PX``, ``METASEG_MAX_VOLUME_MB`` and ``METASEG_MAX_VOXELS``,
+    the inference engine from ``METASEG_ENGINE`` (keras, onnx or openvino)."""
     runs = [Path(p) for p in os.environ.get("METASEG_SERVE_RUNS", "").split(os.pathsep) if p]
     settings = ServeSettings(
         max_upload_bytes=int(float(os.environ.get("METASEG_MAX_UPLOAD_MB", 20)) * 1024 * 1024),
         max_side_pixels=int(os.environ.get("METASEG_MAX_SIDE_PX", 4096)),
         max_volume_bytes=int(float(os.environ.get("METASEG_MAX_VOLUME_MB", 200)) * 1024 * 1024),
-        max_voxels=int(float(os.environ.get("METASEG_MAX_VOXELS", 40_000_000))))
+        max_voxels=int(float(os.environ.get("METASEG_MAX_VOXELS", 40_000_000))),
+        engine=os.environ.get("METASEG_ENGINE", "keras"))
     return create_app(runs or None, settings)

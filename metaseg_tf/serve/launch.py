@@ -29,13 +29,14 @@ def ui_command(host: str, port: int) -> list[str]:
 
 
 def serve(runs: Sequence[Path] | None = None, host: str = "127.0.0.1", api_port: int = 8000, ui_port: int = 8501,
-          api: bool = True, ui: bool = True, api_url: str | None = None) -> int:
-    """Run the chosen parts until one exits or Ctrl-C; returns the first non-zero exit status (else 0)."""
-    environment = dict(os.environ)
+          api: bool = True, ui: bool = True, api_url: str | None = None, engine: str = "keras") -> int:
+    """Run the chosen parts until one exits or Ctrl-C; returns the first non-zero exit status (else 0).
+    ``engine``: how the API runs the networks (keras, onnx or openvino; :mod:`metaseg_tf.engines`)."""
+    environment = dict(os.environ, METASEG_ENGINE=engine)
     children: list[tuple[str, subprocess.Popen]] = []
     if api:
         run_dirs = list(runs) if runs else newest_pipeline_runs()
-        load_models(run_dirs)  # fail here, in one line, if a run cannot be loaded
+        load_models(run_dirs, engine)  # fail here, in one line, if a run cannot be loaded (exports made once)
         environment["METASEG_SERVE_RUNS"] = os.pathsep.join(str(Path(r).resolve()) for r in run_dirs)
         children.append(("API", subprocess.Popen(api_command(host, api_port), env=environment)))
         print(f"API  http://{host}:{api_port}  (docs at /docs) serving {', '.join(Path(r).name for r in run_dirs)}")

@@ -1,0 +1,107 @@
+"""Inference engines: the same trained network run by Keras, ONNX Runtime or OpenVINO.
+
+An engine maps a normalised batch ``float32 (B, S, S, input_channels)`` to the probabilities of the model's
+last output ``float32 (B, S, S, regions)`` (for U-Net++ with deep supervision the deepest head, the one its
+validation Dice was monitored on). :class:`~metaseg_tf.predict.Predictor` does the preprocessing, the
+thresholding and the resizing around it, so every engine gives masks on the run's own terms.
+
+* ``keras``: the run's ``.keras`` model, ``predict_on_batch`` under the configured backend.
+* ``onnx``: an ONNX export (:mod:`metaseg_tf.export`) in ONNX Runtime on the CPU execution provider.
+* ``openvino``: an OpenVINO IR export compiled for the CPU with ``INFERENCE_PRECISION_HINT=f32``. OpenVINO
+  otherwise runs in bf16 on CPUs that have it (this one does), which is faster but moves probabilities by a
+  few hundredths: a different model, not the trained one. ``precision="bf16"`` asks for it explicitly.
+
+:func:`load_engine` uses the run's newest export of the engine's format and exports one first if there is
+none. The export's ``export.json`` records the largest probability difference to Keras measured on a check
+batch when it was written.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+ENGINES = ("keras", "onnx", "openvino")
+
+
+class Engine(Protocol):
+    name: str
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        """Normalised ``float32 (B, S, S, C)`` -> probabilities ``float32 (B, S, S, R)``."""
+
+
+class KerasEngine:
+    """The Keras model itself; its last output is read."""
+
+    name = "keras"
+
+    def __init__(self, model) -> None:
+        self.model = model
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        import keras
+
+        output = self.model.predict_on_batch(batch)
+        output = output[-1] if isinstance(output, (list, tuple)) else output
+        return np.asarray(keras.ops.convert_to_numpy(output), np.float32)
+
+
+class OnnxEngine:
+    """An exported ``model.onnx`` in ONNX Runtime (CPU)."""
+
+    name = "onnx"
+
+    def __init__(self, path: Path | str) -> None:
+        import onnxruntime
+
+        self.session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        self.input_name = self.session.get_inputs()[0].name
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        return np.asarray(self.session.run(None, {self.input_name: np.ascontiguousarray(batch, np.float32)})[0],
+                          np.float32)
+
+
+class OpenVinoEngine:
+    """An exported OpenVINO IR ``model.xml`` compiled for the CPU, in float32 unless ``precision`` says bf16."""
+
+    name = "openvino"
+
+    def __init__(self, path: Path | str, precision: str = "f32") -> None:
+        import openvino
+
+        self.compiled = openvino.Core().compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": precision})
+        self.output = self.compiled.output(0)
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        return np.asarray(self.compiled(np.ascontiguousarray(batch, np.float32))[self.output], np.float32)
+
+
+def engine_from_export(export_dir: Path | str) -> Engine:
+    """The engine of an export folder (``onnx`` or ``openvino``; see :mod:`metaseg_tf.export`)."""
+    from metaseg_tf.export import EXPORT_FILES, read_export
+
+    export_dir = Path(export_dir)
+    kind = read_export(export_dir)["format"]
+    if kind == "onnx":
+        return OnnxEngine(export_dir / EXPORT_FILES["onnx"])
+    if kind == "openvino":
+        return OpenVinoEngine(export_dir / EXPORT_FILES["openvino"])
+    raise ValueError(f"{export_dir} holds a {kind} export, which no engine here runs; use onnx or openvino")
+
+
+def load_engine(run_dir: Path | str, engine: str, which: str = "best", model=None) -> Engine:
+    """The run's ``which`` model as ``engine``: Keras (``model`` if given, else loaded), or the newest export of
+    that format (written first if there is none)."""
+    from metaseg_tf.export import export_run, latest_export
+    from metaseg_tf.predict import load_model
+
+    if engine not in ENGINES:
+        raise ValueError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
+    if engine == "keras":
+        return KerasEngine(model if model is not None else load_model(run_dir, which))
+    export_dir = latest_export(run_dir, engine, which) or export_run(run_dir, engine, which)
+    return engine_from_export(export_dir)

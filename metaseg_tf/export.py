@@ -1,0 +1,70 @@
+"""Export a trained run for serving anywhere: ONNX, OpenVINO IR or a TensorFlow SavedModel.
+
+:func:`export_run` writes a new folder ``<run>/export-<format>/`` (never over an earlier one) holding
+
+* the network, through Keras 3's own ``model.export``: ``model.onnx`` (tf2onnx under TensorFlow),
+  ``model.xml`` + ``model.bin`` (OpenVINO IR) or ``saved_model/`` (TensorFlow SavedModel, ``serve``
+  signature). Input ``float32 (batch, S, S, input_channels)`` normalised as the run's config says; output the
+  model's last head, probabilities ``float32 (batch, S, S, regions)``;
+* ``config.json`` and ``data.json``: the run's preprocessing (window, CLAHE, image size, normalisation,
+  sequences, 2.5D context, threshold) and its label convention, so the export is usable without this package;
+* ``export.json``: format, which model, Keras version and backend, shapes, and the largest absolute
+  probability difference to Keras measured on a check batch (ONNX and OpenVINO, run by
+  :mod:`metaseg_tf.engines`).
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from metaseg_tf.training.runs import new_dir, read_json, write_json
+
+EXPORT_FORMATS = ("onnx", "openvino", "saved_model")
+EXPORT_FILES = {"onnx": "model.onnx", "openvino": "model.xml", "saved_model": "saved_model"}
+_KERAS_FORMATS = {"onnx": "onnx", "openvino": "openvino", "saved_model": "tf_saved_model"}
+CHECK_BATCH = 4  # images of the check batch that the export is compared to Keras on
+
+
+def read_export(export_dir: Path | str) -> dict:
+    """An export folder's ``export.json``."""
+    return read_json(Path(export_dir) / "export.json")
+
+
+def latest_export(run_dir: Path | str, format: str, which: str = "best") -> Path | None:
+    """The newest export of ``run_dir`` in ``format`` of model ``which``, or None."""
+    found = [folder for folder in Path(run_dir).glob(f"export-{format}*")
+             if (folder / "export.json").is_file() and read_export(folder).get("which") == which]
+    return max(found, key=lambda p: (p / "export.json").stat().st_mtime) if found else None
+
+
+def export_run(run_dir: Path | str, format: str, which: str = "best") -> Path:
+    """Export the run's ``which`` model in ``format`` into a new folder (see the module docstring)."""
+    import keras
+
+    from metaseg_tf.engines import KerasEngine, engine_from_export
+    from metaseg_tf.predict import load_model
+
+    if format not in EXPORT_FORMATS:
+        raise ValueError(f"unknown export format {format!r}; choose one of {', '.join(EXPORT_FORMATS)}")
+    run_dir = Path(run_dir)
+    model = load_model(run_dir, which)
+    served = keras.Model(model.inputs, model.outputs[-1], name=f"{model.name}_served")
+    served.predict_on_batch(np.zeros((1, *served.inputs[0].shape[1:]), np.float32))  # traced before export
+    out_dir = new_dir(run_dir, f"export-{format}")
+    served.export(str(out_dir / EXPORT_FILES[format]), format=_KERAS_FORMATS[format], verbose=False)
+    for name in ("config.json", "data.json"):
+        if (run_dir / name).is_file():
+            shutil.copy(run_dir / name, out_dir / name)
+    record = {"format": format, "which": which, "run": str(run_dir), "file": EXPORT_FILES[format],
+              "keras": keras.__version__, "backend": keras.backend.backend(),
+              "input_shape": [None, *served.inputs[0].shape[1:]], "output_shape": [None, *served.outputs[0].shape[1:]]}
+    write_json(out_dir / "export.json", record)
+    if format in ("onnx", "openvino"):
+        check = np.random.default_rng(0).normal(size=(CHECK_BATCH, *served.inputs[0].shape[1:])).astype(np.float32)
+        difference = np.abs(engine_from_export(out_dir).predict(check) - KerasEngine(served).predict(check))
+        record["max_abs_difference_to_keras"] = float(difference.max())
+        write_json(out_dir / "export.json", record)
+    return out_dir

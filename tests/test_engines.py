@@ -1,0 +1,57 @@
+"""Inference engines: ONNX Runtime and OpenVINO give Keras' probabilities and masks, in the library, the
+command line and the API."""
+
+from __future__ import annotations
+
+import base64
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from metaseg_tf.engines import load_engine
+from metaseg_tf.predict import Predictor, predict_path
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("openvino")
+
+
+@pytest.mark.parametrize("engine", ["onnx", "openvino"])
+@pytest.mark.parametrize("index", [0, 1])  # U-Net++ (deep supervision) and Attention U-Net
+def test_engines_give_the_keras_probabilities_and_masks(served_runs: list[Path], engine: str, index: int) -> None:
+    run = served_runs[index]
+    rng = np.random.default_rng(index)
+    images = [rng.random((48, 40, 3)).astype(np.float32) for _ in range(5)]
+    keras_predictions = Predictor.from_run(run, threshold=0.3).predict_slices(images)
+    other = Predictor.from_run(run, threshold=0.3, engine=engine)
+    assert other.engine.name == engine
+    for expected, found in zip(keras_predictions, other.predict_slices(images)):
+        assert np.abs(expected.probability - found.probability).max() < 1e-4
+        np.testing.assert_array_equal(expected.mask, found.mask)
+    batch = rng.normal(size=(3, 32, 32, 3)).astype(np.float32)
+    difference = np.abs(load_engine(run, engine).predict(batch) - load_engine(run, "keras").predict(batch))
+    assert difference.max() < 1e-4
+
+
+def test_predict_folder_and_api_with_an_engine_match_keras(served_runs: list[Path], phantom_dir: Path,
+                                                         tmp_path: Path) -> None:
+    from fastapi.testclient import TestClient
+
+    from metaseg_tf.serve.api import ServeSettings, create_app
+
+    run = served_runs[1]
+    source = sorted(phantom_dir.rglob("*_4.png"))[:3]
+    keras_dir, _ = predict_path(Predictor.from_run(run), source, tmp_path / "keras", progress=False)
+    onnx_dir, _ = predict_path(Predictor.from_run(run, engine="onnx"), source, tmp_path / "onnx", progress=False)
+    for mask in keras_dir.glob("*_mask.png"):
+        np.testing.assert_array_equal(cv2.imread(str(mask)), cv2.imread(str(onnx_dir / mask.name)))
+    image = source[0].read_bytes()
+    masks = {}
+    for engine in ("keras", "openvino"):
+        with TestClient(create_app([run], ServeSettings(engine=engine))) as client:
+            assert client.get("/models").json()[0]["engine"] == engine
+            reply = client.post("/predict", files={"file": ("x.png", image)}, data={"threshold": "0.3"}).json()
+            masks[engine] = base64.b64decode(reply["predictions"][0]["mask_png"])
+    np.testing.assert_array_equal(cv2.imdecode(np.frombuffer(masks["keras"], np.uint8), 0),
+                                  cv2.imdecode(np.frombuffer(masks["openvino"], np.uint8), 0))
