@@ -1,119 +1,228 @@
-"""Benchmark: our U-Net++ and Attention U-Net against published Keras implementations, side by side.
+"""Benchmark: our U-Net++ and Attention U-Net against faithful peers, training and inference, in one run.
 
-Every model gets the same input (128 x 128 x 3), filters (16, 32, 64, 128, 256), batch 8, sigmoid output,
-Adam, binary cross-entropy, ``jit_compile="auto"``, and is timed in the same process one after another:
+Every model gets the same input (128 x 128 x 3, channels last for Keras, channels first for PyTorch), filters
+16-256 over five levels, batch norm + ReLU, transposed-convolution up-sampling, one sigmoid output, batch 8,
+Adam (lr 1e-3) and binary cross-entropy, on this machine's CPU with the same number of threads (PyTorch's
+``set_num_threads`` = the CPU count, TensorFlow's default pools = the CPU count):
 
-* ``train img/s``: ``train_on_batch`` after two warm-up steps (compilation excluded);
-* ``infer img/s``: ``predict_on_batch`` likewise;
-* parameters and GFLOPs per image (counted by the backend's compiler, :func:`metaseg_tf.evaluation.complexity.count_flops`),
-  because implementations that share a name need not compute the same network.
+* ours: ``metaseg_tf.models.build_model`` (Keras 3, the configured backend, ``jit_compile="auto"``), in float32;
+  levers measured as extra rows: XLA on (``jit_compile=True``), bf16 mixed precision (``mixed_bfloat16``),
+  and for inference the ONNX Runtime and OpenVINO (float32) engines of :mod:`metaseg_tf.engines` on
+  exports made by Keras 3's ``model.export``;
+* MONAI (PyTorch): ``BasicUNetPlusPlus`` (features 16-256, up-sampling 16, ``upsample="deconv"``, no deep
+  supervision) and ``AttentionUnet`` (channels 16-256, strides 2): faithful U-Net++ and Attention U-Net;
+* keras-unet-collection: ``att_unet_2d`` (additive attention, batch norm, max pooling, transposed
+  convolutions), and ``unet_plus_2d`` only for the record: it passes ``concat=False`` to every decoder call
+  and so drops U-Net++'s skip connections; it is never a ratio's reference.
 
-Peers: keras-unet-collection's ``unet_plus_2d`` and ``att_unet_2d`` (batch norm on, transposed-convolution
-up-sampling, max pooling: the options closest to ours) and medicai's ``UNetPlusPlus`` / ``AttentionUNet``.
-A peer that is not installed or cannot be built at this configuration is listed with the reason.
-Install the peers with ``pip install keras-unet-collection medicai``.
+``--rounds`` rounds; in each every model runs ``--steps`` training steps and ``--steps`` inference batches
+(after warm-up steps in round 0: compilation excluded), the order rotating every round so machine drift
+cancels. Printed: img/s (median and min-max over rounds) per row, and per architecture the ratio ours /
+best faithful peer, computed per round, as median (min-max). Optional peers that are not installed are
+listed with the reason: ``pip install "torch==2.13.0+cpu" monai keras-unet-collection``.
 
-Usage: ``python benchmarks/bench_models.py [--size 128 --batch 8 --steps 5]``.
+Usage: ``python benchmarks/bench_models.py [--size 128 --batch 8 --steps 5 --rounds 3]``.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import platform
+import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 
 import keras
 import numpy as np
+import pandas as pd
 
 from metaseg_tf.config import ExperimentConfig
-from metaseg_tf.evaluation.complexity import count_flops
+from metaseg_tf.engines import OnnxEngine, OpenVinoEngine
 from metaseg_tf.models import build_model
 
 FILTERS = (16, 32, 64, 128, 256)
+FAITHFUL_PEERS = {"nested_unet": ("MONAI BasicUNetPlusPlus",),
+                  "attention_unet": ("MONAI AttentionUnet", "keras-unet-collection att_unet_2d")}
 
 
-def _ours(name: str, deep_supervision: bool = False) -> Callable[[int], keras.Model]:
-    def build(size: int) -> keras.Model:
-        config = ExperimentConfig(image_size=size, filters=FILTERS, deep_supervision=deep_supervision)
-        return build_model(name, config)
-    return build
+@dataclass
+class Candidate:
+    """One row: a train step and an inference step on fixed data, or the reason it cannot be measured."""
+
+    name: str
+    architecture: str
+    train: Callable[[], object] | None = None
+    infer: Callable[[], object] | None = None
+    skipped: str = ""
 
 
-def _kuc(kind: str) -> Callable[[int], keras.Model]:
-    def build(size: int) -> keras.Model:
-        from keras_unet_collection import models
-
-        options = dict(filter_num=list(FILTERS), n_labels=1, stack_num_down=2, stack_num_up=2, activation="ReLU",
-                       output_activation="Sigmoid", batch_norm=True, pool="max", unpool=False)
-        if kind == "unet_plus_2d":
-            return models.unet_plus_2d((size, size, 3), deep_supervision=False, **options)
-        return models.att_unet_2d((size, size, 3), atten_activation="ReLU", attention="add", **options)
-    return build
-
-
-def _medicai(kind: str) -> Callable[[int], keras.Model]:
-    def build(size: int) -> keras.Model:
-        from medicai import models
-
-        model_class = models.UNetPlusPlus if kind == "UNetPlusPlus" else models.AttentionUNet
-        return model_class(input_shape=(size, size, 3), encoder_depth=4, decoder_filters=FILTERS[::-1][1:],
-                           num_classes=1, classifier_activation="sigmoid")
-    return build
-
-
-CANDIDATES: dict[str, Callable[[int], keras.Model]] = {
-    "ours nested_unet": _ours("nested_unet"),
-    "ours nested_unet (deep supervision)": _ours("nested_unet", deep_supervision=True),
-    "keras-unet-collection unet_plus_2d": _kuc("unet_plus_2d"),
-    "medicai UNetPlusPlus": _medicai("UNetPlusPlus"),
-    "ours attention_unet": _ours("attention_unet"),
-    "keras-unet-collection att_unet_2d": _kuc("att_unet_2d"),
-    "medicai AttentionUNet": _medicai("AttentionUNet"),
-}
-
-
-def _time(step: Callable[[], object], steps: int) -> float:
-    for _ in range(2):
-        step()
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    return (time.perf_counter() - start) / steps
-
-
-def measure(build: Callable[[int], keras.Model], size: int, batch: int, steps: int) -> dict[str, float]:
-    keras.utils.set_random_seed(0)
-    model = build(size)
+def _data(size: int, batch: int) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(0)
     x = rng.normal(size=(batch, size, size, 3)).astype(np.float32)
     y = (rng.random((batch, size, size, 1)) < 0.1).astype(np.float32)
+    return x, y
+
+
+def _keras_candidate(name: str, architecture: str, model: keras.Model, x: np.ndarray, y: np.ndarray,
+                     jit_compile: bool | str = "auto") -> Candidate:
     targets = y if len(model.outputs) == 1 else [y] * len(model.outputs)
-    model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="binary_crossentropy", jit_compile="auto")
-    train_s = _time(lambda: model.train_on_batch(x, targets), steps)
-    infer_s = _time(lambda: keras.tree.map_structure(np.asarray, model.predict_on_batch(x)), steps)
-    flops = count_flops(model)
-    return {"params": model.count_params(), "gflops": flops / 1e9 if flops else float("nan"),
-            "train": batch / train_s, "infer": batch / infer_s}
+    model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="binary_crossentropy", jit_compile=jit_compile)
+    return Candidate(name, architecture, lambda: model.train_on_batch(x, targets),
+                     lambda: keras.tree.map_structure(np.asarray, model.predict_on_batch(x)))
+
+
+def _ours(size: int, x: np.ndarray, y: np.ndarray, export_root: Path) -> list[Candidate]:
+    candidates = []
+    for architecture in ("nested_unet", "attention_unet"):
+        config = ExperimentConfig(image_size=size, filters=FILTERS, model=architecture, deep_supervision=False)
+        keras.utils.set_random_seed(0)
+        model = build_model(architecture, config)
+        candidates.append(_keras_candidate(f"ours {architecture}", architecture, model, x, y))
+        keras.utils.set_random_seed(0)
+        candidates.append(_keras_candidate(f"ours {architecture}, XLA", architecture,
+                                           build_model(architecture, config), x, y, jit_compile=True))
+        keras.mixed_precision.set_global_policy("mixed_bfloat16")
+        try:
+            keras.utils.set_random_seed(0)
+            candidates.append(_keras_candidate(f"ours {architecture}, bf16", architecture,
+                                               build_model(architecture, config), x, y))
+        finally:
+            keras.mixed_precision.set_global_policy("float32")
+        model.predict_on_batch(x)  # traced before export
+        for engine, kind, file in (("onnx", "onnx", "model.onnx"), ("openvino f32", "openvino", "model.xml")):
+            path = export_root / f"{architecture}-{kind}" / file
+            path.parent.mkdir(parents=True)
+            model.export(str(path), format=kind, verbose=False)
+            runner = OnnxEngine(path) if kind == "onnx" else OpenVinoEngine(path)
+            candidates.append(Candidate(f"ours {architecture}, {engine} engine", architecture,
+                                        infer=lambda runner=runner: runner.predict(x)))
+    return candidates
+
+
+def _monai(size: int, x: np.ndarray, y: np.ndarray) -> list[Candidate]:
+    try:
+        import torch
+        from monai.networks.nets import AttentionUnet, BasicUNetPlusPlus
+    except ImportError as error:
+        return [Candidate(f"MONAI {name}", architecture, skipped=f"not installed ({error.name})")
+                for name, architecture in (("BasicUNetPlusPlus", "nested_unet"), ("AttentionUnet", "attention_unet"))]
+    torch.set_num_threads(os.cpu_count() or 1)
+    torch.manual_seed(0)
+    xt = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+    yt = torch.from_numpy(np.ascontiguousarray(y.transpose(0, 3, 1, 2)))
+    networks = {
+        "BasicUNetPlusPlus": ("nested_unet", BasicUNetPlusPlus(
+            spatial_dims=2, in_channels=3, out_channels=1, features=(*FILTERS, FILTERS[0]), deep_supervision=False,
+            act="relu", norm="batch", upsample="deconv")),
+        "AttentionUnet": ("attention_unet", AttentionUnet(
+            spatial_dims=2, in_channels=3, out_channels=1, channels=FILTERS, strides=(2, 2, 2, 2))),
+    }
+    candidates = []
+    for name, (architecture, network) in networks.items():
+        optimizer = torch.optim.Adam(network.parameters(), lr=1e-3)
+        loss = torch.nn.BCEWithLogitsLoss()  # the sigmoid inside the loss, as PyTorch users write it
+
+        def output(network=network):
+            result = network(xt)
+            return result[-1] if isinstance(result, (list, tuple)) else result
+
+        def train(network=network, optimizer=optimizer, loss=loss, output=output) -> None:
+            network.train()
+            optimizer.zero_grad()
+            loss(output(), yt).backward()
+            optimizer.step()
+
+        def infer(network=network, output=output) -> np.ndarray:
+            network.eval()
+            with torch.inference_mode():
+                return torch.sigmoid(output()).numpy()
+
+        candidates.append(Candidate(f"MONAI {name}", architecture, train, infer))
+    return candidates
+
+
+def _keras_unet_collection(size: int, x: np.ndarray, y: np.ndarray) -> list[Candidate]:
+    try:
+        from keras_unet_collection import models
+    except ImportError as error:
+        return [Candidate("keras-unet-collection att_unet_2d", "attention_unet", skipped=f"not installed ({error.name})")]
+    options = dict(filter_num=list(FILTERS), n_labels=1, stack_num_down=2, stack_num_up=2, activation="ReLU",
+                   output_activation="Sigmoid", batch_norm=True, pool="max", unpool=False)
+    keras.utils.set_random_seed(0)
+    attention = models.att_unet_2d((size, size, 3), atten_activation="ReLU", attention="add", **options)
+    keras.utils.set_random_seed(0)
+    plus = models.unet_plus_2d((size, size, 3), deep_supervision=False, **options)
+    return [_keras_candidate("keras-unet-collection att_unet_2d", "attention_unet", attention, x, y),
+            _keras_candidate("keras-unet-collection unet_plus_2d (no skip connections: not U-Net++)", "record",
+                             plus, x, y)]
+
+
+def _rate(step: Callable[[], object], steps: int, batch: int) -> float:
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return steps * batch / (time.perf_counter() - start)
+
+
+def _machine() -> str:
+    cpuinfo = Path("/proc/cpuinfo")
+    model = next((line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+                  if line.startswith("model name")), platform.machine()) if cpuinfo.is_file() else platform.machine()
+    return f"{os.cpu_count()} CPUs, {model}"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=5, help="timed steps per model after 2 warm-up steps")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per model, per round and mode")
+    parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
-    print(f"backend {keras.backend.backend()}, input {args.size}x{args.size}x3, filters {FILTERS}, "
-          f"batch {args.batch}, {args.steps} timed steps")
-    print(f"{'model':<40} {'params':>10} {'GFLOPs':>7} {'train img/s':>12} {'infer img/s':>12}")
-    for name, build in CANDIDATES.items():
-        try:
-            result = measure(build, args.size, args.batch, args.steps)
-        except Exception as error:  # a peer that cannot be installed or built: say why, go on
-            reason = str(error).splitlines()[0][:90] if str(error) else type(error).__name__
-            print(f"{name:<40} not measured: {type(error).__name__}: {reason}")
-            continue
-        print(f"{name:<40} {result['params']:>10,} {result['gflops']:>7.2f} {result['train']:>12.2f} "
-              f"{result['infer']:>12.2f}")
+    x, y = _data(args.size, args.batch)
+    with tempfile.TemporaryDirectory() as temporary:
+        candidates = (_ours(args.size, x, y, Path(temporary)) + _monai(args.size, x, y)
+                      + _keras_unet_collection(args.size, x, y))
+        measured = [c for c in candidates if not c.skipped]
+        for candidate in measured:  # warm-up: graph tracing, XLA compilation, kernel selection
+            for step in (candidate.train, candidate.infer):
+                if step is not None:
+                    step(), step()
+        rates = {(c.name, mode): [] for c in measured for mode in ("train", "infer")}
+        for round_index in range(args.rounds):
+            shift = round_index % len(measured)
+            for candidate in measured[shift:] + measured[:shift]:
+                for mode, step in (("train", candidate.train), ("infer", candidate.infer)):
+                    if step is not None:
+                        rates[(candidate.name, mode)].append(_rate(step, args.steps, args.batch))
+    rows = []
+    for candidate in candidates:
+        row = {"model": candidate.name}
+        for mode in ("train", "infer"):
+            values = rates.get((candidate.name, mode), [])
+            row[f"{mode} img/s"] = (f"{np.median(values):.1f} ({min(values):.1f}-{max(values):.1f})" if values
+                                    else candidate.skipped or "-")
+        rows.append(row)
+    ratios = []
+    for candidate in (c for c in measured if c.name.startswith("ours")):
+        peers = [c for c in measured if c.name in FAITHFUL_PEERS[candidate.architecture]]
+        for mode in ("train", "infer"):
+            ours = rates[(candidate.name, mode)]
+            peer_rates = [rates[(peer.name, mode)] for peer in peers if rates[(peer.name, mode)]]
+            if not ours or not peer_rates:
+                continue
+            per_round = [value / max(peer[k] for peer in peer_rates) for k, value in enumerate(ours)]
+            best = max(peers, key=lambda peer: np.median(rates[(peer.name, mode)]) if rates[(peer.name, mode)] else 0)
+            ratios.append({"ours": candidate.name, "mode": mode, "best faithful peer": best.name,
+                           "ratio median (min-max)": f"{np.median(per_round):.2f} ({min(per_round):.2f}-"
+                                                     f"{max(per_round):.2f})"})
+    print(f"machine: {_machine()}; Keras {keras.__version__} on {keras.backend.backend()}; input "
+          f"{args.size}x{args.size}x3, filters {FILTERS}, batch {args.batch}, {args.rounds} rounds x {args.steps} steps")
+    print(pd.DataFrame(rows).to_markdown(index=False))
+    print()
+    print(pd.DataFrame(ratios).to_markdown(index=False))
 
 
 if __name__ == "__main__":

@@ -83,8 +83,9 @@ def make_optimizer(config: ExperimentConfig, steps_per_epoch: int) -> keras.opti
 
 
 def _jit_compile(config: ExperimentConfig) -> bool | str:
-    """XLA: ``auto`` lets Keras compile wherever it can (JAX always; TensorFlow on CPU and GPU: a U-Net++
-    training step at 128 px, batch 16 took 4.4 s with XLA and 6.0 s without on 2 CPU cores); PyTorch off."""
+    """XLA: ``auto`` passes Keras' own ``"auto"``: JAX always; TensorFlow only where there is an accelerator
+    (Keras turns XLA off on CPU-only machines, where ``benchmarks/bench_models.py`` measured it at 0.72-0.97x
+    the speed without it); PyTorch off."""
     if config.jit_compile != "auto":
         return config.jit_compile == "on"
     return "auto" if keras.backend.backend() in ("jax", "tensorflow") else False
