@@ -23,7 +23,19 @@ from typing import Protocol
 
 import numpy as np
 
+from metaseg_tf.config import ConfigError
+
 ENGINES = ("keras", "onnx", "openvino")
+
+
+def _runtime(package: str, engine: str):
+    """The engine's runtime package, or a :class:`ConfigError` that names it."""
+    import importlib
+
+    try:
+        return importlib.import_module(package)
+    except ImportError:
+        raise ConfigError(f"the {engine} engine needs the package {package}: pip install {package}") from None
 
 
 class Engine(Protocol):
@@ -55,8 +67,7 @@ class OnnxEngine:
     name = "onnx"
 
     def __init__(self, path: Path | str) -> None:
-        import onnxruntime
-
+        onnxruntime = _runtime("onnxruntime", "onnx")
         self.session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         self.input_name = self.session.get_inputs()[0].name
 
@@ -71,8 +82,7 @@ class OpenVinoEngine:
     name = "openvino"
 
     def __init__(self, path: Path | str, precision: str = "f32") -> None:
-        import openvino
-
+        openvino = _runtime("openvino", "openvino")
         self.compiled = openvino.Core().compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": precision})
         self.output = self.compiled.output(0)
 

@@ -8,24 +8,29 @@
   model's last head, probabilities ``float32 (batch, S, S, regions)``;
 * ``config.json`` and ``data.json``: the run's preprocessing (window, CLAHE, image size, normalisation,
   sequences, 2.5D context, threshold) and its label convention, so the export is usable without this package;
-* ``export.json``: format, which model, Keras version and backend, shapes, and the largest absolute
-  probability difference to Keras measured on a check batch (ONNX and OpenVINO, run by
+* ``export.json``: format, which model and the sha256 of its ``.keras`` file (an export of a model that a
+  resumed training has since replaced is never used), Keras version and backend, shapes, and the largest
+  absolute probability difference to Keras measured on a check batch (ONNX and OpenVINO, run by
   :mod:`metaseg_tf.engines`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from metaseg_tf.training.runs import new_dir, read_json, write_json
+from metaseg_tf.config import ConfigError
+from metaseg_tf.training.runs import new_dir, read_json, run_model_path, write_json
 
 EXPORT_FORMATS = ("onnx", "openvino", "saved_model")
 EXPORT_FILES = {"onnx": "model.onnx", "openvino": "model.xml", "saved_model": "saved_model"}
 _KERAS_FORMATS = {"onnx": "onnx", "openvino": "openvino", "saved_model": "tf_saved_model"}
 CHECK_BATCH = 4  # images of the check batch that the export is compared to Keras on
+MAX_DIFFERENCE = 1e-3  # largest probability difference to Keras an ONNX or OpenVINO export may have
 
 
 def read_export(export_dir: Path | str) -> dict:
@@ -33,15 +38,29 @@ def read_export(export_dir: Path | str) -> dict:
     return read_json(Path(export_dir) / "export.json")
 
 
+def model_digest(run_dir: Path | str, which: str = "best") -> str:
+    """sha256 of the run's ``which`` model file: an export records it, so an export of a model that training
+    has since replaced (a resumed run writes a new ``best.keras``) is never used for the new one."""
+    return hashlib.sha256(run_model_path(run_dir, which).read_bytes()).hexdigest()
+
+
 def latest_export(run_dir: Path | str, format: str, which: str = "best") -> Path | None:
-    """The newest export of ``run_dir`` in ``format`` of model ``which``, or None."""
+    """The newest export of ``run_dir`` in ``format`` made from the run's current ``which`` model, or None."""
+    digest = model_digest(run_dir, which)
     found = [folder for folder in Path(run_dir).glob(f"export-{format}*")
-             if (folder / "export.json").is_file() and read_export(folder).get("which") == which]
+             if (folder / "export.json").is_file() and read_export(folder).get("which") == which
+             and read_export(folder).get("model_sha256") == digest]
     return max(found, key=lambda p: (p / "export.json").stat().st_mtime) if found else None
 
 
 def export_run(run_dir: Path | str, format: str, which: str = "best") -> Path:
-    """Export the run's ``which`` model in ``format`` into a new folder (see the module docstring)."""
+    """Export the run's ``which`` model in ``format`` into a new folder (see the module docstring).
+
+    The export is written into a hidden scratch folder of the run and becomes ``export-<format>`` only once it
+    is complete and, for ONNX and OpenVINO, gives Keras' probabilities within :data:`MAX_DIFFERENCE`; a failed
+    or interrupted export leaves no folder that could be taken for a good one. A missing converter or runtime
+    (e.g. ``tf2onnx`` under TensorFlow, ``jax2onnx`` under JAX, ``openvino``) is a :class:`ConfigError`
+    naming it."""
     import keras
 
     from metaseg_tf.engines import KerasEngine, engine_from_export
@@ -50,21 +69,36 @@ def export_run(run_dir: Path | str, format: str, which: str = "best") -> Path:
     if format not in EXPORT_FORMATS:
         raise ValueError(f"unknown export format {format!r}; choose one of {', '.join(EXPORT_FORMATS)}")
     run_dir = Path(run_dir)
+    digest = model_digest(run_dir, which)
     model = load_model(run_dir, which)
     served = keras.Model(model.inputs, model.outputs[-1], name=f"{model.name}_served")
     served.predict_on_batch(np.zeros((1, *served.inputs[0].shape[1:]), np.float32))  # traced before export
-    out_dir = new_dir(run_dir, f"export-{format}")
-    served.export(str(out_dir / EXPORT_FILES[format]), format=_KERAS_FORMATS[format], verbose=False)
-    for name in ("config.json", "data.json"):
-        if (run_dir / name).is_file():
-            shutil.copy(run_dir / name, out_dir / name)
-    record = {"format": format, "which": which, "run": str(run_dir), "file": EXPORT_FILES[format],
-              "keras": keras.__version__, "backend": keras.backend.backend(),
-              "input_shape": [None, *served.inputs[0].shape[1:]], "output_shape": [None, *served.outputs[0].shape[1:]]}
-    write_json(out_dir / "export.json", record)
-    if format in ("onnx", "openvino"):
-        check = np.random.default_rng(0).normal(size=(CHECK_BATCH, *served.inputs[0].shape[1:])).astype(np.float32)
-        difference = np.abs(engine_from_export(out_dir).predict(check) - KerasEngine(served).predict(check))
-        record["max_abs_difference_to_keras"] = float(difference.max())
-        write_json(out_dir / "export.json", record)
-    return out_dir
+    scratch = Path(tempfile.mkdtemp(prefix=f".export-{format}-", dir=run_dir))
+    try:
+        try:
+            served.export(str(scratch / EXPORT_FILES[format]), format=_KERAS_FORMATS[format], verbose=False)
+        except ImportError as error:
+            raise ConfigError(f"exporting to {format} under the {keras.backend.backend()} backend needs the package "
+                              f"{error.name or error}; install it, or export under another backend") from None
+        for name in ("config.json", "data.json"):
+            if (run_dir / name).is_file():
+                shutil.copy(run_dir / name, scratch / name)
+        record = {"format": format, "which": which, "run": str(run_dir), "file": EXPORT_FILES[format],
+                  "model_sha256": digest, "keras": keras.__version__, "backend": keras.backend.backend(),
+                  "input_shape": [None, *served.inputs[0].shape[1:]],
+                  "output_shape": [None, *served.outputs[0].shape[1:]]}
+        write_json(scratch / "export.json", record)
+        if format in ("onnx", "openvino"):
+            check = np.random.default_rng(0).normal(size=(CHECK_BATCH, *served.inputs[0].shape[1:])).astype(np.float32)
+            difference = float(np.abs(engine_from_export(scratch).predict(check) - KerasEngine(served).predict(check)).max())
+            if difference > MAX_DIFFERENCE:
+                raise ValueError(f"the {format} export differs from Keras by up to {difference:.3g} in probability "
+                                 f"(limit {MAX_DIFFERENCE}); it is not kept")
+            record["max_abs_difference_to_keras"] = difference
+            write_json(scratch / "export.json", record)
+        out_dir = new_dir(run_dir, f"export-{format}")
+        for path in scratch.iterdir():
+            path.replace(out_dir / path.name)
+        return out_dir
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)

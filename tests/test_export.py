@@ -40,3 +40,44 @@ def test_a_second_export_never_overwrites_the_first(served_runs: list[Path], cap
     assert folders[:2] == ["export-onnx", "export-onnx-2"]
     with pytest.raises(SystemExit):  # argparse names the formats
         main(["-q", "export", str(run), "--format", "tflite"])
+
+
+def test_an_export_of_a_replaced_model_is_not_used_and_a_failed_export_leaves_nothing(
+        served_runs: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import shutil
+
+    import keras
+
+    from metaseg_tf.config import ConfigError
+    from metaseg_tf.engines import load_engine
+
+    run = tmp_path / "run"
+    shutil.copytree(served_runs[1], run, ignore=shutil.ignore_patterns("export-*", "evaluation-*"))
+    first = export_run(run, "onnx")
+    assert latest_export(run, "onnx") == first
+    model = keras.saving.load_model(run / "best.keras", compile=False)  # a resumed training writes a new best
+    model.set_weights([weight * 0.5 for weight in model.get_weights()])
+    model.save(run / "best.keras")
+    assert latest_export(run, "onnx") is None
+    load_engine(run, "onnx")  # exports the new best model
+    assert latest_export(run, "onnx") not in (None, first)
+
+    def failing(*args, **kwargs):
+        raise ImportError("no converter", name="tf2onnx")
+
+    monkeypatch.setattr(keras.Model, "export", failing)
+    before = sorted(p.name for p in run.iterdir())
+    with pytest.raises(ConfigError, match="needs the package tf2onnx"):
+        export_run(run, "onnx")
+    assert sorted(p.name for p in run.iterdir()) == before  # no half-written export folder, no scratch left
+
+
+def test_a_missing_runtime_is_a_one_line_error(served_runs: list[Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    from metaseg_tf.config import ConfigError
+    from metaseg_tf.engines import OnnxEngine
+
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # as if not installed
+    with pytest.raises(ConfigError, match="pip install onnxruntime"):
+        OnnxEngine(served_runs[0] / "best.keras")

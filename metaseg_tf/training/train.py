@@ -84,7 +84,7 @@ def make_optimizer(config: ExperimentConfig, steps_per_epoch: int) -> keras.opti
 
 def _jit_compile(config: ExperimentConfig) -> bool | str:
     """XLA: ``auto`` passes Keras' own ``"auto"``: JAX always; TensorFlow only where there is an accelerator
-    (Keras turns XLA off on CPU-only machines, where ``benchmarks/bench_models.py`` measured it at 0.72-0.97x
+    (Keras turns XLA off on CPU-only machines, where ``benchmarks/bench_models.py`` measured it at 0.70-0.85x
     the speed without it); PyTorch off."""
     if config.jit_compile != "auto":
         return config.jit_compile == "on"
