@@ -14,8 +14,6 @@ Usage: ``python benchmarks/bench_engines.py [--size 128 --batch 8 --rounds 5 --s
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -25,6 +23,7 @@ import pandas as pd
 
 from metaseg_tf.config import ExperimentConfig
 from metaseg_tf.engines import KerasEngine, OnnxEngine, OpenVinoEngine
+from metaseg_tf.environment import machine_description
 from metaseg_tf.export import EXPORT_FILES, export_run
 from metaseg_tf.models import build_model
 
@@ -39,13 +38,6 @@ def _run_folder(root: Path, name: str, size: int) -> Path:
     build_model(name, config).save(run / "best.keras")
     config.save(run / "config.json")
     return run
-
-
-def _machine() -> str:
-    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), platform.machine()) if Path("/proc/cpuinfo").is_file() else \
-        platform.machine()
-    return f"{os.cpu_count()} CPUs, {model}"
 
 
 def _rate(engine, batch: np.ndarray, steps: int) -> float:
@@ -90,7 +82,7 @@ def main() -> None:
                              "img/s median (min-max)": f"{np.median(values):.1f} ({min(values):.1f}-{max(values):.1f})",
                              "vs keras": f"{np.median(values) / keras_median:.2f}",
                              "max |p - p_keras|": f"{difference:.1e}"})
-    print(f"machine: {_machine()}; "
+    print(f"machine: {machine_description()}; "
           f"{args.size}x{args.size}x3, batch {args.batch}, {args.rounds} rounds of {args.steps} batches")
     print(pd.DataFrame(rows).to_markdown(index=False))
 

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import tempfile
 import time
 from collections.abc import Callable
@@ -41,6 +40,7 @@ import pandas as pd
 
 from metaseg_tf.config import ExperimentConfig
 from metaseg_tf.engines import OnnxEngine, OpenVinoEngine
+from metaseg_tf.environment import machine_description
 from metaseg_tf.models import build_model
 
 FILTERS = (16, 32, 64, 128, 256)
@@ -167,13 +167,6 @@ def _rate(step: Callable[[], object], steps: int, batch: int) -> float:
     return steps * batch / (time.perf_counter() - start)
 
 
-def _machine() -> str:
-    cpuinfo = Path("/proc/cpuinfo")
-    model = next((line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
-                  if line.startswith("model name")), platform.machine()) if cpuinfo.is_file() else platform.machine()
-    return f"{os.cpu_count()} CPUs, {model}"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=128)
@@ -218,7 +211,7 @@ def main() -> None:
             ratios.append({"ours": candidate.name, "mode": mode, "best faithful peer": best.name,
                            "ratio median (min-max)": f"{np.median(per_round):.2f} ({min(per_round):.2f}-"
                                                      f"{max(per_round):.2f})"})
-    print(f"machine: {_machine()}; Keras {keras.__version__} on {keras.backend.backend()}; input "
+    print(f"machine: {machine_description()}; Keras {keras.__version__} on {keras.backend.backend()}; input "
           f"{args.size}x{args.size}x3, filters {FILTERS}, batch {args.batch}, {args.rounds} rounds x {args.steps} steps")
     print(pd.DataFrame(rows).to_markdown(index=False))
     print()

@@ -30,7 +30,6 @@ Usage: ``python benchmarks/bench_volumes.py [--patients 6 --slices 24 --size 240
 from __future__ import annotations
 
 import argparse
-import os
 import platform
 import tempfile
 import time
@@ -46,19 +45,9 @@ from metaseg_tf.data.io import read_image, read_mask
 from metaseg_tf.data.preprocess import preprocess_dataset, preprocess_volumes
 from metaseg_tf.data.synthetic import generate_phantom
 from metaseg_tf.data.volumes import discover_volumes, read_case
+from metaseg_tf.environment import machine_description
 
 SEQUENCES = ("t1c", "t2f", "t1n")
-
-
-def _machine() -> str:
-    model = platform.processor()
-    if not model:
-        try:
-            lines = Path("/proc/cpuinfo").read_text().splitlines()
-            model = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "")
-        except OSError:
-            model = ""
-    return f"{os.cpu_count()} CPUs, {model or 'unknown CPU'}, {platform.system()} {platform.machine()}"
 
 
 def _bytes(files: list[Path]) -> int:
@@ -175,7 +164,7 @@ def main() -> None:
          for name, (vol, png) in rates.items()],
         columns=["slices/s, median (min-max)", "NIfTI volumes", "PNG slices", "volume / PNG"],
     )
-    print(f"machine: {_machine()}; Python {platform.python_version()}, NumPy {np.__version__}, "
+    print(f"machine: {machine_description()}; Python {platform.python_version()}, NumPy {np.__version__}, "
           f"OpenCV {cv2.__version__}")
     print(f"data: {args.patients} cases x {args.slices} slices at {args.size} px = {n_slices} slices, "
           f"3 sequences ({', '.join(SEQUENCES)}), network input {args.image_size} px, CLAHE on, "

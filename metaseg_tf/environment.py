@@ -6,6 +6,7 @@ import importlib.metadata
 import os
 import platform
 import sys
+from pathlib import Path
 
 import keras
 
@@ -33,6 +34,17 @@ def accelerator() -> str:
 
         return "gpu" if torch.cuda.is_available() else "cpu"
     return "cpu"
+
+
+def machine_description() -> str:
+    """``"<n> CPUs, <CPU model>, <system> <architecture>"`` for the header of a benchmark's table; the model
+    from ``/proc/cpuinfo`` where ``platform.processor()`` says nothing (Linux)."""
+    model = platform.processor()
+    cpuinfo = Path("/proc/cpuinfo")
+    if not model and cpuinfo.is_file():
+        model = next((line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+                      if line.startswith("model name")), "")
+    return f"{os.cpu_count()} CPUs, {model or 'unknown CPU'}, {platform.system()} {platform.machine()}"
 
 
 def environment_info() -> dict[str, object]:

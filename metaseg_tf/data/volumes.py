@@ -331,30 +331,32 @@ def read_case(case: VolumeCase, sequences: tuple[str, ...], fill_missing: str = 
     present = [c for c in channels if c is not None]
     if not present:
         raise DataError(f"case {case.case_id} has none of the sequences {', '.join(sequences)}")
-    _check_one_grid(case.case_id, grids)
+    check_one_grid(grids, case.case_id)
     fill = np.zeros_like(present[0]) if fill_missing != "repeat" else present[0]
     images = np.stack([fill if c is None else c for c in channels], axis=-1)
     labels = None
     if with_labels and case.labelled:
         labels, label_affine = _case_labels(case)
-        _check_one_grid(case.case_id, {**grids, "labels": (labels.shape, label_affine)})
+        check_one_grid({**grids, "labels": (labels.shape, label_affine)}, case.case_id)
     spacing = canonical_spacing(reference.affine) if reference is not None else None
     return CaseVolume(case.case_id, images, labels, spacing, reference, non_finite, filled)
 
 
-def _check_one_grid(case_id: str, grids: dict[str, tuple[tuple[int, ...], np.ndarray | None]]) -> None:
-    """:class:`DataError` unless every volume has the first one's shape and (where known) affine: volumes of
-    one shape on different affines would be reoriented differently and silently misaligned."""
+def check_one_grid(grids: dict[str, tuple[tuple[int, ...], np.ndarray | None]], case_id: str = "") -> None:
+    """:class:`DataError` unless every volume of ``grids`` (name -> shape, affine or None) has the first one's
+    shape and, where known, affine within :data:`GRID_TOLERANCE_MM`: volumes of one shape on different affines
+    would be reoriented differently and silently misaligned. Used for a case's files and for uploads alike."""
+    prefix = f"case {case_id}: " if case_id else ""
     (first, (shape, affine)), *others = grids.items()
     for name, (other_shape, other_affine) in others:
         if other_shape != shape:
-            raise DataError(f"case {case_id}: {name} is {other_shape} voxels (canonical order) but {first} {shape}; "
-                            "the sequences and labels must be co-registered on one grid")
+            raise DataError(f"{prefix}{name} is {other_shape} voxels but {first} {shape}; every volume must be "
+                            "co-registered on one voxel grid")
         if affine is not None and other_affine is not None and \
                 not np.allclose(other_affine, affine, rtol=0, atol=GRID_TOLERANCE_MM):
-            raise DataError(f"case {case_id}: {name} has another affine than {first} (up to "
-                            f"{np.abs(other_affine - affine).max():.3g} apart); the sequences and labels must be "
-                            "co-registered on one grid")
+            raise DataError(f"{prefix}{name} has another affine than {first} (up to "
+                            f"{np.abs(other_affine - affine).max():.3g} apart); every volume must be co-registered "
+                            "on one voxel grid")
 
 
 def _case_labels(case: VolumeCase) -> tuple[np.ndarray, np.ndarray | None]:
@@ -366,8 +368,8 @@ def _case_labels(case: VolumeCase) -> tuple[np.ndarray, np.ndarray | None]:
         if region in case.region_masks:
             data, image = _read_source(SequenceSource(case.region_masks[region]), labels=True)
             labels = np.zeros(data.shape, np.uint8) if labels is None else labels
-            _check_one_grid(case.case_id, {"the first region mask": (labels.shape, affine),
-                                           f"the {region} mask": (data.shape, image.affine)})
+            check_one_grid({"the first region mask": (labels.shape, affine),
+                            f"the {region} mask": (data.shape, image.affine)}, case.case_id)
             affine = image.affine
             labels[_label_map(data, str(case.region_masks[region])) > 0] = REGION_LABELS["brats"][region]
     if labels is None:

@@ -51,7 +51,7 @@ from pydantic import BaseModel, Field
 from metaseg_tf import paths
 from metaseg_tf.data.discover import DataError
 from metaseg_tf.data.io import JPEG_MAGIC, TIFF_MAGIC, read_image
-from metaseg_tf.data.volumes import is_nifti, nifti_stem, resolve_sequences
+from metaseg_tf.data.volumes import check_one_grid, is_nifti, nifti_stem, resolve_sequences
 from metaseg_tf.training.runs import list_runs, read_json
 
 SERVED_MODELS = ("nested_unet", "attention_unet")
@@ -304,7 +304,6 @@ def _predict_one(served: ServedModel, image: np.ndarray, threshold: float | None
 
 
 # --- volumes ------------------------------------------------------------------------------------------
-AFFINE_TOLERANCE_MM = 0.01  # two uploads are on one grid when their shapes agree and affines within this
 
 
 def _upload_name(filename: str | None, gzipped: bool, fallback: str) -> str:
@@ -370,19 +369,6 @@ def _volume_grid(path: Path, role: str, settings: ServeSettings) -> tuple[tuple[
         raise HTTPException(413, f"the {role} has {voxels} voxels ({'x'.join(map(str, shape))}); the limit is "
                                  f"{settings.max_voxels} voxels per volume")
     return shape, affine
-
-
-def _check_one_grid(grids: dict[str, tuple[tuple[int, ...], np.ndarray]]) -> None:
-    """422 unless every upload has the first one's shape and affine (co-registered on one voxel grid)."""
-    (first, (shape, affine)), *others = grids.items()
-    for role, (other_shape, other_affine) in others:
-        if other_shape != shape:
-            raise HTTPException(422, f"the {role} is {other_shape} voxels but the {first} {shape}: every upload "
-                                     "must be on one voxel grid (co-registered and resampled)")
-        if not np.allclose(other_affine, affine, rtol=0, atol=AFFINE_TOLERANCE_MM):
-            difference = float(np.abs(other_affine - affine).max())
-            raise HTTPException(422, f"the {role} has another affine than the {first} (they differ by up to "
-                                     f"{difference:.3g}): every upload must be on one voxel grid")
 
 
 def _read_volume(served: ServedModel, paths: list[Path], seg: Path | None, folder: Path) -> Any:
@@ -547,7 +533,10 @@ def create_app(run_dirs: list[Path] | None = None, settings: ServeSettings | Non
             grids = {role: _volume_grid(path, role, settings) for role, path in zip(roles, paths)}
             if seg_path is not None:
                 grids["seg"] = _volume_grid(seg_path, "seg", settings)
-            _check_one_grid(grids)
+            try:
+                check_one_grid(grids)  # the library's own check: co-registered uploads on one voxel grid
+            except DataError as error:
+                raise HTTPException(422, str(error)) from None
             volumes: dict[tuple, Any] = {}  # models that read the same sequences share one read
             predictions = []
             for k, served in enumerate(targets):
