@@ -6,10 +6,13 @@ threads at once (model ``all``: every request runs both models) and prints the e
 than 200), the latency percentiles and the throughput. Side by side, in the same run, the same load on
 ``GET /health`` shows what the server itself costs without a model. With ``--engines keras onnx openvino``
 the server is started once per inference engine (``METASEG_ENGINE``, :mod:`metaseg_tf.engines`; the runs'
-exports are made on first use) and the same load is sent to each, one after another.
+exports are made on first use) and the same load is sent to each, one after another; with ``--workers 1 2``
+once more per number of uvicorn worker processes (``metaseg serve --workers``). Keras inference is serialised
+per model by a lock; the ONNX Runtime and OpenVINO engines run concurrent requests in parallel outside the GIL.
+``--level K`` serves U-Net++ pruned to level K (``METASEG_LEVEL``).
 
 Usage: ``python benchmarks/bench_serve.py [--runs RUN RUN] [--requests 200 --concurrency 200]
-[--engines keras onnx openvino]``.
+[--engines keras onnx openvino] [--workers 1 2] [--level K]``.
 """
 
 from __future__ import annotations
@@ -59,6 +62,8 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=200)
     parser.add_argument("--port", type=int, default=8765)
     parser.add_argument("--engines", nargs="+", default=["keras"], choices=("keras", "onnx", "openvino"))
+    parser.add_argument("--workers", type=int, nargs="+", default=[1])
+    parser.add_argument("--level", type=int, help="serve U-Net++ pruned to this level")
     args = parser.parse_args()
 
     runs = args.runs or newest_pipeline_runs()
@@ -66,17 +71,19 @@ def main() -> None:
         phantom = generate_phantom(Path(tmp) / "phantom", n_patients=1, n_slices=4, size=256, seed=5, progress=False)
         upload = discover_pairs(phantom.root).pairs[2].image_path.read_bytes()
     print(f"serving {', '.join(Path(r).name for r in runs)}; {args.requests} requests, {args.concurrency} "
-          f"concurrent, 256x256 PNG upload, model=all; CPU count {os.cpu_count()}")
-    print(f"{'engine':<10}{'endpoint':<16}{'errors':>8}{'p50 ms':>10}{'p95 ms':>10}{'p99 ms':>10}{'max ms':>10}"
+          f"concurrent, 256x256 PNG upload, model=all, U-Net++ level {args.level or 'whole'}; "
+          f"CPU count {os.cpu_count()}")
+    print(f"{'engine':<10}{'workers':>8}  {'endpoint':<16}{'errors':>8}{'p50 ms':>10}{'p95 ms':>10}{'p99 ms':>10}{'max ms':>10}"
           f"{'req/s':>9}")
-    for engine in args.engines:
-        _serve_and_load(runs, engine, upload, args)
+    for workers in args.workers:
+        for engine in args.engines:
+            _serve_and_load(runs, engine, workers, upload, args)
 
 
-def _serve_and_load(runs: list[Path], engine: str, upload: bytes, args: argparse.Namespace) -> None:
+def _serve_and_load(runs: list[Path], engine: str, workers: int, upload: bytes, args: argparse.Namespace) -> None:
     environment = {**os.environ, "METASEG_SERVE_RUNS": os.pathsep.join(str(Path(r).resolve()) for r in runs),
-                   "METASEG_ENGINE": engine}
-    server = subprocess.Popen(api_command("127.0.0.1", args.port), env=environment)
+                   "METASEG_ENGINE": engine, "METASEG_LEVEL": str(args.level or "")}
+    server = subprocess.Popen(api_command("127.0.0.1", args.port, workers), env=environment)
     base = f"http://127.0.0.1:{args.port}"
     try:
         deadline = time.time() + 180
@@ -88,11 +95,11 @@ def _serve_and_load(runs: list[Path], engine: str, upload: bytes, args: argparse
                 if time.time() > deadline or server.poll() is not None:
                     raise SystemExit("the API did not start") from None
                 time.sleep(0.5)
-        requests.post(f"{base}/predict", files={"file": ("slice.png", upload)}, timeout=600)  # warm-up
+        _load(f"{base}/predict", 4 * workers, 2 * workers, upload)  # warm-up: every worker's models
         for name, url, payload in (("GET /health", f"{base}/health", None), ("POST /predict", f"{base}/predict", upload)):
             latencies, errors, wall = _load(url, args.requests, args.concurrency, payload)
             p50, p95, p99 = np.percentile(latencies, [50, 95, 99])
-            print(f"{engine:<10}{name:<16}{errors:>8}{p50:>10.0f}{p95:>10.0f}{p99:>10.0f}{latencies.max():>10.0f}"
+            print(f"{engine:<10}{workers:>8}  {name:<16}{errors:>8}{p50:>10.0f}{p95:>10.0f}{p99:>10.0f}{latencies.max():>10.0f}"
                   f"{args.requests / wall:>9.1f}")
     finally:
         server.terminate()

@@ -122,7 +122,7 @@ def _predict(args: argparse.Namespace) -> int:
     if (args.run is None) == (args.model is None):
         raise ConfigError("give the run folder once: `metaseg predict RUN --input ...`")
     predictor = Predictor.from_run(args.run or args.model, which=args.which, threshold=args.threshold, flip_tta=args.tta,
-                                   min_component_pixels=args.min_component, engine=args.engine)
+                                   min_component_pixels=args.min_component, engine=args.engine, level=args.level)
     out_dir, summary = predict_path(predictor, args.input, args.out, progress=not args.quiet)
     print(", ".join(f"{key} {value}" for key, value in summary.items()))
     print(out_dir)
@@ -132,9 +132,9 @@ def _predict(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     from metaseg_tf.export import export_run, read_export
 
-    out_dir = export_run(args.run, args.format, args.which)
+    out_dir = export_run(args.run, args.format, args.which, args.level)
     difference = read_export(out_dir).get("max_abs_difference_to_keras")
-    print(f"{args.format} export of the {args.which} model"
+    print(f"{args.format} export of the {args.which} model" + (f" pruned to level {args.level}" if args.level else "")
           + (f"; largest probability difference to Keras on a check batch {difference:.2e}" if difference is not None
              else ""))
     print(out_dir)
@@ -195,9 +195,13 @@ def _serve(args: argparse.Namespace) -> int:
 
     try:
         return serve(args.runs, args.host, args.api_port, args.ui_port, api=not args.ui_only, ui=not args.api_only,
-                     api_url=args.api_url, engine=args.engine)
+                     api_url=args.api_url, engine=args.engine, level=args.level, workers=args.workers)
     except ServeError as error:
         raise ConfigError(str(error)) from None
+
+
+LEVEL_HELP = ("U-Net++ pruned to this level (1 = shallowest head; faster, usually less accurate; default: the whole "
+              "network, Zhou et al. 2019, section III-C)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -281,12 +285,14 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--engine", default="keras", choices=ENGINES,
                          help="run the network with Keras (default), ONNX Runtime or OpenVINO (the run's newest "
                               "export of that format, exported first if there is none)")
+    predict.add_argument("--level", type=int, help=LEVEL_HELP)
     predict.set_defaults(handler=_predict)
 
     export = commands.add_parser("export", help="export a run's model as ONNX, OpenVINO IR or a TF SavedModel")
     export.add_argument("run", type=_typed_path, help="run folder made by `metaseg train`")
     export.add_argument("--format", required=True, choices=EXPORT_FORMATS)
     export.add_argument("--which", default="best", choices=("best", "last"))
+    export.add_argument("--level", type=int, help=LEVEL_HELP)
     export.set_defaults(handler=_export)
 
     serve = commands.add_parser("serve", help="start the web app: prediction API (FastAPI) and UI (Streamlit)")
@@ -301,6 +307,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--api-url", help="where the UI finds the API (default: this host's --api-port)")
     serve.add_argument("--engine", default="keras", choices=ENGINES,
                        help="how the API runs the networks: Keras (default), ONNX Runtime or OpenVINO")
+    serve.add_argument("--level", type=int, help=LEVEL_HELP + "; other architectures are served whole")
+    serve.add_argument("--workers", type=int, default=1,
+                       help="API server processes, each with its own copy of the models (default 1)")
     serve.set_defaults(handler=_serve)
     return parser
 

@@ -40,6 +40,7 @@ def _runtime(package: str, engine: str):
 
 class Engine(Protocol):
     name: str
+    concurrent: bool  # may be called from several threads at once (and runs without holding the GIL)
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
         """Normalised ``float32 (B, S, S, C)`` -> probabilities ``float32 (B, S, S, R)``."""
@@ -49,6 +50,7 @@ class KerasEngine:
     """The Keras model itself; its last output is read."""
 
     name = "keras"
+    concurrent = False  # one call at a time: a backend's model state is not documented as thread-safe
 
     def __init__(self, model) -> None:
         self.model = model
@@ -65,6 +67,7 @@ class OnnxEngine:
     """An exported ``model.onnx`` in ONNX Runtime (CPU)."""
 
     name = "onnx"
+    concurrent = True  # InferenceSession.run is thread-safe and releases the GIL
 
     def __init__(self, path: Path | str) -> None:
         onnxruntime = _runtime("onnxruntime", "onnx")
@@ -80,6 +83,7 @@ class OpenVinoEngine:
     """An exported OpenVINO IR ``model.xml`` compiled for the CPU, in float32 unless ``precision`` says bf16."""
 
     name = "openvino"
+    concurrent = True  # one infer request per call; inference releases the GIL
 
     def __init__(self, path: Path | str, precision: str = "f32") -> None:
         openvino = _runtime("openvino", "openvino")
@@ -87,7 +91,8 @@ class OpenVinoEngine:
         self.output = self.compiled.output(0)
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
-        return np.asarray(self.compiled(np.ascontiguousarray(batch, np.float32))[self.output], np.float32)
+        request = self.compiled.create_infer_request()
+        return np.asarray(request.infer(np.ascontiguousarray(batch, np.float32))[self.output], np.float32)
 
 
 def engine_from_export(export_dir: Path | str) -> Engine:
@@ -103,15 +108,16 @@ def engine_from_export(export_dir: Path | str) -> Engine:
     raise ValueError(f"{export_dir} holds a {kind} export, which no engine here runs; use onnx or openvino")
 
 
-def load_engine(run_dir: Path | str, engine: str, which: str = "best", model=None) -> Engine:
-    """The run's ``which`` model as ``engine``: Keras (``model`` if given, else loaded), or the newest export of
-    that format (written first if there is none)."""
-    from metaseg_tf.export import export_run, latest_export
+def load_engine(run_dir: Path | str, engine: str, which: str = "best", model=None, level: int | None = None) -> Engine:
+    """The run's ``which`` model, pruned to ``level`` if given (U-Net++ only,
+    :func:`~metaseg_tf.export.served_model`), as ``engine``: Keras (``model`` if given, else loaded), or the
+    newest export of that format and level (written first if there is none)."""
+    from metaseg_tf.export import export_run, latest_export, served_model
     from metaseg_tf.predict import load_model
 
     if engine not in ENGINES:
         raise ValueError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
     if engine == "keras":
-        return KerasEngine(model if model is not None else load_model(run_dir, which))
-    export_dir = latest_export(run_dir, engine, which) or export_run(run_dir, engine, which)
+        return KerasEngine(served_model(model if model is not None else load_model(run_dir, which), level))
+    export_dir = latest_export(run_dir, engine, which, level) or export_run(run_dir, engine, which, level)
     return engine_from_export(export_dir)

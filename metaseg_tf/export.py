@@ -1,14 +1,16 @@
 """Export a trained run for serving anywhere: ONNX, OpenVINO IR or a TensorFlow SavedModel.
 
-:func:`export_run` writes a new folder ``<run>/export-<format>/`` (never over an earlier one) holding
+:func:`export_run` writes a new folder ``<run>/export-<format>/`` (never over an earlier one; a U-Net++ pruned
+to level ``K``, the served speed/accuracy choice of Zhou et al. 2019, section III-C: ``export-<format>-L<K>``)
+holding
 
 * the network, through Keras 3's own ``model.export``: ``model.onnx`` (tf2onnx under TensorFlow),
   ``model.xml`` + ``model.bin`` (OpenVINO IR) or ``saved_model/`` (TensorFlow SavedModel, ``serve``
   signature). Input ``float32 (batch, S, S, input_channels)`` normalised as the run's config says; output the
-  model's last head, probabilities ``float32 (batch, S, S, regions)``;
+  model's last head (or the pruned U-Net++'s head ``K``), probabilities ``float32 (batch, S, S, regions)``;
 * ``config.json`` and ``data.json``: the run's preprocessing (window, CLAHE, image size, normalisation,
   sequences, 2.5D context, threshold) and its label convention, so the export is usable without this package;
-* ``export.json``: format, which model and the sha256 of its ``.keras`` file (an export of a model that a
+* ``export.json``: format, which model, the pruning level (``null``: the whole network) and the sha256 of its ``.keras`` file (an export of a model that a
   resumed training has since replaced is never used), Keras version and backend, shapes, and the largest
   absolute probability difference to Keras measured on a check batch (ONNX and OpenVINO, run by
   :mod:`metaseg_tf.engines`).
@@ -44,17 +46,45 @@ def model_digest(run_dir: Path | str, which: str = "best") -> str:
     return hashlib.sha256(run_model_path(run_dir, which).read_bytes()).hexdigest()
 
 
-def latest_export(run_dir: Path | str, format: str, which: str = "best") -> Path | None:
-    """The newest export of ``run_dir`` in ``format`` made from the run's current ``which`` model, or None."""
+def served_model(model, level: int | None = None):
+    """The network a user serves: ``model``'s last output, or for ``level`` the U-Net++ pruned to that level
+    (:func:`~metaseg_tf.models.nested_unet.prune_nested_unet`: head ``level``, same weights, fewer nodes).
+    ``(B, S, S, input_channels)`` -> ``(B, S, S, regions)``. A level for a model without deep-supervision heads
+    is a :class:`ConfigError`."""
+    import keras
+
+    from metaseg_tf.models.nested_unet import head_names, prune_nested_unet
+
+    if level is None:
+        return keras.Model(model.inputs, model.outputs[-1], name=f"{model.name}_served")
+    heads = head_names(model)
+    if not heads:
+        raise ConfigError(f"a pruning level applies to U-Net++ trained with deep supervision; {model.name} has no "
+                          "heads to prune to")
+    if not 1 <= level <= len(heads):
+        raise ConfigError(f"level must lie in 1..{len(heads)} for this U-Net++, got {level}")
+    return prune_nested_unet(model, level)
+
+
+def _export_stem(format: str, level: int | None) -> str:
+    return f"export-{format}" if level is None else f"export-{format}-L{level}"
+
+
+def latest_export(run_dir: Path | str, format: str, which: str = "best", level: int | None = None) -> Path | None:
+    """The newest export of ``run_dir`` in ``format`` made from the run's current ``which`` model, pruned to
+    ``level`` (None: the whole network), or None."""
     digest = model_digest(run_dir, which)
-    found = [folder for folder in Path(run_dir).glob(f"export-{format}*")
-             if (folder / "export.json").is_file() and read_export(folder).get("which") == which
-             and read_export(folder).get("model_sha256") == digest]
+    found = []
+    for folder in Path(run_dir).glob(f"{_export_stem(format, level)}*"):
+        record = read_export(folder) if (folder / "export.json").is_file() else {}
+        if (record.get("which"), record.get("model_sha256"), record.get("level")) == (which, digest, level):
+            found.append(folder)
     return max(found, key=lambda p: (p / "export.json").stat().st_mtime) if found else None
 
 
-def export_run(run_dir: Path | str, format: str, which: str = "best") -> Path:
-    """Export the run's ``which`` model in ``format`` into a new folder (see the module docstring).
+def export_run(run_dir: Path | str, format: str, which: str = "best", level: int | None = None) -> Path:
+    """Export the run's ``which`` model, pruned to ``level`` if given (U-Net++ only), in ``format`` into a new
+    folder (see the module docstring).
 
     The export is written into a hidden scratch folder of the run and becomes ``export-<format>`` only once it
     is complete and, for ONNX and OpenVINO, gives Keras' probabilities within :data:`MAX_DIFFERENCE`; a failed
@@ -71,7 +101,7 @@ def export_run(run_dir: Path | str, format: str, which: str = "best") -> Path:
     run_dir = Path(run_dir)
     digest = model_digest(run_dir, which)
     model = load_model(run_dir, which)
-    served = keras.Model(model.inputs, model.outputs[-1], name=f"{model.name}_served")
+    served = served_model(model, level)
     served.predict_on_batch(np.zeros((1, *served.inputs[0].shape[1:]), np.float32))  # traced before export
     scratch = Path(tempfile.mkdtemp(prefix=f".export-{format}-", dir=run_dir))
     try:
@@ -83,7 +113,7 @@ def export_run(run_dir: Path | str, format: str, which: str = "best") -> Path:
         for name in ("config.json", "data.json"):
             if (run_dir / name).is_file():
                 shutil.copy(run_dir / name, scratch / name)
-        record = {"format": format, "which": which, "run": str(run_dir), "file": EXPORT_FILES[format],
+        record = {"format": format, "which": which, "level": level, "run": str(run_dir), "file": EXPORT_FILES[format],
                   "model_sha256": digest, "keras": keras.__version__, "backend": keras.backend.backend(),
                   "input_shape": [None, *served.inputs[0].shape[1:]],
                   "output_shape": [None, *served.outputs[0].shape[1:]]}
@@ -96,7 +126,7 @@ def export_run(run_dir: Path | str, format: str, which: str = "best") -> Path:
                                  f"(limit {MAX_DIFFERENCE}); it is not kept")
             record["max_abs_difference_to_keras"] = difference
             write_json(scratch / "export.json", record)
-        out_dir = new_dir(run_dir, f"export-{format}")
+        out_dir = new_dir(run_dir, _export_stem(format, level))
         for path in scratch.iterdir():
             path.replace(out_dir / path.name)
         return out_dir

@@ -141,13 +141,15 @@ class Predictor:
         self.target: Target = resolve_target(config.target, label_convention)
 
     @classmethod
-    def from_run(cls, run_dir: Path | str, which: str = "best", engine: str = "keras", **options) -> Predictor:
+    def from_run(cls, run_dir: Path | str, which: str = "best", engine: str = "keras", level: int | None = None,
+                 **options) -> Predictor:
         """The run's model with its preprocessing; ``engine`` ``keras``, ``onnx`` or ``openvino``
-        (:mod:`metaseg_tf.engines`: the run's newest export of that format, exported first if needed)."""
+        (:mod:`metaseg_tf.engines`: the run's newest export of that format, exported first if needed);
+        ``level``: a U-Net++ pruned to that level (faster, usually less accurate; None: the whole network)."""
         convention = read_json(Path(run_dir) / "data.json").get("label_convention", "binary")
         model = load_model(run_dir, which)
         return cls(model, load_run_config(run_dir), label_convention=convention,
-                   engine=load_engine(run_dir, engine, which, model), **options)
+                   engine=load_engine(run_dir, engine, which, model, level), **options)
 
     def _probabilities(self, batch: np.ndarray) -> np.ndarray:
         """``(B, S, S, R)`` probabilities of preprocessed slices (with their context channels) from the

@@ -55,3 +55,35 @@ def test_predict_folder_and_api_with_an_engine_match_keras(served_runs: list[Pat
             masks[engine] = base64.b64decode(reply["predictions"][0]["mask_png"])
     np.testing.assert_array_equal(cv2.imdecode(np.frombuffer(masks["keras"], np.uint8), 0),
                                   cv2.imdecode(np.frombuffer(masks["openvino"], np.uint8), 0))
+
+
+@pytest.mark.parametrize("engine", ["onnx", "openvino"])
+def test_concurrent_engines_give_each_thread_its_own_answer(served_runs: list[Path], engine: str) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    served = load_engine(served_runs[1], engine)
+    assert served.concurrent and not load_engine(served_runs[1], "keras").concurrent
+    batches = [np.random.default_rng(seed).normal(size=(2, 32, 32, 3)).astype(np.float32) for seed in range(12)]
+    alone = [served.predict(batch) for batch in batches]
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        together = list(pool.map(served.predict, batches))
+    for expected, found in zip(alone, together):
+        np.testing.assert_array_equal(expected, found)
+
+
+def test_predict_at_a_pruned_level_uses_the_pruned_network(served_runs: list[Path], phantom_dir: Path,
+                                                           tmp_path: Path) -> None:
+    from metaseg_tf.cli import main
+
+    run = served_runs[0]
+    source = sorted(phantom_dir.rglob("*_4.png"))[:2]
+    images = [cv2.imread(str(path), cv2.IMREAD_COLOR)[..., ::-1].astype(np.float32) / 255 for path in source]
+    for engine in ("keras", "onnx"):
+        pruned = Predictor.from_run(run, engine=engine, level=1).predict_slices(images)
+        reference = Predictor.from_run(run, level=1).predict_slices(images)
+        whole = Predictor.from_run(run).predict_slices(images)
+        for a, b, c in zip(pruned, reference, whole):
+            assert np.abs(a.probability - b.probability).max() < 1e-4
+            assert np.abs(a.probability - c.probability).max() > 1e-4
+    assert main(["-q", "predict", str(run), "--input", *map(str, source), "--out", str(tmp_path), "--level", "1"]) == 0
+    assert len(list(tmp_path.rglob("*_mask.png"))) == 2

@@ -81,3 +81,33 @@ def test_a_missing_runtime_is_a_one_line_error(served_runs: list[Path], monkeypa
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # as if not installed
     with pytest.raises(ConfigError, match="pip install onnxruntime"):
         OnnxEngine(served_runs[0] / "best.keras")
+
+
+def test_a_pruned_export_is_the_pruned_network_in_its_own_folder(served_runs: list[Path]) -> None:
+    import keras
+    import numpy as np
+
+    from metaseg_tf.engines import engine_from_export
+    from metaseg_tf.models import prune_nested_unet
+    from metaseg_tf.predict import load_model
+
+    run = served_runs[0]  # U-Net++ of depth 2: levels 1 and 2
+    out_dir = export_run(run, "onnx", level=1)
+    assert out_dir.name.startswith("export-onnx-L1") and read_export(out_dir)["level"] == 1
+    assert latest_export(run, "onnx", level=1) == out_dir
+    assert latest_export(run, "onnx") != out_dir, "the whole network's export is never the pruned one"
+    batch = np.random.default_rng(3).normal(size=(2, 32, 32, 3)).astype(np.float32)
+    model = load_model(run)
+    pruned = keras.ops.convert_to_numpy(prune_nested_unet(model, 1).predict_on_batch(batch))
+    whole = keras.ops.convert_to_numpy(model.predict_on_batch(batch)[-1])
+    exported = engine_from_export(out_dir).predict(batch)
+    assert np.abs(exported - pruned).max() < 1e-4
+    assert np.abs(exported - whole).max() > 1e-3, "level 1 is a different (smaller) network than level 2"
+
+
+def test_a_level_that_does_not_exist_is_a_config_error(served_runs: list[Path], capsys) -> None:
+    assert main(["-q", "export", str(served_runs[0]), "--format", "onnx", "--level", "3"]) == 2
+    assert "level must lie in 1..2" in capsys.readouterr().err
+    assert main(["-q", "export", str(served_runs[1]), "--format", "onnx", "--level", "1"]) == 2
+    assert "U-Net++ trained with deep supervision" in capsys.readouterr().err
+    assert not list(served_runs[1].glob("export-onnx-L*")) and not list(served_runs[0].glob("export-onnx-L3*"))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import gzip
+import os
 import threading
 from pathlib import Path
 
@@ -398,11 +399,37 @@ def test_volume_limits_of_the_settings(limited_client: TestClient) -> None:
 
 
 def test_volume_limits_come_from_the_environment(served_runs: list[Path], monkeypatch: pytest.MonkeyPatch) -> None:
-    import os
-
     monkeypatch.setenv("METASEG_SERVE_RUNS", os.pathsep.join(map(str, served_runs)))
     monkeypatch.setenv("METASEG_MAX_VOLUME_MB", "0.5")
     monkeypatch.setenv("METASEG_MAX_VOXELS", "123456")
     settings = app_from_environment().state.settings
     assert (settings.max_volume_bytes, settings.max_voxels) == (512 * 1024, 123456)
     assert settings.max_upload_bytes == 20 * 1024 * 1024
+
+
+def test_a_pruned_u_net_plus_plus_is_served_at_its_level(served_runs: list[Path], phantom_slice,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    from metaseg_tf.predict import Predictor
+
+    monkeypatch.setenv("METASEG_SERVE_RUNS", os.pathsep.join(map(str, served_runs)))
+    monkeypatch.setenv("METASEG_LEVEL", "1")
+    image = phantom_slice[0]
+    with TestClient(app_from_environment()) as pruned_client:
+        levels = {m["name"]: m["level"] for m in pruned_client.get("/models").json()}
+        assert levels == {"nested_unet": 1, "attention_unet": None}, "only U-Net++ has levels to prune to"
+        reply = pruned_client.post("/predict", files={"file": ("s.png", image.read_bytes())},
+                                   data={"model": "nested_unet", "threshold": "0.05"}).json()
+    served = reply["predictions"][0]["probability"]
+    expected = Predictor.from_run(served_runs[0], level=1).predict_slices(
+        [cv2.imread(str(image), cv2.IMREAD_COLOR)[..., ::-1].astype(np.float32) / 255])[0].probability
+    assert served["max"] == pytest.approx(float(expected.max()), abs=1e-5)
+    assert served["mean"] == pytest.approx(float(expected.mean()), abs=1e-5)
+
+
+def test_several_workers_are_several_uvicorn_processes() -> None:
+    from metaseg_tf.serve.launch import api_command, serve
+
+    assert "--workers" not in api_command("127.0.0.1", 8000)
+    assert api_command("127.0.0.1", 8000, workers=3)[-2:] == ["--workers", "3"]
+    with pytest.raises(ServeError, match="workers must be >= 1"):
+        serve([], workers=0)

@@ -19,7 +19,10 @@ as large as the volumes it can carry (the slice endpoints keep their own, smalle
 to a temporary folder under sanitised names, never the client's path.
 
 A bad upload gets a 4xx answer with a JSON ``detail`` that says what was wrong, never a 500. Inference on
-one model is serialised by a lock, so concurrent requests are safe whatever the backend.
+one model is serialised by a lock when its engine cannot be called from several threads (Keras); the ONNX
+Runtime and OpenVINO engines run concurrent requests in parallel, outside the GIL
+(:mod:`metaseg_tf.engines`). ``metaseg serve --workers N`` starts N server processes instead, each with its
+own copy of the models; ``--level K`` serves U-Net++ pruned to level K (:func:`metaseg_tf.export.served_model`).
 
 Start it with ``metaseg serve --api-only`` or
 ``uvicorn metaseg_tf.serve.api:app_from_environment --factory`` (runs from ``METASEG_SERVE_RUNS``).
@@ -28,6 +31,7 @@ Start it with ``metaseg serve --api-only`` or
 from __future__ import annotations
 
 import base64
+import contextlib
 import copy
 import dataclasses
 import io
@@ -52,7 +56,7 @@ from metaseg_tf import paths
 from metaseg_tf.data.discover import DataError
 from metaseg_tf.data.io import JPEG_MAGIC, TIFF_MAGIC, read_image
 from metaseg_tf.data.volumes import check_one_grid, is_nifti, nifti_stem, resolve_sequences
-from metaseg_tf.training.runs import list_runs, read_json
+from metaseg_tf.training.runs import list_runs, load_run_config, read_json
 
 SERVED_MODELS = ("nested_unet", "attention_unet")
 # first bytes of each accepted format: TIFF (both byte orders, classic and BigTIFF), PNG, JPEG, BMP, WebP
@@ -89,6 +93,7 @@ class ServeSettings:
     max_volume_bytes: int = 200 * 1024 * 1024
     max_voxels: int = 40_000_000
     engine: str = "keras"  # keras, onnx or openvino (metaseg_tf.engines)
+    level: int | None = None  # serve U-Net++ pruned to this level (other architectures whole)
 
 
 def newest_pipeline_runs(pipeline_root: str | Path = paths.PIPELINE_ROOT) -> list[Path]:
@@ -104,13 +109,19 @@ def newest_pipeline_runs(pipeline_root: str | Path = paths.PIPELINE_ROOT) -> lis
 
 @dataclass
 class ServedModel:
-    """One loaded run: its predictor, what to say about it, and a lock that serialises its inference."""
+    """One loaded run: its predictor, what to say about it, and a lock that serialises what must not run in
+    several threads at once (the Keras model)."""
 
     name: str
     run_dir: Path
     predictor: Any
     info: dict[str, Any]
     lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def serialised(self) -> contextlib.AbstractContextManager:
+        """The lock around inference when the predictor's engine cannot be called from several threads at once,
+        else nothing (ONNX Runtime, OpenVINO)."""
+        return contextlib.nullcontext() if self.predictor.engine.concurrent else self.lock
 
 
 def _model_info(name: str, run_dir: Path, config: Any, parameters: int) -> dict[str, Any]:
@@ -136,20 +147,24 @@ def _model_info(name: str, run_dir: Path, config: Any, parameters: int) -> dict[
             "test_metrics": test}
 
 
-def load_models(run_dirs: list[Path], engine: str = "keras") -> dict[str, ServedModel]:
-    """Load each run's best model; names are the architectures (the run folder's name on a clash)."""
+def load_models(run_dirs: list[Path], engine: str = "keras", level: int | None = None) -> dict[str, ServedModel]:
+    """Load each run's best model; names are the architectures (the run folder's name on a clash). ``level``
+    prunes every U-Net++ trained with deep supervision to that level; other models are served whole, and
+    ``/models`` says which level each one runs at."""
     from metaseg_tf.predict import Predictor
 
     models: dict[str, ServedModel] = {}
     for run_dir in run_dirs:
         run_dir = paths.resolve(run_dir)
         try:
-            predictor = Predictor.from_run(run_dir, engine=engine)
+            config = load_run_config(run_dir)
+            pruned = level if config.model == "nested_unet" and config.deep_supervision else None
+            predictor = Predictor.from_run(run_dir, engine=engine, level=pruned)
         except Exception as error:  # a broken run folder must stop the start-up with its reason
             raise ServeError(f"cannot load {run_dir}: {error}") from error
         name = predictor.config.model if predictor.config.model not in models else run_dir.name
         info = {**_model_info(name, run_dir, predictor.config, predictor.model.count_params()),
-                "engine": predictor.engine.name}
+                "engine": predictor.engine.name, "level": pruned}
         models[name] = ServedModel(name, run_dir, predictor, info)
     return models
 
@@ -287,12 +302,15 @@ def _predict_one(served: ServedModel, image: np.ndarray, threshold: float | None
     predictor = served.predictor
     used = predictor.config.threshold if threshold is None else threshold
     started = time.perf_counter()
-    with served.lock:
+    with served.serialised():
         try:
             (result,) = predictor.predict_slices([image], threshold=used)
         except DataError as error:  # e.g. a model of 2 or 4 sequences cannot take a slice image
             raise HTTPException(422, f"{served.name}: {error}") from None
-        maps = _attention_pngs(served, image) if attention and served.info["architecture"] == "attention_unet" else None
+    maps = None
+    if attention and served.info["architecture"] == "attention_unet":
+        with served.lock:  # the gates' maps come from the Keras model whatever the engine
+            maps = _attention_pngs(served, image)
     latency = (time.perf_counter() - started) * 1000
     probability = result.probability
     return ModelPrediction(
@@ -401,7 +419,7 @@ def _predict_volume_one(served: ServedModel, volume: Any, threshold: float | Non
     predictor = copy.copy(served.predictor)  # this request's threshold, without touching the shared predictor
     predictor.threshold = predictor.threshold if threshold is None else threshold
     started = time.perf_counter()
-    with served.lock:
+    with served.serialised():
         prediction = predictor.predict_volume(volume)
     latency = (time.perf_counter() - started) * 1000
     out_dir.mkdir(parents=True)
@@ -456,7 +474,7 @@ class BodyLimit:
 def create_app(run_dirs: list[Path] | None = None, settings: ServeSettings | None = None) -> FastAPI:
     """The FastAPI application serving ``run_dirs`` (default: the newest pipeline run's two models)."""
     settings = settings or ServeSettings()
-    models = load_models(run_dirs if run_dirs else newest_pipeline_runs(), settings.engine)
+    models = load_models(run_dirs if run_dirs else newest_pipeline_runs(), settings.engine, settings.level)
     app = FastAPI(title="metaseg-tf", version="0.1.0",
                   description="Brain-lesion segmentation of 2D MRI slices and NIfTI volumes with U-Net++ "
                               "and Attention U-Net.")
@@ -557,12 +575,14 @@ def create_app(run_dirs: list[Path] | None = None, settings: ServeSettings | Non
 def app_from_environment() -> FastAPI:
     """App factory for uvicorn: runs from ``METASEG_SERVE_RUNS`` (``os.pathsep``-separated), limits from
     ``METASEG_MAX_UPLOAD_MB``, ``METASEG_MAX_SIDE_PX``, ``METASEG_MAX_VOLUME_MB`` and ``METASEG_MAX_VOXELS``,
-    the inference engine from ``METASEG_ENGINE`` (keras, onnx or openvino)."""
+    the inference engine from ``METASEG_ENGINE`` (keras, onnx or openvino) and U-Net++'s pruning level from
+    ``METASEG_LEVEL`` (empty: the whole network)."""
     runs = [Path(p) for p in os.environ.get("METASEG_SERVE_RUNS", "").split(os.pathsep) if p]
     settings = ServeSettings(
         max_upload_bytes=int(float(os.environ.get("METASEG_MAX_UPLOAD_MB", 20)) * 1024 * 1024),
         max_side_pixels=int(os.environ.get("METASEG_MAX_SIDE_PX", 4096)),
         max_volume_bytes=int(float(os.environ.get("METASEG_MAX_VOLUME_MB", 200)) * 1024 * 1024),
         max_voxels=int(float(os.environ.get("METASEG_MAX_VOXELS", 40_000_000))),
-        engine=os.environ.get("METASEG_ENGINE", "keras"))
+        engine=os.environ.get("METASEG_ENGINE", "keras"),
+        level=int(os.environ["METASEG_LEVEL"]) if os.environ.get("METASEG_LEVEL") else None)
     return create_app(runs or None, settings)

@@ -13,14 +13,17 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from metaseg_tf.serve.api import load_models, newest_pipeline_runs
+from metaseg_tf.serve.api import ServeError, load_models, newest_pipeline_runs
 
 UI_SCRIPT = Path(__file__).with_name("ui.py")
 
 
-def api_command(host: str, port: int) -> list[str]:
+def api_command(host: str, port: int, workers: int = 1) -> list[str]:
+    """uvicorn serving the API from the environment; ``workers`` > 1: that many processes, each with its own
+    copy of the models, sharing the port."""
     return [sys.executable, "-m", "uvicorn", "metaseg_tf.serve.api:app_from_environment", "--factory",
-            "--host", host, "--port", str(port), "--log-level", "warning"]
+            "--host", host, "--port", str(port), "--log-level", "warning",
+            *(["--workers", str(workers)] if workers > 1 else [])]
 
 
 def ui_command(host: str, port: int) -> list[str]:
@@ -29,16 +32,20 @@ def ui_command(host: str, port: int) -> list[str]:
 
 
 def serve(runs: Sequence[Path] | None = None, host: str = "127.0.0.1", api_port: int = 8000, ui_port: int = 8501,
-          api: bool = True, ui: bool = True, api_url: str | None = None, engine: str = "keras") -> int:
+          api: bool = True, ui: bool = True, api_url: str | None = None, engine: str = "keras",
+          level: int | None = None, workers: int = 1) -> int:
     """Run the chosen parts until one exits or Ctrl-C; returns the first non-zero exit status (else 0).
-    ``engine``: how the API runs the networks (keras, onnx or openvino; :mod:`metaseg_tf.engines`)."""
-    environment = dict(os.environ, METASEG_ENGINE=engine)
+    ``engine``: how the API runs the networks (keras, onnx or openvino; :mod:`metaseg_tf.engines`); ``level``:
+    serve U-Net++ pruned to that level; ``workers``: API server processes."""
+    if workers < 1:
+        raise ServeError(f"workers must be >= 1, got {workers}")
+    environment = dict(os.environ, METASEG_ENGINE=engine, METASEG_LEVEL="" if level is None else str(level))
     children: list[tuple[str, subprocess.Popen]] = []
     if api:
         run_dirs = list(runs) if runs else newest_pipeline_runs()
-        load_models(run_dirs, engine)  # fail here, in one line, if a run cannot be loaded (exports made once)
+        load_models(run_dirs, engine, level)  # fail here, in one line, if a run cannot be loaded (exports made once)
         environment["METASEG_SERVE_RUNS"] = os.pathsep.join(str(Path(r).resolve()) for r in run_dirs)
-        children.append(("API", subprocess.Popen(api_command(host, api_port), env=environment)))
+        children.append(("API", subprocess.Popen(api_command(host, api_port, workers), env=environment)))
         print(f"API  http://{host}:{api_port}  (docs at /docs) serving {', '.join(Path(r).name for r in run_dirs)}")
     if ui:
         environment["METASEG_API_URL"] = api_url or f"http://{host}:{api_port}"
