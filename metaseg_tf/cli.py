@@ -2,8 +2,8 @@
 
 Errors in the input (a missing folder, no pairs, a bad config value) end the command with a one-line
 message on stderr and exit status 2, without a traceback. Paths typed here are relative to the working
-directory; the defaults (``results/runs``, ``results/pipeline``, ...) live under the project root
-(:mod:`metaseg_tf.paths`), wherever the command is started.
+directory; the defaults (``results/runs``, ``results/pipeline``, ``results/crossval``, ...) live under the
+project root (:mod:`metaseg_tf.paths`), wherever the command is started.
 """
 
 from __future__ import annotations
@@ -86,6 +86,11 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
                         help="any other ExperimentConfig field, e.g. -p lr_schedule cosine")
 
 
+def _add_runs_root_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--runs-root", type=_typed_path, default=paths.resolve(paths.RUNS_ROOT),
+                        help=f"where run folders go (default: {paths.RUNS_ROOT} in the project)")
+
+
 def _evaluate(args: argparse.Namespace) -> int:
     from metaseg_tf.evaluation.report import evaluate_run
 
@@ -148,6 +153,19 @@ def _train(args: argparse.Namespace) -> int:
     run = train(config, runs_root=args.runs_root, name=args.name, progress=not args.quiet,
                 resume=not args.no_resume)
     print(run.run_dir)
+    return 0
+
+
+def _crossval(args: argparse.Namespace) -> int:
+    from metaseg_tf.evaluation.crossval import DEFAULT_MODELS, crossval
+
+    if args.model is not None:
+        raise ConfigError("crossval trains every model of --models; --model is not used here")
+    result = crossval(config_from_args(args), models=args.models or DEFAULT_MODELS, n_folds=args.folds,
+                      out_dir=args.out, runs_root=args.runs_root, name=args.name, ensemble=not args.no_ensemble,
+                      progress=not args.quiet, max_folds=args.max_folds)
+    print(result.markdown)
+    print(result.out_dir)
     return 0
 
 
@@ -244,8 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = commands.add_parser("train", help="train a model into a new run folder (resumes an unfinished one)")
     _add_config_flags(train)
-    train.add_argument("--runs-root", type=_typed_path, default=paths.resolve(paths.RUNS_ROOT),
-                       help=f"where run folders go (default: {paths.RUNS_ROOT} in the project)")
+    _add_runs_root_flag(train)
     train.add_argument("--name", help="run folder suffix (default: the model name)")
     train.add_argument("--no-resume", action="store_true", help="always start a new run folder")
     train.set_defaults(handler=_train)
@@ -270,6 +287,24 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--allow-different-patients", action="store_true",
                          help="compare runs evaluated on different patients (paired tests use the shared ones)")
     compare.set_defaults(handler=_compare)
+
+    cross_validation = commands.add_parser(
+        "crossval", help="patient-level k-fold cross-validation of models and their ensemble (resumable)")
+    _add_config_flags(cross_validation)
+    _add_runs_root_flag(cross_validation)
+    cross_validation.add_argument("--models", nargs="+",
+                                  help="models to cross-validate (default: nested_unet attention_unet)")
+    cross_validation.add_argument("--folds", type=int, default=5, help="number of folds over patients (default 5)")
+    cross_validation.add_argument("--out", type=_typed_path,
+                                  help=f"the cross-validation's folder (default: {paths.CROSSVAL_ROOT}/NAME in the "
+                                       "project); the same command again continues it")
+    cross_validation.add_argument("--name", default="crossval",
+                                  help="names the default --out folder and the runs, NAME-MODEL-fold<k>")
+    cross_validation.add_argument("--no-ensemble", action="store_true",
+                                  help="do not score the mean of the models' probabilities per fold")
+    cross_validation.add_argument("--max-folds", type=int,
+                                  help="stop after working on this many folds (run again to continue)")
+    cross_validation.set_defaults(handler=_crossval)
 
     predict = commands.add_parser("predict", help="masks for an image, a folder or NIfTI volume(s)")
     predict.add_argument("run", type=_typed_path, nargs="?", help="run folder made by `metaseg train`")

@@ -26,6 +26,7 @@ CACHE_DIR = "data/cache"  # preprocessed arrays
 RESULTS_DIR = "results"  # comparisons and predictions
 RUNS_ROOT = "results/runs"  # `metaseg train`
 PIPELINE_ROOT = "results/pipeline"  # `metaseg pipeline`
+CROSSVAL_ROOT = "results/crossval"  # `metaseg crossval`: one folder per cross-validation name
 INTERACTIVE_DIR = "results/interactive"  # notebooks opened by hand
 
 

@@ -170,3 +170,16 @@ def test_bootstrap_ci_is_reproducible_and_brackets_the_mean() -> None:
     assert low < values.mean() < high
     assert (low, high) == bootstrap_ci(values, seed=3)
     assert all(np.isnan(bootstrap_ci([0.5])))
+
+
+def test_bootstrap_ci_of_the_median_resamples_the_median() -> None:
+    # 27 good patients and three failures, which pull the mean down but not the median
+    values = np.concatenate([np.random.default_rng(2).normal(0.85, 0.03, 27), [0.0, 0.02, 0.05]])
+    low, high = bootstrap_ci(values, seed=1, statistic="median")
+    resamples = values[np.random.default_rng(1).integers(0, len(values), size=(2000, len(values)))]
+    assert (low, high) == tuple(np.percentile(np.median(resamples, axis=1), [2.5, 97.5]))
+    assert low <= np.median(values) <= high
+    mean_low, mean_high = bootstrap_ci(values, seed=1)
+    assert high - low < (mean_high - mean_low) / 4 and mean_low < low
+    with pytest.raises(ValueError, match="statistic"):
+        bootstrap_ci(values, statistic="mode")

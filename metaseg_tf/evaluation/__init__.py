@@ -1,5 +1,5 @@
-"""Evaluation: every score once (:mod:`.scores`, NumPy/SciPy), run reports and comparisons
-(:mod:`.report`), and model cost (:mod:`.complexity`).
+"""Evaluation: every score once (:mod:`.scores`, NumPy/SciPy), run reports, ensembles and comparisons
+(:mod:`.report`), patient-level k-fold cross-validation (:mod:`.crossval`) and model cost (:mod:`.complexity`).
 
 Nothing is imported here, so ``metaseg_tf.evaluation.scores`` stays usable without Keras.
 """

@@ -12,7 +12,10 @@
 Scores are computed at the masks' **native resolution** by default: the probabilities are resized
 (bilinear) to each slice's original size before thresholding, so resizing to the model's input does not
 erase small lesions from the truth. If the slices differ in size the model's resolution is used and the
-summary says so.
+summary says so. :func:`write_evaluation` is that scoring-and-writing part, for probabilities from anywhere.
+
+:func:`evaluate_ensemble` does the same for the mean of several runs' probabilities on their shared recorded
+split (:func:`ensemble_probabilities`), into a new ``ensemble-<split>/`` folder.
 
 :func:`compare_runs` puts several evaluations side by side in one table with a paired Wilcoxon
 signed-rank test on per-patient Dice, and writes ``comparison.md``, ``comparison.csv`` and
@@ -33,7 +36,7 @@ import pandas as pd
 from scipy import stats
 
 from metaseg_tf import plots
-from metaseg_tf.config import ExperimentConfig
+from metaseg_tf.config import ConfigError, ExperimentConfig
 from metaseg_tf.data.batches import ExperimentData, load_experiment_data, load_recorded_data
 from metaseg_tf.data.io import read_mask_labels
 from metaseg_tf.data.volumes import VolumeReport, read_case_labels
@@ -179,9 +182,51 @@ def evaluate_run(
     if len(indices) == 0:
         raise ValueError(f"the {split} part of {run_dir} has no slices")
     model = load_model(run_dir, which)
-    target = data.target(config)
     probabilities = predict_probabilities(model, data.model_inputs(config, indices), config.normalisation,
                                           config.batch_size, progress)
+    state, timings = read_json(run_dir / "state.json"), read_json(run_dir / "timings.json")
+    key = "".join([f"-{which}" if which != "best" else "", f"-t{threshold:g}" if threshold != default_threshold else "",
+                   "" if native_resolution else "-input_size"])
+    result = write_evaluation(
+        probabilities, data, indices, config, run_dir, f"evaluation-{split}{key}", threshold, native_resolution,
+        label=config.model, identity={"run": str(run_dir), "model": config.model, "which": which, "split": split},
+        missing_patients=missing,
+        details={"complexity": model_complexity(model, batch_size=1, repeats=10).to_dict(),
+                 "training": {"epochs": state.get("epochs_done"), "best_epoch": state.get("best_epoch"),
+                              "stop_reason": state.get("stop_reason"), "train_seconds": timings.get("train_seconds")}},
+    )
+    history = run_dir / "history.csv"
+    if history.is_file():
+        plots.learning_curves(pd.read_csv(history), result.out_dir / "learning_curves.png", config.model)
+    return result
+
+
+def write_evaluation(
+    probabilities: np.ndarray,
+    data: ExperimentData,
+    indices: np.ndarray,
+    config: ExperimentConfig,
+    parent: Path,
+    folder_name: str,
+    threshold: float,
+    native_resolution: bool,
+    label: str,
+    identity: dict,
+    missing_patients: Sequence[str] = (),
+    details: dict | None = None,
+) -> RunEvaluation:
+    """Score probabilities of known slices and write them into a new folder ``<parent>/<folder_name>``
+    (``-2``, ``-3`` ... if it exists; :func:`~metaseg_tf.training.runs.new_dir`): the scoring and writing
+    part of :func:`evaluate_run`, shared with :func:`evaluate_ensemble`.
+
+    ``probabilities`` ``float32 (n, S, S, R)`` are those of the slices at ``indices`` of ``data`` (one
+    channel per region of ``config.target``, at the model's ``S = config.image_size``). At
+    ``native_resolution`` they are resized (bilinear) to the slices' native size before thresholding at
+    ``threshold``. Writes ``per_image.csv``, ``per_patient.csv`` (and ``per_patient-<region>.csv`` for every
+    further region), ``summary.json`` (``identity`` first, then the scores, then ``details``) and the plots
+    ``per_patient_dice.png`` (labelled ``label``), ``threshold_sweep.png`` and ``overlays.png``.
+    """
+    target = data.target(config)
     labels = data.dataset.masks[indices]
     resolution = f"model input {config.image_size} px"
     native = _native_truth(data, indices) if native_resolution else None
@@ -201,20 +246,16 @@ def evaluate_run(
     truth, probabilities, pred = truth[..., 0], probabilities[..., 0], pred[..., 0]
     images = data.dataset.images[indices]
 
-    key = "".join([f"-{which}" if which != "best" else "", f"-t{threshold:g}" if threshold != default_threshold else "",
-                   "" if native_resolution else "-input_size"])
-    out_dir = new_dir(run_dir, f"evaluation-{split}{key}")
+    out_dir = new_dir(parent, folder_name)
     evaluation.per_image.to_csv(out_dir / "per_image.csv", index=False)
     evaluation.per_patient.to_csv(out_dir / "per_patient.csv", index=False)
     for region, region_evaluation in list(evaluations.items())[1:]:
         region_evaluation.per_patient.to_csv(out_dir / f"per_patient-{region}.csv", index=False)
     sweep = _threshold_sweep(truth, probabilities, case_ids)
     patients = evaluation.per_patient
-    complexity = model_complexity(model, batch_size=1, repeats=10)
-    state, timings = read_json(run_dir / "state.json"), read_json(run_dir / "timings.json")
     summary = {
-        "run": str(run_dir), "model": config.model, "which": which, "split": split, "threshold": threshold,
-        "native_resolution": native_resolution, "resolution": resolution, "missing_patients": missing,
+        **identity, "threshold": threshold,
+        "native_resolution": native_resolution, "resolution": resolution, "missing_patients": list(missing_patients),
         "evaluation_version": EVALUATION_VERSION, "patients": len(patients), "slices": len(indices),
         "target": config.target, "label_convention": data.dataset.convention, "distance_unit": distance_unit,
         **evaluation.summary(),
@@ -224,18 +265,116 @@ def evaluate_run(
                     "false_positives": int(patients["false_positive_lesions"].sum()),
                     "false_positives_per_patient": float(patients["false_positive_lesions"].mean())},
         "threshold_sweep": sweep.to_dict(orient="records"),
-        "complexity": complexity.to_dict(),
-        "training": {"epochs": state.get("epochs_done"), "best_epoch": state.get("best_epoch"),
-                     "stop_reason": state.get("stop_reason"), "train_seconds": timings.get("train_seconds")},
+        **(details or {}),
     }
     write_json(out_dir / "summary.json", summary)
-    history = run_dir / "history.csv"
-    if history.is_file():
-        plots.learning_curves(pd.read_csv(history), out_dir / "learning_curves.png", config.model)
-    plots.distribution({config.model: patients["dice"]}, out_dir / "per_patient_dice.png")
+    plots.distribution({label: patients["dice"]}, out_dir / "per_patient_dice.png")
     plots.threshold_sweep(sweep, out_dir / "threshold_sweep.png")
-    _overlay_examples(evaluation, images, truth, pred, case_ids, config.model, out_dir / "overlays.png")
+    _overlay_examples(evaluation, images, truth, pred, case_ids, label, out_dir / "overlays.png")
     return RunEvaluation(out_dir, evaluation, summary)
+
+
+@dataclass
+class SplitProbabilities:
+    """Probabilities ``float32 (n, S, S, R)`` of the slices at ``indices`` (``n`` of them) of ``data``."""
+
+    data: ExperimentData
+    indices: np.ndarray
+    probabilities: np.ndarray
+
+
+def _check_ensemble_members(run_dirs: Sequence[Path], configs: Sequence[ExperimentConfig]) -> None:
+    """Refuse (:class:`ConfigError`) runs that cannot be averaged slice by slice: other recorded patient
+    splits, data folders, targets, model resolutions or thresholds than the first run's."""
+    first, reference = run_dirs[0], configs[0]
+    split = load_run_split(first)
+    for run_dir, config in zip(run_dirs[1:], configs[1:]):
+        if load_run_split(run_dir) != split:
+            raise ConfigError(f"{run_dir} was trained on another patient split (its data.json) than {first}; "
+                              "an ensemble averages runs of one split")
+        for setting in ("data_dir", "target", "image_size", "threshold"):
+            mine, theirs = getattr(config, setting), getattr(reference, setting)
+            if (resolve(mine) != resolve(theirs)) if setting == "data_dir" else mine != theirs:
+                raise ConfigError(f"the ensemble's runs must share {setting}: {run_dir} has {mine!r}, "
+                                  f"{first} {theirs!r}")
+
+
+def ensemble_probabilities(run_dirs: Sequence[Path | str], split: str = "test", which: str = "best",
+                           progress: bool = True) -> SplitProbabilities:
+    """The mean of the runs' probabilities on ``split`` of their (shared) recorded patient split.
+
+    Each run reads the slices with its own preprocessing and 2.5D context (``data.model_inputs(config,
+    indices)``), so runs of different ``context_slices`` or CLAHE settings can be averaged, and its ``which``
+    model's probabilities are read at Keras' last output (for U-Net++ with deep supervision the deepest head,
+    as in :func:`evaluate_run`). The result is ``mean_k p_k``, ``float32 (n, S, S, R)`` for the ``n`` slices
+    of ``split`` at the runs' ``S = image_size`` with ``R`` regions of their target; ``data`` is the first
+    run's. One run gives its own probabilities. Runs that differ in split, data folder, target, image size
+    or threshold are refused (:class:`ConfigError`), as are preprocessings that kept different slices.
+    """
+    run_dirs = [Path(run_dir) for run_dir in run_dirs]
+    if not run_dirs:
+        raise ValueError("an ensemble needs at least one run")
+    configs = [load_run_config(run_dir) for run_dir in run_dirs]
+    _check_ensemble_members(run_dirs, configs)
+    recorded = load_run_split(run_dirs[0])
+    loaded: dict[str, ExperimentData] = {}  # by preprocessing key: runs preprocessed alike share one load
+    first: tuple[ExperimentData, np.ndarray] | None = None
+    total = np.zeros(0)
+    for run_dir, config in zip(run_dirs, configs):
+        data, _ = load_recorded_data(config, recorded, (split,), data=loaded.get(config.preprocessing_key()),
+                                     progress=progress)
+        loaded[config.preprocessing_key()] = data
+        indices = data.split.indices(data.dataset.case_ids, split)
+        if len(indices) == 0:
+            raise ValueError(f"the {split} part of {run_dir} has no slices")
+        probabilities = predict_probabilities(load_model(run_dir, which), data.model_inputs(config, indices),
+                                              config.normalisation, config.batch_size, progress)
+        if first is None:
+            first, total = (data, indices), probabilities.astype(np.float64)
+            continue
+        reference, reference_indices = first
+        if not (np.array_equal(data.dataset.case_ids[indices], reference.dataset.case_ids[reference_indices])
+                and np.array_equal(data.dataset.slice_indices[indices],
+                                   reference.dataset.slice_indices[reference_indices])):
+            raise ConfigError(f"the preprocessing of {run_dir} kept other {split} slices than that of {run_dirs[0]}; "
+                              "their probabilities cannot be averaged slice by slice")
+        total += probabilities
+    return SplitProbabilities(*first, (total / len(run_dirs)).astype(np.float32))
+
+
+def evaluate_ensemble(
+    run_dirs: Sequence[Path | str],
+    out_dir: Path | str,
+    split: str = "test",
+    which: str = "best",
+    native_resolution: bool = True,
+    progress: bool = True,
+) -> RunEvaluation:
+    """Score the ensemble of two or more runs on ``split`` of their shared recorded patient split; write the
+    evaluation files of :func:`evaluate_run` (``per_image.csv``, ``per_patient.csv``, ``summary.json`` with
+    ``"model": "ensemble"`` and the member runs, the plots) into a new folder ``<out_dir>/ensemble-<split>``
+    (``-2``, ``-3`` ... if it exists; never overwritten).
+
+    The ensemble's probability of a pixel is the mean of the members' probabilities
+    (:func:`ensemble_probabilities`: each member with its own preprocessing, at Keras' last output, i.e.
+    U-Net++'s deepest head), ``float32 (n, S, S, R)``, thresholded at the members' threshold, which must be
+    the same (as must split, data folder, target and image size; else :class:`ConfigError`). A run may be
+    listed twice (it then scores as itself). ``summary.json``'s ``training.train_seconds`` is the members'
+    total, the ensemble's training cost.
+    """
+    run_dirs = [Path(run_dir) for run_dir in run_dirs]
+    if len(run_dirs) < 2:
+        raise ValueError("an ensemble needs at least two runs")
+    ensemble = ensemble_probabilities(run_dirs, split, which, progress)
+    configs = [load_run_config(run_dir) for run_dir in run_dirs]
+    members = [{"run": str(run_dir), "model": config.model} for run_dir, config in zip(run_dirs, configs)]
+    train_seconds = sum(read_json(run_dir / "timings.json").get("train_seconds") or 0.0 for run_dir in run_dirs)
+    return write_evaluation(
+        ensemble.probabilities, ensemble.data, ensemble.indices, configs[0], resolve(out_dir), f"ensemble-{split}",
+        configs[0].threshold, native_resolution, label="ensemble",
+        identity={"model": "ensemble", "members": members, "which": which, "split": split},
+        details={"training": {"train_seconds": train_seconds}},
+    )
 
 
 def latest_evaluation(run_dir: Path | str, split: str = "test", which: str = "best", threshold: float | None = None,

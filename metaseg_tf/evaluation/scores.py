@@ -307,20 +307,28 @@ def evaluate_masks(
     return Evaluation(pd.DataFrame(image_rows), pd.DataFrame(patient_rows), pooled.scores())
 
 
+BOOTSTRAP_STATISTICS = ("mean", "median")
+
+
 def bootstrap_ci(
-    values: Sequence[float], confidence: float = 0.95, n_resamples: int = 2000, seed: int = 0
+    values: Sequence[float], confidence: float = 0.95, n_resamples: int = 2000, seed: int = 0,
+    statistic: str = "mean",
 ) -> tuple[float, float]:
-    """Percentile bootstrap confidence interval of the mean of ``values`` (NaNs dropped).
+    """Percentile bootstrap confidence interval of the mean (or, with ``statistic="median"``, the median) of
+    ``values`` (NaNs dropped).
 
     Resamples with replacement ``n_resamples`` times from a seeded generator, so the interval is
     reproducible; returns ``(nan, nan)`` for fewer than two values.
     """
+    if statistic not in BOOTSTRAP_STATISTICS:
+        raise ValueError(f"statistic must be one of {BOOTSTRAP_STATISTICS}, got {statistic!r}")
     values = np.asarray(values, float)
     values = values[~np.isnan(values)]
     if len(values) < 2:
         return float("nan"), float("nan")
     rng = np.random.default_rng(seed)
-    means = values[rng.integers(0, len(values), size=(n_resamples, len(values)))].mean(axis=1)
+    resamples = values[rng.integers(0, len(values), size=(n_resamples, len(values)))]
+    estimates = np.median(resamples, axis=1) if statistic == "median" else resamples.mean(axis=1)
     tail = (1 - confidence) / 2 * 100
-    low, high = np.percentile(means, [tail, 100 - tail])
+    low, high = np.percentile(estimates, [tail, 100 - tail])
     return float(low), float(high)
