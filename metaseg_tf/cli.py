@@ -44,11 +44,16 @@ def _typed_path(text: str) -> Path:
 
 
 def _parse_value(text: str):
-    """A ``-p KEY VALUE`` value: YAML scalars and lists (``0.5``, ``true``, ``[16, 32]``), else the text."""
+    """A ``-p KEY VALUE`` value: YAML scalars and lists (``0.5``, ``true``, ``[16, 32]``), else the text. Only
+    ``true`` and ``false`` are booleans: YAML 1.1's ``on``/``off``/``yes``/``no`` stay text, so that
+    ``-p jit_compile off`` means the setting ``"off"``."""
     try:
-        return yaml.safe_load(text)
+        value = yaml.safe_load(text)
     except yaml.YAMLError:
         return text
+    if isinstance(value, bool) and text.strip().lower() not in ("true", "false"):
+        return text
+    return value
 
 
 def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
@@ -315,8 +320,11 @@ def build_parser() -> argparse.ArgumentParser:
                          help=f"a new predictions folder goes here (default: {paths.RESULTS_DIR} in the project)")
     predict.add_argument("--which", default="best", choices=("best", "last"))
     predict.add_argument("--threshold", type=float, help="default: the run's config threshold")
-    predict.add_argument("--tta", action="store_true", help="average with the horizontally flipped image")
-    predict.add_argument("--min-component", type=int, default=0, help="drop lesions smaller than this (pixels)")
+    predict.add_argument("--tta", action="store_true", default=None,
+                         help="average with the horizontally flipped image (default: the run's flip_tta)")
+    predict.add_argument("--min-component", type=int,
+                         help="drop lesions smaller than this (pixels of a slice, voxels of a volume; default: the "
+                              "run's min_lesion_voxels)")
     predict.add_argument("--engine", default="keras", choices=ENGINES,
                          help="run the network with Keras (default), ONNX Runtime or OpenVINO (the run's newest "
                               "export of that format, exported first if there is none)")

@@ -1,9 +1,9 @@
 """One experiment configuration: every setting of a run lives in :class:`ExperimentConfig`.
 
 The dataclass is flat on purpose (one place to look, one JSON/YAML file per run). Groups of fields are
-separated by comments: data, preprocessing, split, augmentation, model, training. Functions that need only
-a few settings still take the whole config, so that a run directory's ``config.json`` is enough to redo
-any step.
+separated by comments: data, preprocessing, split, augmentation, model, training, inference. Functions that
+need only a few settings still take the whole config, so that a run directory's ``config.json`` is enough to
+redo any step. A ``config.json`` written before a field existed reads with that field's default.
 """
 
 from __future__ import annotations
@@ -28,6 +28,8 @@ LR_SCHEDULES = ("constant", "plateau", "cosine")
 AUTO_SWITCH = ("auto", "on", "off")
 REGION_TARGETS = ("any", "wt", "tc", "et", "multilabel")  # or "labels:1,3" (any label set)
 FILL_RULES = ("skip", "zeros", "repeat")
+# settings of how a trained model's probabilities become masks: evaluation and prediction, never training
+INFERENCE_FIELDS = ("flip_tta", "min_lesion_voxels", "threshold_from_validation")
 
 
 class ConfigError(ValueError):
@@ -94,12 +96,17 @@ class ExperimentConfig:
     epochs: int = 30
     batch_size: int = 16
     seed: int = 0
-    threshold: float = 0.5
     max_train_minutes: float = 0.0
     mixed_precision: str = "auto"
     jit_compile: str = "auto"
     devices: int = 1
     backend: str = "tensorflow"
+
+    # --- inference: from probabilities to masks (evaluation and prediction; training ignores them) -----
+    threshold: float = 0.5
+    flip_tta: bool = False  # average the probabilities with those of the horizontally flipped slice
+    min_lesion_voxels: int = 0  # drop predicted lesions (3D components per case) smaller than this
+    threshold_from_validation: bool = False  # evaluation: the threshold that scores best on the validation patients
 
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -163,6 +170,8 @@ class ExperimentConfig:
             raise ConfigError("learning_rate must be > 0; warmup_epochs and early_stopping_patience >= 0")
         if not 0 < self.threshold < 1:
             raise ConfigError(f"threshold must lie in (0, 1), got {self.threshold}")
+        if self.min_lesion_voxels < 0:
+            raise ConfigError(f"min_lesion_voxels must be >= 0, got {self.min_lesion_voxels}")
         for name in ("mixed_precision", "jit_compile"):
             if getattr(self, name) not in AUTO_SWITCH:
                 raise ConfigError(f"{name} must be one of {AUTO_SWITCH}, got {getattr(self, name)!r}")

@@ -89,6 +89,25 @@ def remove_small_components(mask: np.ndarray, min_pixels: int) -> tuple[np.ndarr
     return np.isin(labels, keep).astype(np.uint8), [int(areas[k - 1]) for k in keep]
 
 
+def remove_small_lesions(masks: np.ndarray, case_ids: Sequence[str], slice_indices: Sequence[int],
+                         min_voxels: int) -> np.ndarray:
+    """Post-processing per case in 3D: the slices ``(N, H, W)`` of each case are placed by their slice numbers
+    (a gap in the numbers is an empty slice, so components never bridge it), components (26-connected) below
+    ``min_voxels`` are dropped, and the masks come back in their input order, ``uint8 (N, H, W)``."""
+    masks = np.asarray(masks).astype(np.uint8)
+    if min_voxels <= 0 or len(masks) == 0:
+        return masks
+    case_ids, slice_indices = np.asarray(case_ids), np.asarray(slice_indices, int)
+    kept = np.zeros_like(masks)
+    for case in np.unique(case_ids):
+        rows = np.flatnonzero(case_ids == case)
+        positions = slice_indices[rows] - slice_indices[rows].min()
+        volume = np.zeros((positions.max() + 1, *masks.shape[1:]), np.uint8)
+        volume[positions] = masks[rows]
+        kept[rows] = remove_small_components(volume, min_voxels)[0][positions]
+    return kept
+
+
 def load_model(run_dir: Path | str, which: str = "best") -> keras.Model:
     """The run's ``best`` (default) or ``last`` model, without its training state."""
     import metaseg_tf.training.losses  # noqa: F401  (registers the custom loss and metric for deserialisation)
@@ -105,11 +124,19 @@ def batch_probabilities(model: keras.Model, batch: np.ndarray, normalisation: st
 
 
 def predict_probabilities(model: keras.Model, images: np.ndarray, normalisation: str,
-                          batch_size: int = 16, progress: bool = False) -> np.ndarray:
+                          batch_size: int = 16, progress: bool = False, flip_tta: bool = False) -> np.ndarray:
     """Probabilities ``float32 (N, S, S, R)`` for preprocessed ``uint8 (N, S, S, C)`` slices, in batches of
-    ``batch_size`` (see :func:`batch_probabilities`)."""
+    ``batch_size`` (see :func:`batch_probabilities`); ``flip_tta``: the mean with the prediction of the
+    horizontally flipped slices, flipped back."""
+    def probabilities(batch: np.ndarray) -> np.ndarray:
+        result = batch_probabilities(model, batch, normalisation)
+        if flip_tta:
+            flipped = batch_probabilities(model, np.ascontiguousarray(batch[:, :, ::-1]), normalisation)
+            result = (result + flipped[:, :, ::-1]) / 2
+        return result
+
     starts = range(0, len(images), batch_size)
-    chunks = [batch_probabilities(model, images[start : start + batch_size], normalisation)
+    chunks = [probabilities(images[start : start + batch_size])
               for start in tqdm(starts, desc="predicting", unit="batch", disable=not progress)]
     outputs = model.outputs[-1].shape[-1]
     return np.concatenate(chunks) if chunks else np.zeros((0, *images.shape[1:3], outputs), np.float32)
@@ -132,12 +159,14 @@ class Predictor:
     is the training data's (a run's ``data.json`` records it)."""
 
     def __init__(self, model: keras.Model, config: ExperimentConfig, threshold: float | None = None,
-                 flip_tta: bool = False, min_component_pixels: int = 0, batch_size: int = 16,
+                 flip_tta: bool | None = None, min_component_pixels: int | None = None, batch_size: int = 16,
                  label_convention: str = "binary", engine: Engine | None = None) -> None:
         self.model, self.config = model, config
         self.engine: Engine = engine if engine is not None else KerasEngine(model)
         self.threshold = config.threshold if threshold is None else threshold
-        self.flip_tta, self.min_component_pixels, self.batch_size = flip_tta, min_component_pixels, batch_size
+        self.flip_tta = config.flip_tta if flip_tta is None else flip_tta
+        self.min_component_pixels = config.min_lesion_voxels if min_component_pixels is None else min_component_pixels
+        self.batch_size = batch_size
         self.target: Target = resolve_target(config.target, label_convention)
 
     @classmethod

@@ -101,3 +101,12 @@ def test_pipeline_profiles_offered_by_the_cli_are_the_pipeline_s() -> None:
     assert [parser.parse_args(["pipeline", "--profile", name]).profile for name in PROFILES] == list(PROFILES)
     with pytest.raises(SystemExit):
         parser.parse_args(["pipeline", "--profile", "laptop"])
+
+
+def test_only_true_and_false_are_booleans_in_p_values(tmp_path: Path) -> None:
+    from metaseg_tf.cli import config_from_args
+
+    args = build_parser().parse_args(["train", "--model", "unet", "-p", "jit_compile", "off", "-p", "flip_tta", "true",
+                                      "-p", "filters", "[4, 8]", "-p", "mixed_precision", "on"])
+    config = config_from_args(args)
+    assert (config.jit_compile, config.mixed_precision, config.flip_tta, config.filters) == ("off", "on", True, (4, 8))

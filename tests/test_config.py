@@ -37,3 +37,17 @@ def test_preprocessing_key_changes_only_with_preprocessing_fields() -> None:
     base = ExperimentConfig()
     assert base.replace(epochs=3).preprocessing_key() == base.preprocessing_key()
     assert base.replace(clahe_clip_limit=3.0).preprocessing_key() != base.preprocessing_key()
+
+
+def test_a_config_file_from_before_a_field_existed_is_the_same_config(tmp_path: Path) -> None:
+    import json
+
+    from metaseg_tf.training.runs import same_config
+
+    config = ExperimentConfig(epochs=3)
+    older = {key: value for key, value in config.to_dict().items() if key not in ("flip_tta", "min_lesion_voxels")}
+    (tmp_path / "config.json").write_text(json.dumps(older))
+    assert same_config(tmp_path / "config.json", config)
+    assert not same_config(tmp_path / "config.json", config.replace(flip_tta=True))
+    (tmp_path / "config.json").write_text(json.dumps({**older, "a_future_field": 1}))
+    assert not same_config(tmp_path / "config.json", config)

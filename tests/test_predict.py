@@ -207,3 +207,18 @@ def test_a_context_model_reads_the_neighbouring_slices_of_a_folder_by_case_and_n
         cv2.imwrite(str(folder / f"a_{number}.png"), cv2.cvtColor(np.round(image * 255).astype(np.uint8), cv2.COLOR_RGB2BGR))
     out_dir, _ = predict_path(predictor, [folder], tmp_path / "out", progress=False)
     assert len(list(out_dir.glob("a_*_mask.png"))) == 3
+
+
+def test_small_lesions_are_removed_in_3d_per_case_with_slices_placed_by_number() -> None:
+    from metaseg_tf.predict import remove_small_lesions
+
+    masks = np.zeros((5, 8, 8), np.uint8)
+    masks[0, 1:3, 1:3] = 1  # case a, slice 3: 4 voxels, joined with slice 4 below into one lesion of 8
+    masks[1, 1:3, 1:3] = 1  # case a, slice 4
+    masks[2, 1:3, 1:3] = 1  # case a, slice 6: 4 voxels; slice 5 is missing, so it stays a lesion of its own
+    masks[3, 5:7, 5:7] = 1  # case b, slice 4: 4 voxels
+    masks[4, 5:7, 5:7] = 1  # case b, slice 3
+    kept = remove_small_lesions(masks, ["a", "a", "a", "b", "b"], [3, 4, 6, 4, 3], min_voxels=5)
+    np.testing.assert_array_equal(kept[[0, 1, 3, 4]], masks[[0, 1, 3, 4]])
+    assert kept[2].sum() == 0
+    np.testing.assert_array_equal(remove_small_lesions(masks, list("aaabb"), [3, 4, 6, 4, 3], 0), masks)

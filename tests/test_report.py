@@ -120,3 +120,42 @@ def test_volume_run_is_scored_per_region_in_mm(brats_run: Path) -> None:
         assert table["dice"].between(0, 1).all() and len(table) == summary["patients"]
     comparison = compare_runs([brats_run], brats_run.parent / "cmp", progress=False)
     assert list(comparison.regions["region"]) == ["wt", "tc", "et"] and "lesion_hd95_mm" in comparison.regions
+
+
+def test_flip_tta_is_the_mean_with_the_flipped_prediction(served_runs: list[Path]) -> None:
+    import numpy as np
+
+    from metaseg_tf.predict import predict_probabilities
+
+    model = load_model(served_runs[1])
+    images = np.random.default_rng(0).integers(0, 255, (5, 32, 32, 3), dtype=np.uint8)
+    plain = predict_probabilities(model, images, "zscore", batch_size=2)
+    flipped = predict_probabilities(model, np.ascontiguousarray(images[:, :, ::-1]), "zscore", batch_size=2)
+    averaged = predict_probabilities(model, images, "zscore", batch_size=2, flip_tta=True)
+    np.testing.assert_allclose(averaged, (plain + flipped[:, :, ::-1]) / 2, atol=1e-6)
+    assert np.abs(averaged - plain).max() > 1e-4, "an untrained-symmetric model would make this test vacuous"
+
+
+def test_inference_settings_are_evaluations_of_their_own(served_runs: list[Path]) -> None:
+    run = served_runs[1]
+    plain = evaluate_run(run, "test", progress=False)
+    tta = evaluate_run(run, "test", progress=False, inference={"flip_tta": True})
+    assert tta.out_dir.name.startswith("evaluation-test-tta") and tta.summary["inference"]["flip_tta"] is True
+    assert latest_evaluation(run, "test", inference={"flip_tta": True}) == tta.out_dir
+    assert latest_evaluation(run, "test") == plain.out_dir
+    nothing_kept = evaluate_run(run, "test", threshold=0.01, progress=False, inference={"min_lesion_voxels": 10**7})
+    assert (pd.read_csv(nothing_kept.out_dir / "per_patient.csv")["pred_voxels"] == 0).all()
+    assert (pd.read_csv(evaluate_run(run, "test", threshold=0.01, progress=False).out_dir / "per_patient.csv")
+            ["pred_voxels"] > 0).any(), "without the removal the same threshold predicts lesions"
+    with pytest.raises(ValueError, match="not inference settings: epochs"):
+        evaluate_run(run, "test", progress=False, inference={"epochs": 3})
+
+
+def test_a_threshold_chosen_on_validation_is_the_best_one_there(served_runs: list[Path]) -> None:
+    run = served_runs[0]
+    on_validation = evaluate_run(run, "val", progress=False).summary["threshold_sweep"]
+    best = max(on_validation, key=lambda row: (row["patient_dice"], -row["threshold"]))["threshold"]
+    chosen = evaluate_run(run, "test", progress=False, inference={"threshold_from_validation": True})
+    assert chosen.summary["threshold"] == pytest.approx(best)
+    assert chosen.out_dir.name.startswith("evaluation-test-tval")
+    assert latest_evaluation(run, "test", inference={"threshold_from_validation": True}) == chosen.out_dir

@@ -54,7 +54,7 @@ from metaseg_tf.evaluation.report import (
     paired_wilcoxon,
 )
 from metaseg_tf.evaluation.scores import bootstrap_ci
-from metaseg_tf.training.runs import is_run_dir, load_run_split, read_json, write_json
+from metaseg_tf.training.runs import is_run_dir, load_run_split, read_json, same_config, write_json
 from metaseg_tf.training.train import train
 
 logger = logging.getLogger(__name__)
@@ -155,7 +155,7 @@ def _finished_run(runs_root: Path, run_name: str, config: ExperimentConfig, sinc
             continue
         state = read_json(path / "state.json")
         if (state.get("name"), state.get("status")) == (run_name, "finished") and \
-                state.get("started", "") >= since and read_json(path / "config.json") == config.to_dict():
+                state.get("started", "") >= since and same_config(path / "config.json", config):
             return path
     return None
 

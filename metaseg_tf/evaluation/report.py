@@ -29,6 +29,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -36,7 +37,7 @@ import pandas as pd
 from scipy import stats
 
 from metaseg_tf import plots
-from metaseg_tf.config import ConfigError, ExperimentConfig
+from metaseg_tf.config import INFERENCE_FIELDS, ConfigError, ExperimentConfig
 from metaseg_tf.data.batches import ExperimentData, load_experiment_data, load_recorded_data
 from metaseg_tf.data.io import read_mask_labels
 from metaseg_tf.data.volumes import VolumeReport, read_case_labels
@@ -44,7 +45,7 @@ from metaseg_tf.evaluation.complexity import model_complexity
 from metaseg_tf.evaluation.scores import Evaluation, dice_per_case, evaluate_masks, overlap_scores
 from metaseg_tf.models.nested_unet import average_heads, head_names, prune_nested_unet
 from metaseg_tf.paths import resolve
-from metaseg_tf.predict import load_model, predict_probabilities
+from metaseg_tf.predict import load_model, predict_probabilities, remove_small_lesions
 from metaseg_tf.training.runs import load_run_config, load_run_split, new_dir, read_json, write_json
 
 logger = logging.getLogger(__name__)
@@ -155,38 +156,53 @@ def evaluate_run(
     data_dir: Path | str | None = None,
     progress: bool = True,
     allow_missing_patients: bool = False,
+    inference: dict[str, Any] | None = None,
 ) -> RunEvaluation:
     """Score the run's ``which`` model on ``split`` of the patient split recorded when the run started (its
     ``data.json``; the folder is never split again); write a new evaluation folder.
+
+    How probabilities become masks follows the run's config (``flip_tta``, ``min_lesion_voxels``,
+    ``threshold_from_validation``; :data:`~metaseg_tf.config.INFERENCE_FIELDS`), overridden by ``inference``
+    (e.g. ``{"flip_tta": True}``: an inference ablation without retraining). With ``threshold_from_validation``
+    and no ``threshold`` given, the threshold is the one of :data:`SWEEP_THRESHOLDS` with the best mean
+    per-patient Dice on the run's validation patients (:func:`validation_threshold`), never on ``split``.
 
     If the data no longer holds some of those patients the evaluation stops with a :class:`DataError` naming
     them; with ``allow_missing_patients`` it scores the ones still there and lists the missing ones in
     ``summary.json``. With ``data_dir`` every slice of that other folder is scored instead (an external test
     set, e.g. a different modality, never split), preprocessed with the run's settings; the folder is
     ``evaluation-external-<its name>``. Folders of other settings than the defaults (best model, the run's
-    threshold, native resolution) carry them in their name, e.g. ``evaluation-test-last-t0.3``.
+    threshold and inference settings, native resolution) carry them in their name, e.g.
+    ``evaluation-test-last-t0.3`` or ``evaluation-test-tta-min50-tval``.
     """
     run_dir = Path(run_dir)
-    config = load_run_config(run_dir)
-    default_threshold = config.threshold
-    threshold = config.threshold if threshold is None else threshold
+    run_config = load_run_config(run_dir)
+    config = _with_inference(run_config, inference)
+    choose_threshold = threshold is None and config.threshold_from_validation
     missing: list[str] = []
     if data_dir is not None:
         config = config.replace(data_dir=str(data_dir))
         split = f"external-{Path(data_dir).name}"
         data = data or load_experiment_data(config, progress=progress, external=True)
     else:
-        data, missing = load_recorded_data(config, load_run_split(run_dir), (split,), allow_missing_patients,
+        parts = (split, "val") if choose_threshold and split != "val" else (split,)
+        data, missing = load_recorded_data(config, load_run_split(run_dir), parts, allow_missing_patients,
                                            data, progress)
     indices = data.split.indices(data.dataset.case_ids, "test" if data_dir is not None else split)
     if len(indices) == 0:
         raise ValueError(f"the {split} part of {run_dir} has no slices")
     model = load_model(run_dir, which)
+    if choose_threshold:
+        validation = data if data_dir is None else load_recorded_data(
+            config.replace(data_dir=run_config.data_dir), load_run_split(run_dir), ("val",), progress=progress)[0]
+        threshold = validation_threshold(model, validation, config, progress)
+    threshold = config.threshold if threshold is None else threshold
     probabilities = predict_probabilities(model, data.model_inputs(config, indices), config.normalisation,
-                                          config.batch_size, progress)
+                                          config.batch_size, progress, config.flip_tta)
     state, timings = read_json(run_dir / "state.json"), read_json(run_dir / "timings.json")
-    key = "".join([f"-{which}" if which != "best" else "", f"-t{threshold:g}" if threshold != default_threshold else "",
-                   "" if native_resolution else "-input_size"])
+    key = "".join([f"-{which}" if which != "best" else "",
+                   f"-t{threshold:g}" if threshold != run_config.threshold and not choose_threshold else "",
+                   "" if native_resolution else "-input_size", _inference_key(config, run_config)])
     result = write_evaluation(
         probabilities, data, indices, config, run_dir, f"evaluation-{split}{key}", threshold, native_resolution,
         label=config.model, identity={"run": str(run_dir), "model": config.model, "which": which, "split": split},
@@ -199,6 +215,58 @@ def evaluate_run(
     if history.is_file():
         plots.learning_curves(pd.read_csv(history), result.out_dir / "learning_curves.png", config.model)
     return result
+
+
+def _with_inference(config: ExperimentConfig, inference: dict[str, Any] | None) -> ExperimentConfig:
+    """``config`` with the inference settings ``inference`` (only :data:`INFERENCE_FIELDS`) applied."""
+    unknown = sorted(set(inference or {}) - set(INFERENCE_FIELDS))
+    if unknown:
+        raise ConfigError(f"not inference settings: {', '.join(unknown)}; choose from {', '.join(INFERENCE_FIELDS)}")
+    return config.replace(**inference) if inference else config
+
+
+def _inference_settings(config: ExperimentConfig) -> dict[str, Any]:
+    return {name: getattr(config, name) for name in INFERENCE_FIELDS}
+
+
+def _inference_key(config: ExperimentConfig, run_config: ExperimentConfig) -> str:
+    """The evaluation folder's suffix for inference settings other than the run's own."""
+    if _inference_settings(config) == _inference_settings(run_config):
+        return ""
+    return "".join(["-tta" if config.flip_tta else "", f"-min{config.min_lesion_voxels}" if config.min_lesion_voxels
+                    else "", "-tval" if config.threshold_from_validation else ""]) or "-plain"
+
+
+def _masks(probabilities: np.ndarray, threshold: float, case_ids: np.ndarray, slice_indices: np.ndarray,
+           config: ExperimentConfig) -> np.ndarray:
+    """Thresholded ``(n, H, W, R)`` masks, without predicted lesions (3D components per case) smaller than
+    ``config.min_lesion_voxels`` voxels of this grid."""
+    masks = probabilities >= threshold
+    if not config.min_lesion_voxels:
+        return masks
+    return np.stack([remove_small_lesions(masks[..., r], case_ids, slice_indices, config.min_lesion_voxels)
+                     for r in range(masks.shape[-1])], axis=-1).astype(bool)
+
+
+def validation_threshold(model, data: ExperimentData, config: ExperimentConfig, progress: bool = False) -> float:
+    """The threshold of :data:`SWEEP_THRESHOLDS` whose masks (after ``config``'s flip TTA and small-lesion
+    removal) give the best mean per-patient Dice of the target's first region on the validation patients of
+    ``data``, scored at their native size where it is known (the lowest such threshold on a tie)."""
+    indices = data.split.indices(data.dataset.case_ids, "val")
+    if len(indices) == 0:
+        raise ConfigError("threshold_from_validation needs validation patients; this run's split has none")
+    probabilities = predict_probabilities(model, data.model_inputs(config, indices), config.normalisation,
+                                          config.batch_size, progress, config.flip_tta)
+    labels = _native_truth(data, indices)
+    if labels is not None:
+        probabilities = _to_size(probabilities, labels.shape[1:])
+    else:
+        labels = data.dataset.masks[indices]
+    truth = data.target(config).masks(labels)[..., 0]
+    case_ids, slice_indices = data.dataset.case_ids[indices], data.dataset.slice_indices[indices]
+    scores = [_mean_dice(truth, _masks(probabilities, t, case_ids, slice_indices, config)[..., 0], case_ids)
+              ["patient_dice"] for t in SWEEP_THRESHOLDS]
+    return float(SWEEP_THRESHOLDS[int(np.argmax(scores))])
 
 
 def write_evaluation(
@@ -238,8 +306,8 @@ def write_evaluation(
         logger.warning("slices differ in size: scoring at the model's %d px instead of native size", config.image_size)
     spacing = _spacing(data, None if native is not None else config.image_size)
     distance_unit = "mm" if spacing and all(v is not None for v in spacing.values()) else "px"
-    truth, pred = target.masks(labels), probabilities >= threshold
     case_ids, slice_indices = data.dataset.case_ids[indices], data.dataset.slice_indices[indices]
+    truth, pred = target.masks(labels), _masks(probabilities, threshold, case_ids, slice_indices, config)
     evaluations = {region: evaluate_masks(truth[..., r], pred[..., r], case_ids, slice_indices, spacing or None)
                    for r, region in enumerate(target.names)}
     evaluation = evaluations[target.names[0]]
@@ -258,6 +326,7 @@ def write_evaluation(
         "native_resolution": native_resolution, "resolution": resolution, "missing_patients": list(missing_patients),
         "evaluation_version": EVALUATION_VERSION, "patients": len(patients), "slices": len(indices),
         "target": config.target, "label_convention": data.dataset.convention, "distance_unit": distance_unit,
+        "inference": _inference_settings(config),
         **evaluation.summary(),
         "regions": {region: {"labels": "any non-zero" if target.regions[region] is None else list(target.regions[region]),
                              **region_evaluation.summary()} for region, region_evaluation in evaluations.items()},
@@ -328,7 +397,7 @@ def ensemble_probabilities(run_dirs: Sequence[Path | str], split: str = "test", 
         if len(indices) == 0:
             raise ValueError(f"the {split} part of {run_dir} has no slices")
         probabilities = predict_probabilities(load_model(run_dir, which), data.model_inputs(config, indices),
-                                              config.normalisation, config.batch_size, progress)
+                                              config.normalisation, config.batch_size, progress, config.flip_tta)
         if first is None:
             first, total = (data, indices), probabilities.astype(np.float64)
             continue
@@ -378,13 +447,19 @@ def evaluate_ensemble(
 
 
 def latest_evaluation(run_dir: Path | str, split: str = "test", which: str = "best", threshold: float | None = None,
-                      native_resolution: bool = True) -> Path | None:
+                      native_resolution: bool = True, inference: dict[str, Any] | None = None) -> Path | None:
     """The newest evaluation folder of a run on ``split`` made with exactly these settings (model ``which``,
-    ``threshold``, default the run's own, and resolution), read from each folder's ``summary.json``; None if
-    there is none. Evaluations with other settings, or made by a release whose scores meant something else
-    (:data:`EVALUATION_VERSION`), are never mixed in."""
+    ``threshold``, default the run's own or the one chosen on validation, resolution, and the run's inference
+    settings overridden by ``inference``, as :func:`evaluate_run` takes them), read from each folder's
+    ``summary.json``; None if there is none. Evaluations with other settings, or made by a release whose
+    scores meant something else (:data:`EVALUATION_VERSION`), are never mixed in."""
     run_dir = Path(run_dir)
-    threshold = load_run_config(run_dir).threshold if threshold is None else threshold
+    run_config = load_run_config(run_dir)
+    config = _with_inference(run_config, inference)
+    chosen_on_validation = threshold is None and config.threshold_from_validation
+    threshold = run_config.threshold if threshold is None else threshold
+    settings = _inference_settings(config)
+    before_inference_settings = _inference_settings(ExperimentConfig())
     found = []
     for folder in run_dir.glob("evaluation-*"):
         if not (folder / "summary.json").is_file():
@@ -392,7 +467,8 @@ def latest_evaluation(run_dir: Path | str, split: str = "test", which: str = "be
         summary = read_json(folder / "summary.json")
         if (summary.get("split"), summary.get("which"), summary.get("native_resolution")) == \
                 (split, which, native_resolution) and \
-                np.isclose(summary.get("threshold", float("nan")), threshold) and \
+                summary.get("inference", before_inference_settings) == settings and \
+                (chosen_on_validation or np.isclose(summary.get("threshold", float("nan")), threshold)) and \
                 summary.get("evaluation_version") == EVALUATION_VERSION:
             found.append(folder)
     return max(found, key=lambda p: (p / "summary.json").stat().st_mtime) if found else None

@@ -74,9 +74,17 @@ def find_unfinished_run(runs_root: Path | str, name: str, config: ExperimentConf
         if not (state.is_file() and saved.is_file()):
             continue
         status = read_json(state)
-        if status.get("name") == name and status.get("status") == "running" and read_json(saved) == config.to_dict():
+        if status.get("name") == name and status.get("status") == "running" and same_config(saved, config):
             return path
     return None
+
+
+def same_config(saved: Path, config: ExperimentConfig) -> bool:
+    """Whether the config file ``saved`` holds exactly ``config``, fields it predates read at their defaults."""
+    try:
+        return ExperimentConfig.load(saved).to_dict() == config.to_dict()
+    except ConfigError:  # a field this release does not know, or a value it refuses: another config
+        return False
 
 
 class RunLockedError(ConfigError):
