@@ -132,6 +132,18 @@ def test_another_config_models_or_folds_in_the_same_folder_is_refused(cross_vali
         cross_validations.call(out_dir=tmp_path)
 
 
+def test_a_second_process_in_the_same_folder_is_refused(cross_validations: CrossValidations) -> None:
+    from metaseg_tf.evaluation.crossval import LOCK_FILE
+    from metaseg_tf.training.runs import RunLockedError, hold_run_lock
+
+    state_before = (cross_validations.out_dir / STATE_FILE).read_text()
+    with hold_run_lock(cross_validations.out_dir, LOCK_FILE, "cross-validated"):  # as another process would
+        with pytest.raises(RunLockedError, match="being cross-validated by another process"):
+            cross_validations.call()
+    assert (cross_validations.out_dir / STATE_FILE).read_text() == state_before
+    assert cross_validations.call().complete, "once the other process is gone the folder is usable again"
+
+
 def test_the_ensemble_averages_its_members_probabilities(cross_validations: CrossValidations,
                                                          tmp_path: Path) -> None:
     folds = cross_validations.complete.state["folds"]

@@ -54,12 +54,13 @@ from metaseg_tf.evaluation.report import (
     paired_wilcoxon,
 )
 from metaseg_tf.evaluation.scores import bootstrap_ci
-from metaseg_tf.training.runs import is_run_dir, load_run_split, read_json, same_config, write_json
+from metaseg_tf.training.runs import hold_run_lock, is_run_dir, load_run_split, read_json, same_config, write_json
 from metaseg_tf.training.train import train
 
 logger = logging.getLogger(__name__)
 
 STATE_FILE = "crossval.json"
+LOCK_FILE = "crossval.lock"  # held while a process works in the folder: a second one is refused
 STATE_VERSION = 1
 ENSEMBLE = "ensemble"  # the label of the models' ensemble in the state and the tables
 DEFAULT_MODELS = ("nested_unet", "attention_unet")
@@ -94,8 +95,8 @@ def _shared_settings(config: ExperimentConfig) -> dict[str, Any]:
 
 
 def _open_state(out_dir: Path, config: ExperimentConfig, models: tuple[str, ...], n_folds: int) -> dict[str, Any]:
-    """The state of the cross-validation in ``out_dir``: read back when it is this one, new when the folder is
-    empty or absent; a :class:`ConfigError` when the folder holds anything else."""
+    """The state of the cross-validation in ``out_dir``: read back when it is this one, new when there is none;
+    a :class:`ConfigError` when the folder holds a cross-validation of anything else."""
     path = out_dir / STATE_FILE
     settings = _shared_settings(config)
     if path.is_file():
@@ -118,9 +119,6 @@ def _open_state(out_dir: Path, config: ExperimentConfig, models: tuple[str, ...]
                               "overwritten or mixed: choose another --out folder (or --name)")
         state["models"] = list(models)
         return state
-    if out_dir.is_dir() and any(out_dir.iterdir()):
-        raise ConfigError(f"{out_dir} is not empty and holds no {STATE_FILE}; choose another --out folder")
-    out_dir.mkdir(parents=True, exist_ok=True)
     state = {"version": STATE_VERSION, "config": settings, "models": list(models), "n_folds": n_folds,
              "started": time.strftime("%Y-%m-%d %H:%M:%S"), "folds": {}}
     write_json(path, state)
@@ -253,20 +251,24 @@ def crossval(
     out_dir = paths.resolve(out_dir if out_dir is not None else Path(paths.CROSSVAL_ROOT) / name)
     runs_root = paths.resolve(runs_root)
     with_ensemble = ensemble and len(models) >= 2
-    state = _open_state(out_dir, config, models, n_folds)
-    steps = _Steps(out_dir, state, progress)
-    steps.save()
-    worked = 0
-    for fold in range(n_folds):
-        if _fold_done(state["folds"].get(str(fold), {}), models, with_ensemble):
-            continue
-        if max_folds is not None and worked >= max_folds:
-            steps.say(f"stopping after {worked} fold(s) (max_folds); run again to continue")
-            break
-        _run_fold(fold, config, models, n_folds, out_dir, runs_root, name, with_ensemble, steps)
-        worked += 1
-        write_summary(out_dir, state)
-    result = write_summary(out_dir, state)
+    if out_dir.is_dir() and not (out_dir / STATE_FILE).is_file() and any(out_dir.iterdir()):
+        raise ConfigError(f"{out_dir} is not empty and holds no {STATE_FILE}; choose another --out folder")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with hold_run_lock(out_dir, LOCK_FILE, "cross-validated"):
+        state = _open_state(out_dir, config, models, n_folds)
+        steps = _Steps(out_dir, state, progress)
+        steps.save()
+        worked = 0
+        for fold in range(n_folds):
+            if _fold_done(state["folds"].get(str(fold), {}), models, with_ensemble):
+                continue
+            if max_folds is not None and worked >= max_folds:
+                steps.say(f"stopping after {worked} fold(s) (max_folds); run again to continue")
+                break
+            _run_fold(fold, config, models, n_folds, out_dir, runs_root, name, with_ensemble, steps)
+            worked += 1
+            write_summary(out_dir, state)
+        result = write_summary(out_dir, state)
     steps.say(f"{'complete' if result.complete else 'partial'}: {out_dir / 'summary.md'}")
     return result
 

@@ -92,14 +92,15 @@ class RunLockedError(ConfigError):
 
 
 @contextlib.contextmanager
-def hold_run_lock(run_dir: Path | str) -> Iterator[Path]:
-    """Hold ``<run_dir>/train.lock`` (an exclusive ``fcntl`` lock holding our pid) while training into a run.
+def hold_run_lock(run_dir: Path | str, lock_name: str = "train.lock", activity: str = "trained") -> Iterator[Path]:
+    """Hold ``<run_dir>/<lock_name>`` (an exclusive ``fcntl`` lock holding our pid) while training into a run
+    (or, with another ``lock_name`` and ``activity``, while working in another folder that one process owns).
 
     A second process that tries raises :class:`RunLockedError` naming the holder's pid. The operating system
     releases the lock when its process ends, however it ends, so a run killed mid-way is taken over by the
     next start without any clean-up. (Where ``fcntl`` does not exist, on Windows, nothing is locked.)
     """
-    path = Path(run_dir) / "train.lock"
+    path = Path(run_dir) / lock_name
     try:
         import fcntl
     except ImportError:  # pragma: no cover - not POSIX
@@ -111,8 +112,8 @@ def hold_run_lock(run_dir: Path | str) -> Iterator[Path]:
         except BlockingIOError:
             handle.seek(0)
             holder = handle.read().strip() or "unknown"
-            raise RunLockedError(f"{run_dir} is being trained by another process (pid {holder}); wait for it, or "
-                                 "stop it, before training into this run folder") from None
+            raise RunLockedError(f"{run_dir} is being {activity} by another process (pid {holder}); wait for it, or "
+                                 "stop it, before starting again in this folder") from None
         handle.seek(0)
         handle.truncate()
         handle.write(str(os.getpid()))
