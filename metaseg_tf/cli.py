@@ -9,6 +9,7 @@ project root (:mod:`metaseg_tf.paths`), wherever the command is started.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
@@ -43,17 +44,24 @@ def _typed_path(text: str) -> Path:
     return Path(text).expanduser().absolute()
 
 
-def _parse_value(text: str):
-    """A ``-p KEY VALUE`` value: YAML scalars and lists (``0.5``, ``true``, ``[16, 32]``), else the text. Only
-    ``true`` and ``false`` are booleans: YAML 1.1's ``on``/``off``/``yes``/``no`` stay text, so that
+BOOLEAN_TEXT = {"true": True, "on": True, "yes": True, "1": True, "false": False, "off": False, "no": False, "0": False}
+
+
+def _parse_value(key: str, text: str):
+    """A ``-p KEY VALUE`` value for the config field ``key``. A boolean field takes true/false, on/off, yes/no
+    or 1/0 (anything else is a :class:`ConfigError`); other fields take YAML scalars and lists (``0.5``,
+    ``[16, 32]``), else the text, and YAML 1.1's ``on``/``off``/``yes``/``no`` stay text there, so that
     ``-p jit_compile off`` means the setting ``"off"``."""
+    default = {f.name: f.default for f in dataclasses.fields(ExperimentConfig)}.get(key)
+    if isinstance(default, bool):
+        if text.strip().lower() not in BOOLEAN_TEXT:
+            raise ConfigError(f"{key} is true or false, got {text!r}")
+        return BOOLEAN_TEXT[text.strip().lower()]
     try:
         value = yaml.safe_load(text)
     except yaml.YAMLError:
         return text
-    if isinstance(value, bool) and text.strip().lower() not in ("true", "false"):
-        return text
-    return value
+    return text if isinstance(value, bool) else value
 
 
 def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
@@ -66,7 +74,7 @@ def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
     if getattr(args, "no_clahe", False):
         changes["clahe"] = False
     for key, value in getattr(args, "param", None) or []:
-        changes[key] = _parse_value(value)
+        changes[key] = _parse_value(key, value)
     return config.replace(**changes) if changes else config
 
 
@@ -99,9 +107,12 @@ def _add_runs_root_flag(parser: argparse.ArgumentParser) -> None:
 def _evaluate(args: argparse.Namespace) -> int:
     from metaseg_tf.evaluation.report import evaluate_run
 
+    inference = {name: value for name, value in (("flip_tta", args.tta), ("min_lesion_voxels", args.min_lesion_voxels),
+                                                 ("threshold_from_validation", args.threshold_from_validation))
+                 if value is not None}
     result = evaluate_run(args.run, split=args.split, which=args.which, threshold=args.threshold,
                           data_dir=args.data, progress=not args.quiet,
-                          allow_missing_patients=args.allow_missing_patients)
+                          allow_missing_patients=args.allow_missing_patients, inference=inference or None)
     if result.summary["missing_patients"]:
         print(f"not in the data any more, left out: {', '.join(result.summary['missing_patients'])}")
     dice = result.summary["per_patient"]["dice"]
@@ -281,6 +292,12 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--allow-missing-patients", action="store_true",
                           help="score the run's recorded patients that the data still holds and list the others "
                                "(default: stop with an error)")
+    evaluate.add_argument("--tta", action=argparse.BooleanOptionalAction, help="flip TTA (default: the run's flip_tta)")
+    evaluate.add_argument("--min-lesion-voxels", type=int,
+                          help="drop predicted 3D lesions smaller than this (default: the run's min_lesion_voxels)")
+    evaluate.add_argument("--threshold-from-validation", action=argparse.BooleanOptionalAction,
+                          help="the threshold that scores best on the run's validation patients (default: the run's "
+                               "threshold_from_validation)")
     evaluate.set_defaults(handler=_evaluate)
 
     compare = commands.add_parser("compare", help="one table and paired Wilcoxon tests over several runs")
@@ -320,11 +337,11 @@ def build_parser() -> argparse.ArgumentParser:
                          help=f"a new predictions folder goes here (default: {paths.RESULTS_DIR} in the project)")
     predict.add_argument("--which", default="best", choices=("best", "last"))
     predict.add_argument("--threshold", type=float, help="default: the run's config threshold")
-    predict.add_argument("--tta", action="store_true", default=None,
+    predict.add_argument("--tta", action=argparse.BooleanOptionalAction,
                          help="average with the horizontally flipped image (default: the run's flip_tta)")
     predict.add_argument("--min-component", type=int,
-                         help="drop lesions smaller than this (pixels of a slice, voxels of a volume; default: the "
-                              "run's min_lesion_voxels)")
+                         help="drop lesions smaller than this: pixels of a slice (default 0), voxels of a volume "
+                              "(default: the run's min_lesion_voxels)")
     predict.add_argument("--engine", default="keras", choices=ENGINES,
                          help="run the network with Keras (default), ONNX Runtime or OpenVINO (the run's newest "
                               "export of that format, exported first if there is none)")

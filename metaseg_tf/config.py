@@ -129,6 +129,9 @@ class ExperimentConfig:
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` naming the first invalid field."""
+        for setting in dataclasses.fields(self):
+            if isinstance(setting.default, bool) and not isinstance(getattr(self, setting.name), bool):
+                raise ConfigError(f"{setting.name} must be true or false, got {getattr(self, setting.name)!r}")
         if not self.sequences and self.channels not in (1, 3):
             raise ConfigError(f"channels must be 1 or 3 (or follow sequences), got {self.channels}")
         if len(set(self.sequences)) != len(self.sequences):

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -123,20 +123,26 @@ def batch_probabilities(model: keras.Model, batch: np.ndarray, normalisation: st
     return KerasEngine(model).predict(normalise(batch, normalisation))
 
 
+def flip_averaged(predict: Callable[[np.ndarray], np.ndarray], batch: np.ndarray, flip_tta: bool = True) -> np.ndarray:
+    """``predict(batch)`` for a batch ``(B, S, S, C)``; with ``flip_tta`` its mean with the prediction of the
+    horizontally flipped batch, flipped back (test-time augmentation), ``(B, S, S, R)``."""
+    probabilities = predict(batch)
+    if not flip_tta:
+        return probabilities
+    flipped = predict(np.ascontiguousarray(batch[:, :, ::-1]))
+    return (probabilities + flipped[:, :, ::-1]) / 2
+
+
 def predict_probabilities(model: keras.Model, images: np.ndarray, normalisation: str,
                           batch_size: int = 16, progress: bool = False, flip_tta: bool = False) -> np.ndarray:
     """Probabilities ``float32 (N, S, S, R)`` for preprocessed ``uint8 (N, S, S, C)`` slices, in batches of
     ``batch_size`` (see :func:`batch_probabilities`); ``flip_tta``: the mean with the prediction of the
     horizontally flipped slices, flipped back."""
     def probabilities(batch: np.ndarray) -> np.ndarray:
-        result = batch_probabilities(model, batch, normalisation)
-        if flip_tta:
-            flipped = batch_probabilities(model, np.ascontiguousarray(batch[:, :, ::-1]), normalisation)
-            result = (result + flipped[:, :, ::-1]) / 2
-        return result
+        return batch_probabilities(model, batch, normalisation)
 
     starts = range(0, len(images), batch_size)
-    chunks = [probabilities(images[start : start + batch_size])
+    chunks = [flip_averaged(probabilities, images[start : start + batch_size], flip_tta)
               for start in tqdm(starts, desc="predicting", unit="batch", disable=not progress)]
     outputs = model.outputs[-1].shape[-1]
     return np.concatenate(chunks) if chunks else np.zeros((0, *images.shape[1:3], outputs), np.float32)
@@ -165,7 +171,9 @@ class Predictor:
         self.engine: Engine = engine if engine is not None else KerasEngine(model)
         self.threshold = config.threshold if threshold is None else threshold
         self.flip_tta = config.flip_tta if flip_tta is None else flip_tta
-        self.min_component_pixels = config.min_lesion_voxels if min_component_pixels is None else min_component_pixels
+        # a volume's lesions are 3D: the run's min_lesion_voxels applies to them unless this is given; a slice's
+        # are 2D, and a voxel count does not translate into pixels of one slice, so slices use only this
+        self.min_component_pixels = min_component_pixels
         self.batch_size = batch_size
         self.target: Target = resolve_target(config.target, label_convention)
 
@@ -183,11 +191,8 @@ class Predictor:
     def _probabilities(self, batch: np.ndarray) -> np.ndarray:
         """``(B, S, S, R)`` probabilities of preprocessed slices (with their context channels) from the
         predictor's engine, flip TTA included."""
-        probabilities = self.engine.predict(normalise(batch, self.config.normalisation))
-        if self.flip_tta:
-            flipped = self.engine.predict(normalise(np.ascontiguousarray(batch[:, :, ::-1]), self.config.normalisation))
-            probabilities = (probabilities + flipped[:, :, ::-1]) / 2
-        return probabilities
+        return flip_averaged(lambda slices: self.engine.predict(normalise(slices, self.config.normalisation)), batch,
+                             self.flip_tta)
 
     def prepare_slice(self, image: np.ndarray, alone: bool = True) -> np.ndarray:
         """A 2D slice ``float (H, W[, C])`` in ``[0, 1]`` preprocessed as the run's were: grey repeated or alpha
@@ -203,7 +208,8 @@ class Predictor:
 
     def predict_volume(self, volume: CaseVolume, progress: bool = False) -> VolumePrediction:
         """Every axial slice of ``volume`` with its 2.5D context, back at the volume's in-plane size
-        (bilinear), thresholded; components below ``min_component_pixels`` voxels removed (3D)."""
+        (bilinear), thresholded; 3D components below ``min_component_pixels`` voxels (default: the run's
+        ``min_lesion_voxels``) removed."""
         slices = volume_context(preprocess_volume_slices(volume.images, self.config), self.config.context_slices)
         starts = range(0, len(slices), self.batch_size)
         chunks = [self._probabilities(slices[start : start + self.batch_size])
@@ -211,7 +217,8 @@ class Predictor:
         height, width = volume.images.shape[1:3]
         probabilities = np.stack([cv2.resize(p, (width, height), interpolation=cv2.INTER_LINEAR).reshape(height, width, -1)
                                   for p in np.concatenate(chunks)])
-        masks = np.stack([remove_small_components(probabilities[..., r] >= self.threshold, self.min_component_pixels)[0]
+        minimum = self.config.min_lesion_voxels if self.min_component_pixels is None else self.min_component_pixels
+        masks = np.stack([remove_small_components(probabilities[..., r] >= self.threshold, minimum)[0]
                           for r in range(probabilities.shape[-1])], axis=-1)
         return VolumePrediction(probabilities, masks, self.target.to_labels(masks))
 
@@ -237,7 +244,7 @@ class Predictor:
             for offset, probability in enumerate(probabilities):
                 height, width = np.asarray(images[start + offset]).shape[:2]
                 probability = cv2.resize(probability, (width, height), interpolation=cv2.INTER_LINEAR)
-                mask, areas = remove_small_components(probability >= threshold, self.min_component_pixels)
+                mask, areas = remove_small_components(probability >= threshold, self.min_component_pixels or 0)
                 results.append(SlicePrediction(probability, mask, areas))
         return results
 

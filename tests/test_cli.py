@@ -103,10 +103,15 @@ def test_pipeline_profiles_offered_by_the_cli_are_the_pipeline_s() -> None:
         parser.parse_args(["pipeline", "--profile", "laptop"])
 
 
-def test_only_true_and_false_are_booleans_in_p_values(tmp_path: Path) -> None:
+def test_p_values_follow_the_type_of_their_setting(tmp_path: Path) -> None:
     from metaseg_tf.cli import config_from_args
+    from metaseg_tf.config import ConfigError
 
-    args = build_parser().parse_args(["train", "--model", "unet", "-p", "jit_compile", "off", "-p", "flip_tta", "true",
-                                      "-p", "filters", "[4, 8]", "-p", "mixed_precision", "on"])
+    args = build_parser().parse_args(["train", "--model", "unet", "-p", "jit_compile", "off", "-p", "flip_tta", "yes",
+                                      "-p", "filters", "[4, 8]", "-p", "mixed_precision", "on", "-p", "clahe", "off"])
     config = config_from_args(args)
     assert (config.jit_compile, config.mixed_precision, config.flip_tta, config.filters) == ("off", "on", True, (4, 8))
+    assert config.clahe is False, "off switches a boolean setting off, it is not the (truthy) text 'off'"
+    assert main(["train", "-p", "augment", "maybe"]) == 2
+    with pytest.raises(ConfigError, match="clahe must be true or false"):
+        config.replace(clahe="no")

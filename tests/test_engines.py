@@ -51,6 +51,8 @@ def test_predict_folder_and_api_with_an_engine_match_keras(served_runs: list[Pat
     for engine in ("keras", "openvino"):
         with TestClient(create_app([run], ServeSettings(engine=engine))) as client:
             assert client.get("/models").json()[0]["engine"] == engine
+            served = next(iter(client.app.state.models.values()))
+            assert (served.serialised() is served.lock) == (engine == "keras"), "only Keras is called under the lock"
             reply = client.post("/predict", files={"file": ("x.png", image)}, data={"threshold": "0.3"}).json()
             masks[engine] = base64.b64decode(reply["predictions"][0]["mask_png"])
     np.testing.assert_array_equal(cv2.imdecode(np.frombuffer(masks["keras"], np.uint8), 0),

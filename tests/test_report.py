@@ -159,3 +159,8 @@ def test_a_threshold_chosen_on_validation_is_the_best_one_there(served_runs: lis
     assert chosen.summary["threshold"] == pytest.approx(best)
     assert chosen.out_dir.name.startswith("evaluation-test-tval")
     assert latest_evaluation(run, "test", inference={"threshold_from_validation": True}) == chosen.out_dir
+    given = evaluate_run(run, "test", threshold=0.35, progress=False, inference={"threshold_from_validation": True})
+    assert given.summary["threshold_source"] == "given" and chosen.summary["threshold_source"] == "validation"
+    assert latest_evaluation(run, "test", inference={"threshold_from_validation": True}) == chosen.out_dir, \
+        "a threshold given by hand is never taken for the one chosen on validation"
+    assert latest_evaluation(run, "test", threshold=0.35, inference={"threshold_from_validation": True}) == given.out_dir

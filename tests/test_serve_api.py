@@ -415,8 +415,10 @@ def test_a_pruned_u_net_plus_plus_is_served_at_its_level(served_runs: list[Path]
     monkeypatch.setenv("METASEG_LEVEL", "1")
     image = phantom_slice[0]
     with TestClient(app_from_environment()) as pruned_client:
-        levels = {m["name"]: m["level"] for m in pruned_client.get("/models").json()}
-        assert levels == {"nested_unet": 1, "attention_unet": None}, "only U-Net++ has levels to prune to"
+        described = {m["name"]: m for m in pruned_client.get("/models").json()}
+        assert {name: m["level"] for name, m in described.items()} == {"nested_unet": 1, "attention_unet": None}
+        whole = Predictor.from_run(served_runs[0]).model.count_params()
+        assert described["nested_unet"]["parameters"] < whole, "the served (pruned) network's parameters"
         reply = pruned_client.post("/predict", files={"file": ("s.png", image.read_bytes())},
                                    data={"model": "nested_unet", "threshold": "0.05"}).json()
     served = reply["predictions"][0]["probability"]

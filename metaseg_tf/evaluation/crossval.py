@@ -251,7 +251,8 @@ def crossval(
     out_dir = paths.resolve(out_dir if out_dir is not None else Path(paths.CROSSVAL_ROOT) / name)
     runs_root = paths.resolve(runs_root)
     with_ensemble = ensemble and len(models) >= 2
-    if out_dir.is_dir() and not (out_dir / STATE_FILE).is_file() and any(out_dir.iterdir()):
+    if out_dir.is_dir() and not (out_dir / STATE_FILE).is_file() and \
+            any(path.name != LOCK_FILE for path in out_dir.iterdir()):  # a lock alone: killed before its state
         raise ConfigError(f"{out_dir} is not empty and holds no {STATE_FILE}; choose another --out folder")
     out_dir.mkdir(parents=True, exist_ok=True)
     with hold_run_lock(out_dir, LOCK_FILE, "cross-validated"):

@@ -165,7 +165,8 @@ def evaluate_run(
     ``threshold_from_validation``; :data:`~metaseg_tf.config.INFERENCE_FIELDS`), overridden by ``inference``
     (e.g. ``{"flip_tta": True}``: an inference ablation without retraining). With ``threshold_from_validation``
     and no ``threshold`` given, the threshold is the one of :data:`SWEEP_THRESHOLDS` with the best mean
-    per-patient Dice on the run's validation patients (:func:`validation_threshold`), never on ``split``.
+    per-patient Dice on the run's validation patients (:func:`validation_threshold`), whatever ``split`` is
+    scored; ``summary.json`` says where the threshold came from (``threshold_source``: config, given, validation).
 
     If the data no longer holds some of those patients the evaluation stops with a :class:`DataError` naming
     them; with ``allow_missing_patients`` it scores the ones still there and lists the missing ones in
@@ -196,6 +197,7 @@ def evaluate_run(
         validation = data if data_dir is None else load_recorded_data(
             config.replace(data_dir=run_config.data_dir), load_run_split(run_dir), ("val",), progress=progress)[0]
         threshold = validation_threshold(model, validation, config, progress)
+    source = "validation" if choose_threshold else "config" if threshold is None else "given"
     threshold = config.threshold if threshold is None else threshold
     probabilities = predict_probabilities(model, data.model_inputs(config, indices), config.normalisation,
                                           config.batch_size, progress, config.flip_tta)
@@ -205,7 +207,8 @@ def evaluate_run(
                    "" if native_resolution else "-input_size", _inference_key(config, run_config)])
     result = write_evaluation(
         probabilities, data, indices, config, run_dir, f"evaluation-{split}{key}", threshold, native_resolution,
-        label=config.model, identity={"run": str(run_dir), "model": config.model, "which": which, "split": split},
+        label=config.model, identity={"run": str(run_dir), "model": config.model, "which": which, "split": split,
+                                      "threshold_source": source},
         missing_patients=missing,
         details={"complexity": model_complexity(model, batch_size=1, repeats=10).to_dict(),
                  "training": {"epochs": state.get("epochs_done"), "best_epoch": state.get("best_epoch"),
@@ -251,12 +254,20 @@ def _masks(probabilities: np.ndarray, threshold: float, case_ids: np.ndarray, sl
 def validation_threshold(model, data: ExperimentData, config: ExperimentConfig, progress: bool = False) -> float:
     """The threshold of :data:`SWEEP_THRESHOLDS` whose masks (after ``config``'s flip TTA and small-lesion
     removal) give the best mean per-patient Dice of the target's first region on the validation patients of
-    ``data``, scored at their native size where it is known (the lowest such threshold on a tie)."""
+    ``data`` (:func:`best_threshold`)."""
     indices = data.split.indices(data.dataset.case_ids, "val")
     if len(indices) == 0:
         raise ConfigError("threshold_from_validation needs validation patients; this run's split has none")
     probabilities = predict_probabilities(model, data.model_inputs(config, indices), config.normalisation,
                                           config.batch_size, progress, config.flip_tta)
+    return best_threshold(probabilities, data, indices, config)
+
+
+def best_threshold(probabilities: np.ndarray, data: ExperimentData, indices: np.ndarray,
+                   config: ExperimentConfig) -> float:
+    """The threshold of :data:`SWEEP_THRESHOLDS` with the best mean per-patient Dice of the target's first region
+    for ``probabilities`` ``(n, S, S, R)`` of the slices ``indices`` of ``data``, after ``config``'s small-lesion
+    removal, scored at the slices' native size where it is known; the lowest such threshold on a tie."""
     labels = _native_truth(data, indices)
     if labels is not None:
         probabilities = _to_size(probabilities, labels.shape[1:])
@@ -361,7 +372,7 @@ def _check_ensemble_members(run_dirs: Sequence[Path], configs: Sequence[Experime
         if load_run_split(run_dir) != split:
             raise ConfigError(f"{run_dir} was trained on another patient split (its data.json) than {first}; "
                               "an ensemble averages runs of one split")
-        for setting in ("data_dir", "target", "image_size", "threshold"):
+        for setting in ("data_dir", "target", "image_size", "threshold", *INFERENCE_FIELDS):
             mine, theirs = getattr(config, setting), getattr(reference, setting)
             if (resolve(mine) != resolve(theirs)) if setting == "data_dir" else mine != theirs:
                 raise ConfigError(f"the ensemble's runs must share {setting}: {run_dir} has {mine!r}, "
@@ -427,7 +438,9 @@ def evaluate_ensemble(
     The ensemble's probability of a pixel is the mean of the members' probabilities
     (:func:`ensemble_probabilities`: each member with its own preprocessing, at Keras' last output, i.e.
     U-Net++'s deepest head), ``float32 (n, S, S, R)``, thresholded at the members' threshold, which must be
-    the same (as must split, data folder, target and image size; else :class:`ConfigError`). A run may be
+    the same (as must split, data folder, target, image size and inference settings; else
+    :class:`ConfigError`); with ``threshold_from_validation`` at the ensemble's own best threshold on the
+    validation patients (:func:`best_threshold`). A run may be
     listed twice (it then scores as itself). ``summary.json``'s ``training.train_seconds`` is the members'
     total, the ensemble's training cost.
     """
@@ -436,12 +449,18 @@ def evaluate_ensemble(
         raise ValueError("an ensemble needs at least two runs")
     ensemble = ensemble_probabilities(run_dirs, split, which, progress)
     configs = [load_run_config(run_dir) for run_dir in run_dirs]
+    threshold, source = configs[0].threshold, "config"
+    if configs[0].threshold_from_validation:  # the ensemble's own best threshold on the validation patients
+        validation = ensemble_probabilities(run_dirs, "val", which, progress)
+        threshold, source = best_threshold(validation.probabilities, validation.data, validation.indices,
+                                           configs[0]), "validation"
     members = [{"run": str(run_dir), "model": config.model} for run_dir, config in zip(run_dirs, configs)]
     train_seconds = sum(read_json(run_dir / "timings.json").get("train_seconds") or 0.0 for run_dir in run_dirs)
     return write_evaluation(
         ensemble.probabilities, ensemble.data, ensemble.indices, configs[0], resolve(out_dir), f"ensemble-{split}",
-        configs[0].threshold, native_resolution, label="ensemble",
-        identity={"model": "ensemble", "members": members, "which": which, "split": split},
+        threshold, native_resolution, label="ensemble",
+        identity={"model": "ensemble", "members": members, "which": which, "split": split,
+                  "threshold_source": source},
         details={"training": {"train_seconds": train_seconds}},
     )
 
@@ -458,6 +477,13 @@ def latest_evaluation(run_dir: Path | str, split: str = "test", which: str = "be
     config = _with_inference(run_config, inference)
     chosen_on_validation = threshold is None and config.threshold_from_validation
     threshold = run_config.threshold if threshold is None else threshold
+
+    def same_threshold(summary: dict) -> bool:
+        source = summary.get("threshold_source", "config")  # older summaries: never chosen on validation
+        if chosen_on_validation:
+            return source == "validation"
+        return source != "validation" and bool(np.isclose(summary.get("threshold", float("nan")), threshold))
+
     settings = _inference_settings(config)
     before_inference_settings = _inference_settings(ExperimentConfig())
     found = []
@@ -468,7 +494,7 @@ def latest_evaluation(run_dir: Path | str, split: str = "test", which: str = "be
         if (summary.get("split"), summary.get("which"), summary.get("native_resolution")) == \
                 (split, which, native_resolution) and \
                 summary.get("inference", before_inference_settings) == settings and \
-                (chosen_on_validation or np.isclose(summary.get("threshold", float("nan")), threshold)) and \
+                same_threshold(summary) and \
                 summary.get("evaluation_version") == EVALUATION_VERSION:
             found.append(folder)
     return max(found, key=lambda p: (p / "summary.json").stat().st_mtime) if found else None

@@ -56,6 +56,7 @@ from metaseg_tf import paths
 from metaseg_tf.data.discover import DataError
 from metaseg_tf.data.io import JPEG_MAGIC, TIFF_MAGIC, read_image
 from metaseg_tf.data.volumes import check_one_grid, is_nifti, nifti_stem, resolve_sequences
+from metaseg_tf.export import served_model
 from metaseg_tf.training.runs import list_runs, load_run_config, read_json
 
 SERVED_MODELS = ("nested_unet", "attention_unet")
@@ -163,8 +164,10 @@ def load_models(run_dirs: list[Path], engine: str = "keras", level: int | None =
         except Exception as error:  # a broken run folder must stop the start-up with its reason
             raise ServeError(f"cannot load {run_dir}: {error}") from error
         name = predictor.config.model if predictor.config.model not in models else run_dir.name
-        info = {**_model_info(name, run_dir, predictor.config, predictor.model.count_params()),
+        info = {**_model_info(name, run_dir, predictor.config, served_model(predictor.model, pruned).count_params()),
                 "engine": predictor.engine.name, "level": pruned}
+        if pruned is not None and info["test_metrics"]:
+            info["test_metrics_note"] = f"of the whole network; served pruned to level {pruned}"
         models[name] = ServedModel(name, run_dir, predictor, info)
     return models
 
