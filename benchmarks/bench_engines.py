@@ -2,7 +2,8 @@
 
 Both architectures are built untrained at one configuration (128 x 128 x 3, filters 16-256, batch 8 by
 default), exported with :func:`metaseg_tf.export.export_run` through a throw-away run folder, and timed in
-rounds that alternate the engines (the first engine of each round rotates, so machine drift cancels). Rows:
+rounds that alternate the engines (the first engine of each round moves evenly through the list, so machine
+drift cancels). Rows:
 images/s as the median and min-max over rounds, the ratio to Keras, and the largest absolute probability
 difference to Keras on the timed batch. OpenVINO runs in float32 (the trained model) and, for reference,
 in bf16 (``INFERENCE_PRECISION_HINT=bf16``: faster on CPUs with AVX512-BF16/AMX, not the same
@@ -15,11 +16,11 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from timing import images_per_second, rotated
 
 from metaseg_tf.config import ExperimentConfig
 from metaseg_tf.engines import KerasEngine, OnnxEngine, OpenVinoEngine
@@ -38,13 +39,6 @@ def _run_folder(root: Path, name: str, size: int) -> Path:
     build_model(name, config).save(run / "best.keras")
     config.save(run / "config.json")
     return run
-
-
-def _rate(engine, batch: np.ndarray, steps: int) -> float:
-    start = time.perf_counter()
-    for _ in range(steps):
-        engine.predict(batch)
-    return steps * len(batch) / (time.perf_counter() - start)
 
 
 def main() -> None:
@@ -72,9 +66,9 @@ def main() -> None:
             rates: dict[str, list[float]] = {label: [] for label in engines}
             labels = list(engines)
             for round_index in range(args.rounds):
-                order = labels[round_index % len(labels):] + labels[: round_index % len(labels)]
-                for label in order:
-                    rates[label].append(_rate(engines[label], batch, args.steps))
+                for label in rotated(labels, round_index, args.rounds):
+                    rates[label].append(images_per_second(lambda e=engines[label]: e.predict(batch), args.steps,
+                                                          len(batch)))
             keras_median = float(np.median(rates["keras"]))
             for label, values in rates.items():
                 difference = float(np.abs(engines[label].predict(batch) - reference).max())

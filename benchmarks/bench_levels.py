@@ -14,11 +14,11 @@ Usage: ``python benchmarks/bench_levels.py RUN [--split test --batch 8 --rounds 
 from __future__ import annotations
 
 import argparse
-import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from timing import images_per_second, rotated
 
 from metaseg_tf.engines import load_engine
 from metaseg_tf.environment import machine_description
@@ -28,13 +28,6 @@ from metaseg_tf.predict import load_model
 from metaseg_tf.training.runs import load_run_config
 
 ENGINES = ("keras", "onnx", "openvino")
-
-
-def _rate(engine, batch: np.ndarray, steps: int) -> float:
-    start = time.perf_counter()
-    for _ in range(steps):
-        engine.predict(batch)
-    return steps * len(batch) / (time.perf_counter() - start)
 
 
 def main() -> None:
@@ -58,9 +51,8 @@ def main() -> None:
     keys = list(engines)
     rates: dict[tuple[int, str], list[float]] = {key: [] for key in keys}
     for round_index in range(args.rounds):
-        shift = round_index * len(keys) // args.rounds
-        for key in keys[shift:] + keys[:shift]:
-            rates[key].append(_rate(engines[key], batch, args.steps))
+        for key in rotated(keys, round_index, args.rounds):
+            rates[key].append(images_per_second(lambda e=engines[key]: e.predict(batch), args.steps, len(batch)))
     whole = float(np.median(rates[(depth, "keras")]))
     rows = []
     for level in levels:

@@ -23,12 +23,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
 
 import keras
 import numpy as np
 import pandas as pd
 from keras import layers, ops
+from timing import images_per_second, rotated
 
 from metaseg_tf.config import ExperimentConfig
 from metaseg_tf.environment import machine_description
@@ -72,13 +72,6 @@ def _compiled(model: keras.Model) -> keras.Model:
     return model
 
 
-def _rate(step, steps: int, images: int) -> float:
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    return steps * images / (time.perf_counter() - start)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=128)
@@ -115,11 +108,10 @@ def main() -> None:
     rates = {label: ([], []) for label in rows}
     labels = list(rows)
     for round_index in range(args.rounds):
-        shift = round_index * len(labels) // args.rounds
-        for label in labels[shift:] + labels[:shift]:
+        for label in rotated(labels, round_index, args.rounds):
             train, infer, batch = steps[label]
-            rates[label][0].append(_rate(train, args.steps, batch))
-            rates[label][1].append(_rate(infer, args.steps, batch))
+            rates[label][0].append(images_per_second(train, args.steps, batch))
+            rates[label][1].append(images_per_second(infer, args.steps, batch))
     base_train, base_infer = (np.median(values) for values in rates["as built"])
     table = pd.DataFrame([{"lever": label,
                            "train img/s": f"{np.median(train):.1f} ({min(train):.1f}-{max(train):.1f})",

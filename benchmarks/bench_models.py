@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import os
 import tempfile
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +36,7 @@ from pathlib import Path
 import keras
 import numpy as np
 import pandas as pd
+from timing import images_per_second
 
 from metaseg_tf.config import ExperimentConfig
 from metaseg_tf.engines import OnnxEngine, OpenVinoEngine
@@ -160,13 +160,6 @@ def _keras_unet_collection(size: int, x: np.ndarray, y: np.ndarray) -> list[Cand
                              plus, x, y)]
 
 
-def _rate(step: Callable[[], object], steps: int, batch: int) -> float:
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    return steps * batch / (time.perf_counter() - start)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=128)
@@ -189,7 +182,7 @@ def main() -> None:
             for candidate in measured[shift:] + measured[:shift]:
                 for mode, step in (("train", candidate.train), ("infer", candidate.infer)):
                     if step is not None:
-                        rates[(candidate.name, mode)].append(_rate(step, args.steps, args.batch))
+                        rates[(candidate.name, mode)].append(images_per_second(step, args.steps, args.batch))
     rows = []
     for candidate in candidates:
         row = {"model": candidate.name}
