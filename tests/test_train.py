@@ -161,3 +161,20 @@ def test_data_parallel_fit_on_two_cpu_devices(backend: str, phantom_dir: Path, t
                             env={**os.environ, "KERAS_BACKEND": backend, **env})
     assert result.returncode == 0, result.stderr[-3000:]
     assert "EPOCHS 1" in result.stdout
+
+
+def test_a_log_file_gets_one_line_per_epoch_not_a_redrawn_bar(monkeypatch: pytest.MonkeyPatch) -> None:
+    import io
+    import sys
+
+    from metaseg_tf.training.train import fit_verbosity
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    monkeypatch.delitem(sys.modules, "ipykernel", raising=False)
+    monkeypatch.setattr(sys, "stdout", io.StringIO())
+    assert fit_verbosity(True) == 2 and fit_verbosity(False) == 2
+    monkeypatch.setattr(sys, "stdout", Terminal())
+    assert fit_verbosity(True) == 1 and fit_verbosity(False) == 2

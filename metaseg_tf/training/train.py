@@ -287,6 +287,15 @@ def train(
         return _fit(config, data, run_dir, state, timings, progress, callbacks)
 
 
+def fit_verbosity(progress: bool) -> int:
+    """Keras ``fit``'s ``verbose``: a live progress bar (1) where someone watches a terminal or a notebook,
+    else one line per epoch (2), so that a log file (a background job, CI) gets no bar redrawn per step."""
+    import sys
+
+    watched = sys.stdout.isatty() or "ipykernel" in sys.modules
+    return 1 if progress and watched else 2
+
+
 def _fit(config: ExperimentConfig, data: ExperimentData, run_dir: Path, state: dict[str, Any],
          timings: dict[str, Any], progress: bool, callbacks: list[keras.callbacks.Callback] | None) -> TrainedRun:
     """Build, compile and fit the model into ``run_dir`` (held by this process); finish the run's files."""
@@ -316,7 +325,7 @@ def _fit(config: ExperimentConfig, data: ExperimentData, run_dir: Path, state: d
             model.fit(train_batches, validation_data=val_batches, epochs=config.epochs,
                       callbacks=[*_callbacks(run_dir, config, monitor, state, run_progress, early_stopping),
                                  *(callbacks or [])],
-                      verbose=1 if progress else 2)
+                      verbose=fit_verbosity(progress))
         except KeyboardInterrupt:
             print(f"interrupted after epoch {state['epochs_done']}; run the same command again to resume {run_dir}")
             raise
