@@ -147,6 +147,10 @@ def test_inference_settings_are_evaluations_of_their_own(served_runs: list[Path]
     assert (pd.read_csv(nothing_kept.out_dir / "per_patient.csv")["pred_voxels"] == 0).all()
     assert (pd.read_csv(evaluate_run(run, "test", threshold=0.01, progress=False).out_dir / "per_patient.csv")
             ["pred_voxels"] > 0).any(), "without the removal the same threshold predicts lesions"
+    pruned = evaluate_run(run, "test", progress=False, inference={"min_lesion_voxels": 30})
+    at_threshold = [row for row in pruned.summary["threshold_sweep"] if row["threshold"] == pytest.approx(0.5)][0]
+    assert at_threshold["patient_dice"] == pytest.approx(pd.read_csv(pruned.out_dir / "per_patient.csv")["dice"].mean()), \
+        "the threshold sweep makes its masks as the evaluation does, small-lesion removal included"
     with pytest.raises(ValueError, match="not inference settings: epochs"):
         evaluate_run(run, "test", progress=False, inference={"epochs": 3})
 

@@ -103,13 +103,15 @@ def _mean_dice(truth: np.ndarray, pred: np.ndarray, case_ids: np.ndarray) -> dic
             "global_dice": overlap_scores(truth, pred)["dice"]}
 
 
-def _threshold_sweep(truth: np.ndarray, probabilities: np.ndarray, case_ids: np.ndarray) -> pd.DataFrame:
-    rows = []
+def _threshold_sweep(truth: np.ndarray, probabilities: np.ndarray, case_ids: np.ndarray, slice_indices: np.ndarray,
+                     config: ExperimentConfig) -> pd.DataFrame:
+    """Mean per-patient and global Dice of the first region at each of :data:`SWEEP_THRESHOLDS`: ``truth``
+    ``(n, H, W)``, ``probabilities`` ``(n, H, W, R)``, masks made as the evaluation makes them (``config``'s
+    small-lesion removal included)."""
     truth = truth > 0
-    for threshold in SWEEP_THRESHOLDS:
-        pred = probabilities >= threshold
-        rows.append({"threshold": threshold, **_mean_dice(truth, pred, case_ids)})
-    return pd.DataFrame(rows)
+    return pd.DataFrame([{"threshold": threshold, **_mean_dice(
+        truth, _masks(probabilities, threshold, case_ids, slice_indices, config)[..., 0], case_ids)}
+        for threshold in SWEEP_THRESHOLDS])
 
 
 def _example_slices(ranked_cases: Sequence[str], truth: np.ndarray, case_ids: np.ndarray) -> tuple[list[int], list[str]]:
@@ -275,9 +277,8 @@ def best_threshold(probabilities: np.ndarray, data: ExperimentData, indices: np.
         labels = data.dataset.masks[indices]
     truth = data.target(config).masks(labels)[..., 0]
     case_ids, slice_indices = data.dataset.case_ids[indices], data.dataset.slice_indices[indices]
-    scores = [_mean_dice(truth, _masks(probabilities, t, case_ids, slice_indices, config)[..., 0], case_ids)
-              ["patient_dice"] for t in SWEEP_THRESHOLDS]
-    return float(SWEEP_THRESHOLDS[int(np.argmax(scores))])
+    sweep = _threshold_sweep(truth, probabilities, case_ids, slice_indices, config)
+    return float(sweep["threshold"].iloc[int(np.argmax(sweep["patient_dice"].to_numpy()))])
 
 
 def write_evaluation(
@@ -322,6 +323,7 @@ def write_evaluation(
     evaluations = {region: evaluate_masks(truth[..., r], pred[..., r], case_ids, slice_indices, spacing or None)
                    for r, region in enumerate(target.names)}
     evaluation = evaluations[target.names[0]]
+    sweep = _threshold_sweep(truth[..., 0], probabilities, case_ids, slice_indices, config)
     truth, probabilities, pred = truth[..., 0], probabilities[..., 0], pred[..., 0]
     images = data.dataset.images[indices]
 
@@ -330,7 +332,6 @@ def write_evaluation(
     evaluation.per_patient.to_csv(out_dir / "per_patient.csv", index=False)
     for region, region_evaluation in list(evaluations.items())[1:]:
         region_evaluation.per_patient.to_csv(out_dir / f"per_patient-{region}.csv", index=False)
-    sweep = _threshold_sweep(truth, probabilities, case_ids)
     patients = evaluation.per_patient
     summary = {
         **identity, "threshold": threshold,
