@@ -14,6 +14,7 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -47,13 +48,12 @@ def _typed_path(text: str) -> Path:
 BOOLEAN_TEXT = {"true": True, "on": True, "yes": True, "1": True, "false": False, "off": False, "no": False, "0": False}
 
 
-def _parse_value(key: str, text: str):
-    """A ``-p KEY VALUE`` value for the config field ``key``. A boolean field takes true/false, on/off, yes/no
-    or 1/0 (anything else is a :class:`ConfigError`); other fields take YAML scalars and lists (``0.5``,
-    ``[16, 32]``), else the text, and YAML 1.1's ``on``/``off``/``yes``/``no`` stay text there, so that
-    ``-p jit_compile off`` means the setting ``"off"``."""
-    default = {f.name: f.default for f in dataclasses.fields(ExperimentConfig)}.get(key)
-    if isinstance(default, bool):
+def _parse_value(key: str, text: str, defaults: dict[str, Any]):
+    """A ``-p KEY VALUE`` value for the setting ``key`` whose default is ``defaults[key]``. A boolean setting
+    takes true/false, on/off, yes/no or 1/0 (anything else is a :class:`ConfigError`); others take YAML scalars,
+    lists and mappings (``0.5``, ``[16, 32]``, ``{a: 1}``), else the text, and YAML 1.1's ``on``/``off``/``yes``/
+    ``no`` stay text there, so that ``-p jit_compile off`` means the setting ``"off"``."""
+    if isinstance(defaults.get(key), bool):
         if text.strip().lower() not in BOOLEAN_TEXT:
             raise ConfigError(f"{key} is true or false, got {text!r}")
         return BOOLEAN_TEXT[text.strip().lower()]
@@ -62,6 +62,10 @@ def _parse_value(key: str, text: str):
     except yaml.YAMLError:
         return text
     return text if isinstance(value, bool) else value
+
+
+def _config_defaults() -> dict[str, Any]:
+    return {setting.name: setting.default for setting in dataclasses.fields(ExperimentConfig)}
 
 
 def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
@@ -74,7 +78,7 @@ def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
     if getattr(args, "no_clahe", False):
         changes["clahe"] = False
     for key, value in getattr(args, "param", None) or []:
-        changes[key] = _parse_value(key, value)
+        changes[key] = _parse_value(key, value, _config_defaults())
     return config.replace(**changes) if changes else config
 
 
@@ -213,9 +217,9 @@ def _data_synth(args: argparse.Namespace) -> int:
 
 
 def _pipeline(args: argparse.Namespace) -> int:
-    from metaseg_tf.pipeline import run_pipeline
+    from metaseg_tf.pipeline import NOTEBOOK_PARAMETERS, run_pipeline
 
-    overrides = {key: _parse_value(value) for key, value in args.param or []}
+    overrides = {key: _parse_value(key, value, NOTEBOOK_PARAMETERS) for key, value in args.param or []}
     overrides.setdefault("phantom", args.phantom)
     run = run_pipeline(args.profile, args.data, args.out, overrides, progress=not args.quiet)
     total = sum(run.seconds.values())

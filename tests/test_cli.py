@@ -115,3 +115,8 @@ def test_p_values_follow_the_type_of_their_setting(tmp_path: Path) -> None:
     assert main(["train", "-p", "augment", "maybe"]) == 2
     with pytest.raises(ConfigError, match="clahe must be true or false"):
         config.replace(clahe="no")
+    from metaseg_tf.cli import _parse_value
+    from metaseg_tf.pipeline import NOTEBOOK_PARAMETERS
+
+    assert _parse_value("clahe_ablation", "off", NOTEBOOK_PARAMETERS) is False, "pipeline -p follows the notebooks"
+    assert _parse_value("config_overrides", "{flip_tta: false}", NOTEBOOK_PARAMETERS) == {"flip_tta": False}
