@@ -57,7 +57,7 @@ from metaseg_tf.data.volumes import (
     resolve_sequences,
 )
 from metaseg_tf.engines import Engine, KerasEngine, load_engine
-from metaseg_tf.evaluation.scores import evaluate_masks
+from metaseg_tf.evaluation.scores import evaluate_masks, slice_offsets, stack_slices
 from metaseg_tf.paths import resolve
 from metaseg_tf.training.runs import load_run_config, new_dir, read_json, run_model_path
 
@@ -92,8 +92,9 @@ def remove_small_components(mask: np.ndarray, min_pixels: int) -> tuple[np.ndarr
 def remove_small_lesions(masks: np.ndarray, case_ids: Sequence[str], slice_indices: Sequence[int],
                          min_voxels: int) -> np.ndarray:
     """Post-processing per case in 3D: the slices ``(N, H, W)`` of each case are placed by their slice numbers
-    (a gap in the numbers is an empty slice, so components never bridge it), components (26-connected) below
-    ``min_voxels`` are dropped, and the masks come back in their input order, ``uint8 (N, H, W)``."""
+    as the evaluation places them (:func:`~metaseg_tf.evaluation.scores.stack_slices`: a gap in the numbers is
+    empty, so components never bridge it), components (26-connected) below ``min_voxels`` are dropped, and the
+    masks come back in their input order, ``uint8 (N, H, W)``."""
     masks = np.asarray(masks).astype(np.uint8)
     if min_voxels <= 0 or len(masks) == 0:
         return masks
@@ -101,10 +102,8 @@ def remove_small_lesions(masks: np.ndarray, case_ids: Sequence[str], slice_indic
     kept = np.zeros_like(masks)
     for case in np.unique(case_ids):
         rows = np.flatnonzero(case_ids == case)
-        positions = slice_indices[rows] - slice_indices[rows].min()
-        volume = np.zeros((positions.max() + 1, *masks.shape[1:]), np.uint8)
-        volume[positions] = masks[rows]
-        kept[rows] = remove_small_components(volume, min_voxels)[0][positions]
+        volume = stack_slices(masks[rows], slice_indices[rows], str(case))
+        kept[rows] = remove_small_components(volume, min_voxels)[0][slice_offsets(slice_indices[rows], str(case))]
     return kept
 
 

@@ -30,7 +30,7 @@ import pandas as pd
 from metaseg_tf.config import ExperimentConfig
 from metaseg_tf.evaluation.report import evaluate_run, latest_evaluation, paired_wilcoxon
 from metaseg_tf.evaluation.scores import bootstrap_ci
-from metaseg_tf.training.runs import list_runs, load_run_config, read_json
+from metaseg_tf.training.runs import load_run_config, newest_run, read_json
 from metaseg_tf.training.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -92,8 +92,7 @@ def _run_name(model: str, variant: str) -> str:
 
 
 def _finished_run(work: Path, model: str, variant: str) -> Path | None:
-    runs = [run for run in list_runs(work / "runs") if read_json(run / "state.json").get("name") == _run_name(model, variant)]
-    return runs[-1] if runs else None
+    return newest_run(work / "runs", _run_name(model, variant), "finished")
 
 
 def _evaluation(run: Path, variant: Variant) -> Path | None:

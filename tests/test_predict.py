@@ -222,3 +222,12 @@ def test_small_lesions_are_removed_in_3d_per_case_with_slices_placed_by_number()
     np.testing.assert_array_equal(kept[[0, 1, 3, 4]], masks[[0, 1, 3, 4]])
     assert kept[2].sum() == 0
     np.testing.assert_array_equal(remove_small_lesions(masks, list("aaabb"), [3, 4, 6, 4, 3], 0), masks)
+
+
+def test_small_lesion_removal_places_sparse_slice_numbers_as_the_evaluation_does() -> None:
+    from metaseg_tf.predict import remove_small_lesions
+
+    masks = np.zeros((2, 8, 8), np.uint8)
+    masks[:, 2:4, 2:4] = 1  # two slices numbered like dates: a volume spanning the numbers would not fit in memory
+    kept = remove_small_lesions(masks, ["a", "a"], [20010101, 20030101], min_voxels=5)
+    assert kept.sum() == 0, "far-apart slices are separate 4-voxel lesions, both below 5"

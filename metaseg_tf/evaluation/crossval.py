@@ -54,7 +54,7 @@ from metaseg_tf.evaluation.report import (
     paired_wilcoxon,
 )
 from metaseg_tf.evaluation.scores import bootstrap_ci
-from metaseg_tf.training.runs import hold_run_lock, is_run_dir, load_run_split, read_json, same_config, write_json
+from metaseg_tf.training.runs import hold_run_lock, is_run_dir, load_run_split, newest_run, read_json, write_json
 from metaseg_tf.training.train import train
 
 logger = logging.getLogger(__name__)
@@ -143,21 +143,6 @@ class _Steps:
         write_json(self.path, self.state)
 
 
-def _finished_run(runs_root: Path, run_name: str, config: ExperimentConfig, since: str) -> Path | None:
-    """The newest finished run under ``runs_root`` named ``run_name`` with exactly ``config``, started at or
-    after ``since``: a fold trained by this cross-validation whose process was killed before recording it."""
-    if not runs_root.is_dir():
-        return None
-    for path in sorted(runs_root.iterdir(), reverse=True):
-        if not is_run_dir(path):
-            continue
-        state = read_json(path / "state.json")
-        if (state.get("name"), state.get("status")) == (run_name, "finished") and \
-                state.get("started", "") >= since and same_config(path / "config.json", config):
-            return path
-    return None
-
-
 def _finished_ensemble(parent: Path, members: list[str]) -> Path | None:
     """An ensemble evaluation of exactly ``members`` on the test split under ``parent`` (one whose process
     was killed before recording it), or None."""
@@ -190,7 +175,8 @@ def _run_fold(fold: int, config: ExperimentConfig, models: tuple[str, ...], n_fo
             raise ConfigError(f"the run {entry['run']} that {steps.path} records for {where} {model} is gone; "
                               "restore it, or start the cross-validation in another --out folder")
         if "run" not in entry:
-            run_dir = _finished_run(runs_root, run_name, run_config, steps.state["started"])
+            # a fold trained by this cross-validation whose process was killed before recording it
+            run_dir = newest_run(runs_root, run_name, "finished", run_config, since=steps.state["started"])
             if run_dir is None:
                 steps.say(f"{where} {model}: training (run {run_name} under {runs_root})")
                 run_dir = train(run_config, runs_root, run_name, progress=steps.progress).run_dir

@@ -241,6 +241,15 @@ def stack_slices(masks: np.ndarray, slice_indices: Sequence[int], case: str = ""
     missing slice numbers stay empty, so slices on either side of a gap are not neighbours. A gap wider than
     :data:`MAX_GAP_SLICES` (sparse numbering, e.g. dates) is stored as that many empty slices: as far apart
     for the lesion-wise scores, and the volume stays small. Two slices with one number raise ``ValueError``."""
+    offsets = slice_offsets(slice_indices, case)
+    volume = np.zeros((int(offsets.max()) + 1, *masks.shape[1:]), masks.dtype)
+    volume[offsets] = masks
+    return volume
+
+
+def slice_offsets(slice_indices: Sequence[int], case: str = "") -> np.ndarray:
+    """Where :func:`stack_slices` puts each slice of a case in its volume: ``volume[offsets] = masks`` and
+    ``volume[offsets]`` gives the slices back in their input order."""
     positions = np.asarray(slice_indices, int)
     if len(np.unique(positions)) != len(positions):
         raise ValueError(f"case {case!r} has several slices with the same slice number")
@@ -248,9 +257,7 @@ def stack_slices(masks: np.ndarray, slice_indices: Sequence[int], case: str = ""
     steps = np.minimum(np.diff(positions[order]), MAX_GAP_SLICES + 1)
     offsets = np.empty_like(positions)
     offsets[order] = np.concatenate([[0], np.cumsum(steps)])
-    volume = np.zeros((int(offsets.max()) + 1, *masks.shape[1:]), masks.dtype)
-    volume[offsets] = masks
-    return volume
+    return offsets
 
 
 def evaluate_masks(

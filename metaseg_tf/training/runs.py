@@ -66,15 +66,23 @@ def create_run_dir(runs_root: Path | str, name: str) -> Path:
 
 def find_unfinished_run(runs_root: Path | str, name: str, config: ExperimentConfig) -> Path | None:
     """The newest run under ``runs_root`` with ``name`` and exactly ``config`` that did not finish."""
+    return newest_run(runs_root, name, "running", config)
+
+
+def newest_run(runs_root: Path | str, name: str, status: str, config: ExperimentConfig | None = None,
+               since: str = "") -> Path | None:
+    """The newest run folder directly under ``runs_root`` named ``name`` (its ``state.json``) in ``status``
+    (``running`` or ``finished``), started at or after ``since`` (``%Y-%m-%d %H:%M:%S``) and, if ``config`` is
+    given, trained with exactly that config; None if there is none."""
     runs_root = Path(runs_root)
     if not runs_root.is_dir():
         return None
     for path in sorted(runs_root.iterdir(), reverse=True):
-        state, saved = path / "state.json", path / "config.json"
-        if not (state.is_file() and saved.is_file()):
+        if not is_run_dir(path):
             continue
-        status = read_json(state)
-        if status.get("name") == name and status.get("status") == "running" and same_config(saved, config):
+        state = read_json(path / "state.json")
+        if (state.get("name"), state.get("status")) == (name, status) and state.get("started", "") >= since and \
+                (config is None or same_config(path / "config.json", config)):
             return path
     return None
 
