@@ -97,7 +97,10 @@ def notebooks(notebooks_dir: Path | str = NOTEBOOKS_DIR) -> list[Path]:
 def pipeline_parameters(profile: str = "cpu", data_dir: str | Path | None = None,
                         overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """The parameters the notebooks receive: the profile's preset, then ``overrides``; checked by building
-    the :class:`ExperimentConfig` they describe, so a bad value fails before any notebook runs."""
+    the :class:`ExperimentConfig` they describe, so a bad value fails before any notebook runs.
+    ``overrides["config_overrides"]`` is merged key by key into the profile's own (a field set there
+    replaces the profile's value of that field only), so ``-p config_overrides '{"loss": "dice"}'`` keeps
+    the profile's flip TTA."""
     if profile not in PROFILES:
         raise ConfigError(f"unknown profile {profile!r}; choose one of {', '.join(PROFILES)}")
     overrides = dict(overrides or {})
@@ -105,7 +108,9 @@ def pipeline_parameters(profile: str = "cpu", data_dir: str | Path | None = None
     if unknown:
         raise ConfigError(f"unknown pipeline parameter(s) {', '.join(unknown)}; known: "
                           f"{', '.join(sorted(NOTEBOOK_PARAMETERS))}")
-    parameters = {**NOTEBOOK_PARAMETERS, **PROFILES[profile].parameters, **overrides, "progress": False}
+    preset = PROFILES[profile].parameters
+    parameters = {**NOTEBOOK_PARAMETERS, **preset, **overrides, "progress": False}
+    parameters["config_overrides"] = {**preset.get("config_overrides", {}), **overrides.get("config_overrides", {})}
     if data_dir is not None:
         parameters["data_dir"] = str(resolve(data_dir))
     fields = {name: parameters[name] for name in ("image_size", "epochs", "batch_size", "filters", "seed",

@@ -16,6 +16,7 @@ from metaseg_tf.cli import main
 from metaseg_tf.config import ConfigError
 from metaseg_tf.pipeline import (
     NOTEBOOK_PARAMETERS,
+    PROFILES,
     PipelineError,
     notebooks,
     pipeline_parameters,
@@ -53,6 +54,15 @@ def test_parameters_are_checked_before_any_notebook_runs() -> None:
         pipeline_parameters("cpu", overrides={"image_size": 30})
     with pytest.raises(ConfigError, match="unknown config field"):
         pipeline_parameters("cpu", overrides={"config_overrides": {"learning_rat": 0.1}})
+
+
+def test_config_overrides_are_merged_into_the_profiles_own() -> None:
+    assert PROFILES["cpu"].parameters["config_overrides"]["flip_tta"] is True
+    merged = pipeline_parameters("cpu", overrides={"config_overrides": {"loss": "dice"}})["config_overrides"]
+    assert merged == {**PROFILES["cpu"].parameters["config_overrides"], "loss": "dice"}
+    replaced = pipeline_parameters("cpu", overrides={"config_overrides": {"flip_tta": False}})["config_overrides"]
+    assert replaced["flip_tta"] is False
+    assert pipeline_parameters("smoke")["config_overrides"] == PROFILES["smoke"].parameters["config_overrides"]
 
 
 def test_cli_rejects_a_bad_parameter_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
