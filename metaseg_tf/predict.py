@@ -169,6 +169,7 @@ class Predictor:
         self.model, self.config = model, config
         self.engine: Engine = engine if engine is not None else KerasEngine(model)
         self.threshold = config.threshold if threshold is None else threshold
+        self.threshold_source = "config" if threshold is None else "given"
         self.flip_tta = config.flip_tta if flip_tta is None else flip_tta
         # a volume's lesions are 3D: the run's min_lesion_voxels applies to them unless this is given; a slice's
         # are 2D, and a voxel count does not translate into pixels of one slice, so slices use only this
@@ -181,11 +182,29 @@ class Predictor:
                  **options) -> Predictor:
         """The run's model with its preprocessing; ``engine`` ``keras``, ``onnx`` or ``openvino``
         (:mod:`metaseg_tf.engines`: the run's newest export of that format, exported first if needed);
-        ``level``: a U-Net++ pruned to that level (faster, usually less accurate; None: the whole network)."""
+        ``level``: a U-Net++ pruned to that level (faster, usually less accurate; None: the whole network).
+        A run trained with ``threshold_from_validation`` predicts at the threshold its newest test evaluation
+        chose on the validation patients (``threshold_source`` ``validation``); before any evaluation it warns
+        and uses the config's threshold. A ``threshold`` in ``options`` wins over both."""
         convention = read_json(Path(run_dir) / "data.json").get("label_convention", "binary")
+        config = load_run_config(run_dir)
+        chosen = None
+        if options.get("threshold") is None and config.threshold_from_validation:
+            from metaseg_tf.evaluation.report import chosen_threshold  # the reporting code, only where needed
+
+            chosen = chosen_threshold(run_dir, which)
+            if chosen is None:
+                logger.warning("%s chooses its threshold on the validation patients, but no evaluation has chosen "
+                               "it yet (run `metaseg evaluate %s`): predicting at the config's %g", run_dir,
+                               run_dir, config.threshold)
+            else:
+                options["threshold"] = chosen
         model = load_model(run_dir, which)
-        return cls(model, load_run_config(run_dir), label_convention=convention,
-                   engine=load_engine(run_dir, engine, which, model, level), **options)
+        predictor = cls(model, config, label_convention=convention,
+                        engine=load_engine(run_dir, engine, which, model, level), **options)
+        if chosen is not None:
+            predictor.threshold_source = "validation"
+        return predictor
 
     def _probabilities(self, batch: np.ndarray) -> np.ndarray:
         """``(B, S, S, R)`` probabilities of preprocessed slices (with their context channels) from the

@@ -231,3 +231,38 @@ def test_small_lesion_removal_places_sparse_slice_numbers_as_the_evaluation_does
     masks[:, 2:4, 2:4] = 1  # two slices numbered like dates: a volume spanning the numbers would not fit in memory
     kept = remove_small_lesions(masks, ["a", "a"], [20010101, 20030101], min_voxels=5)
     assert kept.sum() == 0, "far-apart slices are separate 4-voxel lesions, both below 5"
+
+
+def test_a_run_that_chooses_its_threshold_on_validation_predicts_and_serves_at_that_threshold(
+        trained_run: Path, phantom_slice, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    import json
+    import shutil
+
+    from fastapi.testclient import TestClient
+
+    from metaseg_tf.evaluation.report import chosen_threshold, evaluate_run
+    from metaseg_tf.serve.api import create_app
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run, ignore=shutil.ignore_patterns("export-*", "evaluation-*"))
+    config = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**config, "threshold_from_validation": True}))
+    before = Predictor.from_run(run)
+    assert (before.threshold, before.threshold_source) == (config["threshold"], "config")
+    assert "no evaluation has chosen it yet" in caplog.text
+    assert chosen_threshold(trained_run) is None, "a run that keeps its config's threshold has none chosen"
+
+    evaluation = evaluate_run(run, "test", progress=False)
+    assert evaluation.summary["threshold_source"] == "validation"
+    chosen = evaluation.summary["threshold"]
+    assert chosen_threshold(run) == chosen
+    predictor = Predictor.from_run(run)
+    assert (predictor.threshold, predictor.threshold_source) == (chosen, "validation")
+    assert Predictor.from_run(run, threshold=0.42).threshold_source == "given"
+
+    with TestClient(create_app([run])) as client:
+        (info,) = client.get("/models").json()
+        assert (info["threshold"], info["threshold_source"]) == (chosen, "validation")
+        image = phantom_slice[0].read_bytes()
+        served = client.post("/predict", files={"file": ("s.png", image)}).json()["predictions"][0]
+        assert served["threshold"] == chosen

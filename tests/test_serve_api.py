@@ -94,6 +94,7 @@ def test_health_and_models_describe_what_is_served(client: TestClient, served_ru
         assert model["parameters"] > 0 and model["run"] in {run.name for run in served_runs}
         assert model["training_data"]["patients_per_part"] == {"train": 4, "val": 1, "test": 1}
         assert model["training_data"]["slices_per_part"]["train"] == 32 and model["training_data"]["skipped"] == 0
+        assert (model["threshold"], model["threshold_source"]) == (0.5, "config")
 
 
 def test_predict_all_models_returns_masks_at_the_uploaded_size(client: TestClient, phantom_slice) -> None:

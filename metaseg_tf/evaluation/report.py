@@ -501,6 +501,16 @@ def latest_evaluation(run_dir: Path | str, split: str = "test", which: str = "be
     return max(found, key=lambda p: (p / "summary.json").stat().st_mtime) if found else None
 
 
+def chosen_threshold(run_dir: Path | str, which: str = "best") -> float | None:
+    """The threshold that the run's newest test evaluation of model ``which``, with the run's own inference
+    settings, chose on the validation patients (``threshold_from_validation``); None where the run does not
+    choose its threshold on validation, or no evaluation has chosen it yet."""
+    if not load_run_config(run_dir).threshold_from_validation:
+        return None
+    evaluation = latest_evaluation(run_dir, "test", which)
+    return None if evaluation is None else float(read_json(evaluation / "summary.json")["threshold"])
+
+
 def _mean_ci(score: dict) -> str:
     low, high = score["ci95"]
     return f"{score['mean']:.3f} ± {score['sd']:.3f} [{low:.3f}, {high:.3f}]"

@@ -139,7 +139,7 @@ def _model_info(name: str, run_dir: Path, config: Any, parameters: int) -> dict[
                 f"hd95_{summary.get('distance_unit', 'px')}": summary["per_patient"]["hd95"]["mean"]}
     return {"name": name, "architecture": config.model, "run": run_dir.name, "input_size": config.image_size,
             "channels": config.channels, "sequences": list(resolve_sequences(config.sequences, config.channels)),
-            "clahe": config.clahe, "threshold": config.threshold, "parameters": parameters,
+            "clahe": config.clahe, "parameters": parameters,
             "training_data": {"data_dir": config.data_dir, "layout": data.get("layout"), "slices_used": data.get("pairs_used", data.get("slices_used")),
                               "patients_per_part": {part: len(cases) for part, cases in data.get("split", {}).items()},
                               "slices_per_part": data.get("slices_per_part", {}),
@@ -165,7 +165,8 @@ def load_models(run_dirs: list[Path], engine: str = "keras", level: int | None =
             raise ServeError(f"cannot load {run_dir}: {error}") from error
         name = predictor.config.model if predictor.config.model not in models else run_dir.name
         info = {**_model_info(name, run_dir, predictor.config, served_model(predictor.model, pruned).count_params()),
-                "engine": predictor.engine.name, "level": pruned}
+                "engine": predictor.engine.name, "level": pruned,
+                "threshold": predictor.threshold, "threshold_source": predictor.threshold_source}
         if pruned is not None and info["test_metrics"]:
             info["test_metrics_note"] = f"of the whole network; served pruned to level {pruned}"
         models[name] = ServedModel(name, run_dir, predictor, info)
@@ -303,7 +304,7 @@ def _attention_pngs(served: ServedModel, image: np.ndarray) -> list[str]:
 
 def _predict_one(served: ServedModel, image: np.ndarray, threshold: float | None, attention: bool) -> ModelPrediction:
     predictor = served.predictor
-    used = predictor.config.threshold if threshold is None else threshold
+    used = predictor.threshold if threshold is None else threshold
     started = time.perf_counter()
     with served.serialised():
         try:
