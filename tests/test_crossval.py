@@ -13,7 +13,8 @@ from conftest import tiny_config
 
 from metaseg_tf.cli import main
 from metaseg_tf.config import ConfigError, ExperimentConfig
-from metaseg_tf.evaluation.crossval import STATE_FILE, CrossValidation, crossval
+from metaseg_tf.data.discover import DataError
+from metaseg_tf.evaluation.crossval import STATE_FILE, CrossValidation, crossval, write_summary
 from metaseg_tf.evaluation.report import ensemble_probabilities, evaluate_ensemble, latest_evaluation
 from metaseg_tf.training.runs import load_run_split
 
@@ -185,3 +186,20 @@ def test_crossval_from_the_command_line(phantom_dir: Path, tmp_path: Path, capsy
     assert main(["-q", *args]) == 0 and len(list(runs.iterdir())) == 2  # the second call trains nothing
     assert main(["-q", *args, "--model", "unet"]) == 2
     assert "--model is not used" in capsys.readouterr().err
+
+
+def test_a_fold_scored_by_an_older_release_is_scored_again_not_pooled(cross_validations: CrossValidations) -> None:
+    complete = cross_validations.complete
+    assert "Inference: checkpoint `best`; flip TTA off; threshold 0.5 (config); no small-lesion removal" \
+        in complete.markdown
+    assert {"pairs_nonzero", "p_holm"} <= set(complete.tests.columns)
+    stale = Path(complete.state["folds"]["1"]["nested_unet"]["evaluation"]) / "summary.json"
+    summary = json.loads(stale.read_text())
+    stale.write_text(json.dumps({**summary, "evaluation_version": summary["evaluation_version"] - 1}))
+    with pytest.raises(DataError, match="fold 1 nested_unet: .* scored by an older release"):
+        write_summary(cross_validations.out_dir)
+    runs = cross_validations.runs()
+    rescored = cross_validations.call()
+    assert cross_validations.runs() == runs, "nothing is trained again"
+    assert rescored.state["folds"]["1"]["nested_unet"]["evaluation"] != str(stale.parent)
+    pd.testing.assert_frame_equal(rescored.summary, complete.summary)

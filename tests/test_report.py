@@ -12,7 +12,13 @@ from conftest import add_patient_copy, tiny_config
 
 from metaseg_tf.data import discover_pairs, split_for_config
 from metaseg_tf.data.discover import DataError
-from metaseg_tf.evaluation.report import compare_runs, evaluate_run, latest_evaluation, paired_wilcoxon
+from metaseg_tf.evaluation.report import (
+    compare_runs,
+    evaluate_run,
+    holm_adjusted,
+    latest_evaluation,
+    paired_wilcoxon,
+)
 from metaseg_tf.predict import load_model
 from metaseg_tf.training.train import train
 
@@ -105,6 +111,20 @@ def test_paired_wilcoxon_gives_the_exact_p_values_of_small_samples() -> None:
     assert row["statistic"] == 2 and row["p_value"] == pytest.approx(6 / 32)
     [row] = paired_wilcoxon({"a": base, "b": base}).to_dict(orient="records")
     assert row["p_value"] == 1.0  # no difference at all
+    # pairs without a difference are left out of the ranks: one zero of five leaves 4 ranked, exact p = 2 / 2^4
+    [row] = paired_wilcoxon({"a": shifted([0, 2, 3, 4, 5]), "b": base}).to_dict(orient="records")
+    assert (row["patients"], row["pairs_nonzero"]) == (5, 4) and row["p_value"] == pytest.approx(2 / 16)
+
+
+def test_holm_adjustment_of_several_tests() -> None:
+    # sorted 0.01, 0.03, 0.04 times 3, 2, 1 -> 0.03, 0.06, 0.04, made non-decreasing -> 0.03, 0.06, 0.06
+    assert holm_adjusted([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+    assert holm_adjusted([0.5, 0.9]) == pytest.approx([1.0, 1.0]) and holm_adjusted([0.02]) == pytest.approx([0.02])
+    three = {name: pd.DataFrame({"case_id": list("pqrstu"), "dice": values}) for name, values in
+             {"a": [0.9, 0.8, 0.7, 0.6, 0.5, 0.4], "b": [0.8, 0.7, 0.6, 0.5, 0.4, 0.3], "c": [0.5] * 6}.items()}
+    tests = paired_wilcoxon(three)
+    assert list(tests["p_holm"]) == pytest.approx(list(holm_adjusted(tests["p_value"])))
+    assert (tests["p_holm"] >= tests["p_value"]).all()
 
 
 def test_volume_run_is_scored_per_region_in_mm(brats_run: Path) -> None:

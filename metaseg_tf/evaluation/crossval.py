@@ -19,14 +19,15 @@ The cross-validation's folder ``out_dir`` (default ``results/crossval/<name>``) 
                       mean and median with 95 % bootstrap CIs, sd, pooled global Dice, HD95, lesion-wise Dice,
                       false-positive lesions per patient, training minutes per fold
 ``per_fold.csv``      one row per fold and model
-``wilcoxon.csv``      paired Wilcoxon signed-rank tests on out-of-fold per-patient Dice
+``wilcoxon.csv``      paired Wilcoxon signed-rank tests on out-of-fold per-patient Dice, with Holm-adjusted p
 ``summary.md``        all of it as tables, saying which folds are missing while the cross-validation is partial
 ``fold<k>/``          the fold's ensemble evaluation (``ensemble-test/``)
 ====================  ==================================================================================
 
 The summary files are rewritten after every fold, so partial results can be read while the rest runs.
 Running the same call again skips every step that is done, and an interrupted training continues from its
-last epoch (``train``'s own resume); a folder that holds a cross-validation of other settings, models or
+last epoch (``train``'s own resume); a fold whose evaluation is gone or was scored by an older release
+(another :data:`~metaseg_tf.evaluation.report.EVALUATION_VERSION`) is scored again, never pooled; a folder that holds a cross-validation of other settings, models or
 number of folds is refused (:class:`~metaseg_tf.config.ConfigError`), never overwritten or mixed.
 Folds are numbered from 0, as ``ExperimentConfig.fold`` and the run names.
 """
@@ -35,7 +36,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -157,6 +158,15 @@ def _finished_ensemble(parent: Path, members: list[str]) -> Path | None:
     return None
 
 
+def _scored_now(evaluation: str | None) -> bool:
+    """Whether a recorded evaluation folder is still there and was scored by this release's scores
+    (:data:`~metaseg_tf.evaluation.report.EVALUATION_VERSION`): folds scored by an older one are scored again,
+    never pooled with the others."""
+    summary_path = Path(evaluation) / "summary.json" if evaluation else None
+    return summary_path is not None and summary_path.is_file() and \
+        read_json(summary_path).get("evaluation_version") == EVALUATION_VERSION
+
+
 def _dice_line(evaluation_dir: Path) -> str:
     summary = read_json(evaluation_dir / "summary.json")
     return f"per-patient Dice {summary['per_patient']['dice']['mean']:.3f} over {summary['patients']} patients"
@@ -184,6 +194,9 @@ def _run_fold(fold: int, config: ExperimentConfig, models: tuple[str, ...], n_fo
             steps.say(f"{where} {model}: trained in {(timings.get('train_seconds') or 0) / 60:.1f} min ({run_dir})")
             entry["run"] = str(run_dir)
             steps.save()
+        if "evaluation" in entry and not _scored_now(entry["evaluation"]):
+            steps.say(f"{where} {model}: {entry.pop('evaluation')} is gone or was scored by an older release: "
+                      "scoring again")
         if "evaluation" not in entry:
             evaluation_dir = latest_evaluation(entry["run"], "test")
             if evaluation_dir is None:
@@ -192,7 +205,7 @@ def _run_fold(fold: int, config: ExperimentConfig, models: tuple[str, ...], n_fo
             entry["evaluation"] = str(evaluation_dir)
             steps.save()
             steps.say(f"{where} {model}: evaluated: {_dice_line(evaluation_dir)}")
-    if with_ensemble and "evaluation" not in fold_state.get(ENSEMBLE, {}):
+    if with_ensemble and not _scored_now(fold_state.get(ENSEMBLE, {}).get("evaluation")):
         members = [fold_state[model]["run"] for model in models]
         parent = out_dir / f"fold{fold}"
         evaluation_dir = _finished_ensemble(parent, members)
@@ -206,7 +219,7 @@ def _run_fold(fold: int, config: ExperimentConfig, models: tuple[str, ...], n_fo
 
 def _fold_done(fold_state: dict[str, Any], models: tuple[str, ...], with_ensemble: bool) -> bool:
     labels = (*models, ENSEMBLE) if with_ensemble else models
-    return all("evaluation" in fold_state.get(label, {}) for label in labels)
+    return all(_scored_now(fold_state.get(label, {}).get("evaluation")) for label in labels)
 
 
 def crossval(
@@ -269,6 +282,9 @@ def _fold_results(state: dict[str, Any]) -> tuple[pd.DataFrame, dict[tuple[int, 
             evaluation = state["folds"].get(str(fold), {}).get(label, {}).get("evaluation")
             if evaluation is None:
                 continue
+            if not _scored_now(evaluation):
+                raise DataError(f"fold {fold} {label}: {evaluation} is gone or was scored by an older release "
+                                "than this one; run the cross-validation again to score it anew")
             frame = pd.read_csv(Path(evaluation) / "per_patient.csv", dtype={"case_id": str})
             frames.append(frame.assign(model=label, fold=fold))
             summaries[(fold, label)] = read_json(Path(evaluation) / "summary.json")
@@ -360,8 +376,30 @@ def _per_fold_rows(summaries: dict[tuple[int, str], dict], unit: str) -> pd.Data
     return pd.DataFrame(rows)
 
 
+def _inference_line(summaries: dict[tuple[int, str], dict]) -> str:
+    """How the folds' probabilities became masks, from their evaluations' ``summary.json``: checkpoint, flip
+    TTA, threshold and where it came from, small-lesion removal, scoring resolution (values that differ
+    between evaluations are all listed)."""
+    def values(read: Callable[[dict], Any]) -> str:
+        return " / ".join(sorted({str(read(summary)) for summary in summaries.values()}))
+
+    def setting(name: str) -> Callable[[dict], Any]:
+        return lambda summary: summary.get("inference", {}).get(name)
+
+    def removal(summary: dict) -> str:
+        voxels = setting("min_lesion_voxels")(summary)
+        return f"predicted 3D lesions under {voxels} voxels removed" if voxels else "no small-lesion removal"
+
+    return (f"Inference: checkpoint `{values(lambda summary: summary.get('which', 'best'))}`; flip TTA "
+            f"{values(lambda summary: 'on' if setting('flip_tta')(summary) else 'off')}; threshold "
+            f"{values(lambda summary: summary['threshold'])} "
+            f"({values(lambda summary: summary.get('threshold_source', 'config'))}); {values(removal)}; scored at "
+            f"{values(lambda summary: 'native' if summary.get('native_resolution', True) else 'input')} "
+            "resolution.")
+
+
 def _markdown(state: dict[str, Any], summary: pd.DataFrame, per_fold: pd.DataFrame, tests: pd.DataFrame,
-              unit: str) -> str:
+              unit: str, summaries: dict[tuple[int, str], dict]) -> str:
     n_folds, settings = state["n_folds"], state["config"]
     labels = [*state["models"], ENSEMBLE]
     lines = [f"# {n_folds}-fold patient-level cross-validation", "",
@@ -369,7 +407,7 @@ def _markdown(state: dict[str, Any], summary: pd.DataFrame, per_fold: pd.DataFra
              f"{settings['epochs']} epochs, split seed {settings['split_seed']}); models "
              f"{', '.join(state['models'])}" + (f"; {ENSEMBLE}: the mean of their probabilities" if
                                                  any(ENSEMBLE in fold for fold in state["folds"].values()) else "")
-             + ". Folds are numbered from 0.", ""]
+             + ". Folds are numbered from 0.", ""] + ([_inference_line(summaries), ""] if summaries else [])
     missing = {row["model"]: row["missing_folds"] for _, row in summary.iterrows() if row["missing_folds"]}
     not_started = [label for label in labels[:-1] if label not in set(summary.get("model", []))]
     if summary.empty:
@@ -402,13 +440,20 @@ def _markdown(state: dict[str, Any], summary: pd.DataFrame, per_fold: pd.DataFra
                   "Per-patient Dice (3D, all slices of a case) over every out-of-fold patient: mean [95 % bootstrap "
                   "CI of the mean], median [95 % bootstrap CI of the median] and sd. Global Dice is pooled over all "
                   "out-of-fold voxels of all folds together (not the mean of the folds' global Dice, which the "
-                  f"per-fold table gives). HD95 in {unit}, lesion-wise Dice and false-positive lesions after "
-                  "BraTS-MET 2023, means over patients. Training minutes: mean per fold (the ensemble: its members "
-                  "together).", "",
+                  f"per-fold table gives). HD95 in {unit}"
+                  + (" (the images carry no spacing: an in-plane pixel and a slice step each count 1)"
+                     if unit == "px" else "")
+                  + ", lesion-wise Dice and false-positive lesions after BraTS-MET 2023, means over patients. The "
+                  "bootstrap resamples patients of all folds together: it does not include the variation between "
+                  "the folds' trainings. Training minutes: wall-clock mean per fold as recorded, whatever else ran "
+                  "on the machine meanwhile (the ensemble: its members together).", "",
                   shown.to_markdown(index=False), "",
                   "## Per fold", "",
                   per_fold.to_markdown(index=False, floatfmt=".3f"), "",
                   "## Paired Wilcoxon signed-rank tests, out-of-fold per-patient Dice", "",
+                  "Difference a - b; `pairs_nonzero`: the patients whose Dice differ (the test ranks only those); "
+                  "`p_holm`: p adjusted for the table's several tests (Holm), which are not independent when the "
+                  "ensemble is tested against its own members.", "",
                   tests.to_markdown(index=False, floatfmt=".4g") if len(tests) else "(one model: nothing to test)",
                   ""]
     return "\n".join(lines)
@@ -429,7 +474,7 @@ def write_summary(out_dir: Path | str, state: dict[str, Any] | None = None) -> C
     per_fold = _per_fold_rows(summaries, unit)
     present = [label for label in labels if label in set(per_patient["model"])]
     tests = paired_wilcoxon({label: per_patient[per_patient["model"] == label] for label in present})
-    markdown = _markdown(state, summary, per_fold, tests, unit)
+    markdown = _markdown(state, summary, per_fold, tests, unit, summaries)
     per_patient.to_csv(out_dir / "per_patient.csv", index=False)
     summary.to_csv(out_dir / "summary.csv", index=False)
     per_fold.to_csv(out_dir / "per_fold.csv", index=False)

@@ -528,8 +528,24 @@ class Comparison:
     regions: pd.DataFrame | None = None
 
 
+def holm_adjusted(p_values: Sequence[float]) -> np.ndarray:
+    """Holm-Bonferroni adjusted p-values (Holm 1979, "A simple sequentially rejective multiple test
+    procedure"), in the order given: the i-th smallest of m p-values is multiplied by ``m - i + 1`` (i from
+    1), made non-decreasing along that order, and capped at 1. Controls the family-wise error rate for any
+    dependence between the tests (e.g. an ensemble tested against its own members)."""
+    p = np.asarray(p_values, float)
+    order = np.argsort(p, kind="stable")
+    stepped = np.maximum.accumulate(p[order] * (len(p) - np.arange(len(p))))
+    adjusted = np.empty_like(p)
+    adjusted[order] = np.minimum(stepped, 1.0)
+    return adjusted
+
+
 def paired_wilcoxon(per_patient: dict[str, pd.DataFrame], score: str = "dice") -> pd.DataFrame:
-    """Wilcoxon signed-rank test on per-patient ``score`` for each pair of runs, over their shared patients."""
+    """Wilcoxon signed-rank test (SciPy's default ``zero_method="wilcox"``: pairs with no difference are left
+    out, exact p for small samples) on per-patient ``score`` for each pair of runs, over their shared
+    patients. ``patients``: the pairs; ``pairs_nonzero``: those the test ranks; ``p_holm``: the p-values
+    adjusted for the table's several tests (:func:`holm_adjusted`)."""
     rows = []
     for a, b in itertools.combinations(per_patient, 2):
         merged = per_patient[a][["case_id", score]].merge(per_patient[b][["case_id", score]], on="case_id")
@@ -540,10 +556,13 @@ def paired_wilcoxon(per_patient: dict[str, pd.DataFrame], score: str = "dice") -
         else:
             statistic, p_value = float("nan"), 1.0
         rows.append({"a": a, "b": b, "score": score, "patients": len(diff),
+                     "pairs_nonzero": int(np.count_nonzero(diff)),
                      "mean_difference": float(diff.mean()) if len(diff) else float("nan"),
                      "median_difference": float(np.median(diff)) if len(diff) else float("nan"),
                      "statistic": statistic, "p_value": p_value})
-    return pd.DataFrame(rows)
+    tests = pd.DataFrame(rows, columns=["a", "b", "score", "patients", "pairs_nonzero", "mean_difference",
+                                        "median_difference", "statistic", "p_value"])
+    return tests.assign(p_holm=holm_adjusted(tests["p_value"]))
 
 
 def region_table(summaries: dict[str, dict]) -> pd.DataFrame:
@@ -724,14 +743,18 @@ def conclusion(comparison: Comparison) -> str:
     lines = [f"On the {split} split ({patients} patients), per-patient Dice (mean [95 % bootstrap CI]): "
              + "; ".join(f"**{label}** {dice[label]['mean']:.3f} [{dice[label]['ci95'][0]:.3f}, "
                          f"{dice[label]['ci95'][1]:.3f}]" for label in labels) + "."]
+    several = len(comparison.tests) > 1
     for _, test in comparison.tests.iterrows():
-        significant = test["p_value"] < 0.05
-        smallest_p = 2.0 / 2 ** test["patients"] if test["patients"] else 1.0
+        significant = test["p_holm"] < 0.05
+        smallest_p = 2.0 / 2 ** test["pairs_nonzero"] if test["pairs_nonzero"] else 1.0
         if smallest_p >= 0.05:
-            lines.append(f"With {test['patients']} paired patients the exact two-sided Wilcoxon test cannot go below "
+            lines.append(f"With {test['pairs_nonzero']} paired patients that differ, the exact two-sided Wilcoxon "
+                         "test cannot go below "
                          f"p = {smallest_p:.3g}: this split is too small to show a difference at the 5 % level.")
         lines.append(f"{test['a']} − {test['b']}: mean paired difference {test['mean_difference']:+.3f} over "
-                     f"{test['patients']} patients, Wilcoxon p = {test['p_value']:.3g} — "
+                     f"{test['patients']} patients, Wilcoxon p = {test['p_value']:.3g}"
+                     + (f" (Holm-adjusted for the {len(comparison.tests)} tests: {test['p_holm']:.3g})" if several else "")
+                     + " — "
                      + ("a significant difference at the 5 % level." if significant else
                         "not significant at the 5 % level: the data do not separate these models on Dice."))
     criteria = {
