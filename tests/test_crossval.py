@@ -133,6 +133,21 @@ def test_another_config_models_or_folds_in_the_same_folder_is_refused(cross_vali
         cross_validations.call(out_dir=tmp_path)
 
 
+def test_a_crossval_started_by_a_release_without_a_newer_field_continues(cross_validations: CrossValidations) -> None:
+    state_path = cross_validations.out_dir / STATE_FILE
+    state_before = state_path.read_text()
+    state = json.loads(state_before)
+    assert state["config"].pop("flip_tta") is False  # as recorded before the field existed: read at its default
+    state_path.write_text(json.dumps(state))
+    try:
+        runs = cross_validations.runs()
+        assert cross_validations.call().complete and cross_validations.runs() == runs
+        with pytest.raises(ConfigError, match=r"other settings flip_tta \(False there, True now\)"):
+            cross_validations.call(config=cross_validations.config.replace(flip_tta=True))
+    finally:
+        state_path.write_text(state_before)
+
+
 def test_a_second_process_in_the_same_folder_is_refused(cross_validations: CrossValidations) -> None:
     from metaseg_tf.evaluation.crossval import LOCK_FILE
     from metaseg_tf.training.runs import RunLockedError, hold_run_lock

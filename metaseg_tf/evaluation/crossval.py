@@ -95,6 +95,16 @@ def _shared_settings(config: ExperimentConfig) -> dict[str, Any]:
     return {key: value for key, value in config.to_dict().items() if key not in PER_FOLD_SETTINGS}
 
 
+def _recorded_settings(recorded: dict[str, Any]) -> dict[str, Any]:
+    """A state's shared settings with the fields its release predated read at their defaults (as
+    :func:`~metaseg_tf.training.runs.same_config` reads run configs), so that a newer release continues it;
+    as recorded where this release does not know a field or refuses a value."""
+    try:
+        return _shared_settings(ExperimentConfig.from_dict(recorded))
+    except ConfigError:
+        return recorded
+
+
 def _open_state(out_dir: Path, config: ExperimentConfig, models: tuple[str, ...], n_folds: int) -> dict[str, Any]:
     """The state of the cross-validation in ``out_dir``: read back when it is this one, new when there is none;
     a :class:`ConfigError` when the folder holds a cross-validation of anything else."""
@@ -105,11 +115,10 @@ def _open_state(out_dir: Path, config: ExperimentConfig, models: tuple[str, ...]
         if state.get("version") != STATE_VERSION:
             raise ConfigError(f"{path} was written by another version of crossval (state version "
                               f"{state.get('version')}, not {STATE_VERSION}); choose another --out folder")
-        differences = []
-        changed = sorted(key for key in set(settings) | set(state["config"])
-                         if settings.get(key) != state["config"].get(key))
+        differences, recorded = [], _recorded_settings(state["config"])
+        changed = sorted(key for key in set(settings) | set(recorded) if settings.get(key) != recorded.get(key))
         if changed:
-            differences.append("settings " + ", ".join(f"{key} ({state['config'].get(key)!r} there, "
+            differences.append("settings " + ", ".join(f"{key} ({recorded.get(key)!r} there, "
                                                        f"{settings.get(key)!r} now)" for key in changed))
         if set(state["models"]) != set(models):
             differences.append(f"models ({', '.join(state['models'])} there, {', '.join(models)} now)")
