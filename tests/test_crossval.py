@@ -218,3 +218,27 @@ def test_a_fold_scored_by_an_older_release_is_scored_again_not_pooled(cross_vali
     assert cross_validations.runs() == runs, "nothing is trained again"
     assert rescored.state["folds"]["1"]["nested_unet"]["evaluation"] != str(stale.parent)
     pd.testing.assert_frame_equal(rescored.summary, complete.summary)
+
+
+def test_a_fold_never_continues_an_unfinished_run_older_than_the_crossval(cross_validations: CrossValidations) -> None:
+    import shutil
+
+    state_path = cross_validations.out_dir / STATE_FILE
+    state = json.loads(state_path.read_text())
+    recorded = state["folds"]["2"].pop("attention_unet")
+    state["folds"]["2"].pop("ensemble")
+    state_path.write_text(json.dumps(state))
+    # an abandoned run of the same name and config, left unfinished before this cross-validation started
+    finished = Path(recorded["run"])
+    abandoned = finished.with_name("20000101-000000-" + finished.name.split("-", 2)[2])
+    shutil.copytree(finished, abandoned, ignore=shutil.ignore_patterns("evaluation-*"))
+    run_state = json.loads((abandoned / "state.json").read_text())
+    (abandoned / "state.json").write_text(json.dumps({**run_state, "status": "running", "epochs_done": 0,
+                                                      "started": "2000-01-01 00:00:00"}))
+    shutil.rmtree(finished)  # the fold's own run is gone: the fold is trained again, from scratch
+    runs = cross_validations.runs()
+    retrained = cross_validations.call()
+    assert json.loads((abandoned / "state.json").read_text())["status"] == "running", "the old run is left alone"
+    new = sorted(set(cross_validations.runs()) - set(runs))
+    assert [run.name.split("-", 2)[2] for run in new] == [finished.name.split("-", 2)[2]]
+    assert retrained.state["folds"]["2"]["attention_unet"]["run"] == str(new[0]) and retrained.complete

@@ -198,7 +198,8 @@ def _run_fold(fold: int, config: ExperimentConfig, models: tuple[str, ...], n_fo
             run_dir = newest_run(runs_root, run_name, "finished", run_config, since=steps.state["started"])
             if run_dir is None:
                 steps.say(f"{where} {model}: training (run {run_name} under {runs_root})")
-                run_dir = train(run_config, runs_root, run_name, progress=steps.progress).run_dir
+                run_dir = train(run_config, runs_root, run_name, progress=steps.progress,
+                                resume_since=steps.state["started"]).run_dir
             timings = read_json(run_dir / "timings.json")
             steps.say(f"{where} {model}: trained in {(timings.get('train_seconds') or 0) / 60:.1f} min ({run_dir})")
             entry["run"] = str(run_dir)

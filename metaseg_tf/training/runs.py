@@ -64,9 +64,10 @@ def create_run_dir(runs_root: Path | str, name: str) -> Path:
     return new_dir(runs_root, f"{time.strftime('%Y%m%d-%H%M%S')}-{name}")
 
 
-def find_unfinished_run(runs_root: Path | str, name: str, config: ExperimentConfig) -> Path | None:
-    """The newest run under ``runs_root`` with ``name`` and exactly ``config`` that did not finish."""
-    return newest_run(runs_root, name, "running", config)
+def find_unfinished_run(runs_root: Path | str, name: str, config: ExperimentConfig, since: str = "") -> Path | None:
+    """The newest run under ``runs_root`` with ``name`` and exactly ``config`` that did not finish, started at
+    or after ``since`` (``%Y-%m-%d %H:%M:%S``)."""
+    return newest_run(runs_root, name, "running", config, since)
 
 
 def newest_run(runs_root: Path | str, name: str, status: str, config: ExperimentConfig | None = None,

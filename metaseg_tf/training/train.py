@@ -264,18 +264,20 @@ def train(
     resume: bool = True,
     data: ExperimentData | None = None,
     callbacks: list[keras.callbacks.Callback] | None = None,
+    resume_since: str = "",
 ) -> TrainedRun:
     """Train ``config.model`` on ``config.data_dir`` into a run folder under ``runs_root``.
 
     ``name`` (default: the model name) is the folder's suffix after the timestamp. With ``resume`` an
     unfinished run of the same name and configuration is continued instead of starting a new one, on the
-    patient split recorded when it started (a clear error if the data no longer holds those patients).
-    ``data`` skips discovery and preprocessing when the caller has already loaded them; ``callbacks``
+    patient split recorded when it started (a clear error if the data no longer holds those patients); with
+    ``resume_since`` (``%Y-%m-%d %H:%M:%S``) only one started at or after then (a cross-validation continues
+    its own runs, not those of an older one in the same folder). ``data`` skips discovery and preprocessing when the caller has already loaded them; ``callbacks``
     are added after the engine's own (e.g. live plots in a notebook).
     """
     runs_root = paths.resolve(runs_root)
     name = name or config.model
-    unfinished = find_unfinished_run(runs_root, name, config) if resume else None
+    unfinished = find_unfinished_run(runs_root, name, config, resume_since) if resume else None
     with contextlib.ExitStack() as locks:
         if unfinished is None:
             data = data or load_experiment_data(config, progress=progress)
