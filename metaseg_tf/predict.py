@@ -185,7 +185,8 @@ class Predictor:
         ``level``: a U-Net++ pruned to that level (faster, usually less accurate; None: the whole network).
         A run trained with ``threshold_from_validation`` predicts at the threshold its newest test evaluation
         chose on the validation patients (``threshold_source`` ``validation``); before any evaluation it warns
-        and uses the config's threshold. A ``threshold`` in ``options`` wins over both."""
+        and uses the config's threshold, and it warns when flip TTA or the level differ from the settings the
+        threshold was chosen with. A ``threshold`` in ``options`` wins over both."""
         convention = read_json(Path(run_dir) / "data.json").get("label_convention", "binary")
         config = load_run_config(run_dir)
         chosen = None
@@ -199,6 +200,12 @@ class Predictor:
                                run_dir, config.threshold)
             else:
                 options["threshold"] = chosen
+                changed = ([f"flip TTA {'on' if options['flip_tta'] else 'off'}"]
+                           if options.get("flip_tta") not in (None, config.flip_tta) else []) + \
+                          ([f"the network pruned to level {level}"] if level is not None else [])
+                if changed:
+                    logger.warning("%s: its threshold %g was chosen on validation with the run's own settings, "
+                                   "not with %s", run_dir, chosen, " and ".join(changed))
         model = load_model(run_dir, which)
         predictor = cls(model, config, label_convention=convention,
                         engine=load_engine(run_dir, engine, which, model, level), **options)

@@ -13,7 +13,6 @@ from conftest import tiny_config
 
 from metaseg_tf.cli import main
 from metaseg_tf.config import ConfigError, ExperimentConfig
-from metaseg_tf.data.discover import DataError
 from metaseg_tf.evaluation.crossval import STATE_FILE, CrossValidation, crossval, write_summary
 from metaseg_tf.evaluation.report import ensemble_probabilities, evaluate_ensemble, latest_evaluation
 from metaseg_tf.training.runs import load_run_split
@@ -208,15 +207,19 @@ def test_a_fold_scored_by_an_older_release_is_scored_again_not_pooled(cross_vali
     assert "Inference: checkpoint `best`; flip TTA off; threshold 0.5 (config); no small-lesion removal" \
         in complete.markdown
     assert {"pairs_nonzero", "p_holm"} <= set(complete.tests.columns)
-    stale = Path(complete.state["folds"]["1"]["nested_unet"]["evaluation"]) / "summary.json"
-    summary = json.loads(stale.read_text())
-    stale.write_text(json.dumps({**summary, "evaluation_version": summary["evaluation_version"] - 1}))
-    with pytest.raises(DataError, match="fold 1 nested_unet: .* scored by an older release"):
-        write_summary(cross_validations.out_dir)
+    stale = [Path(complete.state["folds"][fold][label]["evaluation"]) / "summary.json"
+             for fold, label in (("0", "ensemble"), ("1", "nested_unet"))]  # a new release: more than one fold
+    for path in stale:
+        summary = json.loads(path.read_text())
+        path.write_text(json.dumps({**summary, "evaluation_version": summary["evaluation_version"] - 1}))
+    partial = write_summary(cross_validations.out_dir)
+    assert not partial.complete and partial.summary.set_index("model").loc["nested_unet", "missing_folds"] == "1"
+    assert "**Left out, gone or scored by an older release**: fold 0 ensemble, fold 1 nested_unet" in partial.markdown
     runs = cross_validations.runs()
     rescored = cross_validations.call()
     assert cross_validations.runs() == runs, "nothing is trained again"
-    assert rescored.state["folds"]["1"]["nested_unet"]["evaluation"] != str(stale.parent)
+    assert rescored.state["folds"]["1"]["nested_unet"]["evaluation"] != str(stale[1].parent)
+    assert rescored.state["folds"]["0"]["ensemble"]["evaluation"] != str(stale[0].parent)
     pd.testing.assert_frame_equal(rescored.summary, complete.summary)
 
 

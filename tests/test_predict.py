@@ -250,7 +250,7 @@ def test_a_run_that_chooses_its_threshold_on_validation_predicts_and_serves_at_t
     before = Predictor.from_run(run)
     assert (before.threshold, before.threshold_source) == (config["threshold"], "config")
     assert "no evaluation has chosen it yet" in caplog.text
-    assert chosen_threshold(trained_run) is None, "a run that keeps its config's threshold has none chosen"
+    assert chosen_threshold(trained_run) is None and chosen_threshold(run) is None
 
     evaluation = evaluate_run(run, "test", progress=False)
     assert evaluation.summary["threshold_source"] == "validation"
@@ -258,11 +258,18 @@ def test_a_run_that_chooses_its_threshold_on_validation_predicts_and_serves_at_t
     assert chosen_threshold(run) == chosen
     predictor = Predictor.from_run(run)
     assert (predictor.threshold, predictor.threshold_source) == (chosen, "validation")
-    assert Predictor.from_run(run, threshold=0.42).threshold_source == "given"
+    given = Predictor.from_run(run, threshold=0.42)
+    assert (given.threshold, given.threshold_source) == (0.42, "given")
+    caplog.clear()
+    Predictor.from_run(run, flip_tta=not config["flip_tta"])
+    assert "chosen on validation with the run's own settings, not with flip TTA" in caplog.text
 
+    # whatever the sweep chose, the served threshold is the recorded one, not the config's 0.5
+    summary = json.loads((evaluation.out_dir / "summary.json").read_text())
+    (evaluation.out_dir / "summary.json").write_text(json.dumps({**summary, "threshold": 0.35}))
     with TestClient(create_app([run])) as client:
         (info,) = client.get("/models").json()
-        assert (info["threshold"], info["threshold_source"]) == (chosen, "validation")
+        assert (info["threshold"], info["threshold_source"]) == (0.35, "validation")
         image = phantom_slice[0].read_bytes()
         served = client.post("/predict", files={"file": ("s.png", image)}).json()["predictions"][0]
-        assert served["threshold"] == chosen
+        assert served["threshold"] == 0.35

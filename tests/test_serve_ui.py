@@ -89,8 +89,21 @@ def test_a_phantom_example_shows_both_models_with_metrics(monkeypatch: pytest.Mo
     app.sidebar.multiselect[0].set_value(["attention_unet"]).run()
     assert list(app.table[0].value.index) == ["attention_unet"]
     assert _captions(app) == ["original", "ground truth", "attention_unet"]
-    app.sidebar.checkbox[0].check().run()
+    app.checkbox(key="attention").check().run()
     assert any("attention coefficients" in header.value for header in app.subheader)
+
+
+def test_each_model_predicts_at_its_own_threshold_unless_one_is_set(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                                    api_url: str) -> None:
+    app = _app(monkeypatch, api_url, tmp_path).run()
+    app.button[0].click().run()
+    assert not app.exception and not app.sidebar.slider
+    assert "each model's own threshold (nested_unet 0.50, attention_unet 0.50)" in app.caption[0].value
+    own_recall = app.table[0].value["recall"].astype(float)
+    app.sidebar.checkbox[0].uncheck().run()
+    app.sidebar.slider[0].set_value(0.95).run()
+    assert not app.exception and "threshold 0.95" in app.caption[0].value
+    assert (app.table[0].value["recall"].astype(float) <= own_recall).all(), "a higher threshold masks a subset"
 
 
 def test_overlay_and_mask_only_views() -> None:

@@ -49,6 +49,7 @@ from metaseg_tf.config import ConfigError, ExperimentConfig
 from metaseg_tf.data.discover import DataError
 from metaseg_tf.evaluation.report import (
     EVALUATION_VERSION,
+    WILCOXON_NOTE,
     evaluate_ensemble,
     evaluate_run,
     latest_evaluation,
@@ -171,7 +172,7 @@ def _scored_now(evaluation: str | None) -> bool:
     """Whether a recorded evaluation folder is still there and was scored by this release's scores
     (:data:`~metaseg_tf.evaluation.report.EVALUATION_VERSION`): folds scored by an older one are scored again,
     never pooled with the others."""
-    summary_path = Path(evaluation) / "summary.json" if evaluation else None
+    summary_path = paths.resolve(evaluation) / "summary.json" if evaluation else None
     return summary_path is not None and summary_path.is_file() and \
         read_json(summary_path).get("evaluation_version") == EVALUATION_VERSION
 
@@ -283,26 +284,27 @@ def crossval(
     return result
 
 
-def _fold_results(state: dict[str, Any]) -> tuple[pd.DataFrame, dict[tuple[int, str], dict]]:
-    """Every recorded evaluation's per-patient rows (with ``model`` and ``fold``) and summaries."""
+def _fold_results(state: dict[str, Any]) -> tuple[pd.DataFrame, dict[tuple[int, str], dict], list[str]]:
+    """Every recorded evaluation's per-patient rows (with ``model`` and ``fold``) and summaries, and the
+    recorded evaluations left out because they are gone or were scored by an older release."""
     labels = [*state["models"], ENSEMBLE]
-    frames, summaries = [], {}
+    frames, summaries, stale = [], {}, []
     for fold in range(state["n_folds"]):
         for label in labels:
             evaluation = state["folds"].get(str(fold), {}).get(label, {}).get("evaluation")
             if evaluation is None:
                 continue
             if not _scored_now(evaluation):
-                raise DataError(f"fold {fold} {label}: {evaluation} is gone or was scored by an older release "
-                                "than this one; run the cross-validation again to score it anew")
+                stale.append(f"fold {fold} {label}")
+                continue
             frame = pd.read_csv(Path(evaluation) / "per_patient.csv", dtype={"case_id": str})
             frames.append(frame.assign(model=label, fold=fold))
             summaries[(fold, label)] = read_json(Path(evaluation) / "summary.json")
     if not frames:
-        return pd.DataFrame(columns=["model", "fold", "case_id", "dice"]), summaries
+        return pd.DataFrame(columns=["model", "fold", "case_id", "dice"]), summaries, stale
     per_patient = pd.concat(frames, ignore_index=True)
     first = ["model", "fold"]
-    return per_patient[first + [c for c in per_patient.columns if c not in first]], summaries
+    return per_patient[first + [c for c in per_patient.columns if c not in first]], summaries, stale
 
 
 def _all_patients(state: dict[str, Any]) -> set[str] | None:
@@ -409,7 +411,7 @@ def _inference_line(summaries: dict[tuple[int, str], dict]) -> str:
 
 
 def _markdown(state: dict[str, Any], summary: pd.DataFrame, per_fold: pd.DataFrame, tests: pd.DataFrame,
-              unit: str, summaries: dict[tuple[int, str], dict]) -> str:
+              unit: str, summaries: dict[tuple[int, str], dict], stale: list[str]) -> str:
     n_folds, settings = state["n_folds"], state["config"]
     labels = [*state["models"], ENSEMBLE]
     lines = [f"# {n_folds}-fold patient-level cross-validation", "",
@@ -420,6 +422,9 @@ def _markdown(state: dict[str, Any], summary: pd.DataFrame, per_fold: pd.DataFra
              + ". Folds are numbered from 0.", ""] + ([_inference_line(summaries), ""] if summaries else [])
     missing = {row["model"]: row["missing_folds"] for _, row in summary.iterrows() if row["missing_folds"]}
     not_started = [label for label in labels[:-1] if label not in set(summary.get("model", []))]
+    if stale:
+        lines += [f"**Left out, gone or scored by an older release**: {', '.join(stale)}. Run the cross-validation "
+                  "again to score them anew.", ""]
     if summary.empty:
         lines += ["**No fold is done yet.**", ""]
     elif missing or not_started:
@@ -451,8 +456,8 @@ def _markdown(state: dict[str, Any], summary: pd.DataFrame, per_fold: pd.DataFra
                   "CI of the mean], median [95 % bootstrap CI of the median] and sd. Global Dice is pooled over all "
                   "out-of-fold voxels of all folds together (not the mean of the folds' global Dice, which the "
                   f"per-fold table gives). HD95 in {unit}"
-                  + (" (the images carry no spacing: an in-plane pixel and a slice step each count 1)"
-                     if unit == "px" else "")
+                  + (" (px where the images carry no spacing: an in-plane pixel and a slice step each count 1)"
+                     if "px" in unit.split("/") else "")
                   + ", lesion-wise Dice and false-positive lesions after BraTS-MET 2023, means over patients. The "
                   "bootstrap resamples patients of all folds together: it does not include the variation between "
                   "the folds' trainings. Training minutes: wall-clock mean per fold as recorded, whatever else ran "
@@ -460,10 +465,7 @@ def _markdown(state: dict[str, Any], summary: pd.DataFrame, per_fold: pd.DataFra
                   shown.to_markdown(index=False), "",
                   "## Per fold", "",
                   per_fold.to_markdown(index=False, floatfmt=".3f"), "",
-                  "## Paired Wilcoxon signed-rank tests, out-of-fold per-patient Dice", "",
-                  "Difference a - b; `pairs_nonzero`: the patients whose Dice differ (the test ranks only those); "
-                  "`p_holm`: p adjusted for the table's several tests (Holm), which are not independent when the "
-                  "ensemble is tested against its own members.", "",
+                  "## Paired Wilcoxon signed-rank tests, out-of-fold per-patient Dice", "", WILCOXON_NOTE, "",
                   tests.to_markdown(index=False, floatfmt=".4g") if len(tests) else "(one model: nothing to test)",
                   ""]
     return "\n".join(lines)
@@ -472,10 +474,11 @@ def _markdown(state: dict[str, Any], summary: pd.DataFrame, per_fold: pd.DataFra
 def write_summary(out_dir: Path | str, state: dict[str, Any] | None = None) -> CrossValidation:
     """Collect the out-of-fold results recorded in ``<out_dir>/crossval.json`` (or ``state``), check that no
     patient is scored twice (:func:`check_out_of_fold`) and write ``per_patient.csv``, ``summary.csv``,
-    ``per_fold.csv``, ``wilcoxon.csv`` and ``summary.md``, saying which folds are missing while partial."""
+    ``per_fold.csv``, ``wilcoxon.csv`` and ``summary.md``, saying which folds are missing while partial
+    (not done yet, or left out: their evaluation is gone or was scored by an older release)."""
     out_dir = Path(out_dir)
     state = state if state is not None else read_json(out_dir / STATE_FILE)
-    per_patient, summaries = _fold_results(state)
+    per_patient, summaries, stale = _fold_results(state)
     check_out_of_fold(per_patient, _all_patients(state), state["n_folds"])
     units = sorted({summary.get("distance_unit", "px") for summary in summaries.values()}) or ["px"]
     unit = "/".join(units)
@@ -484,7 +487,7 @@ def write_summary(out_dir: Path | str, state: dict[str, Any] | None = None) -> C
     per_fold = _per_fold_rows(summaries, unit)
     present = [label for label in labels if label in set(per_patient["model"])]
     tests = paired_wilcoxon({label: per_patient[per_patient["model"] == label] for label in present})
-    markdown = _markdown(state, summary, per_fold, tests, unit, summaries)
+    markdown = _markdown(state, summary, per_fold, tests, unit, summaries, stale)
     per_patient.to_csv(out_dir / "per_patient.csv", index=False)
     summary.to_csv(out_dir / "summary.csv", index=False)
     per_fold.to_csv(out_dir / "per_fold.csv", index=False)

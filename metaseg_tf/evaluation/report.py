@@ -528,6 +528,11 @@ class Comparison:
     regions: pd.DataFrame | None = None
 
 
+WILCOXON_NOTE = ("Difference a - b; `pairs_nonzero`: the patients whose scores differ (the test ranks only those); "
+                 "`p_holm`: p adjusted for the table's several tests (Holm), which are not independent when a "
+                 "run is tested against several others or an ensemble against its own members.")
+
+
 def holm_adjusted(p_values: Sequence[float]) -> np.ndarray:
     """Holm-Bonferroni adjusted p-values (Holm 1979, "A simple sequentially rejective multiple test
     procedure"), in the order given: the i-th smallest of m p-values is multiplied by ``m - i + 1`` (i from
@@ -542,8 +547,9 @@ def holm_adjusted(p_values: Sequence[float]) -> np.ndarray:
 
 
 def paired_wilcoxon(per_patient: dict[str, pd.DataFrame], score: str = "dice") -> pd.DataFrame:
-    """Wilcoxon signed-rank test (SciPy's default ``zero_method="wilcox"``: pairs with no difference are left
-    out, exact p for small samples) on per-patient ``score`` for each pair of runs, over their shared
+    """Wilcoxon signed-rank test (Wilcoxon 1945; pairs with no difference are left out, as SciPy's
+    ``zero_method="wilcox"``; SciPy's ``method="auto"``: the exact p under 50 pairs without tied differences,
+    else the normal approximation) on per-patient ``score`` for each pair of runs, over their shared
     patients. ``patients``: the pairs; ``pairs_nonzero``: those the test ranks; ``p_holm``: the p-values
     adjusted for the table's several tests (:func:`holm_adjusted`)."""
     rows = []
@@ -551,7 +557,7 @@ def paired_wilcoxon(per_patient: dict[str, pd.DataFrame], score: str = "dice") -
         merged = per_patient[a][["case_id", score]].merge(per_patient[b][["case_id", score]], on="case_id")
         diff = (merged[f"{score}_x"] - merged[f"{score}_y"]).to_numpy(float)
         if len(diff) and np.any(diff != 0):
-            result = stats.wilcoxon(merged[f"{score}_x"], merged[f"{score}_y"])
+            result = stats.wilcoxon(diff[diff != 0])  # zeros left out by hand: the same p in every SciPy release
             statistic, p_value = float(result.statistic), float(result.pvalue)
         else:
             statistic, p_value = float("nan"), 1.0
@@ -651,7 +657,7 @@ def compare_runs(run_dirs: Sequence[Path | str], out_dir: Path | str, split: str
         "Per-patient means [95 % bootstrap CI] of each region the models were trained on; lesion-wise Dice and "
         "HD95 after the BraTS 2023 metastasis rules (misses and false positives score 0 and 374).", "",
         regions.to_markdown(index=False), "",
-        "## Paired Wilcoxon signed-rank test, per-patient Dice", "",
+        "## Paired Wilcoxon signed-rank test, per-patient Dice", "", WILCOXON_NOTE, "",
         tests.to_markdown(index=False, floatfmt=".4g") if len(tests) else "(one run: nothing to test)", "",
         "![per-patient Dice](per_patient_dice.png)", "",
     ])

@@ -50,22 +50,33 @@ def fetch_models(api_url: str) -> list[dict]:
     return response.json()
 
 
-def request_prediction(api_url: str, image: bytes, filename: str, model: str, threshold: float,
+def _form(model: str, threshold: float | None, **fields: str) -> dict[str, str]:
+    """A prediction request's form fields; without ``threshold`` each model predicts at its own."""
+    return {"model": model, **({} if threshold is None else {"threshold": str(threshold)}), **fields}
+
+
+def threshold_text(threshold: float | None, predictions: list[dict]) -> str:
+    """``threshold 0.40``, or each model's own threshold as the API used it."""
+    if threshold is not None:
+        return f"threshold {threshold:.2f}"
+    return "each model's own threshold (" + ", ".join(f"{p['model']} {p['threshold']:.2f}" for p in predictions) + ")"
+
+
+def request_prediction(api_url: str, image: bytes, filename: str, model: str, threshold: float | None,
                        attention: bool) -> tuple[dict | None, str | None]:
-    """``(response JSON, None)`` or ``(None, the API's error message)``."""
+    """``(response JSON, None)`` or ``(None, the API's error message)``; ``threshold`` None: each model's own."""
     response = requests.post(f"{api_url}/predict", files={"file": (filename, image)},
-                             data={"model": model, "threshold": str(threshold), "attention": str(attention).lower()},
-                             timeout=120)
+                             data=_form(model, threshold, attention=str(attention).lower()), timeout=120)
     return _answer(response)
 
 
 def request_volume_prediction(api_url: str, volumes: list[tuple[str, bytes]], seg: tuple[str, bytes] | None,
-                              model: str, threshold: float) -> tuple[dict | None, str | None]:
+                              model: str, threshold: float | None) -> tuple[dict | None, str | None]:
     """``/predict/volume`` with ``volumes`` (``(file name, bytes)``: one, or one per sequence in the model's
     order) and an optional label map ``seg``: ``(response JSON, None)`` or ``(None, the API's error message)``."""
     files = [("files", volume) for volume in volumes] + ([("seg", seg)] if seg is not None else [])
     response = requests.post(f"{api_url}/predict/volume", files=files,
-                             data={"model": model, "threshold": str(threshold)}, timeout=600)
+                             data=_form(model, threshold), timeout=600)
     return _answer(response)
 
 
@@ -222,7 +233,8 @@ def _show_panels(panels: list[tuple[str, np.ndarray]]) -> None:
         column.image(picture, caption=caption, width="stretch", alt=caption)
 
 
-def _volume_mode(api_url: str, models: list[dict], shown_models: list[str], threshold: float, mask_only: bool) -> None:
+def _volume_mode(api_url: str, models: list[dict], shown_models: list[str], threshold: float | None,
+                 mask_only: bool) -> None:
     """Upload a NIfTI case, segment it once per change of input, model or threshold, and browse its slices."""
     order = next((m.get("sequences") for m in models if m["name"] in shown_models and m.get("sequences")), None)
     order_text = f" in the order {', '.join(order)}" if order else ""
@@ -270,7 +282,8 @@ def _volume_mode(api_url: str, models: list[dict], shown_models: list[str], thre
     spacing = response.get("spacing_mm")
     st.caption(f"{response['case_id']}: {'x'.join(map(str, response['shape']))} voxels, {slices} axial slices"
                + (f", voxels {' x '.join(f'{v:.2g}' for v in spacing)} mm" if spacing else "")
-               + f"; slice {index + 1} of {slices}, threshold {threshold:.2f}; anterior at the top, the patient's "
+               + f"; slice {index + 1} of {slices}, {threshold_text(threshold, predictions)}; anterior at the top, "
+               "the patient's "
                "right on the left")
     _show_panels(volume_slice_panels(views[shown], index, truth, segs, mask_only))
     st.subheader("Per model" + (" (per-case scores against the label map)" if truth is not None else ""))
@@ -293,11 +306,15 @@ def main() -> None:
         st.stop()
     names = [model["name"] for model in models]
     shown_models = st.sidebar.multiselect("Models shown", names, default=names)
-    threshold = st.sidebar.slider("Threshold", 0.05, 0.95, 0.5, 0.05)
+    own_threshold = st.sidebar.checkbox("Each model's own threshold", value=True,
+                                        help="the threshold each run was evaluated at (chosen on its validation "
+                                             "patients where the run says so)")
+    threshold = None if own_threshold else st.sidebar.slider("Threshold", 0.05, 0.95, 0.5, 0.05)
     mask_only = st.sidebar.radio("View", ["overlay", "mask only"], horizontal=True) == "mask only"
-    attention = st.sidebar.checkbox("Attention U-Net gate maps")
+    attention = st.sidebar.checkbox("Attention U-Net gate maps", key="attention")
     with st.sidebar.expander("Served models"):
         st.dataframe(pd.DataFrame([{"model": m["name"], "input px": m["input_size"], "CLAHE": m["clahe"],
+                                    "threshold": m.get("threshold"),
                                     "test Dice": m["test_metrics"].get("per_patient_dice")} for m in models]))
 
     if st.radio("Input", INPUT_MODES, horizontal=True, key="mode") == INPUT_MODES[1]:
@@ -331,7 +348,7 @@ def main() -> None:
     masks = {p["model"]: decode_png(p["mask_png"]) for p in predictions}
 
     panels = slice_panels(image, truth, masks, mask_only)
-    st.caption(f"{filename}: {image.shape[1]}x{image.shape[0]} px, threshold {threshold:.2f}")
+    st.caption(f"{filename}: {image.shape[1]}x{image.shape[0]} px, {threshold_text(threshold, predictions)}")
     _show_panels(panels)
     st.subheader("Per model")
     st.table(prediction_rows(predictions, masks, truth).set_index("model"))
