@@ -207,6 +207,7 @@ def test_a_fold_scored_by_an_older_release_is_scored_again_not_pooled(cross_vali
     assert "Inference: checkpoint `best`; flip TTA off; threshold 0.5 (config); no small-lesion removal" \
         in complete.markdown
     assert {"pairs_nonzero", "p_holm"} <= set(complete.tests.columns)
+    assert "## Where the mean is pulled down" in complete.markdown
     stale = [Path(complete.state["folds"][fold][label]["evaluation"]) / "summary.json"
              for fold, label in (("0", "ensemble"), ("1", "nested_unet"))]  # a new release: more than one fold
     for path in stale:

@@ -18,6 +18,8 @@ from metaseg_tf.evaluation.report import (
     holm_adjusted,
     latest_evaluation,
     paired_wilcoxon,
+    patient_error,
+    worst_patients,
 )
 from metaseg_tf.predict import load_model
 from metaseg_tf.training.train import train
@@ -114,6 +116,27 @@ def test_paired_wilcoxon_gives_the_exact_p_values_of_small_samples() -> None:
     # pairs without a difference are left out of the ranks: one zero of five leaves 4 ranked, exact p = 2 / 2^4
     [row] = paired_wilcoxon({"a": shifted([0, 2, 3, 4, 5]), "b": base}).to_dict(orient="records")
     assert (row["patients"], row["pairs_nonzero"]) == (5, 4) and row["p_value"] == pytest.approx(2 / 16)
+
+
+def test_the_worst_patients_are_named_with_what_went_wrong() -> None:
+    def row(case: str, truth: int, predicted: int, dice: float, precision: float, recall: float,
+            truth_lesions: int = 1, detected: int = 1) -> dict:
+        return {"case_id": case, "truth_voxels": truth, "pred_voxels": predicted, "dice": dice,
+                "precision": precision, "recall": recall, "truth_lesions": truth_lesions,
+                "detected_lesions": detected, "false_positive_lesions": 0}
+
+    rows = [row("empty", 0, 0, 1.0, 1.0, 1.0, 0, 0), row("fp", 0, 30, 0.0, 0.0, 1.0, 0, 0),
+            row("good", 500, 480, 0.9, 0.92, 0.88), row("one_voxel", 12_000, 1, 0.0, 1.0, 0.0),
+            row("under", 9_000, 3_000, 0.5, 0.95, 0.33), row("over", 5_000, 20_000, 0.4, 0.25, 0.9),
+            row("two_lesions", 800, 300, 0.5, 0.7, 0.6, truth_lesions=2, detected=1),
+            row("partial", 800, 700, 0.55, 0.6, 0.5)]
+    assert [patient_error(r) for r in rows] == ["good", "false positive", "good", "missed", "under-segmented",
+                                                "over-segmented", "lesions missed", "partial overlap"]
+    per_patient = pd.DataFrame([{**r, "model": model} for model in ("a", "b") for r in rows])
+    worst = worst_patients(per_patient, n=3)
+    assert list(worst["model"]) == ["a"] * 3 + ["b"] * 3
+    assert list(worst["case_id"][:3]) == ["fp", "one_voxel", "over"] and (worst["dice"][:3] <= 0.4).all()
+    assert list(worst_patients(pd.DataFrame(rows), n=1)["error"]) == ["false positive"]
 
 
 def test_holm_adjustment_of_several_tests() -> None:

@@ -20,7 +20,9 @@ The cross-validation's folder ``out_dir`` (default ``results/crossval/<name>``) 
                       false-positive lesions per patient, training minutes per fold
 ``per_fold.csv``      one row per fold and model
 ``wilcoxon.csv``      paired Wilcoxon signed-rank tests on out-of-fold per-patient Dice, with Holm-adjusted p
-``summary.md``        all of it as tables, saying which folds are missing while the cross-validation is partial
+``summary.md``        all of it as tables, saying which folds are missing while the cross-validation is partial,
+                      with the inference settings and each model's worst patients (numbers only, the error in
+                      words: :func:`~metaseg_tf.evaluation.report.patient_error`)
 ``fold<k>/``          the fold's ensemble evaluation (``ensemble-test/``)
 ====================  ==================================================================================
 
@@ -54,6 +56,7 @@ from metaseg_tf.evaluation.report import (
     evaluate_run,
     latest_evaluation,
     paired_wilcoxon,
+    worst_patients,
 )
 from metaseg_tf.evaluation.scores import bootstrap_ci
 from metaseg_tf.training.runs import hold_run_lock, is_run_dir, load_run_split, newest_run, read_json, write_json
@@ -411,7 +414,7 @@ def _inference_line(summaries: dict[tuple[int, str], dict]) -> str:
 
 
 def _markdown(state: dict[str, Any], summary: pd.DataFrame, per_fold: pd.DataFrame, tests: pd.DataFrame,
-              unit: str, summaries: dict[tuple[int, str], dict], stale: list[str]) -> str:
+              unit: str, summaries: dict[tuple[int, str], dict], stale: list[str], worst: pd.DataFrame) -> str:
     n_folds, settings = state["n_folds"], state["config"]
     labels = [*state["models"], ENSEMBLE]
     lines = [f"# {n_folds}-fold patient-level cross-validation", "",
@@ -463,6 +466,10 @@ def _markdown(state: dict[str, Any], summary: pd.DataFrame, per_fold: pd.DataFra
                   "the folds' trainings. Training minutes: wall-clock mean per fold as recorded, whatever else ran "
                   "on the machine meanwhile (the ensemble: its members together).", "",
                   shown.to_markdown(index=False), "",
+                  "## Where the mean is pulled down", "",
+                  "Each model's five lowest out-of-fold per-patient Dice, numbers only; `error` in words "
+                  "(`report.patient_error`: under-segmented = recall < 0.5 at precision >= 0.8, and so on).", "",
+                  worst.to_markdown(index=False, floatfmt=".3f"), "",
                   "## Per fold", "",
                   per_fold.to_markdown(index=False, floatfmt=".3f"), "",
                   "## Paired Wilcoxon signed-rank tests, out-of-fold per-patient Dice", "", WILCOXON_NOTE, "",
@@ -487,7 +494,8 @@ def write_summary(out_dir: Path | str, state: dict[str, Any] | None = None) -> C
     per_fold = _per_fold_rows(summaries, unit)
     present = [label for label in labels if label in set(per_patient["model"])]
     tests = paired_wilcoxon({label: per_patient[per_patient["model"] == label] for label in present})
-    markdown = _markdown(state, summary, per_fold, tests, unit, summaries, stale)
+    markdown = _markdown(state, summary, per_fold, tests, unit, summaries, stale,
+                         worst_patients(per_patient) if len(per_patient) else per_patient)
     per_patient.to_csv(out_dir / "per_patient.csv", index=False)
     summary.to_csv(out_dir / "summary.csv", index=False)
     per_fold.to_csv(out_dir / "per_fold.csv", index=False)

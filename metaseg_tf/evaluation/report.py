@@ -533,6 +533,44 @@ WILCOXON_NOTE = ("Difference a - b; `pairs_nonzero`: the patients whose scores d
                  "run is tested against several others or an ensemble against its own members.")
 
 
+def patient_error(row: dict[str, Any] | pd.Series) -> str:
+    """What went wrong for one patient, in words, from its ``per_patient.csv`` row (numbers only), checked in
+    this order: a prediction where the truth is empty (``false positive``; ``good`` if nothing is predicted);
+    ``good`` at Dice 0.8 or more; nothing, or under 10 % of the truth, predicted (``missed``); recall under 0.5
+    at precision 0.8 or more (``under-segmented``: found, covered in part); precision under 0.5 at recall 0.8 or
+    more (``over-segmented``); fewer truth lesions detected than present (``lesions missed``); else
+    ``partial overlap``."""
+    truth, predicted = row["truth_voxels"], row["pred_voxels"]
+    if truth == 0:
+        return "false positive" if predicted else "good"
+    if row["dice"] >= 0.8:
+        return "good"
+    if predicted == 0 or row["recall"] < 0.1:
+        return "missed"
+    if row["recall"] < 0.5 and row["precision"] >= 0.8:
+        return "under-segmented"
+    if row["precision"] < 0.5 and row["recall"] >= 0.8:
+        return "over-segmented"
+    if row["detected_lesions"] < row["truth_lesions"]:
+        return "lesions missed"
+    return "partial overlap"
+
+
+def worst_patients(per_patient: pd.DataFrame, n: int = 5) -> pd.DataFrame:
+    """The ``n`` patients with the lowest Dice of a ``per_patient.csv`` table (per ``model`` where it has one),
+    with their volumes, precision, recall, lesion counts and :func:`patient_error`."""
+    columns = ["case_id", "dice", "truth_voxels", "pred_voxels", "precision", "recall", "truth_lesions",
+               "detected_lesions", "false_positive_lesions"]
+    grouped = per_patient.groupby("model", sort=False) if "model" in per_patient else [(None, per_patient)]
+    tables = []
+    for _, frame in grouped:
+        worst = frame.nsmallest(n, "dice").copy()
+        worst["error"] = [patient_error(row) for _, row in worst.iterrows()]
+        tables.append(worst)
+    table = pd.concat(tables, ignore_index=True)
+    return table[[c for c in ["model", "fold", *columns, "error"] if c in table]]
+
+
 def holm_adjusted(p_values: Sequence[float]) -> np.ndarray:
     """Holm-Bonferroni adjusted p-values (Holm 1979, "A simple sequentially rejective multiple test
     procedure"), in the order given: the i-th smallest of m p-values is multiplied by ``m - i + 1`` (i from
