@@ -291,8 +291,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("run", type=_typed_path, help="run folder made by `metaseg train`")
     evaluate.add_argument("--split", default="test", choices=("train", "val", "test"))
     evaluate.add_argument("--which", default="best", choices=("best", "last"))
-    evaluate.add_argument("--threshold", type=float, help="default: the run's threshold (the one its newest evaluation chose on the validation "
-                              "patients, for a run trained with threshold_from_validation)")
+    evaluate.add_argument("--threshold", type=float,
+                          help="default: the run's threshold (the one chosen on the validation patients, for a "
+                               "run trained with threshold_from_validation)")
     evaluate.add_argument("--data", type=_typed_path, help="score every slice of this other folder (external test set)")
     evaluate.add_argument("--allow-missing-patients", action="store_true",
                           help="score the run's recorded patients that the data still holds and list the others "

@@ -200,9 +200,11 @@ class Predictor:
                                run_dir, config.threshold)
             else:
                 options["threshold"] = chosen
-                changed = ([f"flip TTA {'on' if options['flip_tta'] else 'off'}"]
-                           if options.get("flip_tta") not in (None, config.flip_tta) else []) + \
-                          ([f"the network pruned to level {level}"] if level is not None else [])
+                changed = []
+                if options.get("flip_tta") not in (None, config.flip_tta):
+                    changed.append(f"flip TTA {'on' if options['flip_tta'] else 'off'}")
+                if level is not None:
+                    changed.append(f"the network pruned to level {level}")
                 if changed:
                     logger.warning("%s: its threshold %g was chosen on validation with the run's own settings, "
                                    "not with %s", run_dir, chosen, " and ".join(changed))

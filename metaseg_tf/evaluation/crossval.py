@@ -29,8 +29,8 @@ The cross-validation's folder ``out_dir`` (default ``results/crossval/<name>``) 
 The summary files are rewritten after every fold, so partial results can be read while the rest runs.
 Running the same call again skips every step that is done, and an interrupted training continues from its
 last epoch (``train``'s own resume); a fold whose evaluation is gone or was scored by an older release
-(another :data:`~metaseg_tf.evaluation.report.EVALUATION_VERSION`) is scored again, never pooled; a folder that holds a cross-validation of other settings, models or
-number of folds is refused (:class:`~metaseg_tf.config.ConfigError`), never overwritten or mixed.
+(another :data:`~metaseg_tf.evaluation.report.EVALUATION_VERSION`) is scored again, never pooled; a folder
+that holds a cross-validation of other settings, models or number of folds is refused (:class:`~metaseg_tf.config.ConfigError`), never overwritten or mixed.
 Folds are numbered from 0, as ``ExperimentConfig.fold`` and the run names.
 """
 
@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,8 +50,8 @@ from metaseg_tf import paths
 from metaseg_tf.config import ConfigError, ExperimentConfig
 from metaseg_tf.data.discover import DataError
 from metaseg_tf.evaluation.report import (
-    EVALUATION_VERSION,
     WILCOXON_NOTE,
+    current_summary,
     evaluate_ensemble,
     evaluate_run,
     latest_evaluation,
@@ -161,11 +161,8 @@ def _finished_ensemble(parent: Path, members: list[str]) -> Path | None:
     """An ensemble evaluation of exactly ``members`` on the test split under ``parent`` (one whose process
     was killed before recording it), or None."""
     for folder in sorted(parent.glob(f"{ENSEMBLE}-test*")):
-        summary_path = folder / "summary.json"
-        if not summary_path.is_file():
-            continue
-        summary = read_json(summary_path)
-        if summary.get("evaluation_version") == EVALUATION_VERSION and summary.get("split") == "test" and \
+        summary = current_summary(folder)
+        if summary is not None and summary.get("split") == "test" and \
                 [member["run"] for member in summary.get("members", [])] == members:
             return folder
     return None
@@ -173,11 +170,9 @@ def _finished_ensemble(parent: Path, members: list[str]) -> Path | None:
 
 def _scored_now(evaluation: str | None) -> bool:
     """Whether a recorded evaluation folder is still there and was scored by this release's scores
-    (:data:`~metaseg_tf.evaluation.report.EVALUATION_VERSION`): folds scored by an older one are scored again,
+    (:func:`~metaseg_tf.evaluation.report.current_summary`): folds scored by an older one are scored again,
     never pooled with the others."""
-    summary_path = paths.resolve(evaluation) / "summary.json" if evaluation else None
-    return summary_path is not None and summary_path.is_file() and \
-        read_json(summary_path).get("evaluation_version") == EVALUATION_VERSION
+    return evaluation is not None and current_summary(evaluation) is not None
 
 
 def _dice_line(evaluation_dir: Path) -> str:
@@ -297,12 +292,13 @@ def _fold_results(state: dict[str, Any]) -> tuple[pd.DataFrame, dict[tuple[int, 
             evaluation = state["folds"].get(str(fold), {}).get(label, {}).get("evaluation")
             if evaluation is None:
                 continue
-            if not _scored_now(evaluation):
+            summary = current_summary(evaluation)
+            if summary is None:
                 stale.append(f"fold {fold} {label}")
                 continue
-            frame = pd.read_csv(Path(evaluation) / "per_patient.csv", dtype={"case_id": str})
+            frame = pd.read_csv(paths.resolve(evaluation) / "per_patient.csv", dtype={"case_id": str})
             frames.append(frame.assign(model=label, fold=fold))
-            summaries[(fold, label)] = read_json(Path(evaluation) / "summary.json")
+            summaries[(fold, label)] = summary
     if not frames:
         return pd.DataFrame(columns=["model", "fold", "case_id", "dice"]), summaries, stale
     per_patient = pd.concat(frames, ignore_index=True)
@@ -393,24 +389,17 @@ def _per_fold_rows(summaries: dict[tuple[int, str], dict], unit: str) -> pd.Data
 
 def _inference_line(summaries: dict[tuple[int, str], dict]) -> str:
     """How the folds' probabilities became masks, from their evaluations' ``summary.json``: checkpoint, flip
-    TTA, threshold and where it came from, small-lesion removal, scoring resolution (values that differ
-    between evaluations are all listed)."""
-    def values(read: Callable[[dict], Any]) -> str:
-        return " / ".join(sorted({str(read(summary)) for summary in summaries.values()}))
+    TTA, threshold and where it came from, small-lesion removal, scoring resolution (each distinct combination
+    of the evaluations, separated by ``|``)."""
+    def described(summary: dict) -> str:
+        inference = summary.get("inference", {})
+        voxels = inference.get("min_lesion_voxels")
+        return (f"checkpoint `{summary.get('which', 'best')}`; flip TTA {'on' if inference.get('flip_tta') else 'off'}; "
+                f"threshold {summary['threshold']} ({summary.get('threshold_source', 'config')}); "
+                + (f"predicted 3D lesions under {voxels} voxels removed" if voxels else "no small-lesion removal")
+                + f"; scored at {'native' if summary.get('native_resolution', True) else 'input'} resolution")
 
-    def setting(name: str) -> Callable[[dict], Any]:
-        return lambda summary: summary.get("inference", {}).get(name)
-
-    def removal(summary: dict) -> str:
-        voxels = setting("min_lesion_voxels")(summary)
-        return f"predicted 3D lesions under {voxels} voxels removed" if voxels else "no small-lesion removal"
-
-    return (f"Inference: checkpoint `{values(lambda summary: summary.get('which', 'best'))}`; flip TTA "
-            f"{values(lambda summary: 'on' if setting('flip_tta')(summary) else 'off')}; threshold "
-            f"{values(lambda summary: summary['threshold'])} "
-            f"({values(lambda summary: summary.get('threshold_source', 'config'))}); {values(removal)}; scored at "
-            f"{values(lambda summary: 'native' if summary.get('native_resolution', True) else 'input')} "
-            "resolution.")
+    return "Inference: " + " | ".join(sorted({described(summary) for summary in summaries.values()})) + "."
 
 
 def _markdown(state: dict[str, Any], summary: pd.DataFrame, per_fold: pd.DataFrame, tests: pd.DataFrame,

@@ -489,16 +489,22 @@ def latest_evaluation(run_dir: Path | str, split: str = "test", which: str = "be
     before_inference_settings = _inference_settings(ExperimentConfig())
     found = []
     for folder in run_dir.glob("evaluation-*"):
-        if not (folder / "summary.json").is_file():
-            continue
-        summary = read_json(folder / "summary.json")
-        if (summary.get("split"), summary.get("which"), summary.get("native_resolution")) == \
-                (split, which, native_resolution) and \
-                summary.get("inference", before_inference_settings) == settings and \
-                same_threshold(summary) and \
-                summary.get("evaluation_version") == EVALUATION_VERSION:
+        summary = current_summary(folder)
+        if summary is not None and (summary.get("split"), summary.get("which"), summary.get("native_resolution")) \
+                == (split, which, native_resolution) and \
+                summary.get("inference", before_inference_settings) == settings and same_threshold(summary):
             found.append(folder)
     return max(found, key=lambda p: (p / "summary.json").stat().st_mtime) if found else None
+
+
+def current_summary(evaluation_dir: Path | str) -> dict[str, Any] | None:
+    """An evaluation folder's ``summary.json`` where it is there (the evaluation finished) and was scored by
+    this release (:data:`EVALUATION_VERSION`); None otherwise."""
+    path = resolve(evaluation_dir) / "summary.json"
+    if not path.is_file():
+        return None
+    summary = read_json(path)
+    return summary if summary.get("evaluation_version") == EVALUATION_VERSION else None
 
 
 def chosen_threshold(run_dir: Path | str, which: str = "best") -> float | None:

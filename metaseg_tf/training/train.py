@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -272,8 +273,9 @@ def train(
     unfinished run of the same name and configuration is continued instead of starting a new one, on the
     patient split recorded when it started (a clear error if the data no longer holds those patients); with
     ``resume_since`` (``%Y-%m-%d %H:%M:%S``) only one started at or after then (a cross-validation continues
-    its own runs, not those of an older one in the same folder). ``data`` skips discovery and preprocessing when the caller has already loaded them; ``callbacks``
-    are added after the engine's own (e.g. live plots in a notebook).
+    its own runs, not those of an older one in the same folder). ``data`` skips discovery and preprocessing
+    when the caller has already loaded them; ``callbacks`` are added after the engine's own (e.g. live plots
+    in a notebook).
     """
     runs_root = paths.resolve(runs_root)
     name = name or config.model
@@ -292,8 +294,6 @@ def train(
 def fit_verbosity(progress: bool) -> int:
     """Keras ``fit``'s ``verbose``: a live progress bar (1) where someone watches a terminal or a notebook,
     else one line per epoch (2), so that a log file (a background job, CI) gets no bar redrawn per step."""
-    import sys
-
     watched = sys.stdout.isatty() or "ipykernel" in sys.modules
     return 1 if progress and watched else 2
 
