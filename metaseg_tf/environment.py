@@ -36,6 +36,20 @@ def accelerator() -> str:
     return "cpu"
 
 
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags (``/proc/cpuinfo``; empty where it does not exist)."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if not cpuinfo.is_file():
+        return set()
+    line = next((line for line in cpuinfo.read_text().splitlines() if line.startswith("flags")), "")
+    return set(line.split(":", 1)[1].split()) if ":" in line else set()
+
+
+def cpu_has_bf16() -> bool:
+    """Whether the CPU computes bfloat16 natively (AVX512-BF16 or AMX-BF16), where ``mixed_bfloat16`` pays."""
+    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
+
+
 def machine_description() -> str:
     """``"<n> CPUs, <CPU model>, <system> <architecture>"`` for the header of a benchmark's table; the model
     from ``/proc/cpuinfo`` where ``platform.processor()`` says nothing (Linux)."""
@@ -57,5 +71,6 @@ def environment_info() -> dict[str, object]:
         "cpu_count": os.cpu_count(),
         "keras_backend": keras.backend.backend(),
         "device": accelerator(),
+        "cpu_bf16": cpu_has_bf16(),
         "packages": {name: version for name in packages if (version := _version(name))},
     }

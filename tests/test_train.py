@@ -178,3 +178,19 @@ def test_a_log_file_gets_one_line_per_epoch_not_a_redrawn_bar(monkeypatch: pytes
     assert fit_verbosity(True) == 2 and fit_verbosity(False) == 2
     monkeypatch.setattr(sys, "stdout", Terminal())
     assert fit_verbosity(True) == 1 and fit_verbosity(False) == 2
+
+
+def test_mixed_precision_is_bfloat16_on_a_cpu_and_float32_by_default_there() -> None:
+    """On a CPU ``mixed_precision on`` means ``mixed_bfloat16`` (no loss scaling, native with AVX512-BF16/AMX);
+    ``auto`` keeps float32 there; the global policy is restored afterwards."""
+    from metaseg_tf.environment import accelerator
+    from metaseg_tf.training.train import precision_policy
+
+    if accelerator() != "cpu":
+        pytest.skip("the CPU policy is what this test checks")
+    before = keras.config.dtype_policy().name
+    with precision_policy(ExperimentConfig(mixed_precision="on")) as policy:
+        assert policy == keras.config.dtype_policy().name == "mixed_bfloat16"
+    with precision_policy(ExperimentConfig(mixed_precision="auto")) as policy:
+        assert policy == "float32"
+    assert keras.config.dtype_policy().name == before

@@ -109,10 +109,15 @@ def compile_model(model: keras.Model, config: ExperimentConfig, steps_per_epoch:
 
 @contextlib.contextmanager
 def precision_policy(config: ExperimentConfig) -> Iterator[str]:
-    """``mixed_float16`` while building and training on a GPU (``mixed_precision`` ``auto``/``on``)."""
-    wanted = config.mixed_precision == "on" or (config.mixed_precision == "auto" and accelerator() == "gpu")
+    """The Keras dtype policy while building and training (Micikevicius et al. 2018, "Mixed precision
+    training"; variables stay float32, the heads' sigmoids too): on a GPU ``mixed_float16`` (``mixed_precision``
+    ``auto`` or ``on``); on a CPU ``mixed_bfloat16`` with ``on`` (bfloat16 needs no loss scaling; fast where the
+    CPU has AVX512-BF16 or AMX, :func:`~metaseg_tf.environment.cpu_has_bf16`, recorded in the run's
+    ``environment.json``), else ``float32``."""
+    gpu = accelerator() == "gpu"
+    wanted = config.mixed_precision == "on" or (config.mixed_precision == "auto" and gpu)
     previous = keras.config.dtype_policy().name
-    policy = "mixed_float16" if wanted else "float32"
+    policy = ("mixed_float16" if gpu else "mixed_bfloat16") if wanted else "float32"
     keras.config.set_dtype_policy(policy)
     try:
         yield policy
