@@ -1,7 +1,7 @@
 """Benchmark: inference of our models in each engine, Keras against ONNX Runtime and OpenVINO, in one run.
 
 Both architectures are built untrained at one configuration (128 x 128 x 3, filters 16-256, batch 8 by
-default), exported with :func:`metaseg_tf.export.export_run` through a throw-away run folder, and timed in
+default), exported with :func:`metaseg_tf.inference.export.export_run` through a throw-away run folder, and timed in
 rounds that alternate the engines (the first engine of each round moves evenly through the list, so machine
 drift cancels). Rows:
 images/s as the median and min-max over rounds, the ratio to Keras, and the largest absolute probability
@@ -23,9 +23,9 @@ import pandas as pd
 from timing import images_per_second, rotated
 
 from metaseg_tf.config import ExperimentConfig
-from metaseg_tf.engines import KerasEngine, OnnxEngine, OpenVinoEngine
 from metaseg_tf.environment import machine_description
-from metaseg_tf.export import EXPORT_FILES, export_run
+from metaseg_tf.inference.engines import KerasEngine, OnnxEngine, OpenVinoEngine
+from metaseg_tf.inference.export import EXPORT_FILES, export_run
 from metaseg_tf.models import build_model
 
 FILTERS = (16, 32, 64, 128, 256)

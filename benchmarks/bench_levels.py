@@ -20,12 +20,12 @@ import numpy as np
 import pandas as pd
 from timing import images_per_second, rotated
 
-from metaseg_tf.engines import load_engine
 from metaseg_tf.environment import machine_description
-from metaseg_tf.evaluation.report import prune_level_scores
+from metaseg_tf.evaluation.studies import prune_level_scores
+from metaseg_tf.inference.export import load_engine
+from metaseg_tf.inference.loading import load_model
 from metaseg_tf.models.nested_unet import head_names
-from metaseg_tf.predict import load_model
-from metaseg_tf.training.runs import load_run_config
+from metaseg_tf.runs.folders import load_run_config
 
 ENGINES = ("keras", "onnx", "openvino")
 

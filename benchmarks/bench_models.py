@@ -7,7 +7,7 @@ Adam (lr 1e-3) and binary cross-entropy, on this machine's CPU with the same num
 
 * ours: ``metaseg_tf.models.build_model`` (Keras 3, the configured backend, ``jit_compile="auto"``), in float32;
   levers measured as extra rows: XLA on (``jit_compile=True``), bf16 mixed precision (``mixed_bfloat16``),
-  and for inference the ONNX Runtime and OpenVINO (float32) engines of :mod:`metaseg_tf.engines` on
+  and for inference the ONNX Runtime and OpenVINO (float32) engines of :mod:`metaseg_tf.inference.engines` on
   exports made by Keras 3's ``model.export``;
 * MONAI (PyTorch): ``BasicUNetPlusPlus`` (features 16-256, up-sampling 16, ``upsample="deconv"``, no deep
   supervision) and ``AttentionUnet`` (channels 16-256, strides 2): faithful U-Net++ and Attention U-Net;
@@ -39,8 +39,8 @@ import pandas as pd
 from timing import images_per_second
 
 from metaseg_tf.config import ExperimentConfig
-from metaseg_tf.engines import OnnxEngine, OpenVinoEngine
 from metaseg_tf.environment import machine_description
+from metaseg_tf.inference.engines import OnnxEngine, OpenVinoEngine
 from metaseg_tf.models import build_model
 
 FILTERS = (16, 32, 64, 128, 256)

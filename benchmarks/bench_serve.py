@@ -5,7 +5,7 @@ newest pipeline run's two models), sends ``--requests`` uploads of a phantom sli
 threads at once (model ``all``: every request runs both models) and prints the errors (any status other
 than 200), the latency percentiles and the throughput. Side by side, in the same run, the same load on
 ``GET /health`` shows what the server itself costs without a model. With ``--engines keras onnx openvino``
-the server is started once per inference engine (``METASEG_ENGINE``, :mod:`metaseg_tf.engines`; the runs'
+the server is started once per inference engine (``METASEG_ENGINE``, :mod:`metaseg_tf.inference.engines`; the runs'
 exports are made on first use) and the same load is sent to each, one after another; with ``--workers 1 2``
 once more per number of uvicorn worker processes (``metaseg serve --workers``). Keras inference is serialised
 per model by a lock; the ONNX Runtime and OpenVINO engines run concurrent requests in parallel outside the GIL.

@@ -42,9 +42,10 @@ import pandas as pd
 from metaseg_tf.config import ExperimentConfig
 from metaseg_tf.data.discover import discover_pairs
 from metaseg_tf.data.io import read_image, read_mask
+from metaseg_tf.data.layouts import discover_volumes
 from metaseg_tf.data.preprocess import preprocess_dataset, preprocess_volumes
 from metaseg_tf.data.synthetic import generate_phantom
-from metaseg_tf.data.volumes import discover_volumes, read_case
+from metaseg_tf.data.volumes import read_case
 from metaseg_tf.environment import machine_description
 
 SEQUENCES = ("t1c", "t2f", "t1n")

@@ -1,5 +1,11 @@
 """The ``metaseg`` command line: one entry point to the same functions the notebooks call.
 
+Flags mean one thing in every command: ``-p KEY VALUE`` sets an :class:`~metaseg_tf.config.ExperimentConfig`
+field (``pipeline`` also takes its notebook parameters there), ``--min-lesion-voxels`` the smallest predicted
+lesion kept, ``--engine`` / ``--level`` how the network is run. ``--out`` is the folder a new result folder is made
+in, except for ``crossval``, whose ``--out`` is the cross-validation's own folder: running the same command again
+continues there. Spellings of an earlier release still work for one release, with a warning.
+
 Errors in the input (a missing folder, no pairs, a bad config value) end the command with a one-line
 message on stderr and exit status 2, without a traceback. Paths typed here are relative to the working
 directory; the defaults (``results/runs``, ``results/pipeline``, ``results/crossval``, ...) live under the
@@ -21,11 +27,11 @@ import yaml
 from metaseg_tf import paths
 from metaseg_tf.config import ConfigError, ExperimentConfig
 from metaseg_tf.data.discover import DataError, discover_pairs
+from metaseg_tf.data.layouts import discover_volumes
 from metaseg_tf.data.summary import summarise_dataset, summarise_volumes
 from metaseg_tf.data.synthetic import DEFAULT_PHANTOMS, PHANTOM_LAYOUTS, PhantomSettings, generate_phantom
-from metaseg_tf.data.volumes import discover_volumes
-from metaseg_tf.engines import ENGINES
-from metaseg_tf.export import EXPORT_FORMATS
+from metaseg_tf.inference.engines import ENGINES
+from metaseg_tf.inference.export import EXPORT_FORMATS
 from metaseg_tf.pipeline import PROFILES, PipelineError
 
 DEFAULT_PHANTOM = PhantomSettings()
@@ -116,11 +122,13 @@ def _evaluate(args: argparse.Namespace) -> int:
                  if value is not None}
     result = evaluate_run(args.run, split=args.split, which=args.which, threshold=args.threshold,
                           data_dir=args.data, progress=not args.quiet,
-                          allow_missing_patients=args.allow_missing_patients, inference=inference or None)
+                          allow_missing_patients=args.allow_missing_patients, inference=inference or None,
+                          engine=args.engine, level=args.level)
     if result.summary["missing_patients"]:
         print(f"not in the data any more, left out: {', '.join(result.summary['missing_patients'])}")
     dice = result.summary["per_patient"]["dice"]
-    print(f"{result.summary['model']} on {result.summary['patients']} {result.summary['split']} patients "
+    made_by = result.summary["engine"] + ("" if result.summary["level"] is None else f", level {result.summary['level']}")
+    print(f"{result.summary['model']} ({made_by}) on {result.summary['patients']} {result.summary['split']} patients "
           f"({result.summary['resolution']}): per-patient Dice {dice['mean']:.3f} ± {dice['sd']:.3f}, "
           f"95 % CI [{dice['ci95'][0]:.3f}, {dice['ci95'][1]:.3f}]; global Dice "
           f"{result.summary['global']['dice']:.3f}")
@@ -129,7 +137,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from metaseg_tf.evaluation.report import compare_runs
+    from metaseg_tf.evaluation.compare import compare_runs
 
     comparison = compare_runs(args.runs, args.out, split=args.split, labels=args.labels, progress=not args.quiet,
                               allow_different_patients=args.allow_different_patients)
@@ -139,15 +147,22 @@ def _compare(args: argparse.Namespace) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from metaseg_tf.predict import Predictor, predict_path
+    from metaseg_tf.inference.files import predict_path
+    from metaseg_tf.inference.predictor import Predictor
 
     if args.model is not None:
         print("metaseg: warning: `predict --model RUN` is deprecated and goes in the next release; "
               "write `metaseg predict RUN --input ...`", file=sys.stderr)
     if (args.run is None) == (args.model is None):
         raise ConfigError("give the run folder once: `metaseg predict RUN --input ...`")
+    if args.min_component is not None:
+        print("metaseg: warning: `--min-component` is deprecated and goes in the next release; write "
+              "`--min-lesion-voxels`", file=sys.stderr)
+        if args.min_lesion_voxels is None:
+            args.min_lesion_voxels = args.min_component
     predictor = Predictor.from_run(args.run or args.model, which=args.which, threshold=args.threshold, flip_tta=args.tta,
-                                   min_component_pixels=args.min_component, engine=args.engine, level=args.level)
+                                   min_lesion_voxels=args.min_lesion_voxels, engine=args.engine, level=args.level,
+                                   models=args.models)
     out_dir, summary = predict_path(predictor, args.input, args.out, progress=not args.quiet)
     print(", ".join(f"{key} {value}" for key, value in summary.items()))
     print(out_dir)
@@ -155,7 +170,7 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from metaseg_tf.export import export_run, read_export
+    from metaseg_tf.inference.export import export_run, read_export
 
     out_dir = export_run(args.run, args.format, args.which, args.level)
     difference = read_export(out_dir).get("max_abs_difference_to_keras")
@@ -219,7 +234,15 @@ def _data_synth(args: argparse.Namespace) -> int:
 def _pipeline(args: argparse.Namespace) -> int:
     from metaseg_tf.pipeline import NOTEBOOK_PARAMETERS, run_pipeline
 
-    overrides = {key: _parse_value(key, value, NOTEBOOK_PARAMETERS) for key, value in args.param or []}
+    overrides: dict[str, Any] = {}
+    for key, value in args.param or []:  # a notebook parameter, or any ExperimentConfig field
+        if key in NOTEBOOK_PARAMETERS:
+            overrides[key] = _parse_value(key, value, NOTEBOOK_PARAMETERS)
+        elif key in _config_defaults():
+            overrides.setdefault("config_overrides", {})[key] = _parse_value(key, value, _config_defaults())
+        else:
+            raise ConfigError(f"unknown setting {key!r}: neither a notebook parameter ({', '.join(NOTEBOOK_PARAMETERS)}) "
+                              "nor an ExperimentConfig field")
     overrides.setdefault("phantom", args.phantom)
     run = run_pipeline(args.profile, args.data, args.out, overrides, progress=not args.quiet)
     total = sum(run.seconds.values())
@@ -236,6 +259,11 @@ def _serve(args: argparse.Namespace) -> int:
                      api_url=args.api_url, engine=args.engine, level=args.level, workers=args.workers)
     except ServeError as error:
         raise ConfigError(str(error)) from None
+
+
+def _add_engine_flags(parser: argparse.ArgumentParser, engine_help: str, level_note: str = "") -> None:
+    parser.add_argument("--engine", default="keras", choices=ENGINES, help=engine_help)
+    parser.add_argument("--level", type=int, help=LEVEL_HELP + level_note)
 
 
 LEVEL_HELP = ("U-Net++ pruned to this level (1 = shallowest head; faster, usually less accurate; default: the whole "
@@ -277,7 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
     pipeline.add_argument("--out", type=_typed_path, default=paths.resolve(paths.PIPELINE_ROOT),
                           help=f"a new run folder goes here (default: {paths.PIPELINE_ROOT} in the project)")
     pipeline.add_argument("-p", "--param", nargs=2, action="append", metavar=("KEY", "VALUE"),
-                          help="notebook parameter, e.g. -p epochs 5 -p filters '[8,16,32,64,128]'")
+                          help="a notebook parameter or any ExperimentConfig field, e.g. -p epochs 5 "
+                               "-p filters '[8,16,32,64,128]' -p lr_schedule cosine")
     pipeline.set_defaults(handler=_pipeline)
 
     train = commands.add_parser("train", help="train a model into a new run folder (resumes an unfinished one)")
@@ -304,6 +333,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--threshold-from-validation", action=argparse.BooleanOptionalAction,
                           help="the threshold that scores best on the run's validation patients (default: the run's "
                                "threshold_from_validation)")
+    _add_engine_flags(evaluate, "make the masks with Keras (default), ONNX Runtime or OpenVINO (the run's newest "
+                                "export of that format, exported first if there is none)")
     evaluate.set_defaults(handler=_evaluate)
 
     compare = commands.add_parser("compare", help="one table and paired Wilcoxon tests over several runs")
@@ -335,7 +366,10 @@ def build_parser() -> argparse.ArgumentParser:
     cross_validation.set_defaults(handler=_crossval)
 
     predict = commands.add_parser("predict", help="masks for an image, a folder or NIfTI volume(s)")
-    predict.add_argument("run", type=_typed_path, nargs="?", help="run folder made by `metaseg train`")
+    predict.add_argument("run", type=_typed_path, nargs="?",
+                         help="run folder made by `metaseg train`, or a `metaseg crossval` folder (its fold models "
+                              "as one ensemble)")
+    predict.add_argument("--models", nargs="+", help="a crossval folder: the architectures to ensemble (default: all)")
     predict.add_argument("--model", type=_typed_path, help="deprecated spelling of RUN")
     predict.add_argument("--input", type=_typed_path, nargs="+", required=True,
                          help="image file(s), folder(s), or NIfTI volume(s) (several: one channel each)")
@@ -345,13 +379,12 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--threshold", type=float, help="default: the run's config threshold")
     predict.add_argument("--tta", action=argparse.BooleanOptionalAction,
                          help="average with the horizontally flipped image (default: the run's flip_tta)")
-    predict.add_argument("--min-component", type=int,
-                         help="drop lesions smaller than this: pixels of a slice (default 0), voxels of a volume "
-                              "(default: the run's min_lesion_voxels)")
-    predict.add_argument("--engine", default="keras", choices=ENGINES,
-                         help="run the network with Keras (default), ONNX Runtime or OpenVINO (the run's newest "
-                              "export of that format, exported first if there is none)")
-    predict.add_argument("--level", type=int, help=LEVEL_HELP)
+    predict.add_argument("--min-lesion-voxels", type=int,
+                         help="drop predicted lesions smaller than this (default: the run's min_lesion_voxels): 3D "
+                              "per case for volumes and for slices named <case>_<n>, else pixels of a slice")
+    predict.add_argument("--min-component", type=int, help=argparse.SUPPRESS)  # deprecated: --min-lesion-voxels
+    _add_engine_flags(predict, "run the network with Keras (default), ONNX Runtime or OpenVINO (the run's newest "
+                               "export of that format, exported first if there is none)")
     predict.set_defaults(handler=_predict)
 
     export = commands.add_parser("export", help="export a run's model as ONNX, OpenVINO IR or a TF SavedModel")
@@ -371,9 +404,8 @@ def build_parser() -> argparse.ArgumentParser:
     parts.add_argument("--api-only", action="store_true", help="start only the API")
     parts.add_argument("--ui-only", action="store_true", help="start only the UI (see --api-url)")
     serve.add_argument("--api-url", help="where the UI finds the API (default: this host's --api-port)")
-    serve.add_argument("--engine", default="keras", choices=ENGINES,
-                       help="how the API runs the networks: Keras (default), ONNX Runtime or OpenVINO")
-    serve.add_argument("--level", type=int, help=LEVEL_HELP + "; other architectures are served whole")
+    _add_engine_flags(serve, "how the API runs the networks: Keras (default), ONNX Runtime or OpenVINO",
+                      "; other architectures are served whole")
     serve.add_argument("--workers", type=int, default=1,
                        help="API server processes, each with its own copy of the models (default 1)")
     serve.set_defaults(handler=_serve)

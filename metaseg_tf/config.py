@@ -221,6 +221,20 @@ class ExperimentConfig:
             raise ConfigError(f"{path} does not hold a mapping of config fields")
         return cls.from_dict(data)
 
+    # --- inference ------------------------------------------------------------------------------------
+    def inference_settings(self) -> dict[str, Any]:
+        """How this config turns probabilities into masks: its :data:`INFERENCE_FIELDS`."""
+        return {name: getattr(self, name) for name in INFERENCE_FIELDS}
+
+    def with_inference(self, inference: dict[str, Any] | None) -> ExperimentConfig:
+        """A copy with the inference settings ``inference`` (only :data:`INFERENCE_FIELDS`; e.g.
+        ``{"flip_tta": True}``: an inference ablation without retraining) applied; others are a
+        :class:`ConfigError`."""
+        unknown = sorted(set(inference or {}) - set(INFERENCE_FIELDS))
+        if unknown:
+            raise ConfigError(f"not inference settings: {', '.join(unknown)}; choose from {', '.join(INFERENCE_FIELDS)}")
+        return self.replace(**inference) if inference else self
+
     # --- identity ------------------------------------------------------------------------------------
     def preprocessing_key(self) -> str:
         """Short hash of the fields that change preprocessed arrays (the cache key's config part)."""

@@ -3,7 +3,8 @@
 A notebook's ``parameters`` cell (papermill) sets plain values; :func:`experiment_config` turns them into
 an :class:`~metaseg_tf.config.ExperimentConfig`, :func:`configure_backend` selects the Keras backend before
 Keras is imported, and :func:`figure_path` / :func:`show` save every figure as a PNG under
-``<out_dir>/figures/`` and display it inline. Relative paths are resolved against the project root, so a
+``<out_dir>/figures/`` and display it inline. A notebook finds the run an earlier one trained with
+:func:`~metaseg_tf.runs.folders.newest_run`. Relative paths are resolved against the project root, so a
 notebook opened from ``notebooks/`` and one executed by the pipeline from the root write to the same place.
 """
 
@@ -17,7 +18,6 @@ from typing import Any
 from metaseg_tf.config import ExperimentConfig
 from metaseg_tf.data.synthetic import default_phantom
 from metaseg_tf.paths import resolve
-from metaseg_tf.training.runs import list_runs, read_json
 
 
 def configure_backend(backend: str = "") -> str:
@@ -64,12 +64,3 @@ def show(path: str | Path) -> Path:
 
     display(Image(filename=str(path)))
     return Path(path)
-
-
-def latest_run(runs_root: str | Path, name: str) -> Path:
-    """The newest finished run called ``name`` (the suffix after the timestamp) under ``runs_root``."""
-    runs = [run for run in list_runs(resolve(runs_root)) if read_json(run / "state.json").get("name") == name]
-    if not runs:
-        raise FileNotFoundError(f"no finished run named {name!r} under {resolve(runs_root)}: run the notebook "
-                                f"that trains it first")
-    return runs[-1]

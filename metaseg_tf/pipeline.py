@@ -31,7 +31,7 @@ from metaseg_tf import paths
 from metaseg_tf.config import ConfigError, ExperimentConfig
 from metaseg_tf.data.synthetic import DEFAULT_PHANTOMS, default_phantom
 from metaseg_tf.paths import NOTEBOOKS_DIR, PROJECT_ROOT, resolve
-from metaseg_tf.training.runs import create_run_dir, read_json, write_json
+from metaseg_tf.runs.folders import create_run_dir, read_json, write_json
 
 
 class PipelineError(RuntimeError):

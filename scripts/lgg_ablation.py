@@ -28,9 +28,11 @@ from typing import Any
 import pandas as pd
 
 from metaseg_tf.config import ExperimentConfig
-from metaseg_tf.evaluation.report import evaluate_run, latest_evaluation, paired_wilcoxon
+from metaseg_tf.evaluation.report import evaluate_run
 from metaseg_tf.evaluation.scores import bootstrap_ci
-from metaseg_tf.training.runs import load_run_config, newest_run, read_json
+from metaseg_tf.evaluation.stats import paired_wilcoxon
+from metaseg_tf.runs.folders import load_run_config, newest_run, read_json
+from metaseg_tf.runs.records import newest_evaluation
 from metaseg_tf.training.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -109,7 +111,7 @@ def _finished_run(work: Path, model: str, variant: str) -> Path | None:
 
 
 def _evaluation(run: Path, variant: Variant) -> Path | None:
-    return latest_evaluation(run, "test", inference=variant.evaluation)
+    return newest_evaluation(run, "test", inference=variant.evaluation)
 
 
 def run_variants(data_dir: str, model: str, names: list[str], epochs: int, work: Path) -> None:

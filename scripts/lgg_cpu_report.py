@@ -14,7 +14,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from metaseg_tf.evaluation.report import latest_evaluation
+from metaseg_tf.runs.records import newest_evaluation
 
 RUN_LABELS = {"lgg-nested_unet": "nested_unet", "lgg-attention_unet": "attention_unet",
               "lgg-attention_unet-no_clahe": "attention_unet-no_clahe"}
@@ -47,7 +47,7 @@ def main() -> None:
         for name in ("config.json", "history.csv", "data.json", "timings.json", "state.json", "environment.json"):
             shutil.copy2(run / name, target / name)
         for split, prefix in (("test", "test"), ("external-mets_t2w_sample", "mets_t2w")):
-            evaluation = latest_evaluation(run, split)
+            evaluation = newest_evaluation(run, split)
             if evaluation is None:
                 raise SystemExit(f"{run} has no {split} evaluation: run scripts/lgg_cpu_experiment.sh first")
             for name in ("per_patient.csv", "summary.json"):

@@ -42,7 +42,7 @@ def test_preprocessing_key_changes_only_with_preprocessing_fields() -> None:
 def test_a_config_file_from_before_a_field_existed_is_the_same_config(tmp_path: Path) -> None:
     import json
 
-    from metaseg_tf.training.runs import same_config
+    from metaseg_tf.runs.folders import same_config
 
     config = ExperimentConfig(epochs=3)
     older = {key: value for key, value in config.to_dict().items() if key not in ("flip_tta", "min_lesion_voxels")}

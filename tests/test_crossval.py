@@ -14,8 +14,9 @@ from conftest import tiny_config
 from metaseg_tf.cli import main
 from metaseg_tf.config import ConfigError, ExperimentConfig
 from metaseg_tf.evaluation.crossval import STATE_FILE, CrossValidation, crossval, write_summary
-from metaseg_tf.evaluation.report import ensemble_probabilities, evaluate_ensemble, latest_evaluation
-from metaseg_tf.training.runs import load_run_split
+from metaseg_tf.evaluation.ensemble import ensemble_probabilities, evaluate_ensemble
+from metaseg_tf.runs.folders import load_run_split
+from metaseg_tf.runs.records import newest_evaluation
 
 MODELS = ("nested_unet", "attention_unet")
 LABELS = (*MODELS, "ensemble")
@@ -149,7 +150,7 @@ def test_a_crossval_started_by_a_release_without_a_newer_field_continues(cross_v
 
 def test_a_second_process_in_the_same_folder_is_refused(cross_validations: CrossValidations) -> None:
     from metaseg_tf.evaluation.crossval import LOCK_FILE
-    from metaseg_tf.training.runs import RunLockedError, hold_run_lock
+    from metaseg_tf.runs.folders import hold_run_lock, RunLockedError
 
     state_before = (cross_validations.out_dir / STATE_FILE).read_text()
     with hold_run_lock(cross_validations.out_dir, LOCK_FILE, "cross-validated"):  # as another process would
@@ -170,7 +171,7 @@ def test_the_ensemble_averages_its_members_probabilities(cross_validations: Cros
     assert (np.minimum(*each) <= mean.probabilities).all() and (mean.probabilities <= np.maximum(*each)).all()
 
     itself = evaluate_ensemble([nested, nested], tmp_path, progress=False)  # a run with itself scores as itself
-    alone = latest_evaluation(nested)
+    alone = newest_evaluation(nested)
     pd.testing.assert_frame_equal(pd.read_csv(itself.out_dir / "per_patient.csv"),
                                   pd.read_csv(alone / "per_patient.csv"))
     pd.testing.assert_frame_equal(pd.read_csv(itself.out_dir / "per_image.csv"),

@@ -10,8 +10,9 @@ import cv2
 import numpy as np
 import pytest
 
-from metaseg_tf.engines import load_engine
-from metaseg_tf.predict import Predictor, predict_path
+from metaseg_tf.inference.export import load_engine
+from metaseg_tf.inference.files import predict_path
+from metaseg_tf.inference.predictor import Predictor
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("openvino")
@@ -89,3 +90,41 @@ def test_predict_at_a_pruned_level_uses_the_pruned_network(served_runs: list[Pat
             assert np.abs(a.probability - c.probability).max() > 1e-4
     assert main(["-q", "predict", str(run), "--input", *map(str, source), "--out", str(tmp_path), "--level", "1"]) == 0
     assert len(list(tmp_path.rglob("*_mask.png"))) == 2
+
+
+@pytest.mark.parametrize(("engine", "level"), [("openvino", None), ("keras", 2), ("onnx", 1)])
+def test_evaluate_scores_the_masks_predict_writes_for_any_engine_and_level(
+        served_runs: list[Path], phantom_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
+        engine: str, level: int | None) -> None:
+    """One path to a mask: ``metaseg evaluate --engine E --level L`` scores exactly the masks that ``metaseg
+    predict --engine E --level L`` writes for the same test patients (U-Net++, deep supervision)."""
+    import json
+
+    import pandas as pd
+
+    from metaseg_tf.cli import main
+    from metaseg_tf.data.io import read_mask
+
+    run = served_runs[0]
+    flags = ["--engine", engine, "--threshold", "0.3"] + ([] if level is None else ["--level", str(level)])
+    assert main(["-q", "evaluate", str(run), *flags]) == 0
+    evaluation = Path(capsys.readouterr().out.strip().splitlines()[-1])
+    summary = json.loads((evaluation / "summary.json").read_text())
+    assert (summary["engine"], summary["level"]) == (engine, level)
+    assert summary["masks"]["engine"] == engine and summary["masks"]["threshold"] == 0.3
+    assert evaluation.name == "evaluation-test-t0.3" + ("" if engine == "keras" else f"-{engine}") + \
+        ("" if level is None else f"-L{level}")
+
+    test_patients = json.loads((run / "data.json").read_text())["split"]["test"]
+    assert main(["-q", "predict", str(run), "--input", *(str(phantom_dir / case) for case in test_patients),
+                 "--out", str(tmp_path), *flags]) == 0
+    predictions = Path(capsys.readouterr().out.strip().splitlines()[-1])
+    per_image = pd.read_csv(evaluation / "per_image.csv")
+    assert len(per_image) == len(list(predictions.glob("*_mask.png"))) > 0
+    for row in per_image.itertuples():
+        stem = f"{row.case_id}_{row.slice_index}"
+        written = cv2.imread(str(predictions / f"{stem}_mask.png"), cv2.IMREAD_GRAYSCALE) > 0
+        truth = read_mask(phantom_dir / row.case_id / f"{stem}_mask.png")
+        assert int(written.sum()) == row.pred_pixels, stem
+        assert int((written & (truth > 0)).sum()) == round(row.dice * (row.pred_pixels + row.truth_pixels) / 2), stem
+    assert per_image["pred_pixels"].sum() > 0, "nothing predicted would make this test vacuous"

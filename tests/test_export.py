@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from metaseg_tf.cli import main
-from metaseg_tf.export import EXPORT_FILES, export_run, latest_export, read_export
+from metaseg_tf.inference.export import EXPORT_FILES, export_run, newest_export, read_export
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("openvino")
@@ -27,7 +27,7 @@ def test_export_writes_the_model_its_preprocessing_and_the_difference_to_keras(s
     assert (out_dir / "data.json").is_file()
     if format != "saved_model":
         assert record["max_abs_difference_to_keras"] < 1e-4
-    assert latest_export(run, format) == out_dir
+    assert newest_export(run, format) == out_dir
 
 
 def test_a_second_export_never_overwrites_the_first(served_runs: list[Path], capsys: pytest.CaptureFixture) -> None:
@@ -49,18 +49,18 @@ def test_an_export_of_a_replaced_model_is_not_used_and_a_failed_export_leaves_no
     import keras
 
     from metaseg_tf.config import ConfigError
-    from metaseg_tf.engines import load_engine
+    from metaseg_tf.inference.export import load_engine
 
     run = tmp_path / "run"
     shutil.copytree(served_runs[1], run, ignore=shutil.ignore_patterns("export-*", "evaluation-*"))
     first = export_run(run, "onnx")
-    assert latest_export(run, "onnx") == first
+    assert newest_export(run, "onnx") == first
     model = keras.saving.load_model(run / "best.keras", compile=False)  # a resumed training writes a new best
     model.set_weights([weight * 0.5 for weight in model.get_weights()])
     model.save(run / "best.keras")
-    assert latest_export(run, "onnx") is None
+    assert newest_export(run, "onnx") is None
     load_engine(run, "onnx")  # exports the new best model
-    assert latest_export(run, "onnx") not in (None, first)
+    assert newest_export(run, "onnx") not in (None, first)
 
     def failing(*args, **kwargs):
         raise ImportError("no converter", name="tf2onnx")
@@ -76,7 +76,7 @@ def test_a_missing_runtime_is_a_one_line_error(served_runs: list[Path], monkeypa
     import sys
 
     from metaseg_tf.config import ConfigError
-    from metaseg_tf.engines import OnnxEngine
+    from metaseg_tf.inference.engines import OnnxEngine
 
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # as if not installed
     with pytest.raises(ConfigError, match="pip install onnxruntime"):
@@ -87,15 +87,15 @@ def test_a_pruned_export_is_the_pruned_network_in_its_own_folder(served_runs: li
     import keras
     import numpy as np
 
-    from metaseg_tf.engines import engine_from_export
+    from metaseg_tf.inference.export import engine_from_export
+    from metaseg_tf.inference.loading import load_model
     from metaseg_tf.models import prune_nested_unet
-    from metaseg_tf.predict import load_model
 
     run = served_runs[0]  # U-Net++ of depth 2: levels 1 and 2
     out_dir = export_run(run, "onnx", level=1)
     assert out_dir.name.startswith("export-onnx-L1") and read_export(out_dir)["level"] == 1
-    assert latest_export(run, "onnx", level=1) == out_dir
-    assert latest_export(run, "onnx") != out_dir, "the whole network's export is never the pruned one"
+    assert newest_export(run, "onnx", level=1) == out_dir
+    assert newest_export(run, "onnx") != out_dir, "the whole network's export is never the pruned one"
     batch = np.random.default_rng(3).normal(size=(2, 32, 32, 3)).astype(np.float32)
     model = load_model(run)
     pruned = keras.ops.convert_to_numpy(prune_nested_unet(model, 1).predict_on_batch(batch))

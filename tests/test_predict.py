@@ -12,11 +12,9 @@ import pytest
 
 from metaseg_tf.data.discover import DataError
 from metaseg_tf.data.volumes import axial_axis
-from metaseg_tf.predict import (
-    Predictor,
-    predict_path,
-    remove_small_components,
-)
+from metaseg_tf.inference.files import predict_path
+from metaseg_tf.inference.postprocess import remove_small_components
+from metaseg_tf.inference.predictor import Predictor
 
 
 @pytest.fixture(scope="module")
@@ -129,7 +127,7 @@ def test_models_saved_by_the_release_before_the_layout_move_load_and_predict_the
 
     import keras
 
-    from metaseg_tf.predict import load_model
+    from metaseg_tf.inference.loading import load_model
 
     fixtures = Path(__file__).parent / "fixtures"
     saved = np.load(fixtures / "legacy-predictions.npz")
@@ -210,7 +208,7 @@ def test_a_context_model_reads_the_neighbouring_slices_of_a_folder_by_case_and_n
 
 
 def test_small_lesions_are_removed_in_3d_per_case_with_slices_placed_by_number() -> None:
-    from metaseg_tf.predict import remove_small_lesions
+    from metaseg_tf.inference.postprocess import remove_small_lesions
 
     masks = np.zeros((5, 8, 8), np.uint8)
     masks[0, 1:3, 1:3] = 1  # case a, slice 3: 4 voxels, joined with slice 4 below into one lesion of 8
@@ -225,7 +223,7 @@ def test_small_lesions_are_removed_in_3d_per_case_with_slices_placed_by_number()
 
 
 def test_small_lesion_removal_places_sparse_slice_numbers_as_the_evaluation_does() -> None:
-    from metaseg_tf.predict import remove_small_lesions
+    from metaseg_tf.inference.postprocess import remove_small_lesions
 
     masks = np.zeros((2, 8, 8), np.uint8)
     masks[:, 2:4, 2:4] = 1  # two slices numbered like dates: a volume spanning the numbers would not fit in memory
@@ -240,7 +238,8 @@ def test_a_run_that_chooses_its_threshold_on_validation_predicts_and_serves_at_t
 
     from fastapi.testclient import TestClient
 
-    from metaseg_tf.evaluation.report import chosen_threshold, evaluate_run
+    from metaseg_tf.evaluation.report import evaluate_run
+    from metaseg_tf.runs.records import chosen_threshold
     from metaseg_tf.serve.api import create_app
 
     run = tmp_path / "run"

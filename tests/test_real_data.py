@@ -68,7 +68,8 @@ def test_real_nifti_case_trains_a_few_steps_and_predicts_back_onto_its_grid(real
     import nibabel as nib
     import pandas as pd
 
-    from metaseg_tf.predict import Predictor, predict_path
+    from metaseg_tf.inference.files import predict_path
+    from metaseg_tf.inference.predictor import Predictor
     from metaseg_tf.training.train import train
 
     source = real_data / "mets_nifti_case"

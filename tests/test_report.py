@@ -12,16 +12,11 @@ from conftest import add_patient_copy, tiny_config
 
 from metaseg_tf.data import discover_pairs, split_for_config
 from metaseg_tf.data.discover import DataError
-from metaseg_tf.evaluation.report import (
-    compare_runs,
-    evaluate_run,
-    holm_adjusted,
-    latest_evaluation,
-    paired_wilcoxon,
-    patient_error,
-    worst_patients,
-)
-from metaseg_tf.predict import load_model
+from metaseg_tf.evaluation.compare import compare_runs, patient_error, worst_patients
+from metaseg_tf.evaluation.report import evaluate_run
+from metaseg_tf.evaluation.stats import holm_adjusted, paired_wilcoxon
+from metaseg_tf.inference.loading import load_model
+from metaseg_tf.runs.records import newest_evaluation
 from metaseg_tf.training.train import train
 
 
@@ -83,14 +78,14 @@ def test_compare_uses_matching_evaluations_and_refuses_different_patients(phanto
                   runs_root=tmp_path / "runs", name=f"seed{seed}", progress=False).run_dir for seed in (42, 7)]
     low = evaluate_run(runs[0], threshold=0.2, which="last", progress=False)
     assert low.out_dir.name == "evaluation-test-last-t0.2"
-    assert latest_evaluation(runs[0]) is None  # a last-model, 0.2-threshold evaluation is not the default one
-    assert latest_evaluation(runs[0], which="last", threshold=0.2) == low.out_dir
+    assert newest_evaluation(runs[0]) is None  # a last-model, 0.2-threshold evaluation is not the default one
+    assert newest_evaluation(runs[0], which="last", threshold=0.2) == low.out_dir
     default = evaluate_run(runs[0], progress=False)
-    assert latest_evaluation(runs[0]) == default.out_dir and default.out_dir.name == "evaluation-test"
+    assert newest_evaluation(runs[0]) == default.out_dir and default.out_dir.name == "evaluation-test"
     older = json.loads((default.out_dir / "summary.json").read_text())
     del older["evaluation_version"]  # as written by a release whose scores meant something else
     (default.out_dir / "summary.json").write_text(json.dumps(older))
-    assert latest_evaluation(runs[0]) is None
+    assert newest_evaluation(runs[0]) is None
     with pytest.raises(ValueError, match="different test patients"):
         compare_runs(runs, tmp_path / "cmp", labels=["a", "b"], progress=False)
     comparison = compare_runs(runs, tmp_path / "cmp", labels=["a", "b"], progress=False,
@@ -168,13 +163,16 @@ def test_volume_run_is_scored_per_region_in_mm(brats_run: Path) -> None:
 def test_flip_tta_is_the_mean_with_the_flipped_prediction(served_runs: list[Path]) -> None:
     import numpy as np
 
-    from metaseg_tf.predict import predict_probabilities
+    from metaseg_tf.config import ExperimentConfig
+    from metaseg_tf.inference.predictor import Predictor
 
     model = load_model(served_runs[1])
     images = np.random.default_rng(0).integers(0, 255, (5, 32, 32, 3), dtype=np.uint8)
-    plain = predict_probabilities(model, images, "zscore", batch_size=2)
-    flipped = predict_probabilities(model, np.ascontiguousarray(images[:, :, ::-1]), "zscore", batch_size=2)
-    averaged = predict_probabilities(model, images, "zscore", batch_size=2, flip_tta=True)
+    config = ExperimentConfig(normalisation="zscore")
+    plain = Predictor(model, config, flip_tta=False, batch_size=2).probabilities(images)
+    flipped = Predictor(model, config, flip_tta=False, batch_size=2).probabilities(
+        np.ascontiguousarray(images[:, :, ::-1]))
+    averaged = Predictor(model, config, flip_tta=True, batch_size=2).probabilities(images)
     np.testing.assert_allclose(averaged, (plain + flipped[:, :, ::-1]) / 2, atol=1e-6)
     assert np.abs(averaged - plain).max() > 1e-4, "an untrained-symmetric model would make this test vacuous"
 
@@ -184,8 +182,8 @@ def test_inference_settings_are_evaluations_of_their_own(served_runs: list[Path]
     plain = evaluate_run(run, "test", progress=False)
     tta = evaluate_run(run, "test", progress=False, inference={"flip_tta": True})
     assert tta.out_dir.name.startswith("evaluation-test-tta") and tta.summary["inference"]["flip_tta"] is True
-    assert latest_evaluation(run, "test", inference={"flip_tta": True}) == tta.out_dir
-    assert latest_evaluation(run, "test") == plain.out_dir
+    assert newest_evaluation(run, "test", inference={"flip_tta": True}) == tta.out_dir
+    assert newest_evaluation(run, "test") == plain.out_dir
     nothing_kept = evaluate_run(run, "test", threshold=0.01, progress=False, inference={"min_lesion_voxels": 10**7})
     assert (pd.read_csv(nothing_kept.out_dir / "per_patient.csv")["pred_voxels"] == 0).all()
     assert (pd.read_csv(evaluate_run(run, "test", threshold=0.01, progress=False).out_dir / "per_patient.csv")
@@ -205,9 +203,9 @@ def test_a_threshold_chosen_on_validation_is_the_best_one_there(served_runs: lis
     chosen = evaluate_run(run, "test", progress=False, inference={"threshold_from_validation": True})
     assert chosen.summary["threshold"] == pytest.approx(best)
     assert chosen.out_dir.name.startswith("evaluation-test-tval")
-    assert latest_evaluation(run, "test", inference={"threshold_from_validation": True}) == chosen.out_dir
+    assert newest_evaluation(run, "test", inference={"threshold_from_validation": True}) == chosen.out_dir
     given = evaluate_run(run, "test", threshold=0.35, progress=False, inference={"threshold_from_validation": True})
     assert given.summary["threshold_source"] == "given" and chosen.summary["threshold_source"] == "validation"
-    assert latest_evaluation(run, "test", inference={"threshold_from_validation": True}) == chosen.out_dir, \
+    assert newest_evaluation(run, "test", inference={"threshold_from_validation": True}) == chosen.out_dir, \
         "a threshold given by hand is never taken for the one chosen on validation"
-    assert latest_evaluation(run, "test", threshold=0.35, inference={"threshold_from_validation": True}) == given.out_dir
+    assert newest_evaluation(run, "test", threshold=0.35, inference={"threshold_from_validation": True}) == given.out_dir

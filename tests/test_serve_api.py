@@ -22,7 +22,7 @@ from scipy import ndimage
 from metaseg_tf.cli import main
 from metaseg_tf.data.io import read_image, read_mask
 from metaseg_tf.data.volumes import from_canonical, read_case
-from metaseg_tf.predict import nifti_case
+from metaseg_tf.inference.files import nifti_case
 from metaseg_tf.serve.api import (
     VOLUME_SCORES,
     ServeError,
@@ -193,7 +193,7 @@ def test_a_multi_page_tiff_is_refused_before_any_page_is_decoded(client: TestCli
     def decode_nothing(*args, **kwargs):
         raise AssertionError("a page was decoded")
 
-    monkeypatch.setattr("metaseg_tf.serve.api.read_image", decode_nothing)
+    monkeypatch.setattr("metaseg_tf.serve.uploads.read_image", decode_nothing)
     response = client.post("/predict", files={"file": ("pages.tif", pages.read_bytes())})
     assert response.status_code == 422 and "400 pages" in response.json()["detail"]
 
@@ -410,7 +410,7 @@ def test_volume_limits_come_from_the_environment(served_runs: list[Path], monkey
 
 def test_a_pruned_u_net_plus_plus_is_served_at_its_level(served_runs: list[Path], phantom_slice,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    from metaseg_tf.predict import Predictor
+    from metaseg_tf.inference.predictor import Predictor
 
     monkeypatch.setenv("METASEG_SERVE_RUNS", os.pathsep.join(map(str, served_runs)))
     monkeypatch.setenv("METASEG_LEVEL", "1")

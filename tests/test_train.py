@@ -18,7 +18,7 @@ from conftest import add_patient_copy, tiny_config
 
 from metaseg_tf.config import ExperimentConfig
 from metaseg_tf.data.discover import DataError
-from metaseg_tf.training.runs import RunLockedError, list_runs
+from metaseg_tf.runs.folders import list_runs, RunLockedError
 from metaseg_tf.training.train import train
 
 RUN_FILES = {"config.json", "state.json", "data.json", "environment.json", "best.keras", "last.keras",
@@ -90,7 +90,7 @@ def test_a_second_process_cannot_train_into_a_live_run_but_takes_over_a_killed_o
         train(config, runs_root=tmp_path / "runs", progress=False, callbacks=[StopAfterEpoch(1)])
     [run_dir] = (tmp_path / "runs").iterdir()
     holder = subprocess.Popen(  # another live process training into the run
-        [sys.executable, "-c", "import sys, time\nfrom metaseg_tf.training.runs import hold_run_lock\n"
+        [sys.executable, "-c", "import sys, time\nfrom metaseg_tf.runs.folders import hold_run_lock\n"
          f"with hold_run_lock({str(run_dir)!r}):\n    print('held', flush=True)\n    time.sleep(120)\n"],
         stdout=subprocess.PIPE, text=True)
     try:

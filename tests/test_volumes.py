@@ -12,17 +12,8 @@ import pytest
 from conftest import write_image
 
 from metaseg_tf.data.discover import DataError
-from metaseg_tf.data.volumes import (
-    axial_axis,
-    canonical_spacing,
-    discover_volumes,
-    from_canonical,
-    read_case,
-    read_case_labels,
-    sequence_of,
-    to_canonical,
-    window_volume,
-)
+from metaseg_tf.data.layouts import discover_volumes
+from metaseg_tf.data.volumes import axial_axis, canonical_spacing, from_canonical, read_case, read_case_labels, sequence_of, to_canonical, window_volume
 
 SHAPE = (12, 10, 6)  # file voxel order (i, j, k)
 AFFINES = {

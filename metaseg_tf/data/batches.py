@@ -39,9 +39,10 @@ from metaseg_tf.data.preprocess import (
     preprocess_dataset,
     preprocess_volumes,
 )
+from metaseg_tf.data.layouts import discover_volumes
 from metaseg_tf.data.split import PatientSplit, missing_patients, split_for_config
 from metaseg_tf.data.targets import Target, resolve_target
-from metaseg_tf.data.volumes import VolumeReport, discover_volumes
+from metaseg_tf.data.volumes import VolumeReport
 from metaseg_tf.paths import resolve
 
 logger = logging.getLogger(__name__)

@@ -20,14 +20,7 @@ from metaseg_tf.data.discover import DataError, DiscoveryReport, SlicePair
 from metaseg_tf.data.io import read_image, read_mask
 from metaseg_tf.data.preprocess import apply_clahe, window_to_uint8
 from metaseg_tf.data.targets import resolve_target
-from metaseg_tf.data.volumes import (
-    VolumeCase,
-    VolumeReport,
-    canonical_spacing,
-    read_case,
-    read_case_labels,
-    resolve_sequences,
-)
+from metaseg_tf.data.volumes import canonical_spacing, CaseFiles, read_case, read_case_labels, resolve_sequences, VolumeReport
 
 
 def lesion_statistics(pairs: Sequence[SlicePair], progress: bool = True) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -175,7 +168,7 @@ def volume_statistics(report: VolumeReport, sequences: Sequence[str], progress: 
     return cases, pd.DataFrame(lesion_rows, columns=["case_id", "region", "volume", "equivalent_diameter"])
 
 
-def _spacing(case: VolumeCase) -> tuple[float, float, float] | None:
+def _spacing(case: CaseFiles) -> tuple[float, float, float] | None:
     """The case's voxel size in mm along the canonical axes, from its first sequence's header (None for slice
     images, whose spacing is unknown)."""
     import nibabel as nib

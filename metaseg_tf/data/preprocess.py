@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 from metaseg_tf.config import ExperimentConfig
 from metaseg_tf.data.discover import DataError, DiscoveryReport, SlicePair
 from metaseg_tf.data.io import check_pair_shapes, read_image, read_mask_labels
-from metaseg_tf.data.volumes import VolumeReport, read_case, resolve_sequences
+from metaseg_tf.data.volumes import read_case, resolve_sequences, VolumeReport
 from metaseg_tf.paths import resolve
 
 logger = logging.getLogger(__name__)

@@ -1,27 +1,9 @@
 """Brain-metastasis datasets as they are published: multi-sequence volumes and their label maps.
 
-Layouts (auto-detected by :func:`discover_volumes`, tried in this order; the first that yields cases wins):
-
-``msd``
-    Medical Segmentation Decathlon Task01 and nnU-Net raw data: ``imagesTr/<case>.nii.gz`` 4D (channels
-    FLAIR, T1w, T1gd, T2w, or the names in ``dataset.json``) or nnU-Net's split form
-    ``imagesTr/<case>_0000.nii.gz`` ...; labels ``labelsTr/<case>.nii.gz`` (1 oedema, 2 non-enhancing,
-    3 enhancing: the ``msd`` convention). ``imagesTs/`` cases have no labels: prediction only.
-``brats_mets``
-    BraTS-METS 2023/2024 and Pretreat-MetsToBrain-Masks: ``<case>/<case>-{t1c,t1n,t2f,t2w,seg}.nii.gz``
-    (labels 1 NETC, 2 SNFH, 3 ET: the ``brats`` convention). Cases without ``seg`` are prediction only.
-``brainmetshare``
-    Stanford BrainMetShare: ``<case>/{0,1,2,3,seg}/<n>.png``, sequences 0 ``t1c`` (T1 gradient-echo
-    post-contrast), 1 ``t1n`` (T1 pre-contrast), 2 ``t1c_se`` (T1 spin-echo post-contrast), 3 ``t2f``
-    (FLAIR); slices sorted by their number; spacing unknown (distances in pixels).
-``generic``
-    A folder per case (or the data folder itself as one case) holding one NIfTI per sequence and one or more
-    mask NIfTIs. A file is a mask when its name has a token ``seg``, ``mask`` or ``label``; a mask whose name
-    has ``whole`` / ``core`` / ``enh`` is the WT / TC / ET region and they are combined into one label map of
-    the ``brats`` convention (TC -> 1, the rest of WT -> 2, ET -> 3); another mask keeps its labels. A
-    sequence file is named by a token (split at ``_ - .``): ``t1c t1ce t1gd t1post`` -> ``t1c``, ``t1n t1
-    t1pre`` -> ``t1n``, ``t2f flair`` -> ``t2f``, ``t2w t2`` -> ``t2w``. Example: ``*_t1ce_*``,
-    ``*_flair_*``, ``*_whole_seg_*``, ``*_core_seg_*``.
+The published layouts and how they are found are :mod:`metaseg_tf.data.layouts`; this module holds what
+they share: sequence names, the files of a case (:class:`CaseFiles`) and its arrays (:class:`CaseVolume`),
+reading, orientation and the intensity window (part of reading a volume: every reader of a case, the web app's
+viewer included, gets the same ``[0, 1]`` intensities).
 
 Sequence names follow BraTS 2023: ``t1c`` (T1 post-contrast), ``t1n`` (T1 native), ``t2f`` (T2-FLAIR),
 ``t2w`` (T2-weighted). A case that lacks a requested sequence is skipped and reported, or, when the config
@@ -41,19 +23,15 @@ non-zero finite voxels) maps to ``[0, 1]`` (NaN-safe: non-finite voxels are coun
 
 from __future__ import annotations
 
-import json
-import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from metaseg_tf.data.discover import IMAGE_EXTENSIONS, DataError
+from metaseg_tf.data.discover import DataError
 from metaseg_tf.data.io import read_image, read_mask_labels
 from metaseg_tf.data.targets import REGION_LABELS
-
-logger = logging.getLogger(__name__)
 
 SEQUENCE_NAMES = ("t1c", "t1n", "t2f", "t2w", "t1c_se")  # every name a layout can give a sequence
 DEFAULT_SEQUENCES = ("t1c", "t2f", "t1n")
@@ -64,17 +42,11 @@ SEQUENCE_ALIASES = {
     "t2w": ("t2w", "t2"),
 }
 CANONICAL_AXCODES = ("S", "P", "L")
-VOLUME_LAYOUTS = ("msd", "brats_mets", "brainmetshare", "generic")
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
-MSD_CHANNELS = ("t2f", "t1n", "t1c", "t2w")  # Task01_BrainTumour: FLAIR, T1w, T1gd, T2w
-BRAINMETSHARE_FOLDERS = {"0": "t1c", "1": "t1n", "2": "t1c_se", "3": "t2f"}
 BRATS_SUFFIXES = ("t1c", "t1n", "t2f", "t2w")
 LAYOUT_CONVENTIONS = {"msd": "msd", "brats_mets": "brats", "brainmetshare": "binary", "generic": "brats"}
 WINDOW_PERCENTILES = (0.5, 99.5)
 WINDOW_SAMPLE = 1 << 18  # brain voxels the percentiles are taken from (every n-th of a larger brain)
-_REGION_TOKENS = {"whole": "wt", "wt": "wt", "core": "tc", "tc": "tc", "enh": "et", "enhancing": "et", "et": "et"}
-_MASK_TOKENS = ("seg", "mask", "label", "labels")
-_NOT_LESION_TOKENS = ("brain", "brainmask", "skull", "skullstrip")  # brain masks are not lesion labels
 GRID_TOLERANCE_MM = 0.01  # two volumes share a grid when their shapes agree and their affines within this
 
 
@@ -91,13 +63,13 @@ def nifti_stem(path: Path) -> str:
     return name
 
 
-def _tokens(path: Path) -> list[str]:
+def name_tokens(path: Path) -> list[str]:
     return [t for t in re.split(r"[_\-. ]+", nifti_stem(path).lower()) if t]
 
 
 def sequence_of(path: Path) -> str | None:
     """The BraTS 2023 sequence name a file's name stands for (see the module docstring), or None."""
-    tokens = _tokens(path)
+    tokens = name_tokens(path)
     for name, aliases in SEQUENCE_ALIASES.items():
         if any(token in aliases for token in tokens):
             return name
@@ -113,7 +85,7 @@ class SequenceSource:
 
 
 @dataclass
-class VolumeCase:
+class CaseFiles:
     """One case of a volume layout: where each sequence and the labels are (``labels`` None: no
     segmentation, prediction only; ``region_masks``: WT/TC/ET masks to combine, generic layout)."""
 
@@ -133,7 +105,7 @@ class VolumeReport:
 
     root: Path
     layout: str
-    cases: list[VolumeCase]
+    cases: list[CaseFiles]
     skipped: dict[str, str] = field(default_factory=dict)
     ignored_files: list[Path] = field(default_factory=list)
 
@@ -146,7 +118,7 @@ class VolumeReport:
         return [case.case_id for case in self.cases]
 
     @property
-    def labelled_cases(self) -> list[VolumeCase]:
+    def labelled_cases(self) -> list[CaseFiles]:
         return [case for case in self.cases if case.labelled]
 
     def summary_line(self) -> str:
@@ -249,7 +221,7 @@ class CaseVolume:
     filled: list[str] = field(default_factory=list)
 
 
-def _load_nifti(path: Path):
+def load_nifti(path: Path):
     import nibabel as nib
 
     try:
@@ -270,7 +242,7 @@ def _read_source(source: SequenceSource, labels: bool = False) -> tuple[np.ndarr
     """The source's voxels in canonical orientation ``(Z, H, W)`` and its NIfTI image (None: slice files)."""
     if source.slice_files:
         return _read_slice_stack(source.slice_files, labels), None
-    image = _load_nifti(source.path)
+    image = load_nifti(source.path)
     data = np.asarray(image.dataobj) if labels else image.get_fdata(dtype=np.float32)
     if source.channel is not None:
         if data.ndim != 4 or source.channel >= data.shape[3]:
@@ -305,7 +277,7 @@ def _label_map(data: np.ndarray, name: str) -> np.ndarray:
     return labels
 
 
-def read_case(case: VolumeCase, sequences: tuple[str, ...], fill_missing: str = "skip",
+def read_case(case: CaseFiles, sequences: tuple[str, ...], fill_missing: str = "skip",
               with_labels: bool = True) -> CaseVolume:
     """Read ``sequences`` of ``case`` (and its labels) into a :class:`CaseVolume`; every volume must share
     one voxel grid. Raises :class:`DataError` naming the file and the reason."""
@@ -359,7 +331,7 @@ def check_one_grid(grids: dict[str, tuple[tuple[int, ...], np.ndarray | None]], 
                             "on one voxel grid")
 
 
-def _case_labels(case: VolumeCase) -> tuple[np.ndarray, np.ndarray | None]:
+def _case_labels(case: CaseFiles) -> tuple[np.ndarray, np.ndarray | None]:
     if case.labels is not None:
         data, image = _read_source(case.labels, labels=True)
         return _label_map(data, str(case.labels.path)), None if image is None else image.affine
@@ -377,220 +349,11 @@ def _case_labels(case: VolumeCase) -> tuple[np.ndarray, np.ndarray | None]:
     return labels, affine
 
 
-def read_case_labels(case: VolumeCase) -> np.ndarray:
+def read_case_labels(case: CaseFiles) -> np.ndarray:
     """``uint8 (Z, H, W)`` labels of a labelled case in canonical orientation: its label map, or its WT / TC /
     ET masks combined into the ``brats`` convention (innermost region last). A label map with one non-zero
     value (a binary 0/1 or 0/255 mask) becomes 0/1; BraTS 2021's enhancing label 4 becomes 2023's 3."""
     return _case_labels(case)[0]
-
-
-# --- layouts ------------------------------------------------------------------------------------------
-def _visible(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if not p.name.startswith("."))
-
-
-def _case_dirs(root: Path) -> list[Path]:
-    return [p for p in _visible(root) if p.is_dir()]
-
-
-def _msd_channel_names(root: Path, count: int) -> tuple[str, ...]:
-    """Sequence names of the 4D channels: from ``dataset.json`` (MSD ``modality`` or nnU-Net v2
-    ``channel_names``) where given, else Task01's order."""
-    manifest = root / "dataset.json"
-    if manifest.is_file():
-        try:
-            described = json.loads(manifest.read_text())
-            names = described.get("channel_names") or described.get("modality") or {}
-            mapped = [sequence_of(Path(str(names[str(k)]))) for k in range(count)]
-            if all(mapped) and len(set(mapped)) == count:
-                return tuple(mapped)
-            logger.warning("the channel names in %s (%s) are not all known sequences; using Task01's channel "
-                           "order %s", manifest, names, ", ".join(MSD_CHANNELS[:count]))
-        except (ValueError, KeyError, AttributeError):
-            logger.warning("%s could not be read; using Task01's channel order", manifest)
-    return MSD_CHANNELS[:count]
-
-
-def _msd_cases(files: list[Path]) -> dict[str, dict[int, Path]]:
-    """Files of ``imagesTr`` grouped by case: nnU-Net's split form ``<case>_0000 .. _000N`` (channels from 0
-    without gaps) gives one case of N channels; any other file is one case of one 4D file (channel -1), so a
-    4D file named ``pt_0001`` stays case ``pt_0001``."""
-    split: dict[str, dict[int, Path]] = {}
-    for path in files:
-        match = re.fullmatch(r"(?P<case>.+)_(?P<channel>\d{4})", nifti_stem(path))
-        if match:
-            split.setdefault(match["case"], {})[int(match["channel"])] = path
-    by_case: dict[str, dict[int, Path]] = {}
-    for case, channels in split.items():
-        if sorted(channels) == list(range(len(channels))):
-            by_case[case] = channels
-    grouped = {path for channels in by_case.values() for path in channels.values()}
-    by_case.update({nifti_stem(path): {-1: path} for path in files if path not in grouped})
-    return dict(sorted(by_case.items()))
-
-
-def _discover_msd(root: Path) -> VolumeReport | None:
-    report = VolumeReport(root, "msd", [])
-    found = False
-    for images_dir, labels_dir in (("imagesTr", "labelsTr"), ("imagesTs", None)):
-        folder = root / images_dir
-        if not folder.is_dir():
-            continue
-        files = [f for f in _visible(folder) if is_nifti(f)]
-        report.ignored_files += [f for f in _visible(folder) if not is_nifti(f)]
-        by_case = _msd_cases(files)
-        for case_id, channels in sorted(by_case.items()):
-            found = True
-            if -1 in channels:  # one 4D file
-                try:
-                    shape = _load_nifti(channels[-1]).shape
-                except DataError as error:
-                    report.skipped[case_id] = str(error)
-                    continue
-                count = shape[3] if len(shape) == 4 else 1
-                names = _msd_channel_names(root, count)
-                sequences = {name: SequenceSource(channels[-1], k if count > 1 else None) for k, name in enumerate(names)}
-            else:
-                names = _msd_channel_names(root, max(channels) + 1)
-                sequences = {names[k]: SequenceSource(path) for k, path in channels.items() if k < len(names)}
-                report.ignored_files += [path for k, path in channels.items() if k >= len(names)]
-            candidates = [root / labels_dir / f"{case_id}{suffix}" for suffix in NIFTI_SUFFIXES] if labels_dir else []
-            label = next((path for path in candidates if path.is_file()), None)
-            labels = SequenceSource(label) if label is not None else None
-            report.cases.append(VolumeCase(case_id, sequences, labels))
-    return report if found else None
-
-
-def _discover_brats(root: Path) -> VolumeReport | None:
-    report = VolumeReport(root, "brats_mets", [])
-    pattern = re.compile(r"(?P<case>.+)-(?P<kind>t1c|t1n|t2f|t2w|seg)")
-    for case_dir in _case_dirs(root):
-        sequences, labels = {}, None
-        for path in _visible(case_dir):
-            match = pattern.fullmatch(nifti_stem(path)) if is_nifti(path) else None
-            if match is None or match["case"] != case_dir.name:
-                report.ignored_files.append(path)
-            elif match["kind"] == "seg":
-                labels = SequenceSource(path)
-            else:
-                sequences[match["kind"]] = SequenceSource(path)
-        if sequences:
-            report.cases.append(VolumeCase(case_dir.name, sequences, labels))
-        elif labels is not None:
-            report.skipped[case_dir.name] = "a segmentation but no sequence file"
-    return report if report.cases or report.skipped else None
-
-
-def _numbered_pngs(folder: Path) -> tuple[Path, ...]:
-    files = [f for f in _visible(folder) if f.suffix.lower() in IMAGE_EXTENSIONS and re.fullmatch(r"\d+", f.stem)]
-    return tuple(sorted(files, key=lambda f: int(f.stem)))
-
-
-def _discover_brainmetshare(root: Path) -> VolumeReport | None:
-    report = VolumeReport(root, "brainmetshare", [])
-    for case_dir in _case_dirs(root):
-        subfolders = {p.name: p for p in _visible(case_dir) if p.is_dir()}
-        if not set(subfolders) & set(BRAINMETSHARE_FOLDERS):
-            continue
-        stacks = {name: _numbered_pngs(folder) for name, folder in subfolders.items()
-                  if name in BRAINMETSHARE_FOLDERS or name == "seg"}
-        used = {path for files in stacks.values() for path in files}
-        report.ignored_files += [path for name, folder in subfolders.items() for path in _visible(folder)
-                                 if path not in used]
-        report.ignored_files += [path for path in _visible(case_dir) if path.is_file()]
-        numbers = {name: [f.stem for f in files] for name, files in stacks.items()}
-        reference = numbers.get("0") or next(iter(numbers.values()))
-        uneven = [name for name, found in numbers.items() if found != reference]
-        if uneven:
-            report.skipped[case_dir.name] = (f"the slice files of folder(s) {', '.join(uneven)} do not match "
-                                             "folder 0's numbering")
-            continue
-        sequences = {BRAINMETSHARE_FOLDERS[name]: SequenceSource(subfolders[name], slice_files=files)
-                     for name, files in stacks.items() if name != "seg" and files}
-        labels = SequenceSource(subfolders["seg"], slice_files=stacks["seg"]) if stacks.get("seg") else None
-        report.cases.append(VolumeCase(case_dir.name, sequences, labels))
-    return report if report.cases else None
-
-
-def _generic_case(case_id: str, files: list[Path], report: VolumeReport) -> VolumeCase | None:
-    sequences, region_masks, labels = {}, {}, None
-    for path in files:
-        tokens = _tokens(path)
-        if any(token in _NOT_LESION_TOKENS for token in tokens):
-            report.ignored_files.append(path)
-            continue
-        if any(token in _MASK_TOKENS for token in tokens):
-            regions = [_REGION_TOKENS[t] for t in tokens if t in _REGION_TOKENS]
-            if regions:
-                region_masks[regions[0]] = path
-            elif labels is None:
-                labels = SequenceSource(path)
-            else:
-                report.ignored_files.append(path)
-            continue
-        name = sequence_of(path)
-        if name is None or name in sequences:
-            report.ignored_files.append(path)
-        else:
-            sequences[name] = SequenceSource(path)
-    if not sequences:
-        return None
-    if labels is not None and region_masks:
-        report.ignored_files += list(region_masks.values())
-        region_masks = {}
-    return VolumeCase(case_id, sequences, labels, region_masks)
-
-
-def _common_case_id(files: list[Path], fallback: str) -> str:
-    prefix = nifti_stem(files[0])
-    for path in files[1:]:
-        stem = nifti_stem(path)
-        while not stem.startswith(prefix):
-            prefix = prefix[:-1]
-    prefix = prefix.rstrip("_-. ")
-    return prefix or fallback
-
-
-def _discover_generic(root: Path) -> VolumeReport | None:
-    report = VolumeReport(root, "generic", [])
-    own = [f for f in _visible(root) if f.is_file() and is_nifti(f)]
-    folders = [(d, [f for f in _visible(d) if f.is_file() and is_nifti(f)]) for d in _case_dirs(root)]
-    if own:  # the data folder is one case; its subfolders are not read
-        report.ignored_files += [d for d, _ in folders]
-        folders = [(root, own)]
-    for folder, files in folders:
-        if not files:
-            continue
-        report.ignored_files += [f for f in _visible(folder) if f.is_file() and not is_nifti(f)]
-        case_id = _common_case_id(files, folder.name) if folder == root else folder.name
-        case = _generic_case(case_id, files, report)
-        if case is None:
-            report.skipped[case_id] = "no NIfTI file named after a known sequence (t1c, t1n, t2f, t2w)"
-        else:
-            report.cases.append(case)
-    return report if report.cases else None
-
-
-_FINDERS = {"msd": _discover_msd, "brats_mets": _discover_brats, "brainmetshare": _discover_brainmetshare,
-            "generic": _discover_generic}
-
-
-def discover_volumes(root: str | Path) -> VolumeReport | None:
-    """The volume layout of ``root`` and its cases (sorted by id), or None when ``root`` holds none (it may
-    then hold a 2D slice layout, :func:`~metaseg_tf.data.discover.discover_pairs`)."""
-    root = Path(root)
-    if not root.is_dir():
-        return None
-    for layout in VOLUME_LAYOUTS:
-        report = _FINDERS[layout](root)
-        if report is not None:
-            report.cases.sort(key=lambda case: case.case_id)
-            unlabelled = [case.case_id for case in report.cases if not case.labelled]
-            if unlabelled:
-                logger.info("%d case(s) without labels (prediction only): %s", len(unlabelled), ", ".join(unlabelled[:5]))
-            (logger.warning if report.skipped else logger.info)(report.summary_line())
-            return report
-    return None
 
 
 def resolve_sequences(sequences: tuple[str, ...], channels: int) -> tuple[str, ...]:

@@ -4,7 +4,7 @@
 ``config.replace(model=m, n_folds=n_folds, fold=k)`` into a run folder ``<runs root>/<timestamp>-<name>-<m>-fold<k>``
 (:func:`~metaseg_tf.training.train.train`), scores it on its test part
 (:func:`~metaseg_tf.evaluation.report.evaluate_run`) and, with two or more models, scores the fold's ensemble,
-the mean of the models' probabilities (:func:`~metaseg_tf.evaluation.report.evaluate_ensemble`). The test
+the mean of the models' probabilities (:func:`~metaseg_tf.evaluation.ensemble.evaluate_ensemble`). The test
 parts of the folds partition the patients (:func:`~metaseg_tf.data.split.kfold_patients`): every patient is
 scored exactly once per model, by a model that never saw it (out of fold); this is checked, not assumed.
 
@@ -22,16 +22,21 @@ The cross-validation's folder ``out_dir`` (default ``results/crossval/<name>``) 
 ``wilcoxon.csv``      paired Wilcoxon signed-rank tests on out-of-fold per-patient Dice, with Holm-adjusted p
 ``summary.md``        all of it as tables, saying which folds are missing while the cross-validation is partial,
                       with the inference settings and each model's worst patients (numbers only, the error in
-                      words: :func:`~metaseg_tf.evaluation.report.patient_error`)
+                      words: :func:`~metaseg_tf.evaluation.compare.patient_error`)
 ``fold<k>/``          the fold's ensemble evaluation (``ensemble-test/``)
 ====================  ==================================================================================
 
 The summary files are rewritten after every fold, so partial results can be read while the rest runs.
 Running the same call again skips every step that is done, and an interrupted training continues from its
 last epoch (``train``'s own resume); a fold whose evaluation is gone or was scored by an older release
-(another :data:`~metaseg_tf.evaluation.report.EVALUATION_VERSION`) is scored again, never pooled; a folder
+(another :data:`~metaseg_tf.runs.records.EVALUATION_VERSION`) is scored again, never pooled; a folder
 that holds a cross-validation of other settings, models or number of folds is refused (:class:`~metaseg_tf.config.ConfigError`), never overwritten or mixed.
-Folds are numbered from 0, as ``ExperimentConfig.fold`` and the run names.
+Folds are numbered from 0, as ``ExperimentConfig.fold`` and the run names. ``metaseg predict`` and ``metaseg
+serve`` given this folder use its fold models as one ensemble
+(:meth:`~metaseg_tf.inference.predictor.Predictor.from_run`).
+
+The module is longer than ~450 lines on purpose: the resumable steps and the summary written from their state
+after every fold are one concept, and the summary reads nothing but ``crossval.json``.
 """
 
 from __future__ import annotations
@@ -49,22 +54,18 @@ import pandas as pd
 from metaseg_tf import paths
 from metaseg_tf.config import ConfigError, ExperimentConfig
 from metaseg_tf.data.discover import DataError
-from metaseg_tf.evaluation.report import (
-    WILCOXON_NOTE,
-    current_summary,
-    evaluate_ensemble,
-    evaluate_run,
-    latest_evaluation,
-    paired_wilcoxon,
-    worst_patients,
-)
+from metaseg_tf.evaluation.compare import worst_patients
+from metaseg_tf.evaluation.ensemble import evaluate_ensemble
+from metaseg_tf.evaluation.report import evaluate_run
 from metaseg_tf.evaluation.scores import bootstrap_ci
-from metaseg_tf.training.runs import hold_run_lock, is_run_dir, load_run_split, newest_run, read_json, write_json
+from metaseg_tf.evaluation.stats import WILCOXON_NOTE, paired_wilcoxon
+from metaseg_tf.runs.folders import hold_run_lock, is_run_dir, load_run_split, newest_run, read_json, write_json
+from metaseg_tf.runs.records import CROSSVAL_STATE_FILE, current_summary, newest_evaluation
 from metaseg_tf.training.train import train
 
 logger = logging.getLogger(__name__)
 
-STATE_FILE = "crossval.json"
+STATE_FILE = CROSSVAL_STATE_FILE  # crossval.json
 LOCK_FILE = "crossval.lock"  # held while a process works in the folder: a second one is refused
 STATE_VERSION = 1
 ENSEMBLE = "ensemble"  # the label of the models' ensemble in the state and the tables
@@ -101,7 +102,7 @@ def _shared_settings(config: ExperimentConfig) -> dict[str, Any]:
 
 def _recorded_settings(recorded: dict[str, Any]) -> dict[str, Any]:
     """A state's shared settings with the fields its release predated read at their defaults (as
-    :func:`~metaseg_tf.training.runs.same_config` reads run configs), so that a newer release continues it;
+    :func:`~metaseg_tf.runs.folders.same_config` reads run configs), so that a newer release continues it;
     as recorded where this release does not know a field or refuses a value."""
     try:
         return _shared_settings(ExperimentConfig.from_dict(recorded))
@@ -170,7 +171,7 @@ def _finished_ensemble(parent: Path, members: list[str]) -> Path | None:
 
 def _scored_now(evaluation: str | None) -> bool:
     """Whether a recorded evaluation folder is still there and was scored by this release's scores
-    (:func:`~metaseg_tf.evaluation.report.current_summary`): folds scored by an older one are scored again,
+    (:func:`~metaseg_tf.runs.records.current_summary`): folds scored by an older one are scored again,
     never pooled with the others."""
     return evaluation is not None and current_summary(evaluation) is not None
 
@@ -207,7 +208,7 @@ def _run_fold(fold: int, config: ExperimentConfig, models: tuple[str, ...], n_fo
             steps.say(f"{where} {model}: {entry.pop('evaluation')} is gone or was scored by an older release: "
                       "scoring again")
         if "evaluation" not in entry:
-            evaluation_dir = latest_evaluation(entry["run"], "test")
+            evaluation_dir = newest_evaluation(entry["run"], "test")
             if evaluation_dir is None:
                 steps.say(f"{where} {model}: evaluating on the fold's test patients")
                 evaluation_dir = evaluate_run(entry["run"], "test", progress=steps.progress).out_dir

@@ -1,9 +1,12 @@
 """The prediction service (FastAPI): trained runs behind ``/health``, ``/models``, ``/predict`` (one 2D slice)
 and ``/predict/volume`` (NIfTI volumes).
 
-Each model is a :class:`~metaseg_tf.predict.Predictor` built from a run folder, so an upload goes through
-exactly the preprocessing the model was trained with (window, CLAHE, resize, normalisation, from the run's
-``config.json``) and the mask comes back at the uploaded image's own size.
+Each model is a :class:`~metaseg_tf.inference.predictor.Predictor` built from a run folder (or, for a
+cross-validation folder, from its fold runs: one ensemble per architecture), so an upload goes through exactly
+the preprocessing the model was trained with (window, CLAHE, resize, normalisation, from the run's
+``config.json``) and the mask comes back at the uploaded image's own size. This module holds the routes and the
+loaded models; the answers' JSON is :mod:`metaseg_tf.serve.schemas`, every upload check and the limits
+:mod:`metaseg_tf.serve.uploads`.
 
 Slice uploads are checked before they reach a model: the file type (tif, png, jpg, bmp, webp; 8 or 16 bit;
 grey, RGB or RGBA) by its content, the byte size and the pixel dimensions.
@@ -21,8 +24,8 @@ to a temporary folder under sanitised names, never the client's path.
 A bad upload gets a 4xx answer with a JSON ``detail`` that says what was wrong, never a 500. Inference on
 one model is serialised by a lock when its engine cannot be called from several threads (Keras); the ONNX
 Runtime and OpenVINO engines run concurrent requests in parallel, outside the GIL
-(:mod:`metaseg_tf.engines`). ``metaseg serve --workers N`` starts N server processes instead, each with its
-own copy of the models; ``--level K`` serves U-Net++ pruned to level K (:func:`metaseg_tf.export.served_model`).
+(:mod:`metaseg_tf.inference.engines`). ``metaseg serve --workers N`` starts N server processes instead, each with its
+own copy of the models; ``--level K`` serves U-Net++ pruned to level K (:func:`metaseg_tf.inference.loading.inference_network`).
 
 Start it with ``metaseg serve --api-only`` or
 ``uvicorn metaseg_tf.serve.api:app_from_environment --factory`` (runs from ``METASEG_SERVE_RUNS``).
@@ -34,14 +37,11 @@ import base64
 import contextlib
 import copy
 import dataclasses
-import io
 import math
 import os
-import re
 import tempfile
 import threading
 import time
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
@@ -49,25 +49,34 @@ from typing import Annotated, Any
 import cv2
 import numpy as np
 from fastapi import FastAPI, File, Form, HTTPException, UploadFile
-from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, Field
+from fastapi.responses import Response
 
 from metaseg_tf import paths
 from metaseg_tf.data.discover import DataError
-from metaseg_tf.data.io import JPEG_MAGIC, TIFF_MAGIC, read_image
-from metaseg_tf.data.volumes import check_one_grid, is_nifti, nifti_stem, resolve_sequences
-from metaseg_tf.export import served_model
-from metaseg_tf.training.runs import list_runs, load_run_config, read_json
+from metaseg_tf.data.volumes import check_one_grid, resolve_sequences
+from metaseg_tf.inference.loading import inference_network
+from metaseg_tf.runs.folders import list_runs, load_run_config, read_json
+from metaseg_tf.runs.records import crossval_runs, is_crossval_dir, newest_evaluation
+from metaseg_tf.serve.schemas import (
+    VOLUME_SCORES,
+    LesionSummary,
+    ModelPrediction,
+    PredictionResponse,
+    ProbabilitySummary,
+    RegionScores,
+    VolumeModelPrediction,
+    VolumeResponse,
+)
+from metaseg_tf.serve.uploads import (
+    BodyLimit,
+    ServeSettings,
+    decode_slice_upload,
+    save_volume_upload,
+    volume_grid,
+)
 
-SERVED_MODELS = ("nested_unet", "attention_unet")
-# first bytes of each accepted format: TIFF (both byte orders, classic and BigTIFF), PNG, JPEG, BMP, WebP
-SIGNATURES = {**dict.fromkeys(TIFF_MAGIC, "tiff"), b"\x89PNG": "png", JPEG_MAGIC: "jpeg", b"BM": "bmp"}
-GZIP_MAGIC = b"\x1f\x8b"
-NIFTI_HEADER_SIZES = (348, 540)  # sizeof_hdr of NIfTI-1 and NIfTI-2, the first 4 bytes (either byte order)
+SERVE_ARCHITECTURES = ("nested_unet", "attention_unet")
 MULTIPART_ROOM = 64 * 1024  # room for the multipart framing and the form fields of one request
-# per-case scores returned by /predict/volume, per region (see metaseg_tf.predict.case_scores)
-VOLUME_SCORES = ("dice", "hd95", "lesion_dice", "lesion_hd95", "truth_lesions", "detected_lesions",
-                 "false_positive_lesions")
 
 
 # form fields shared by the prediction endpoints (module level: the annotations are resolved from here)
@@ -84,32 +93,19 @@ class ServeError(RuntimeError):
     """The service cannot start: no runs to serve, or a run folder that cannot be loaded."""
 
 
-@dataclass(frozen=True)
-class ServeSettings:
-    """Limits of the service (defaults: 20 MB slice uploads, 4096 px per side; 200 MB and 40 million voxels
-    per uploaded volume; the threshold is each run's own unless a request sets one)."""
-
-    max_upload_bytes: int = 20 * 1024 * 1024
-    max_side_pixels: int = 4096
-    max_volume_bytes: int = 200 * 1024 * 1024
-    max_voxels: int = 40_000_000
-    engine: str = "keras"  # keras, onnx or openvino (metaseg_tf.engines)
-    level: int | None = None  # serve U-Net++ pruned to this level (other architectures whole)
-
-
 def newest_pipeline_runs(pipeline_root: str | Path = paths.PIPELINE_ROOT) -> list[Path]:
     """The newest finished run of each served model in the newest pipeline folder that has one."""
     root = paths.resolve(pipeline_root)
     for pipeline in sorted(root.glob("*/runs"), reverse=True):
         found = {read_json(run / "state.json").get("name"): run for run in list_runs(pipeline)}
-        if any(name in found for name in SERVED_MODELS):
-            return [found[name] for name in SERVED_MODELS if name in found]
+        if any(name in found for name in SERVE_ARCHITECTURES):
+            return [found[name] for name in SERVE_ARCHITECTURES if name in found]
     raise ServeError(f"no trained models under {root}: run the main job first (`bash scripts/run.sh`, or "
                      f"`metaseg pipeline`), or name run folders with `metaseg serve --runs RUN ...`")
 
 
 @dataclass
-class ServedModel:
+class LoadedModel:
     """One loaded run: its predictor, what to say about it, and a lock that serialises what must not run in
     several threads at once (the Keras model)."""
 
@@ -122,14 +118,12 @@ class ServedModel:
     def serialised(self) -> contextlib.AbstractContextManager:
         """The lock around inference when the predictor's engine cannot be called from several threads at once,
         else nothing (ONNX Runtime, OpenVINO)."""
-        return contextlib.nullcontext() if self.predictor.engine.concurrent else self.lock
+        return contextlib.nullcontext() if self.predictor.concurrent else self.lock
 
 
 def _model_info(name: str, run_dir: Path, config: Any, parameters: int) -> dict[str, Any]:
-    from metaseg_tf.evaluation.report import latest_evaluation
-
     data = read_json(run_dir / "data.json") if (run_dir / "data.json").is_file() else {}
-    evaluation = latest_evaluation(run_dir, "test")
+    evaluation = newest_evaluation(run_dir, "test")
     test = {}
     if evaluation is not None:
         summary = read_json(evaluation / "summary.json")
@@ -148,94 +142,50 @@ def _model_info(name: str, run_dir: Path, config: Any, parameters: int) -> dict[
             "test_metrics": test}
 
 
-def load_models(run_dirs: list[Path], engine: str = "keras", level: int | None = None) -> dict[str, ServedModel]:
-    """Load each run's best model; names are the architectures (the run folder's name on a clash). ``level``
-    prunes every U-Net++ trained with deep supervision to that level; other models are served whole, and
-    ``/models`` says which level each one runs at."""
-    from metaseg_tf.predict import Predictor
+def _model_entries(run_dirs: list[Path]) -> list[tuple[str | None, list[Path], Path]]:
+    """``(architecture, runs, folder)`` to load: a run folder by itself, or for a cross-validation folder one
+    entry per architecture it trained, its fold runs as one ensemble."""
+    entries: list[tuple[str | None, list[Path], Path]] = []
+    for run_dir in map(paths.resolve, run_dirs):
+        if is_crossval_dir(run_dir):
+            models = read_json(run_dir / "crossval.json").get("models", [])
+            entries += [(model, crossval_runs(run_dir, (model,)), run_dir) for model in models]
+        else:
+            entries.append((None, [run_dir], run_dir))
+    return entries
 
-    models: dict[str, ServedModel] = {}
-    for run_dir in run_dirs:
-        run_dir = paths.resolve(run_dir)
+
+def load_models(run_dirs: list[Path], engine: str = "keras", level: int | None = None) -> dict[str, LoadedModel]:
+    """Load each run's best model; names are the architectures (the run folder's name on a clash). A
+    cross-validation folder gives one model per architecture it trained: the ensemble of its fold models
+    (:meth:`~metaseg_tf.inference.predictor.Predictor.from_runs`). ``level`` prunes every U-Net++ trained with
+    deep supervision to that level; other models are served whole, and ``/models`` says which level each one
+    runs at."""
+    from metaseg_tf.inference.predictor import Predictor
+
+    models: dict[str, LoadedModel] = {}
+    for architecture, runs, folder in _model_entries(run_dirs):
         try:
-            config = load_run_config(run_dir)
+            config = load_run_config(runs[0])
             pruned = level if config.model == "nested_unet" and config.deep_supervision else None
-            predictor = Predictor.from_run(run_dir, engine=engine, level=pruned)
+            predictor = Predictor.from_runs(runs, engine=engine, level=pruned)
         except Exception as error:  # a broken run folder must stop the start-up with its reason
-            raise ServeError(f"cannot load {run_dir}: {error}") from error
-        name = predictor.config.model if predictor.config.model not in models else run_dir.name
-        info = {**_model_info(name, run_dir, predictor.config, served_model(predictor.model, pruned).count_params()),
-                "engine": predictor.engine.name, "level": pruned,
+            raise ServeError(f"cannot load {folder}: {error}") from error
+        name = predictor.config.model
+        if name in models:
+            name = folder.name if architecture is None else f"{folder.name}-{architecture}"
+        info = {**_model_info(name, runs[0], predictor.config,
+                              inference_network(predictor.model, pruned).count_params()),
+                "engine": predictor.engine_name, "level": pruned, "members": len(predictor.members),
                 "threshold": predictor.threshold, "threshold_source": predictor.threshold_source}
-        if pruned is not None and info["test_metrics"]:
+        if architecture is not None:  # a fold's test scores are not the ensemble's: see the crossval's summary
+            info.update(run=folder.name, test_metrics={},
+                        test_metrics_note=f"ensemble of {len(runs)} fold models; out-of-fold scores in "
+                                          f"{folder / 'summary.md'}")
+        elif pruned is not None and info["test_metrics"]:
             info["test_metrics_note"] = f"of the whole network; served pruned to level {pruned}"
-        models[name] = ServedModel(name, run_dir, predictor, info)
+        models[name] = LoadedModel(name, folder, predictor, info)
     return models
-
-
-class LesionSummary(BaseModel):
-    count: int = Field(description="connected components (8-connected) of the mask")
-    areas_px: list[int] = Field(description="area of each lesion in pixels of the uploaded image")
-    total_px: int
-
-
-class ProbabilitySummary(BaseModel):
-    max: float
-    mean: float
-    fraction_above_threshold: float
-
-
-class ModelPrediction(BaseModel):
-    model: str
-    threshold: float
-    mask_png: str = Field(description="base64 PNG, 0/255, at the uploaded image's size")
-    probability: ProbabilitySummary
-    lesions: LesionSummary
-    latency_ms: float
-    attention_png: list[str] | None = Field(default=None, description="base64 PNG heat maps, finest gate first")
-
-
-class PredictionResponse(BaseModel):
-    width: int
-    height: int
-    predictions: list[ModelPrediction]
-
-
-class RegionScores(BaseModel):
-    """Per-case scores of one region against the uploaded ``seg`` (null where a score is undefined)."""
-
-    dice: float | None
-    hd95: float | None = Field(description="95th-percentile Hausdorff distance in mm (voxels if no spacing)")
-    lesion_dice: float | None = Field(description="BraTS-MET 2023 lesion-wise Dice")
-    lesion_hd95: float | None = Field(description="BraTS-MET 2023 lesion-wise HD95 in mm")
-    truth_lesions: int | None
-    detected_lesions: int | None
-    false_positive_lesions: int | None
-
-
-class VolumeModelPrediction(BaseModel):
-    model: str
-    threshold: float
-    shape: list[int] = Field(description="the voxel grid of the input and of the returned seg, in file order")
-    slices: int = Field(description="axial slices predicted")
-    lesion_voxels: int
-    seg_filename: str = Field(description="<case>-seg.nii.gz")
-    seg_nii_gz: str = Field(description="base64 of <case>-seg.nii.gz: uint8 labels (a one-region model: the "
-                                        "region's own label, e.g. BraTS TC 1) on the input's voxel grid, with its "
-                                        "affine and header")
-    latency_ms: float
-    scores: dict[str, RegionScores] | None = Field(default=None, description="per region, when a seg was sent")
-
-
-class VolumeResponse(BaseModel):
-    case_id: str
-    shape: list[int] = Field(description="the uploaded voxel grid, in file order")
-    axial_slices: int
-    canonical_shape: list[int] = Field(description="(slice, row, column) for display: axial slices inferior to "
-                                                   "superior, rows anterior to posterior, columns the patient's "
-                                                   "right to left (metaseg_tf.data.volumes.to_canonical)")
-    spacing_mm: list[float] | None = Field(description="voxel size along the canonical axes")
-    predictions: list[VolumeModelPrediction]
 
 
 def _png(array: np.ndarray) -> bytes:
@@ -249,46 +199,7 @@ def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
 
 
-def _file_type(head: bytes) -> str | None:
-    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
-        return "webp"
-    return next((kind for magic, kind in SIGNATURES.items() if head.startswith(magic)), None)
-
-
-def _decode_upload(data: bytes, settings: ServeSettings) -> np.ndarray:
-    """Validated pixels of an upload as float32 ``(H, W, 3)`` in ``[0, 1]``. The header (Pillow) is read before
-    anything is decoded: an image with several pages or frames, more than ``max_side_pixels`` a side, or a
-    header that Pillow itself calls a decompression bomb is refused, so one request decodes at most one
-    ``max_side_pixels`` square image, whatever its file size."""
-    from PIL import Image
-
-    if not data:
-        raise HTTPException(422, "the uploaded file is empty")
-    if len(data) > settings.max_upload_bytes:
-        raise HTTPException(413, f"the upload is larger than the limit of {settings.max_upload_bytes} bytes")
-    kind = _file_type(data[:16])
-    if kind is None:
-        raise HTTPException(415, "not a supported image: send a TIFF, PNG, JPEG, BMP or WebP slice")
-    try:
-        with Image.open(io.BytesIO(data)) as header:
-            width, height = header.size
-            frames = getattr(header, "n_frames", 1)  # pages of a TIFF, frames of an animated PNG/WebP
-    except Image.DecompressionBombError:
-        raise HTTPException(413, f"the image is too large: its header declares more pixels than the limit of "
-                                 f"{settings.max_side_pixels} px a side") from None
-    except Exception:  # Pillow raises several types for headers it cannot parse
-        raise HTTPException(422, f"cannot read the {kind.upper()} header: the file is damaged") from None
-    if frames > 1:
-        raise HTTPException(422, f"the {kind.upper()} holds {frames} pages or frames; send one 2D slice")
-    if max(width, height) > settings.max_side_pixels:
-        raise HTTPException(413, f"the image is {width}x{height} px; the limit is {settings.max_side_pixels} px a side")
-    try:
-        return read_image(data, channels=3)
-    except DataError as error:
-        raise HTTPException(422, f"cannot decode the {kind.upper()} upload ({error}); is it truncated?") from None
-
-
-def _attention_pngs(served: ServedModel, image: np.ndarray) -> list[str]:
+def _attention_pngs(served: LoadedModel, image: np.ndarray) -> list[str]:
     from metaseg_tf.data.preprocess import normalise
     from metaseg_tf.models.attention_unet import attention_maps
 
@@ -302,7 +213,7 @@ def _attention_pngs(served: ServedModel, image: np.ndarray) -> list[str]:
     return pngs
 
 
-def _predict_one(served: ServedModel, image: np.ndarray, threshold: float | None, attention: bool) -> ModelPrediction:
+def _predict_one(served: LoadedModel, image: np.ndarray, threshold: float | None, attention: bool) -> ModelPrediction:
     predictor = served.predictor
     used = predictor.threshold if threshold is None else threshold
     started = time.perf_counter()
@@ -328,75 +239,10 @@ def _predict_one(served: ServedModel, image: np.ndarray, threshold: float | None
 # --- volumes ------------------------------------------------------------------------------------------
 
 
-def _upload_name(filename: str | None, gzipped: bool, fallback: str) -> str:
-    """A safe file name for an upload: the client's base name (never its folders) reduced to letters, digits,
-    ``.``, ``_`` and ``-``, with ``.nii.gz`` or ``.nii`` after its content (gzip or not)."""
-    base = re.split(r"[\\/]", filename or "")[-1]
-    stem = nifti_stem(Path(base)) if is_nifti(Path(base)) else base.split(".")[0]
-    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", stem).lstrip("._-")[:100] or fallback
-    return stem + (".nii.gz" if gzipped else ".nii")
-
-
-def _nifti_signature(head: bytes) -> bool:
-    """Whether ``head`` (a file's first bytes) starts a NIfTI-1 or NIfTI-2 file, plain or gzip-compressed."""
-    if head[:2] == GZIP_MAGIC:
-        try:
-            head = zlib.decompressobj(16 + zlib.MAX_WBITS).decompress(head, 4)
-        except zlib.error:
-            return False
-    return len(head) >= 4 and any(int.from_bytes(head[:4], order) in NIFTI_HEADER_SIZES for order in ("little", "big"))
-
-
-def _save_volume(upload: UploadFile, folder: Path, role: str, settings: ServeSettings) -> Path:
-    """Write one NIfTI upload into ``folder`` under a safe name, after checking that it is not empty, starts
-    like a NIfTI file and stays within ``max_volume_bytes``."""
-    head = upload.file.read(64 * 1024)
-    if not head:
-        raise HTTPException(422, f"the {role} upload is empty")
-    if not _nifti_signature(head):
-        raise HTTPException(415, f"the {role} upload is not a NIfTI volume: send a .nii or .nii.gz file")
-    folder.mkdir(parents=True)
-    path = folder / _upload_name(upload.filename, head[:2] == GZIP_MAGIC, folder.name)
-    total = 0
-    with path.open("wb") as out:
-        while head:
-            total += len(head)
-            if total > settings.max_volume_bytes:
-                raise HTTPException(413, f"the {role} upload is larger than the limit of {settings.max_volume_bytes} "
-                                         "bytes per volume")
-            out.write(head)
-            head = upload.file.read(1024 * 1024)
-    return path
-
-
-def _volume_grid(path: Path, role: str, settings: ServeSettings) -> tuple[tuple[int, ...], np.ndarray]:
-    """The voxel grid (3D shape, affine) of a saved upload, from its header alone (nibabel reads the voxels
-    lazily): a volume that is not 3D or has more than ``max_voxels`` voxels is refused before it is read."""
-    import nibabel as nib
-
-    try:
-        image = nib.load(str(path))
-        shape, affine = tuple(int(n) for n in image.shape), np.asarray(image.affine, np.float64)
-    except Exception:  # nibabel raises several types for headers it cannot parse
-        raise HTTPException(422, f"cannot read the NIfTI header of the {role}: the file is damaged") from None
-    if len(shape) == 4 and shape[3] == 1:
-        shape = shape[:3]
-    if len(shape) != 3:
-        several = " (several volumes in one file: send one 3D file per sequence)" if len(shape) == 4 else ""
-        raise HTTPException(422, f"the {role} has shape {shape}: a 3D volume is expected{several}")
-    voxels = math.prod(shape)
-    if voxels == 0 or not np.isfinite(affine).all():
-        raise HTTPException(422, f"the {role} has an empty grid or an invalid affine (shape {shape})")
-    if voxels > settings.max_voxels:
-        raise HTTPException(413, f"the {role} has {voxels} voxels ({'x'.join(map(str, shape))}); the limit is "
-                                 f"{settings.max_voxels} voxels per volume")
-    return shape, affine
-
-
-def _read_volume(served: ServedModel, paths: list[Path], seg: Path | None, folder: Path) -> Any:
-    """The uploads as one case (:func:`~metaseg_tf.predict.nifti_case`) read for ``served``'s sequences."""
-    from metaseg_tf.data.volumes import SequenceSource, read_case
-    from metaseg_tf.predict import nifti_case
+def _read_volume(served: LoadedModel, paths: list[Path], seg: Path | None, folder: Path) -> Any:
+    """The uploads as one case (:func:`~metaseg_tf.inference.files.nifti_case`) read for ``served``'s sequences."""
+    from metaseg_tf.data.volumes import read_case, SequenceSource
+    from metaseg_tf.inference.files import nifti_case
 
     config = served.predictor.config
     try:
@@ -416,9 +262,9 @@ def _finite(value: Any) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def _predict_volume_one(served: ServedModel, volume: Any, threshold: float | None,
+def _predict_volume_one(served: LoadedModel, volume: Any, threshold: float | None,
                         out_dir: Path) -> VolumeModelPrediction:
-    from metaseg_tf.predict import case_scores, write_case_prediction
+    from metaseg_tf.inference.files import case_scores, write_case_prediction
 
     predictor = copy.copy(served.predictor)  # this request's threshold, without touching the shared predictor
     predictor.threshold = predictor.threshold if threshold is None else threshold
@@ -439,42 +285,6 @@ def _predict_volume_one(served: ServedModel, volume: Any, threshold: float | Non
         scores=scores)
 
 
-class BodyLimit:
-    """ASGI middleware: 413 with a JSON ``detail`` for a request body over ``limit`` bytes (``path_limits``:
-    another limit for the paths named there), from the declared Content-Length before anything is read, or,
-    for a body sent without one (chunked), as soon as the bytes received pass the limit, so no upload is
-    spooled beyond it."""
-
-    def __init__(self, app: Any, limit: int, path_limits: dict[str, int] | None = None) -> None:
-        self.app, self.limit, self.path_limits = app, limit, dict(path_limits or {})
-
-    @staticmethod
-    def _too_large(limit: int) -> HTTPException:
-        return HTTPException(413, f"the upload is larger than the limit of {limit} bytes")
-
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        limit = self.path_limits.get(scope.get("path", ""), self.limit)
-        declared = dict(scope.get("headers", [])).get(b"content-length", b"")
-        if declared.isdigit() and int(declared) > limit:
-            response = JSONResponse({"detail": self._too_large(limit).detail}, status_code=413)
-            await response(scope, receive, send)
-            return
-        received = 0
-
-        async def counted() -> dict:
-            nonlocal received
-            message = await receive()
-            received += len(message.get("body", b""))
-            if received > limit:  # raised inside the body parser: FastAPI answers it as this 413
-                raise self._too_large(limit)
-            return message
-
-        await self.app(scope, counted, send)
-
-
 def create_app(run_dirs: list[Path] | None = None, settings: ServeSettings | None = None) -> FastAPI:
     """The FastAPI application serving ``run_dirs`` (default: the newest pipeline run's two models)."""
     settings = settings or ServeSettings()
@@ -489,7 +299,7 @@ def create_app(run_dirs: list[Path] | None = None, settings: ServeSettings | Non
                                     + MULTIPART_ROOM})
     app.state.models, app.state.settings = models, settings
 
-    def chosen(model: str) -> list[ServedModel]:
+    def chosen(model: str) -> list[LoadedModel]:
         if model == "all":
             return list(models.values())
         if model not in models:
@@ -514,20 +324,20 @@ def create_app(run_dirs: list[Path] | None = None, settings: ServeSettings | Non
                 ) -> PredictionResponse:
         """Segment one slice with one or all models; masks come back as base64 PNG at the upload's size."""
         targets = chosen(model)
-        image = _decode_upload(file.file.read(settings.max_upload_bytes + 1), settings)
+        image = decode_slice_upload(file.file.read(settings.max_upload_bytes + 1), settings)
         predictions = [_predict_one(served, image, threshold, attention) for served in targets]
         return PredictionResponse(width=image.shape[1], height=image.shape[0], predictions=predictions)
 
     @app.post("/predict/mask", response_class=Response,
               responses={200: {"content": {"image/png": {}}, "description": "the mask, 0/255 PNG"}})
     def predict_mask(file: SliceUpload,
-                     model: Annotated[str, Form(description="a served model's name")] = SERVED_MODELS[0],
+                     model: Annotated[str, Form(description="a served model's name")] = SERVE_ARCHITECTURES[0],
                      threshold: Threshold = None) -> Response:
         """The mask of one model as a PNG image (0/255) at the upload's size."""
         if model == "all":
             raise HTTPException(422, "/predict/mask returns one mask: name one model")
         (served,) = chosen(model)
-        image = _decode_upload(file.file.read(settings.max_upload_bytes + 1), settings)
+        image = decode_slice_upload(file.file.read(settings.max_upload_bytes + 1), settings)
         prediction = _predict_one(served, image, threshold, attention=False)
         return Response(base64.b64decode(prediction.mask_png), media_type="image/png",
                         headers={"X-Lesion-Count": str(prediction.lesions.count),
@@ -549,12 +359,12 @@ def create_app(run_dirs: list[Path] | None = None, settings: ServeSettings | Non
         roles = ["volume"] if len(files) == 1 else [f"volume {k + 1} of {len(files)}" for k in range(len(files))]
         with tempfile.TemporaryDirectory(prefix="metaseg-volume-") as temporary:
             folder = Path(temporary)
-            paths = [_save_volume(upload, folder / f"volume-{k + 1}", role, settings)
+            paths = [save_volume_upload(upload, folder / f"volume-{k + 1}", role, settings)
                      for k, (upload, role) in enumerate(zip(files, roles))]
-            seg_path = _save_volume(seg, folder / "seg", "seg", settings) if seg is not None else None
-            grids = {role: _volume_grid(path, role, settings) for role, path in zip(roles, paths)}
+            seg_path = save_volume_upload(seg, folder / "seg", "seg", settings) if seg is not None else None
+            grids = {role: volume_grid(path, role, settings) for role, path in zip(roles, paths)}
             if seg_path is not None:
-                grids["seg"] = _volume_grid(seg_path, "seg", settings)
+                grids["seg"] = volume_grid(seg_path, "seg", settings)
             try:
                 check_one_grid(grids)  # the library's own check: co-registered uploads on one voxel grid
             except DataError as error:

@@ -35,7 +35,7 @@ def serve(runs: Sequence[Path] | None = None, host: str = "127.0.0.1", api_port:
           api: bool = True, ui: bool = True, api_url: str | None = None, engine: str = "keras",
           level: int | None = None, workers: int = 1) -> int:
     """Run the chosen parts until one exits or Ctrl-C; returns the first non-zero exit status (else 0).
-    ``engine``: how the API runs the networks (keras, onnx or openvino; :mod:`metaseg_tf.engines`); ``level``:
+    ``engine``: how the API runs the networks (keras, onnx or openvino; :mod:`metaseg_tf.inference.engines`); ``level``:
     serve U-Net++ pruned to that level; ``workers``: API server processes."""
     if workers < 1:
         raise ServeError(f"workers must be >= 1, got {workers}")

@@ -1,5 +1,2 @@
-"""Training: losses and Keras metrics (:mod:`.losses`, :mod:`.metrics`), the training engine
-(:mod:`.train`) and run folders (:mod:`.runs`).
-
-Nothing is imported here, so ``metaseg_tf.training.runs`` (plain files and JSON) stays usable without Keras.
-"""
+"""Training: losses and Keras metrics (:mod:`.losses`, :mod:`.metrics`) and the training engine (:mod:`.train`).
+Run folders are :mod:`metaseg_tf.runs`."""

@@ -2,7 +2,7 @@
 
 :func:`train` discovers and preprocesses the data, splits it by patient, builds the model, fits it with
 Keras callbacks and writes everything a later step needs into a new run folder (see
-:mod:`metaseg_tf.training.runs`). A run that is killed is resumed by running the same command again
+:mod:`metaseg_tf.runs.folders`). A run that is killed is resumed by running the same command again
 (``keras.callbacks.BackupAndRestore`` restores weights, optimiser state and epoch).
 
 U-Net++ with deep supervision is trained on all its heads with equal weights ``1 / depth`` (the mean of
@@ -29,16 +29,9 @@ from metaseg_tf.config import ConfigError, ExperimentConfig
 from metaseg_tf.data.batches import ExperimentData, SegmentationBatches, load_experiment_data, load_recorded_data
 from metaseg_tf.environment import accelerator, environment_info
 from metaseg_tf.models import build_model
+from metaseg_tf.runs.folders import create_run_dir, find_unfinished_run, hold_run_lock, load_run_split, read_json, write_json
 from metaseg_tf.training.losses import SegmentationLoss
 from metaseg_tf.training.metrics import segmentation_metrics
-from metaseg_tf.training.runs import (
-    create_run_dir,
-    find_unfinished_run,
-    hold_run_lock,
-    load_run_split,
-    read_json,
-    write_json,
-)
 
 logger = logging.getLogger(__name__)
 

@@ -13,7 +13,10 @@ holding
 * ``export.json``: format, which model, the pruning level (``null``: the whole network) and the sha256 of its ``.keras`` file (an export of a model that a
   resumed training has since replaced is never used), Keras version and backend, shapes, and the largest
   absolute probability difference to Keras measured on a check batch (ONNX and OpenVINO, run by
-  :mod:`metaseg_tf.engines`).
+  :mod:`metaseg_tf.inference.engines`).
+
+:func:`load_engine` gives a run's network as an engine: Keras, or its newest export of the engine's format
+and level, exported first if there is none.
 """
 
 from __future__ import annotations
@@ -26,7 +29,9 @@ from pathlib import Path
 import numpy as np
 
 from metaseg_tf.config import ConfigError
-from metaseg_tf.training.runs import new_dir, read_json, run_model_path, write_json
+from metaseg_tf.inference.engines import ENGINES, Engine, KerasEngine, OnnxEngine, OpenVinoEngine
+from metaseg_tf.inference.loading import inference_network, load_model
+from metaseg_tf.runs.folders import new_dir, read_json, run_model_path, write_json
 
 EXPORT_FORMATS = ("onnx", "openvino", "saved_model")
 EXPORT_FILES = {"onnx": "model.onnx", "openvino": "model.xml", "saved_model": "saved_model"}
@@ -46,33 +51,13 @@ def model_digest(run_dir: Path | str, which: str = "best") -> str:
     return hashlib.sha256(run_model_path(run_dir, which).read_bytes()).hexdigest()
 
 
-def served_model(model, level: int | None = None):
-    """The network a user serves: ``model``'s last output, or for ``level`` the U-Net++ pruned to that level
-    (:func:`~metaseg_tf.models.nested_unet.prune_nested_unet`: head ``level``, same weights, fewer nodes).
-    ``(B, S, S, input_channels)`` -> ``(B, S, S, regions)``. A level for a model without deep-supervision heads
-    is a :class:`ConfigError`."""
-    import keras
-
-    from metaseg_tf.models.nested_unet import head_names, prune_nested_unet
-
-    if level is None:
-        return keras.Model(model.inputs, model.outputs[-1], name=f"{model.name}_served")
-    heads = head_names(model)
-    if not heads:
-        raise ConfigError(f"a pruning level applies to U-Net++ trained with deep supervision; {model.name} has no "
-                          "heads to prune to")
-    if not 1 <= level <= len(heads):
-        raise ConfigError(f"level must lie in 1..{len(heads)} for this U-Net++, got {level}")
-    return prune_nested_unet(model, level)
-
-
 def _export_stem(format: str, level: int | None) -> str:
     return f"export-{format}" if level is None else f"export-{format}-L{level}"
 
 
-def latest_export(run_dir: Path | str, format: str, which: str = "best", level: int | None = None) -> Path | None:
-    """The newest export of ``run_dir`` in ``format`` made from the run's current ``which`` model, pruned to
-    ``level`` (None: the whole network), or None."""
+def newest_export(run_dir: Path | str, format: str, which: str = "best", level: int | None = None) -> Path | None:
+    """The newest export (by its ``export.json``'s modification time) of ``run_dir`` in ``format`` made from the
+    run's current ``which`` model, pruned to ``level`` (None: the whole network), or None."""
     digest = model_digest(run_dir, which)
     found = []
     for folder in Path(run_dir).glob(f"{_export_stem(format, level)}*"):
@@ -93,15 +78,12 @@ def export_run(run_dir: Path | str, format: str, which: str = "best", level: int
     naming it."""
     import keras
 
-    from metaseg_tf.engines import KerasEngine, engine_from_export
-    from metaseg_tf.predict import load_model
-
     if format not in EXPORT_FORMATS:
         raise ValueError(f"unknown export format {format!r}; choose one of {', '.join(EXPORT_FORMATS)}")
     run_dir = Path(run_dir)
     digest = model_digest(run_dir, which)
     model = load_model(run_dir, which)
-    served = served_model(model, level)
+    served = inference_network(model, level)
     served.predict_on_batch(np.zeros((1, *served.inputs[0].shape[1:]), np.float32))  # traced before export
     scratch = Path(tempfile.mkdtemp(prefix=f".export-{format}-", dir=run_dir))
     try:
@@ -132,3 +114,26 @@ def export_run(run_dir: Path | str, format: str, which: str = "best", level: int
         return out_dir
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def engine_from_export(export_dir: Path | str) -> Engine:
+    """The engine of an export folder (``onnx`` or ``openvino``)."""
+    export_dir = Path(export_dir)
+    kind = read_export(export_dir)["format"]
+    if kind == "onnx":
+        return OnnxEngine(export_dir / EXPORT_FILES["onnx"])
+    if kind == "openvino":
+        return OpenVinoEngine(export_dir / EXPORT_FILES["openvino"])
+    raise ValueError(f"{export_dir} holds a {kind} export, which no engine here runs; use onnx or openvino")
+
+
+def load_engine(run_dir: Path | str, engine: str, which: str = "best", model=None, level: int | None = None) -> Engine:
+    """The run's ``which`` model, pruned to ``level`` if given (U-Net++ only,
+    :func:`~metaseg_tf.inference.loading.inference_network`), as ``engine``: Keras (``model`` if given, else
+    loaded), or the newest export of that format and level (written first if there is none)."""
+    if engine not in ENGINES:
+        raise ValueError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
+    if engine == "keras":
+        return KerasEngine(inference_network(model if model is not None else load_model(run_dir, which), level))
+    export_dir = newest_export(run_dir, engine, which, level) or export_run(run_dir, engine, which, level)
+    return engine_from_export(export_dir)

@@ -70,21 +70,23 @@ def find_unfinished_run(runs_root: Path | str, name: str, config: ExperimentConf
     return newest_run(runs_root, name, "running", config, since)
 
 
-def newest_run(runs_root: Path | str, name: str, status: str, config: ExperimentConfig | None = None,
-               since: str = "") -> Path | None:
-    """The newest run folder directly under ``runs_root`` named ``name`` (its ``state.json``) in ``status``
-    (``running`` or ``finished``), started at or after ``since`` (``%Y-%m-%d %H:%M:%S``) and, if ``config`` is
-    given, trained with exactly that config; None if there is none."""
+def newest_run(runs_root: Path | str, name: str, status: str = "finished", config: ExperimentConfig | None = None,
+               since: str = "", required: bool = False) -> Path | None:
+    """The newest run folder (by its name, which starts with the time it started) directly under ``runs_root``
+    named ``name`` (its ``state.json``) in ``status`` (``running`` or ``finished``), started at or after ``since``
+    (``%Y-%m-%d %H:%M:%S``) and, if ``config`` is given, trained with exactly that config; None if there is
+    none, or with ``required`` a :class:`FileNotFoundError` that says what to run first."""
     runs_root = Path(runs_root)
-    if not runs_root.is_dir():
-        return None
-    for path in sorted(runs_root.iterdir(), reverse=True):
+    for path in sorted(runs_root.iterdir(), reverse=True) if runs_root.is_dir() else []:
         if not is_run_dir(path):
             continue
         state = read_json(path / "state.json")
         if (state.get("name"), state.get("status")) == (name, status) and state.get("started", "") >= since and \
                 (config is None or same_config(path / "config.json", config)):
             return path
+    if required:
+        raise FileNotFoundError(f"no {status} run named {name!r} under {runs_root}: train it first (the notebook or "
+                                "`metaseg train` that makes it)")
     return None
 
 

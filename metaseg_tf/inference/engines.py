@@ -2,18 +2,18 @@
 
 An engine maps a normalised batch ``float32 (B, S, S, input_channels)`` to the probabilities of the model's
 last output ``float32 (B, S, S, regions)`` (for U-Net++ with deep supervision the deepest head, the one its
-validation Dice was monitored on). :class:`~metaseg_tf.predict.Predictor` does the preprocessing, the
-thresholding and the resizing around it, so every engine gives masks on the run's own terms.
+validation Dice was monitored on). :class:`~metaseg_tf.inference.predictor.Predictor` does the preprocessing,
+the thresholding and the resizing around it, so every engine gives masks on the run's own terms.
 
 * ``keras``: the run's ``.keras`` model, ``predict_on_batch`` under the configured backend.
-* ``onnx``: an ONNX export (:mod:`metaseg_tf.export`) in ONNX Runtime on the CPU execution provider.
+* ``onnx``: an ONNX export (:mod:`metaseg_tf.inference.export`) in ONNX Runtime on the CPU execution provider.
 * ``openvino``: an OpenVINO IR export compiled for the CPU with ``INFERENCE_PRECISION_HINT=f32``. OpenVINO
   otherwise runs in bf16 on CPUs that have it (this one does), which is faster but moves probabilities by a
   few hundredths: a different model, not the trained one. ``precision="bf16"`` asks for it explicitly.
 
-:func:`load_engine` uses the run's newest export of the engine's format and exports one first if there is
-none. The export's ``export.json`` records the largest probability difference to Keras measured on a check
-batch when it was written.
+The runtimes only: which export a run's engine uses is :func:`~metaseg_tf.inference.export.load_engine`'s
+business, so this module imports nothing of ours but the error type users see (:class:`ConfigError`: a missing
+runtime is a configuration problem).
 """
 
 from __future__ import annotations
@@ -93,31 +93,3 @@ class OpenVinoEngine:
     def predict(self, batch: np.ndarray) -> np.ndarray:
         request = self.compiled.create_infer_request()
         return np.asarray(request.infer(np.ascontiguousarray(batch, np.float32))[self.output], np.float32)
-
-
-def engine_from_export(export_dir: Path | str) -> Engine:
-    """The engine of an export folder (``onnx`` or ``openvino``; see :mod:`metaseg_tf.export`)."""
-    from metaseg_tf.export import EXPORT_FILES, read_export
-
-    export_dir = Path(export_dir)
-    kind = read_export(export_dir)["format"]
-    if kind == "onnx":
-        return OnnxEngine(export_dir / EXPORT_FILES["onnx"])
-    if kind == "openvino":
-        return OpenVinoEngine(export_dir / EXPORT_FILES["openvino"])
-    raise ValueError(f"{export_dir} holds a {kind} export, which no engine here runs; use onnx or openvino")
-
-
-def load_engine(run_dir: Path | str, engine: str, which: str = "best", model=None, level: int | None = None) -> Engine:
-    """The run's ``which`` model, pruned to ``level`` if given (U-Net++ only,
-    :func:`~metaseg_tf.export.served_model`), as ``engine``: Keras (``model`` if given, else loaded), or the
-    newest export of that format and level (written first if there is none)."""
-    from metaseg_tf.export import export_run, latest_export, served_model
-    from metaseg_tf.predict import load_model
-
-    if engine not in ENGINES:
-        raise ValueError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
-    if engine == "keras":
-        return KerasEngine(served_model(model if model is not None else load_model(run_dir, which), level))
-    export_dir = latest_export(run_dir, engine, which, level) or export_run(run_dir, engine, which, level)
-    return engine_from_export(export_dir)

@@ -1,0 +1,225 @@
+"""Prediction into files: a slice image, a folder of images, NIfTI volumes or cases of a volume layout
+(BraTS-METS, MSD, BrainMetShare, generic NIfTI), every mask made by a
+:class:`~metaseg_tf.inference.predictor.Predictor`.
+
+Written outputs per slice: ``<stem>_mask.png`` (0/255), ``<stem>_probability.png`` (0-255) and
+``<stem>_overlay.png``.
+
+Volumes are read like training data (:mod:`metaseg_tf.data.volumes`): reoriented to the canonical axial
+orientation from the affine, windowed per volume and sequence, each axial slice predicted with its 2.5D
+context, and the result put back into the input's own voxel grid. Written per case, BraTS-style:
+``<case>-seg.nii.gz`` (``uint8``; a binary mask for one region, the labels of the dataset's convention for a
+``multilabel`` run) and ``<case>-probability.nii.gz`` (``float32``, one volume per region), both with the
+input's affine and header so they overlay in any NIfTI viewer, and ``<case>-overlay.png`` (the slices with
+most predicted lesion). Where the case has a segmentation the per-case scores are computed too. Given NIfTI
+files by themselves: one volume fills every input channel, or one co-registered volume per sequence of the
+run, in its order.
+
+Unreadable files in a folder are skipped, counted and listed with the reason in ``predictions.csv``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+
+from metaseg_tf.data.discover import IMAGE_EXTENSIONS, MASK_SUFFIX, DataError, split_case_and_slice
+from metaseg_tf.data.io import read_image
+from metaseg_tf.data.layouts import discover_volumes
+from metaseg_tf.data.targets import Target, resolve_target
+from metaseg_tf.data.volumes import CaseFiles, CaseVolume, from_canonical, is_nifti, nifti_stem, read_case, resolve_sequences, SequenceSource
+from metaseg_tf.evaluation.scores import evaluate_masks
+from metaseg_tf.inference.predictor import Predictor, SlicePrediction, VolumePrediction
+from metaseg_tf.paths import resolve
+from metaseg_tf.runs.folders import new_dir
+
+# canonical (slice, row, column) = (S, P, L) axes as an affine: for volumes that came as slice images
+CANONICAL_AFFINE = np.array([[0.0, 0.0, -1.0, 0.0], [0.0, -1.0, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0], [0, 0, 0, 1.0]])
+
+
+def _overlay(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    grey = image[..., image.shape[-1] // 2] if image.ndim == 3 else image
+    grey = cv2.normalize(grey.astype(np.float32), None, 0, 255, cv2.NORM_MINMAX).astype(np.uint8)
+    colour = cv2.cvtColor(grey, cv2.COLOR_GRAY2BGR)
+    contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+    return cv2.drawContours(colour, contours, -1, (0, 0, 255), 1)
+
+
+def _write_slice(out_dir: Path, stem: str, image: np.ndarray, prediction: SlicePrediction) -> None:
+    (out_dir / stem).parent.mkdir(parents=True, exist_ok=True)
+    cv2.imwrite(str(out_dir / f"{stem}_mask.png"), prediction.mask * 255)
+    cv2.imwrite(str(out_dir / f"{stem}_probability.png"), np.round(prediction.probability * 255).astype(np.uint8))
+    cv2.imwrite(str(out_dir / f"{stem}_overlay.png"), _overlay(image, prediction.mask))
+
+
+def _volume_overlay(volume: CaseVolume, labels: np.ndarray, count: int = 4) -> np.ndarray:
+    """The ``count`` slices with most predicted lesion side by side (first channel, contours in red)."""
+    per_slice = labels.reshape(len(labels), -1).astype(bool).sum(axis=1)
+    chosen = sorted(np.argsort(per_slice)[::-1][:count]) if per_slice.any() else [len(labels) // 2]
+    return np.concatenate([_overlay(volume.images[k][..., :1], labels[k] > 0) for k in chosen], axis=1)
+
+
+def case_scores(volume: CaseVolume, prediction: VolumePrediction, target: Target) -> dict[str, dict]:
+    """Per-case scores of each region of ``target`` (Dice, IoU, precision, recall, HD95 in mm when the
+    volume's spacing is known, BraTS-MET 2023 lesion-wise scores; :func:`~metaseg_tf.evaluation.scores.
+    evaluate_masks`) against the case's own labels, read with ``target``'s convention: pass the target in the
+    convention of the case's dataset, which may differ from the training data's."""
+    truth = target.masks(volume.labels)
+    slices = np.arange(len(truth))
+    case_ids = np.full(len(truth), volume.case_id)
+    return {name: evaluate_masks(truth[..., r], prediction.masks[..., r], case_ids, slices,
+                                 volume.spacing).per_patient.iloc[0].drop("case_id").to_dict()
+            for r, name in enumerate(target.names)}
+
+
+def write_case_prediction(volume: CaseVolume, prediction: VolumePrediction, out_dir: Path) -> dict[str, Path]:
+    """``<case>-seg.nii.gz``, ``<case>-probability.nii.gz`` (in the input's voxel grid, with its affine and
+    header) and ``<case>-overlay.png``; returns their paths."""
+    import nibabel as nib
+
+    reference = volume.reference
+    affine = reference.affine if reference is not None else CANONICAL_AFFINE
+    header = reference.header.copy() if reference is not None else None
+    probabilities = prediction.probabilities[..., 0] if prediction.probabilities.shape[-1] == 1 \
+        else prediction.probabilities
+    written = {}
+    for name, array, dtype in (("seg", prediction.labels, np.uint8), ("probability", probabilities, np.float32)):
+        image = nib.Nifti1Image(from_canonical(array, affine).astype(dtype), affine, header)
+        image.set_data_dtype(dtype)
+        written[name] = out_dir / f"{volume.case_id}-{name}.nii.gz"
+        nib.save(image, str(written[name]))
+    written["overlay"] = out_dir / f"{volume.case_id}-overlay.png"
+    cv2.imwrite(str(written["overlay"]), _volume_overlay(volume, prediction.labels))
+    return written
+
+
+def predict_cases(predictor: Predictor, cases: Sequence[CaseFiles], out_dir: Path, progress: bool = True,
+                  convention: str | None = None) -> dict:
+    """Predict every case (see the module docstring); cases whose images cannot be read are skipped and listed
+    with the reason in ``predictions.csv`` (one row per case, with its scores where it has labels that can be
+    read; a broken segmentation only costs the scores, and the row says why). ``convention``: the label
+    convention of the cases' dataset, which the scores read their labels with (default: the run's)."""
+    config = predictor.config
+    sequences = resolve_sequences(config.sequences, config.channels)
+    scoring = resolve_target(config.target, convention or predictor.target.convention)
+    rows, taken = [], set()
+    for case in cases:
+        name, number = case.case_id, 2
+        while name in taken:  # two input folders with one case id: never overwrite the first one's outputs
+            name, number = f"{case.case_id}-{number}", number + 1
+        taken.add(name)
+        case = dataclasses.replace(case, case_id=name)
+        labels_note = ""
+        try:
+            volume = read_case(case, sequences, config.fill_missing)
+        except DataError as error:
+            try:  # the images may be fine where the segmentation is not
+                volume = read_case(case, sequences, config.fill_missing, with_labels=False)
+                labels_note = f"not scored: {error}"
+            except DataError:
+                rows.append({"case_id": case.case_id, "status": f"skipped: {error}"})
+                continue
+        prediction = predictor.predict_volume(volume, progress)
+        write_case_prediction(volume, prediction, out_dir)
+        row = {"case_id": case.case_id, "status": "ok", "scores": labels_note, "slices": len(prediction.labels),
+               "lesion_voxels": int((prediction.labels > 0).sum()), "non_finite_voxels": volume.non_finite_voxels,
+               "filled_sequences": " ".join(volume.filled)}
+        if volume.labels is not None:
+            for region, scores in case_scores(volume, prediction, scoring).items():
+                row.update({f"{region}_{name}": value for name, value in scores.items()
+                            if name in ("dice", "hd95", "lesion_dice", "lesion_hd95", "truth_lesions",
+                                        "detected_lesions", "false_positive_lesions")})
+        rows.append(row)
+    pd.DataFrame(rows).to_csv(out_dir / "predictions.csv", index=False)
+    done = [row for row in rows if row["status"] == "ok"]
+    if not done:
+        raise DataError(f"no case could be predicted: {rows[0]['status'] if rows else 'none given'}")
+    return {"cases": len(done), "skipped": len(rows) - len(done),
+            "lesion_voxels": int(sum(row["lesion_voxels"] for row in done))}
+
+
+def nifti_case(predictor: Predictor, paths: Sequence[Path]) -> CaseFiles:
+    """NIfTI files given by themselves as one case named after the first: one volume fills every sequence
+    of the run, or one volume per sequence in the run's order."""
+    sequences = resolve_sequences(predictor.config.sequences, predictor.config.channels)
+    if len(paths) not in (1, len(sequences)):
+        raise DataError(f"the model takes {len(sequences)} sequence(s) ({', '.join(sequences)}): give 1 volume or "
+                        f"{len(sequences)}, not {len(paths)}")
+    sources = [SequenceSource(p) for p in paths] * (len(sequences) if len(paths) == 1 else 1)
+    return CaseFiles(nifti_stem(paths[0]), dict(zip(sequences, sources)))
+
+
+def _output_stems(relative: Sequence[Path]) -> list[str]:
+    """Where each input's outputs go, relative to the predictions folder: its path relative to the input
+    folder (a file given by itself: its name) without the extension. Inputs that would share one (``x.png``
+    beside ``x.tif``, or ``x.png`` in two input folders) keep their extension in it (``x-tif``), then a
+    counter, so no output ever overwrites another."""
+    stems = [path.with_suffix("").as_posix() for path in relative]
+    shared = {stem for stem in stems if stems.count(stem) > 1}
+    taken: set[str] = set()
+    result = []
+    for path, stem in zip(relative, stems):
+        stem = f"{stem}-{path.suffix.lstrip('.').lower()}" if stem in shared else stem
+        candidate, number = stem, 2
+        while candidate in taken:
+            candidate, number = f"{stem}-{number}", number + 1
+        taken.add(candidate)
+        result.append(candidate)
+    return result
+
+
+def predict_path(predictor: Predictor, inputs: Sequence[Path | str], out_root: Path | str,
+                 progress: bool = True) -> tuple[Path, dict]:
+    """Predict an image file, a folder of images (masks named ``*_mask.*`` are left out), NIfTI volume(s) of
+    one case, or folders of a volume layout (a case folder, or a dataset of cases) into a new folder
+    ``<out_root>/predictions``; returns the folder and a summary. Image outputs mirror the inputs' paths
+    inside their folders (:func:`_output_stems`), so none overwrites another; volume outputs are named after
+    their case. A model with 2.5D context reads each image with its neighbours as in training: the images of
+    its folder with the same case id, in slice-number order (``<case>_<n>``, as kaggle_3m names them)."""
+    inputs = [Path(p) for p in inputs]
+    missing = [str(p) for p in inputs if not p.exists()]
+    if missing:
+        raise DataError(f"input not found: {', '.join(missing)}")
+    out_dir = new_dir(resolve(out_root), "predictions")
+    if all(is_nifti(p) for p in inputs):
+        return out_dir, predict_cases(predictor, [nifti_case(predictor, inputs)], out_dir, progress)
+    volume_reports = [discover_volumes(p) for p in inputs if p.is_dir()]
+    if volume_reports and all(volume_reports) and len(volume_reports) == len(inputs):
+        cases = [case for report in volume_reports for case in report.cases]
+        conventions = {report.convention for report in volume_reports}
+        return out_dir, predict_cases(predictor, cases, out_dir, progress,
+                                      conventions.pop() if len(conventions) == 1 else None)
+    files: list[Path] = []
+    relative: list[Path] = []
+    for path in inputs:
+        if path.is_dir():
+            found = sorted(f for f in path.rglob("*") if f.suffix.lower() in IMAGE_EXTENSIONS
+                           and not f.stem.endswith(MASK_SUFFIX))
+            files += found
+            relative += [f.relative_to(path) for f in found]
+        else:
+            files.append(path)
+            relative.append(Path(path.name))
+    rows, images, stems = [], [], []
+    for path, stem in zip(files, _output_stems(relative)):
+        try:
+            images.append(read_image(path, predictor.config.channels))
+            stems.append((path, stem))
+        except DataError as error:
+            rows.append({"file": str(path), "status": f"skipped: {error}"})
+    if not images:
+        raise DataError(f"no readable image among {len(files)} file(s): {rows[0]['status'] if rows else 'none found'}")
+    cases = [(str(path.parent), *split_case_and_slice(path.stem)) for path, _ in stems]  # 2.5D neighbours
+    predictions = predictor.predict_slices(images, progress, case_ids=[f"{folder}/{case}" for folder, case, _ in cases],
+                                           slice_indices=[number for _, _, number in cases])
+    for (path, stem), image, prediction in zip(stems, images, predictions):
+        _write_slice(out_dir, stem, image, prediction)
+        rows.append({"file": str(path), "output": stem, "lesions": prediction.lesion_count, "lesion_pixels": int(sum(prediction.lesion_areas)),
+                     "max_probability": float(prediction.probability.max()), "status": "ok"})
+    pd.DataFrame(rows).to_csv(out_dir / "predictions.csv", index=False)
+    return out_dir, {"predicted": len(images), "skipped": len(files) - len(images)}

@@ -1,0 +1,74 @@
+"""The JSON the prediction service answers with (pydantic models, shown in its OpenAPI page)."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, Field
+
+# per-case scores returned by /predict/volume, per region (see metaseg_tf.inference.files.case_scores)
+VOLUME_SCORES = ("dice", "hd95", "lesion_dice", "lesion_hd95", "truth_lesions", "detected_lesions",
+                 "false_positive_lesions")
+
+
+class LesionSummary(BaseModel):
+    count: int = Field(description="connected components (8-connected) of the mask")
+    areas_px: list[int] = Field(description="area of each lesion in pixels of the uploaded image")
+    total_px: int
+
+
+class ProbabilitySummary(BaseModel):
+    max: float
+    mean: float
+    fraction_above_threshold: float
+
+
+class ModelPrediction(BaseModel):
+    model: str
+    threshold: float
+    mask_png: str = Field(description="base64 PNG, 0/255, at the uploaded image's size")
+    probability: ProbabilitySummary
+    lesions: LesionSummary
+    latency_ms: float
+    attention_png: list[str] | None = Field(default=None, description="base64 PNG heat maps, finest gate first")
+
+
+class PredictionResponse(BaseModel):
+    width: int
+    height: int
+    predictions: list[ModelPrediction]
+
+
+class RegionScores(BaseModel):
+    """Per-case scores of one region against the uploaded ``seg`` (null where a score is undefined)."""
+
+    dice: float | None
+    hd95: float | None = Field(description="95th-percentile Hausdorff distance in mm (voxels if no spacing)")
+    lesion_dice: float | None = Field(description="BraTS-MET 2023 lesion-wise Dice")
+    lesion_hd95: float | None = Field(description="BraTS-MET 2023 lesion-wise HD95 in mm")
+    truth_lesions: int | None
+    detected_lesions: int | None
+    false_positive_lesions: int | None
+
+
+class VolumeModelPrediction(BaseModel):
+    model: str
+    threshold: float
+    shape: list[int] = Field(description="the voxel grid of the input and of the returned seg, in file order")
+    slices: int = Field(description="axial slices predicted")
+    lesion_voxels: int
+    seg_filename: str = Field(description="<case>-seg.nii.gz")
+    seg_nii_gz: str = Field(description="base64 of <case>-seg.nii.gz: uint8 labels (a one-region model: the "
+                                        "region's own label, e.g. BraTS TC 1) on the input's voxel grid, with its "
+                                        "affine and header")
+    latency_ms: float
+    scores: dict[str, RegionScores] | None = Field(default=None, description="per region, when a seg was sent")
+
+
+class VolumeResponse(BaseModel):
+    case_id: str
+    shape: list[int] = Field(description="the uploaded voxel grid, in file order")
+    axial_slices: int
+    canonical_shape: list[int] = Field(description="(slice, row, column) for display: axial slices inferior to "
+                                                   "superior, rows anterior to posterior, columns the patient's "
+                                                   "right to left (metaseg_tf.data.volumes.to_canonical)")
+    spacing_mm: list[float] | None = Field(description="voxel size along the canonical axes")
+    predictions: list[VolumeModelPrediction]
