@@ -27,6 +27,8 @@ OPTIMIZERS = ("adam", "adamw", "sgd")
 LR_SCHEDULES = ("constant", "plateau", "cosine")
 AUTO_SWITCH = ("auto", "on", "off")
 REGION_TARGETS = ("any", "wt", "tc", "et", "multilabel")  # or "labels:1,3" (any label set)
+# the label conventions of metaseg_tf.data.targets (its LABEL_CONVENTIONS; a test keeps the two equal)
+LABEL_CONVENTION_NAMES = ("brats", "brats_post", "brats2021", "msd", "binary")
 FILL_RULES = ("skip", "zeros", "repeat")
 # settings of how a trained model's probabilities become masks: evaluation and prediction, never training
 INFERENCE_FIELDS = ("flip_tta", "min_lesion_voxels", "threshold_from_validation")
@@ -56,6 +58,11 @@ class ExperimentConfig:
     # what the model segments: "any" non-zero label (2D masks as today), a region "wt" / "tc" / "et" in the
     # dataset's label convention, "labels:1,3" (any label set), or "multilabel" (one sigmoid per region)
     target: str = "any"
+    # the label convention of a volume dataset (brats, brats_post, brats2021, msd, binary; empty: decided
+    # from the dataset, metaseg_tf.data.layouts) and how case ids group into patients for the split (a
+    # regular expression whose first group is the patient; empty: BraTS ids by patient, else one per case)
+    label_convention: str = ""
+    patient_pattern: str = ""
     context_slices: int = 0  # 2.5D: k neighbouring slices on each side of every sequence as extra channels
     empty_slice_fraction: float = 1.0  # fraction of lesion-free training slices drawn each epoch
 
@@ -138,6 +145,13 @@ class ExperimentConfig:
             raise ConfigError(f"sequences must be distinct, got {self.sequences}")
         if self.fill_missing not in FILL_RULES:
             raise ConfigError(f"fill_missing must be one of {FILL_RULES}, got {self.fill_missing!r}")
+        if self.label_convention and self.label_convention not in LABEL_CONVENTION_NAMES:
+            raise ConfigError(f"label_convention must be one of {', '.join(LABEL_CONVENTION_NAMES)} (or empty: "
+                              f"decided from the dataset), got {self.label_convention!r}")
+        try:
+            re.compile(self.patient_pattern)
+        except re.error as error:
+            raise ConfigError(f"patient_pattern is not a regular expression: {error}") from None
         if self.target not in REGION_TARGETS and not re.fullmatch(r"labels:\d+(,\d+)*", self.target):
             raise ConfigError(f"target must be one of {', '.join(REGION_TARGETS)} or labels:1,3 (a label set), "
                               f"got {self.target!r}")
@@ -239,6 +253,6 @@ class ExperimentConfig:
     def preprocessing_key(self) -> str:
         """Short hash of the fields that change preprocessed arrays (the cache key's config part)."""
         fields = ("channels", "image_size", "clahe", "clahe_clip_limit", "clahe_tile_grid", "sequences",
-                  "fill_missing")
+                  "fill_missing", "label_convention")
         payload = json.dumps({name: getattr(self, name) for name in fields}, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:12]

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from metaseg_tf.config import ExperimentConfig
-from metaseg_tf.data.split import kfold_patients, split_for_config, split_patients
+from metaseg_tf.data.split import kfold_patients, patient_of, split_for_config, split_patients
 
 CASES = [f"P{i:02d}" for i in range(20) for _ in range(7)]  # 20 patients, 7 slices each
 
@@ -54,3 +54,20 @@ def test_config_picks_holdout_or_fold() -> None:
     assert holdout == split_patients(CASES, 0.2, 0.2, 4)
     fold = split_for_config(CASES, ExperimentConfig(split_seed=4, n_folds=4, fold=2))
     assert fold == kfold_patients(CASES, 4, 0.2, 4)[2]
+
+
+def test_timepoints_of_one_patient_share_a_part_and_single_timepoints_split_as_before() -> None:
+    # BraTS-MET-PPPPP-TTT: two timepoints of each of 6 patients, one of 6 others
+    cases = [f"BraTS-MET-{p:05d}-{t:03d}" for p in range(12) for t in range(2 if p < 6 else 1)]
+    for split in [split_patients(cases, 0.25, 0.25, seed=3), *kfold_patients(cases, 3, seed=3)]:
+        for patient in range(6):
+            parts = {part for part in ("train", "val", "test") for case in getattr(split, part)
+                     if case.startswith(f"BraTS-MET-{patient:05d}-")}
+            assert len(parts) == 1, (patient, split)
+        assert sorted(split.train + split.val + split.test) == sorted(cases)
+    assert patient_of("BraTS-MET-00110-001") == "BraTS-MET-00110" and patient_of("TCGA_CS_4941_19960909") == "TCGA_CS_4941_19960909"
+    # a documented pattern groups other ids; ids that are their own patients split exactly as before grouping
+    assert patient_of("pt07_scan2", r"^(pt\d+)_") == "pt07"
+    single = [f"P{i:02d}" for i in range(20)]
+    expected = np.random.default_rng(5).permutation(sorted(single))
+    assert split_patients(single, 0.2, 0.0, seed=5).test == tuple(sorted(expected[:4]))

@@ -13,6 +13,7 @@ from conftest import write_image
 
 from metaseg_tf.data.discover import DataError
 from metaseg_tf.data.layouts import discover_volumes
+from metaseg_tf.data.targets import LABEL_CONVENTIONS, resolve_target
 from metaseg_tf.data.volumes import axial_axis, canonical_spacing, from_canonical, read_case, read_case_labels, sequence_of, to_canonical, window_volume
 
 SHAPE = (12, 10, 6)  # file voxel order (i, j, k)
@@ -203,16 +204,63 @@ def test_a_seg_on_another_affine_of_the_same_shape_is_refused_not_silently_flipp
     assert read_case(report.cases[0], ("t1c",), with_labels=False).labels is None
 
 
-def test_binary_and_brats_2021_label_maps_are_read_in_the_2023_convention(tmp_path: Path) -> None:
-    case = _brats_case(tmp_path, "BraTS-MET-00001-000")
+def test_a_binary_mask_collapses_and_a_brats_2021_folder_keeps_its_own_convention(tmp_path: Path) -> None:
+    case = _brats_case(tmp_path / "mets", "BraTS-MET-00001-000")
     seg = case / "BraTS-MET-00001-000-seg.nii.gz"
     _save(seg, (_labels() > 0).astype(np.uint8) * 255, AFFINES["LPS like BraTS"])  # a 0/255 mask
-    report = discover_volumes(tmp_path)
+    report = discover_volumes(tmp_path / "mets")
     assert set(np.unique(read_case_labels(report.cases[0]))) == {0, 1}
-    brats_2021 = np.where(_labels() == 3, 4, _labels()).astype(np.uint8)  # 1 NCR, 2 ED, 4 ET
-    _save(seg, brats_2021, AFFINES["LPS like BraTS"])
-    np.testing.assert_array_equal(read_case_labels(report.cases[0]),
-                                  to_canonical(_labels(), AFFINES["LPS like BraTS"]))
+    # BraTS 2018-2021: <case>_{t1,t1ce,t2,flair,seg}, labels 1 NCR, 2 ED, 4 ET, read (and written) as they are
+    brats_2021 = np.where(_labels() == 3, 4, _labels()).astype(np.uint8)
+    for name in ("t1", "t1ce", "t2", "flair"):
+        _save(tmp_path / "2021" / "BraTS2021_00001" / f"BraTS2021_00001_{name}.nii.gz", _image(1), AFFINES["LPS like BraTS"])
+    _save(tmp_path / "2021" / "BraTS2021_00001" / "BraTS2021_00001_seg.nii.gz", brats_2021, AFFINES["LPS like BraTS"])
+    report = discover_volumes(tmp_path / "2021")
+    assert (report.layout, report.convention, report.case_ids) == ("brats2021", "brats2021", ["BraTS2021_00001"])
+    assert sorted(report.cases[0].sequences) == ["t1c", "t1n", "t2f", "t2w"]
+    labels = read_case_labels(report.cases[0])
+    np.testing.assert_array_equal(labels, to_canonical(brats_2021, AFFINES["LPS like BraTS"]))
+    et = resolve_target("et", report.convention).masks(labels)[..., 0]
+    np.testing.assert_array_equal(et, to_canonical(_labels() == 3, AFFINES["LPS like BraTS"]))
+
+
+@pytest.mark.parametrize(("convention", "label"), [("brats", 3), ("brats", 2), ("brats", 1), ("msd", 3), ("msd", 1),
+                                                   ("brats2021", 4), ("brats_post", 4)])
+def test_a_seg_with_one_label_keeps_its_meaning_in_every_convention(tmp_path: Path, convention: str,
+                                                                    label: int) -> None:
+    # an enhancing-only metastasis (or oedema-only, cavity-only) seg must not become label 1
+    _brats_case(tmp_path, "BraTS-MET-00001-000")
+    only = (_labels() > 0).astype(np.uint8) * np.uint8(label)
+    _save(tmp_path / "BraTS-MET-00001-000" / "BraTS-MET-00001-000-seg.nii.gz", only, AFFINES["LPS like BraTS"])
+    report = discover_volumes(tmp_path, convention=convention)
+    labels = read_case_labels(report.cases[0])
+    assert set(np.unique(labels)) == {0, label}
+    for region, members in LABEL_CONVENTIONS[convention].items():
+        expected = (label in members) * (_labels() > 0)
+        np.testing.assert_array_equal(resolve_target(region, convention).masks(labels)[..., 0],
+                                      to_canonical(expected.astype(np.uint8), AFFINES["LPS like BraTS"]))
+
+
+def test_the_convention_is_decided_per_dataset_and_a_mix_is_refused(tmp_path: Path, caplog) -> None:
+    _brats_case(tmp_path / "gli", "BraTS-GLI-00001-000")
+    assert discover_volumes(tmp_path / "gli").convention == "brats_post"  # 4: resection cavity
+    _brats_case(tmp_path / "gli", "BraTS-MET-00002-000")
+    with pytest.raises(DataError, match="mixes BraTS sets"):
+        discover_volumes(tmp_path / "gli")
+    assert discover_volumes(tmp_path / "gli", convention="brats").convention == "brats"
+    # a label outside the convention is kept, and warned about
+    weird = _labels()
+    weird[0, 0, 0] = 5
+    _save(tmp_path / "gli" / "BraTS-MET-00002-000" / "BraTS-MET-00002-000-seg.nii.gz", weird, AFFINES["LPS like BraTS"])
+    with caplog.at_level("WARNING"):
+        read_case_labels(discover_volumes(tmp_path / "gli", convention="brats").cases[1])
+    assert "label(s) 5 (1 voxels) are not in the brats convention" in caplog.text
+
+
+def test_a_single_brats_case_folder_is_that_case(tmp_path: Path) -> None:
+    case = _brats_case(tmp_path, "BraTS-MET-00110-000", seg=False)
+    report = discover_volumes(case)
+    assert (report.layout, report.case_ids) == ("brats_mets", ["BraTS-MET-00110-000"])
 
 
 def test_layout_edge_cases_are_reported_not_dropped_or_merged(tmp_path: Path) -> None:

@@ -208,11 +208,12 @@ class ExperimentData:
         }
 
 
-def discover_data(root: Path | str) -> DiscoveryReport | VolumeReport:
-    """The volume layout of ``root`` (:func:`~metaseg_tf.data.volumes.discover_volumes`), else its 2D slice
-    layout (:func:`~metaseg_tf.data.discover.discover_pairs`, which raises :class:`DataError` naming every
-    layout tried when there is none)."""
-    return discover_volumes(root) or discover_pairs(root)
+def discover_data(root: Path | str, convention: str | None = None) -> DiscoveryReport | VolumeReport:
+    """The volume layout of ``root`` (:func:`~metaseg_tf.data.layouts.discover_volumes`, in the label
+    ``convention`` named, else the dataset's), else its 2D slice layout
+    (:func:`~metaseg_tf.data.discover.discover_pairs`, which raises :class:`DataError` naming every layout
+    tried when there is none)."""
+    return discover_volumes(root, convention) or discover_pairs(root)
 
 
 def load_experiment_data(config: ExperimentConfig, progress: bool = True, split: PatientSplit | None = None,
@@ -221,7 +222,7 @@ def load_experiment_data(config: ExperimentConfig, progress: bool = True, split:
     ``split`` (a run's recorded split) that one; with ``external`` every patient is test (an external test
     set is scored whole, never split, whatever the config's k-fold says); else the split the config asks
     for."""
-    report = discover_data(resolve(config.data_dir))
+    report = discover_data(resolve(config.data_dir), config.label_convention or None)
     dataset = (preprocess_volumes(report, config, progress=progress) if isinstance(report, VolumeReport)
                else preprocess_dataset(report, config, progress=progress))
     if external:

@@ -10,8 +10,12 @@ Layouts (auto-detected by :func:`discover_volumes`, tried in this order; the fir
     ``imagesTr/<case>_0000.nii.gz`` ...; labels ``labelsTr/<case>.nii.gz`` (1 oedema, 2 non-enhancing,
     3 enhancing: the ``msd`` convention). ``imagesTs/`` cases have no labels: prediction only.
 ``brats_mets``
-    BraTS-METS 2023/2024 and Pretreat-MetsToBrain-Masks: ``<case>/<case>-{t1c,t1n,t2f,t2w,seg}.nii.gz``
-    (labels 1 NETC, 2 SNFH, 3 ET: the ``brats`` convention). Cases without ``seg`` are prediction only.
+    BraTS-METS 2023/2024, Pretreat-MetsToBrain-Masks and the other BraTS 2023+ sets:
+    ``<case>/<case>-{t1c,t1n,t2f,t2w,seg}.nii.gz`` (labels 1 NETC, 2 SNFH, 3 ET: the ``brats`` convention;
+    ``BraTS-GLI-*`` cases: ``brats_post``, BraTS 2024 post-treatment glioma, where 4 is a resection cavity).
+    Cases without ``seg`` are prediction only. A case folder given by itself is that one case.
+``brats2021``
+    BraTS 2018-2021: ``<case>/<case>_{t1,t1ce,t2,flair,seg}.nii.gz`` (labels 1, 2, 4: ``brats2021``).
 ``brainmetshare``
     Stanford BrainMetShare: ``<case>/{0,1,2,3,seg}/<n>.png``, sequences 0 ``t1c`` (T1 gradient-echo
     post-contrast), 1 ``t1n`` (T1 pre-contrast), 2 ``t1c_se`` (T1 spin-echo post-contrast), 3 ``t2f``
@@ -24,6 +28,15 @@ Layouts (auto-detected by :func:`discover_volumes`, tried in this order; the fir
     sequence file is named by a token (split at ``_ - .``): ``t1c t1ce t1gd t1post`` -> ``t1c``, ``t1n t1
     t1pre`` -> ``t1n``, ``t2f flair`` -> ``t2f``, ``t2w t2`` -> ``t2w``. Example: ``*_t1ce_*``,
     ``*_flair_*``, ``*_whole_seg_*``, ``*_core_seg_*``.
+
+**Label conventions are decided per dataset, never per case** (:func:`dataset_convention`): a convention
+named by the user (``label_convention`` in the config, ``--labels-convention``) wins; else MSD's
+``dataset.json`` label names; else the file set (BraTS case-id prefixes); else the layout's. A folder whose
+cases need different conventions (BraTS-GLI beside BraTS-MET) is refused.
+
+**Patients.** BraTS ids are ``BraTS-<set>-<patient>-<timepoint>``: the timepoints of one patient are one
+patient in every split (:func:`~metaseg_tf.data.split.patient_of`; any other layout: a case is a patient, unless a
+``patient_pattern`` says otherwise).
 """
 
 from __future__ import annotations
@@ -34,11 +47,19 @@ import re
 from pathlib import Path
 
 from metaseg_tf.data.discover import IMAGE_EXTENSIONS, DataError
+from metaseg_tf.data.split import BRATS_CASE_ID
 from metaseg_tf.data.volumes import CaseFiles, is_nifti, load_nifti, name_tokens, nifti_stem, NIFTI_SUFFIXES, sequence_of, SequenceSource, VolumeReport
 
 logger = logging.getLogger(__name__)
 
-VOLUME_LAYOUTS = ("msd", "brats_mets", "brainmetshare", "generic")
+VOLUME_LAYOUTS = ("msd", "brats_mets", "brats2021", "brainmetshare", "generic")
+BRATS2021_SEQUENCES = {"t1ce": "t1c", "t1": "t1n", "flair": "t2f", "t2": "t2w"}
+BRATS_SET_CONVENTIONS = {"GLI": "brats_post"}  # every other BraTS 2023+ set: "brats"
+# MSD / nnU-Net dataset.json label names -> what each label is (checked in this order, by the name's start)
+_LABEL_NAME_ROLES = (("non-enhancing", ("non-enh", "non enh", "nonenh", "net")),
+                     ("necrotic", ("necro", "ncr", "netc")),
+                     ("enhancing", ("enh", "et")),
+                     ("oedema", ("edema", "oedema", "ed", "snfh", "peritumo")))
 MSD_CHANNELS = ("t2f", "t1n", "t1c", "t2w")  # Task01_BrainTumour: FLAIR, T1w, T1gd, T2w
 BRAINMETSHARE_FOLDERS = {"0": "t1c", "1": "t1n", "2": "t1c_se", "3": "t2f"}
 _REGION_TOKENS = {"whole": "wt", "wt": "wt", "core": "tc", "tc": "tc", "enh": "et", "enhancing": "et", "et": "et"}
@@ -123,24 +144,45 @@ def _discover_msd(root: Path) -> VolumeReport | None:
     return report if found else None
 
 
-def _discover_brats(root: Path) -> VolumeReport | None:
-    report = VolumeReport(root, "brats_mets", [])
-    pattern = re.compile(r"(?P<case>.+)-(?P<kind>t1c|t1n|t2f|t2w|seg)")
+def _named_case(case_dir: Path, report: VolumeReport, separator: str, kinds: dict[str, str]) -> bool:
+    """Add the case of ``case_dir`` whose files are ``<folder><separator><kind>.nii[.gz]`` (``kinds``: file
+    kind -> sequence name, ``seg`` the labels) to ``report``; False when no file is named so."""
+    pattern = re.compile(rf"(?P<case>.+){re.escape(separator)}(?P<kind>{'|'.join([*kinds, 'seg'])})", re.IGNORECASE)
+    sequences, labels, others = {}, None, []
+    for path in _visible(case_dir):
+        match = pattern.fullmatch(nifti_stem(path)) if is_nifti(path) else None
+        if match is None or match["case"] != case_dir.name:
+            others.append(path)
+        elif match["kind"].lower() == "seg":
+            labels = SequenceSource(path)
+        else:
+            sequences[kinds[match["kind"].lower()]] = SequenceSource(path)
+    if not sequences and labels is None:
+        return False
+    report.ignored_files += others
+    if sequences:
+        report.cases.append(CaseFiles(case_dir.name, sequences, labels))
+    else:
+        report.skipped[case_dir.name] = "a segmentation but no sequence file"
+    return True
+
+
+def _discover_named(root: Path, layout: str, separator: str, kinds: dict[str, str]) -> VolumeReport | None:
+    """A dataset of case folders named as ``layout`` names them, or ``root`` itself as one such case."""
+    report = VolumeReport(root, layout, [])
+    if _named_case(root, report, separator, kinds):
+        return report
     for case_dir in _case_dirs(root):
-        sequences, labels = {}, None
-        for path in _visible(case_dir):
-            match = pattern.fullmatch(nifti_stem(path)) if is_nifti(path) else None
-            if match is None or match["case"] != case_dir.name:
-                report.ignored_files.append(path)
-            elif match["kind"] == "seg":
-                labels = SequenceSource(path)
-            else:
-                sequences[match["kind"]] = SequenceSource(path)
-        if sequences:
-            report.cases.append(CaseFiles(case_dir.name, sequences, labels))
-        elif labels is not None:
-            report.skipped[case_dir.name] = "a segmentation but no sequence file"
+        _named_case(case_dir, report, separator, kinds)
     return report if report.cases or report.skipped else None
+
+
+def _discover_brats(root: Path) -> VolumeReport | None:
+    return _discover_named(root, "brats_mets", "-", {name: name for name in ("t1c", "t1n", "t2f", "t2w")})
+
+
+def _discover_brats2021(root: Path) -> VolumeReport | None:
+    return _discover_named(root, "brats2021", "_", BRATS2021_SEQUENCES)
 
 
 def _numbered_pngs(folder: Path) -> tuple[Path, ...]:
@@ -233,13 +275,67 @@ def _discover_generic(root: Path) -> VolumeReport | None:
     return report if report.cases else None
 
 
-_FINDERS = {"msd": _discover_msd, "brats_mets": _discover_brats, "brainmetshare": _discover_brainmetshare,
-            "generic": _discover_generic}
+_FINDERS = {"msd": _discover_msd, "brats_mets": _discover_brats, "brats2021": _discover_brats2021,
+            "brainmetshare": _discover_brainmetshare, "generic": _discover_generic}
 
 
-def discover_volumes(root: str | Path) -> VolumeReport | None:
-    """The volume layout of ``root`` and its cases (sorted by id), or None when ``root`` holds none (it may
-    then hold a 2D slice layout, :func:`~metaseg_tf.data.discover.discover_pairs`)."""
+def _msd_label_convention(root: Path) -> str | None:
+    """``msd`` / ``brats`` / ``brats2021`` from the label names of ``root/dataset.json`` (MSD's ``{"1":
+    "edema"}`` or nnU-Net v2's ``{"edema": 1}``), None when it names no known labels."""
+    manifest = root / "dataset.json"
+    try:
+        labels = json.loads(manifest.read_text()).get("labels", {}) if manifest.is_file() else {}
+    except ValueError:
+        return None
+    if not isinstance(labels, dict):
+        return None
+    pairs = [(k, v) if str(k).isdigit() else (v, k) for k, v in labels.items()]
+    roles = {}
+    for value, name in pairs:
+        if not isinstance(value, (int, str)) or not str(value).isdigit():
+            continue  # nnU-Net region labels ([1, 2, 3]) say nothing about one label's meaning
+        text = str(name).strip().lower().replace("_", " ")
+        role = next((role for role, starts in _LABEL_NAME_ROLES
+                     if any(text == start or text.startswith(start + " ") or (len(start) > 3 and text.startswith(start))
+                            for start in starts)), None)
+        if role is not None:
+            roles[int(value)] = role
+    if roles.get(1) == "oedema":
+        return "msd"
+    if roles.get(1) == "necrotic" and roles.get(2) == "oedema":
+        return "brats2021" if roles.get(4) == "enhancing" else "brats"
+    return None
+
+
+def dataset_convention(report: VolumeReport, named: str | None = None) -> tuple[str, str]:
+    """``(convention, what decided it)`` for the dataset of ``report`` (see the module docstring); a
+    :class:`DataError` for BraTS cases of sets with different conventions."""
+    if named:
+        return named, "named by the user"
+    if report.layout == "msd":
+        from_manifest = _msd_label_convention(report.root)
+        if from_manifest:
+            return from_manifest, "dataset.json label names"
+    if report.layout == "brats_mets":
+        sets: dict[str, set[str]] = {}
+        for case in report.cases:
+            match = BRATS_CASE_ID.fullmatch(case.case_id)
+            name = match["set"].upper() if match else ""
+            sets.setdefault(BRATS_SET_CONVENTIONS.get(name, "brats"), set()).add(name or case.case_id)
+        if len(sets) > 1:
+            found = "; ".join(f"{convention}: {', '.join(sorted(names)[:3])}" for convention, names in sorted(sets.items()))
+            raise DataError(f"{report.root} mixes BraTS sets of different label conventions ({found}); predict or "
+                            "train them as separate folders, or name one convention with --labels-convention")
+        if sets:
+            convention = next(iter(sets))
+            return convention, "BraTS case ids" if convention != "brats" else "layout"
+    return report.convention, "layout"
+
+
+def discover_volumes(root: str | Path, convention: str | None = None) -> VolumeReport | None:
+    """The volume layout of ``root`` and its cases (sorted by id) in the dataset's label convention
+    (:func:`dataset_convention`; ``convention`` names it), or None when ``root`` holds none (it may then
+    hold a 2D slice layout, :func:`~metaseg_tf.data.discover.discover_pairs`)."""
     root = Path(root)
     if not root.is_dir():
         return None
@@ -247,6 +343,7 @@ def discover_volumes(root: str | Path) -> VolumeReport | None:
         report = _FINDERS[layout](root)
         if report is not None:
             report.cases.sort(key=lambda case: case.case_id)
+            report.with_convention(*dataset_convention(report, convention))
             unlabelled = [case.case_id for case in report.cases if not case.labelled]
             if unlabelled:
                 logger.info("%d case(s) without labels (prediction only): %s", len(unlabelled), ", ".join(unlabelled[:5]))

@@ -43,7 +43,9 @@ from metaseg_tf.data.volumes import read_case, resolve_sequences, VolumeReport
 from metaseg_tf.paths import resolve
 
 logger = logging.getLogger(__name__)
-CACHE_FORMAT_VERSION = 3  # 3: masks keep their labels, volume layouts; 2: masks read as any non-zero label
+# 4: labels read in the dataset's convention (a single-label seg keeps its label); 3: masks keep their labels,
+# volume layouts; 2: masks read as any non-zero label
+CACHE_FORMAT_VERSION = 4
 
 
 def window_to_uint8(image: np.ndarray) -> np.ndarray:

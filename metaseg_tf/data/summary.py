@@ -11,8 +11,9 @@ from tqdm.auto import tqdm
 
 from metaseg_tf.data.discover import DataError, DiscoveryReport
 from metaseg_tf.data.io import check_pair_shapes, read_image, read_mask_labels
-from metaseg_tf.data.targets import LABEL_NAMES
-from metaseg_tf.data.volumes import VolumeReport
+from metaseg_tf.data.split import patient_groups
+from metaseg_tf.data.targets import LABEL_CONVENTIONS, LABEL_NAMES, unknown_labels
+from metaseg_tf.data.volumes import DEFAULT_SEQUENCES, read_labels_and_spacing, VolumeReport
 
 
 @dataclass
@@ -95,18 +96,88 @@ def summarise_dataset(report: DiscoveryReport, check: bool = True, progress: boo
     return summary
 
 
-def summarise_volumes(report: VolumeReport, show: int = 5) -> list[str]:
-    """Human-readable summary of a volume layout: cases, sequences, labels, and every skipped case and
-    ignored file with the reason (naming up to ``show`` of each)."""
-    sequences = Counter(name for case in report.cases for name in case.sequences)
+def _patients_line(report: VolumeReport, pattern: str) -> str:
+    groups = patient_groups(report.case_ids, pattern) if report.cases else {}
+    several = sum(len(cases) > 1 for cases in groups.values())
+    rule = f"pattern {pattern!r}" if pattern else "BraTS ids by patient, other ids one patient per case"
+    return (f"patients    : {len(groups)} ({several} with several timepoints, kept in one split part; grouped by "
+            f"{rule})")
+
+
+def lesion_statistics(report: VolumeReport, progress: bool = False) -> tuple[list[dict], list[str]]:
+    """Per region of the dataset's convention (one ``lesion`` region for binary labels), over the labelled
+    cases: cases and axial slices with lesion, lesions (3D 26-connected components, the BraTS-MET lesion
+    definition before its merging dilation) and their volumes in mm^3 (voxels where the spacing is unknown);
+    and the problems met (unreadable segs, labels outside the convention), one line each."""
+    from scipy import ndimage
+
+    regions = {"lesion": None} if report.convention == "binary" else LABEL_CONVENTIONS[report.convention]
+    rows = {name: {"region": name, "cases": 0, "slices": 0, "lesions": 0, "volumes": []} for name in regions}
+    problems, unit = [], "mm^3"
+    structure = ndimage.generate_binary_structure(3, 3)
+    for case in tqdm(report.labelled_cases, desc="reading labels", disable=not progress):
+        try:
+            labels, spacing = read_labels_and_spacing(case)
+        except DataError as error:
+            problems.append(f"{case.case_id}: labels not read: {error}")
+            continue
+        unknown = unknown_labels(labels, report.convention)
+        if unknown:
+            problems.append(f"{case.case_id}: label(s) {', '.join(map(str, unknown))} outside the {report.convention} "
+                            "convention (in no region)")
+        voxel = float(np.prod(spacing)) if spacing is not None else 1.0
+        unit = unit if spacing is not None else "voxels"
+        for name, members in regions.items():
+            mask = labels > 0 if members is None else np.isin(labels, members)
+            if not mask.any():
+                continue
+            components, count = ndimage.label(mask, structure)
+            row = rows[name]
+            row["cases"] += 1
+            row["slices"] += int(mask.reshape(len(mask), -1).any(axis=1).sum())
+            row["lesions"] += count
+            row["volumes"] += (np.bincount(components.ravel())[1:] * voxel).tolist()
+    for row in rows.values():
+        volumes = np.asarray(row.pop("volumes"))
+        row.update(unit=unit, median_volume=float(np.median(volumes)) if len(volumes) else None,
+                   min_volume=float(volumes.min()) if len(volumes) else None,
+                   max_volume=float(volumes.max()) if len(volumes) else None)
+    return list(rows.values()), problems
+
+
+def summarise_volumes(report: VolumeReport, show: int = 5, patient_pattern: str = "",
+                      sequences: tuple[str, ...] = (), lesions: bool = True, progress: bool = False) -> list[str]:
+    """Human-readable summary of a volume layout: cases, patients, sequences, labels (with ``lesions``,
+    :func:`lesion_statistics`: every seg is read), the cases ``sequences`` (default: the config's
+    default) would skip, and every skipped case and ignored file with the reason (naming up to ``show`` of
+    each)."""
+    counted = Counter(name for case in report.cases for name in case.sequences)
     lines = [
         f"data folder : {report.root}",
-        f"layout      : {report.layout} (labels: {report.convention} convention, "
+        f"layout      : {report.layout} (labels: {report.convention} convention from the {report.convention_source}, "
         + ", ".join(f"{k} {v}" for k, v in LABEL_NAMES[report.convention].items()) + ")",
         f"cases       : {len(report.cases)} ({len(report.labelled_cases)} with labels, "
         f"{len(report.cases) - len(report.labelled_cases)} prediction only)",
-        "sequences   : " + (", ".join(f"{name} in {n} cases" for name, n in sorted(sequences.items())) or "none"),
+        _patients_line(report, patient_pattern),
+        "sequences   : " + (", ".join(f"{name} in {n} cases" for name, n in sorted(counted.items())) or "none"),
     ]
+    if lesions and report.labelled_cases:
+        rows, problems = lesion_statistics(report, progress)
+        lines.append(f"lesions     : per region, over {len(report.labelled_cases)} labelled cases")
+        for row in rows:
+            sizes = (f"; volume median {row['median_volume']:.0f} {row['unit']} [{row['min_volume']:.0f}, "
+                     f"{row['max_volume']:.0f}]") if row["lesions"] else ""
+            lines.append(f"                {row['region']}: {row['cases']} cases, {row['slices']} axial slices with "
+                         f"lesion, {row['lesions']} lesions{sizes}")
+        lines += [f"                {problem}" for problem in problems[:show]]
+        if len(problems) > show:
+            lines.append(f"                ... and {len(problems) - show} more")
+    wanted = tuple(sequences) or DEFAULT_SEQUENCES
+    would_skip = {case: reason for case, reason in report.select(wanted).skipped.items() if case not in report.skipped}
+    lines.append(f"with {', '.join(wanted)}: " + (f"{len(would_skip)} cases would be skipped" if would_skip
+                                                     else "every case is used"))
+    for case, reason in list(would_skip.items())[:show]:
+        lines.append(f"                {case}  -- {reason}")
     lines.append(f"skipped     : {len(report.skipped)} cases" if report.skipped else "skipped     : nothing")
     for case, reason in list(report.skipped.items())[:show]:
         lines.append(f"                {case}  -- {reason}")

@@ -23,6 +23,7 @@ non-zero finite voxels) maps to ``[0, 1]`` (NaN-safe: non-finite voxels are coun
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +32,7 @@ import numpy as np
 
 from metaseg_tf.data.discover import DataError
 from metaseg_tf.data.io import read_image, read_mask_labels
-from metaseg_tf.data.targets import REGION_LABELS
+from metaseg_tf.data.targets import LABEL_CONVENTIONS, REGION_LABELS, unknown_labels
 
 SEQUENCE_NAMES = ("t1c", "t1n", "t2f", "t2w", "t1c_se")  # every name a layout can give a sequence
 DEFAULT_SEQUENCES = ("t1c", "t2f", "t1n")
@@ -44,10 +45,14 @@ SEQUENCE_ALIASES = {
 CANONICAL_AXCODES = ("S", "P", "L")
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 BRATS_SUFFIXES = ("t1c", "t1n", "t2f", "t2w")
-LAYOUT_CONVENTIONS = {"msd": "msd", "brats_mets": "brats", "brainmetshare": "binary", "generic": "brats"}
+# the label convention of each layout unless its files say otherwise (metaseg_tf.data.layouts decides per dataset)
+LAYOUT_CONVENTIONS = {"msd": "msd", "brats_mets": "brats", "brats2021": "brats2021", "brainmetshare": "binary",
+                      "generic": "brats"}
 WINDOW_PERCENTILES = (0.5, 99.5)
 WINDOW_SAMPLE = 1 << 18  # brain voxels the percentiles are taken from (every n-th of a larger brain)
 GRID_TOLERANCE_MM = 0.01  # two volumes share a grid when their shapes agree and their affines within this
+
+logger = logging.getLogger(__name__)
 
 
 def is_nifti(path: Path) -> bool:
@@ -87,12 +92,14 @@ class SequenceSource:
 @dataclass
 class CaseFiles:
     """One case of a volume layout: where each sequence and the labels are (``labels`` None: no
-    segmentation, prediction only; ``region_masks``: WT/TC/ET masks to combine, generic layout)."""
+    segmentation, prediction only; ``region_masks``: WT/TC/ET masks to combine, generic layout), and the label
+    ``convention`` of its dataset (:mod:`metaseg_tf.data.targets`), which its labels are read in."""
 
     case_id: str
     sequences: dict[str, SequenceSource]
     labels: SequenceSource | None = None
     region_masks: dict[str, Path] = field(default_factory=dict)
+    convention: str = "brats"
 
     @property
     def labelled(self) -> bool:
@@ -101,17 +108,30 @@ class CaseFiles:
 
 @dataclass
 class VolumeReport:
-    """The cases found under ``root`` in one layout, and what was not used, with the reason."""
+    """The cases found under ``root`` in one layout, and what was not used, with the reason; ``convention``:
+    the label convention of the whole dataset (default: the layout's, :data:`LAYOUT_CONVENTIONS`), which
+    every case is read in (:meth:`with_convention`), and what decided it (``convention_source``)."""
 
     root: Path
     layout: str
     cases: list[CaseFiles]
     skipped: dict[str, str] = field(default_factory=dict)
     ignored_files: list[Path] = field(default_factory=list)
+    convention: str = ""
+    convention_source: str = "layout"
 
-    @property
-    def convention(self) -> str:
-        return LAYOUT_CONVENTIONS[self.layout]
+    def __post_init__(self) -> None:
+        self.convention = self.convention or LAYOUT_CONVENTIONS[self.layout]
+        self.with_convention(self.convention, self.convention_source)
+
+    def with_convention(self, convention: str, source: str) -> VolumeReport:
+        """Set the label convention of the dataset and of each of its cases (``source``: what decided it)."""
+        if convention not in LABEL_CONVENTIONS:
+            raise DataError(f"unknown label convention {convention!r}; known: {', '.join(LABEL_CONVENTIONS)}")
+        self.convention, self.convention_source = convention, source
+        for case in self.cases:
+            case.convention = convention
+        return self
 
     @property
     def case_ids(self) -> list[str]:
@@ -143,7 +163,8 @@ class VolumeReport:
                                          f"{', '.join(sorted(case.sequences)) or 'none'})")
             else:
                 kept.append(case)
-        return VolumeReport(self.root, self.layout, kept, skipped, self.ignored_files)
+        return VolumeReport(self.root, self.layout, kept, skipped, self.ignored_files, self.convention,
+                            self.convention_source)
 
 
 # --- orientation ------------------------------------------------------------------------------------
@@ -255,10 +276,10 @@ def _read_source(source: SequenceSource, labels: bool = False) -> tuple[np.ndarr
     return to_canonical(data, image.affine), image
 
 
-def _label_map(data: np.ndarray, name: str) -> np.ndarray:
-    """Stored labels -> ``uint8``: integers in 0..255 as they are, except a single non-zero value (a binary
-    0/1, 0/255 mask), which becomes 1, and BraTS 2021's enhancing 4 (labels 1, 2, 4), which becomes 2023's 3;
-    a soft float mask is lesion above 0.5."""
+def _label_map(data: np.ndarray, name: str, convention: str) -> np.ndarray:
+    """Stored labels -> ``uint8`` labels of ``convention``: integers in 0..255 as they are (a seg holding only
+    ET, 3, stays ET), except that a binary mask collapses to 0/1: any non-zero value in the ``binary``
+    convention, and a 0/255 mask in any; a soft float mask is lesion (1) above 0.5."""
     data = np.asarray(data)
     if not (np.issubdtype(data.dtype, np.integer) or data.dtype == np.bool_):
         data = np.nan_to_num(data.astype(np.float64))
@@ -270,10 +291,8 @@ def _label_map(data: np.ndarray, name: str) -> np.ndarray:
         raise DataError(f"{name}: labels must lie in 0..255, got values in [{data.min()}, {data.max()}]")
     labels = data.astype(np.uint8)
     values = np.unique(labels[labels > 0]) if labels.any() else np.zeros(0, np.uint8)
-    if len(values) == 1:
+    if convention == "binary" or values.tolist() == [255]:
         return (labels > 0).astype(np.uint8)
-    if 4 in values and 3 not in values and set(values.tolist()) <= {1, 2, 4}:
-        labels[labels == 4] = 3
     return labels
 
 
@@ -334,7 +353,13 @@ def check_one_grid(grids: dict[str, tuple[tuple[int, ...], np.ndarray | None]], 
 def _case_labels(case: CaseFiles) -> tuple[np.ndarray, np.ndarray | None]:
     if case.labels is not None:
         data, image = _read_source(case.labels, labels=True)
-        return _label_map(data, str(case.labels.path)), None if image is None else image.affine
+        labels = _label_map(data, str(case.labels.path), case.convention)
+        unknown = unknown_labels(labels, case.convention)
+        if unknown:
+            logger.warning("case %s: label(s) %s (%s voxels) are not in the %s convention and belong to no region",
+                           case.case_id, ", ".join(map(str, unknown)), ", ".join(map(str, unknown.values())),
+                           case.convention)
+        return labels, None if image is None else image.affine
     labels, affine = None, None
     for region in ("wt", "tc", "et"):  # innermost last: TC inside WT, ET inside TC
         if region in case.region_masks:
@@ -343,16 +368,23 @@ def _case_labels(case: CaseFiles) -> tuple[np.ndarray, np.ndarray | None]:
             check_one_grid({"the first region mask": (labels.shape, affine),
                             f"the {region} mask": (data.shape, image.affine)}, case.case_id)
             affine = image.affine
-            labels[_label_map(data, str(case.region_masks[region])) > 0] = REGION_LABELS["brats"][region]
+            labels[_label_map(data, str(case.region_masks[region]), "binary") > 0] = \
+                REGION_LABELS[case.convention][region]
     if labels is None:
         raise DataError(f"case {case.case_id} has no labels")
     return labels, affine
 
 
+def read_labels_and_spacing(case: CaseFiles) -> tuple[np.ndarray, tuple[float, float, float] | None]:
+    """:func:`read_case_labels` and the canonical voxel spacing in mm of the label grid (None: slice files)."""
+    labels, affine = _case_labels(case)
+    return labels, None if affine is None else canonical_spacing(affine)
+
+
 def read_case_labels(case: CaseFiles) -> np.ndarray:
-    """``uint8 (Z, H, W)`` labels of a labelled case in canonical orientation: its label map, or its WT / TC /
-    ET masks combined into the ``brats`` convention (innermost region last). A label map with one non-zero
-    value (a binary 0/1 or 0/255 mask) becomes 0/1; BraTS 2021's enhancing label 4 becomes 2023's 3."""
+    """``uint8 (Z, H, W)`` labels of a labelled case in canonical orientation, in the case's convention: its
+    label map (:func:`_label_map`; labels outside the convention are kept, with a warning), or its WT / TC /
+    ET masks combined into one label map (innermost region last)."""
     return _case_labels(case)[0]
 
 
