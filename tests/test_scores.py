@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from scipy.spatial.distance import directed_hausdorff
 from sklearn.metrics import f1_score, jaccard_score, precision_score, recall_score
 
+from metaseg_tf.evaluation import surfaces
 from metaseg_tf.evaluation.scores import (
     MAX_GAP_SLICES,
     bootstrap_ci,
@@ -45,24 +45,47 @@ def test_empty_mask_conventions() -> None:
     assert false_alarm["dice"] == false_alarm["precision"] == 0.0
     assert false_alarm["specificity"] == pytest.approx(60 / 64)
     assert hausdorff_distance(empty, empty) == 0.0
-    assert hausdorff_distance(lesion, empty) == pytest.approx(np.hypot(8, 8))
+    assert hausdorff_distance(lesion, empty) == hausdorff_distance(empty, lesion) == 374.0  # BraTS's convention
     with pytest.raises(ValueError, match="differ in shape"):
         overlap_scores(empty, np.zeros((4, 4)))
 
 
-def test_hausdorff_of_shifted_squares_and_against_scipy() -> None:
+def test_hausdorff_of_shifted_squares_and_surfel_weighted_percentiles_by_hand() -> None:
     a, b = np.zeros((40, 40), bool), np.zeros((40, 40), bool)
     a[10:20, 10:20] = True
     b[13:23, 10:20] = True
     assert hausdorff_distance(a, b) == pytest.approx(3.0)
     assert hausdorff_distance(a, b, spacing=(2.0, 1.0)) == pytest.approx(6.0)
-    rng = np.random.default_rng(1)
-    for _ in range(5):
-        x, y = rng.random((30, 30)) < 0.1, rng.random((30, 30)) < 0.1
-        px, py = np.argwhere(x), np.argwhere(y)
-        # every pixel of a sparse random mask is on its surface, so HD100 is scipy's symmetric Hausdorff
-        reference = max(directed_hausdorff(px, py)[0], directed_hausdorff(py, px)[0])
-        assert hausdorff_distance(x, y, percentile=100) == pytest.approx(reference)
+    # two pixels 4 apart: each has 4 surfel corners of equal length; directed distances 3, 3, 4, 4, so the
+    # area-weighted 50th percentile is 3 and the 95th 4 (percentiles over voxel centres would give 4 and 4)
+    x, y = np.zeros((12, 14), bool), np.zeros((12, 14), bool)
+    x[5, 5], y[5, 9] = True, True
+    assert hausdorff_distance(x, y) == pytest.approx(4.0)
+    assert hausdorff_distance(x, y, percentile=50) == pytest.approx(3.0)
+    # a voxel and its neighbour along a 2 mm axis: half the corners coincide, the others are 2 mm away
+    v, w = np.zeros((3, 3, 3), bool), np.zeros((3, 3, 3), bool)
+    v[1, 1, 1], w[2, 1, 1] = True, True
+    assert hausdorff_distance(v, w, spacing=(2.0, 1.0, 1.0)) == pytest.approx(2.0)
+    assert hausdorff_distance(v, w, percentile=50, spacing=(2.0, 1.0, 1.0)) == 0.0
+    with pytest.raises(ValueError, match="one spacing per axis"):
+        hausdorff_distance(v, w, spacing=(1.0, 1.0))
+
+
+def test_surfel_areas_and_lengths_are_the_marching_cubes_and_squares_surfaces() -> None:
+    # one voxel's corner cut: a triangle through three edge midpoints, sqrt(3)/8 on a unit grid; with a 2 mm
+    # first axis its sides are (-1, .5, 0) and (-1, 0, .5): area |cross| / 2 = 0.375
+    assert surfaces._surfel_measures((1.0, 1.0, 1.0))[1] == pytest.approx(np.sqrt(3) / 8)
+    assert surfaces._surfel_measures((2.0, 1.0, 1.0))[1] == pytest.approx(0.375)
+    # a k x k square's contour: 4 straight sides of k - 1 and 4 corner cuts of sqrt(2) / 2
+    square = np.zeros((10, 10), bool)
+    square[2:7, 2:7] = True
+    (_, lengths), _ = surfaces.surface_distances(square, square)
+    assert lengths.sum() == pytest.approx(4 * 4 + 4 * np.sqrt(2) / 2)
+    # a box's surface is its faces less the edge and corner cuts; closer to the faces than voxel counts
+    box = np.zeros((8, 8, 8), bool)
+    box[2:6, 2:6, 2:6] = True
+    (_, areas), _ = surfaces.surface_distances(box, box)
+    assert 0.8 * 6 * 16 < areas.sum() < 6 * 16
 
 
 def _disc(shape: tuple[int, int], centre: tuple[int, int], radius: int) -> np.ndarray:

@@ -155,8 +155,9 @@ def compare_runs(run_dirs: Sequence[Path | str], out_dir: Path | str, split: str
     markdown = "\n".join([
         f"# Comparison on the {split} split", "",
         "Per-patient scores: mean ± sd [95 % bootstrap CI of the mean] over patients (3D, all slices of a "
-        "case). HD95 in mm where the voxel spacing is known, else in pixels. Lesion-wise scores after BraTS-MET "
-        "2023. Latency: one image, batch 1.", "",
+        "case). HD95 in mm where the voxel spacing is known, else in pixels, surfel-weighted as the BraTS 2023 "
+        "scripts compute it; a case whose prediction or truth is empty scores 374 (BraTS's convention). "
+        "Lesion-wise scores after BraTS-MET 2023. Latency: one image, batch 1.", "",
         table.to_markdown(index=False), "",
         "## Per region and lesion-wise (BraTS-MET 2023)", "",
         "Per-patient means [95 % bootstrap CI] of each region the models were trained on; lesion-wise Dice and "

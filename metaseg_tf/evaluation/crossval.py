@@ -451,6 +451,7 @@ def _markdown(state: dict[str, Any], summary: pd.DataFrame, per_fold: pd.DataFra
                   f"per-fold table gives). HD95 in {unit}"
                   + (" (px where the images carry no spacing: an in-plane pixel and a slice step each count 1)"
                      if "px" in unit.split("/") else "")
+                  + " (surfel-weighted, as the BraTS 2023 scripts; an empty prediction or truth scores 374)"
                   + ", lesion-wise Dice and false-positive lesions after BraTS-MET 2023, means over patients. The "
                   "bootstrap resamples patients of all folds together: it does not include the variation between "
                   "the folds' trainings. Training minutes: wall-clock mean per fold as recorded, whatever else ran "

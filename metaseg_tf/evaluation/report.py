@@ -269,7 +269,9 @@ def write_evaluation(
     ``probabilities`` ``float32 (n, S, S, R)`` are those of the slices at ``indices`` of ``data`` (one
     channel per region of ``config.target``, at the model's ``S = config.image_size``). At
     ``native_resolution`` they are resized (bilinear) to the slices' native size before ``predictor`` makes the
-    masks (:meth:`~metaseg_tf.inference.predictor.Predictor.masks`: its threshold and small-lesion removal). Writes ``per_image.csv``, ``per_patient.csv`` (and ``per_patient-<region>.csv`` for every
+    masks (:meth:`~metaseg_tf.inference.predictor.Predictor.masks`: its threshold and small-lesion removal);
+    each region is scored on the label map those masks are written as (innermost region wins, read back by
+    region: what a challenge evaluator scores in a ``-seg`` file). Writes ``per_image.csv``, ``per_patient.csv`` (and ``per_patient-<region>.csv`` for every
     further region), ``summary.json`` (``identity`` first, then the scores, then ``details``) and the plots
     ``per_patient_dice.png`` (labelled ``label``), ``threshold_sweep.png`` and ``overlays.png``.
     """
@@ -286,7 +288,9 @@ def write_evaluation(
     spacing = _spacing(data, None if native is not None else config.image_size)
     distance_unit = "mm" if spacing and all(v is not None for v in spacing.values()) else "px"
     case_ids, slice_indices = data.dataset.case_ids[indices], data.dataset.slice_indices[indices]
-    truth, pred = target.masks(labels), predictor.masks(probabilities, case_ids, slice_indices) > 0
+    # the regions of the label map that would be written (innermost region wins), as the BraTS scripts score a file
+    truth = target.masks(labels)
+    pred = target.masks(target.to_labels(predictor.masks(probabilities, case_ids, slice_indices))) > 0
     evaluations = {region: evaluate_masks(truth[..., r], pred[..., r], case_ids, slice_indices, spacing or None)
                    for r, region in enumerate(target.names)}
     evaluation = evaluations[target.names[0]]

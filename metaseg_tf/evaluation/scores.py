@@ -7,9 +7,10 @@ Conventions (explicit, and tested):
   any other zero denominator gives 0 (e.g. precision of an empty prediction on a lesion slice). Specificity
   with no true-negative pixel at all is 1.
 * **HD95** is the larger of the two directed 95th-percentile surface distances (the BraTS and MONAI
-  convention; medpy pools both directions instead), in pixel units scaled by ``spacing``. Both empty: 0.
-  Exactly one empty: the diagonal of the array's extent, the worst possible distance (BraTS uses 374 mm,
-  the diagonal of its 240 x 240 x 155 mm volume, the same way).
+  convention; medpy pools both directions instead), computed as the BraTS 2023 scripts do: surface elements
+  on the voxel-corner grid weighted by their area (:mod:`metaseg_tf.evaluation.surfaces`), in pixel units
+  scaled by ``spacing``. Both empty: 0. Exactly one empty: 374, BraTS's convention (mm: the diagonal of its
+  240 x 240 x 155 mm volume; the same number in pixels where the spacing is unknown).
 * **Lesion-wise** scores follow the BraTS 2023 metastasis challenge exactly (:func:`lesion_wise_scores`
   gives the definition): 26-connected components, truth merged by a 1-iteration dilation with
   ``generate_binary_structure(3, 2)``, truth lesions of at most 2 voxels (or 2 mm^3 with spacing) left
@@ -29,6 +30,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import pandas as pd
 from scipy import ndimage
+
+from metaseg_tf.evaluation.surfaces import percentile_hausdorff
 
 OVERLAP_SCORES = ("dice", "iou", "precision", "recall", "specificity")
 # the per-patient scores summarised (mean, sd, bootstrap CI) in an evaluation's summary.json
@@ -87,40 +90,30 @@ def overlap_scores(truth: np.ndarray, pred: np.ndarray) -> dict[str, float]:
     return ConfusionCounts.from_masks(truth, pred).scores()
 
 
-def _extent_diagonal(shape: Sequence[int], spacing: Sequence[float]) -> float:
-    return float(np.sqrt(sum((n * s) ** 2 for n, s in zip(shape, spacing))))
-
-
-def _surface(mask: np.ndarray) -> np.ndarray:
-    structure = ndimage.generate_binary_structure(mask.ndim, mask.ndim)
-    return mask & ~ndimage.binary_erosion(mask, structure, border_value=0)
-
-
-def hausdorff_distance(
-    truth: np.ndarray, pred: np.ndarray, percentile: float = 95.0, spacing: Sequence[float] | None = None
-) -> float:
-    """Symmetric percentile Hausdorff distance between the surfaces of two binary masks (2D or 3D).
-
-    ``max(P_q(d(S_truth, S_pred)), P_q(d(S_pred, S_truth)))`` with ``q = percentile`` over the surface
-    pixels (the mask minus its erosion) and Euclidean distances scaled by ``spacing`` (default 1 per
-    axis). ``percentile=100`` gives the classic Hausdorff distance.
-    """
-    truth, pred = _binary_pair(truth, pred)
-    spacing = tuple(spacing) if spacing is not None else (1.0,) * truth.ndim
-    if not truth.any() and not pred.any():
-        return 0.0
-    if not truth.any() or not pred.any():
-        return _extent_diagonal(truth.shape, spacing)
-    surface_truth, surface_pred = _surface(truth), _surface(pred)
-    to_pred = ndimage.distance_transform_edt(~surface_pred, sampling=spacing)[surface_truth]
-    to_truth = ndimage.distance_transform_edt(~surface_truth, sampling=spacing)[surface_pred]
-    return float(max(np.percentile(to_pred, percentile), np.percentile(to_truth, percentile)))
-
-
 # BraTS 2023 lesion-wise parameters of the metastasis challenge (BraTS-MET)
 BRATS_MET_DILATION = 1  # iterations of the dilation that merges nearby truth fragments
 BRATS_MET_MIN_VOLUME = 2.0  # truth lesions of at most this volume (voxels, or mm^3 with spacing) are left out
-BRATS_MISS_DISTANCE = 374.0  # HD95 of a missed lesion or a false positive (mm; the BraTS volume's diagonal)
+BRATS_MISS_DISTANCE = 374.0  # HD95 of a missed lesion, a false positive or an empty mask (mm; BraTS's diagonal)
+
+
+def hausdorff_distance(
+    truth: np.ndarray, pred: np.ndarray, percentile: float = 95.0, spacing: Sequence[float] | None = None,
+    empty_distance: float = BRATS_MISS_DISTANCE,
+) -> float:
+    """Symmetric percentile Hausdorff distance between the surfaces of two binary masks (2D or 3D).
+
+    ``max(P_q(truth -> pred), P_q(pred -> truth))`` with ``q = percentile`` over surface elements weighted
+    by their area (:func:`~metaseg_tf.evaluation.surfaces.percentile_hausdorff`, the definition of the BraTS
+    2023 evaluation), distances scaled by ``spacing`` (default 1 per axis). ``percentile=100`` gives the
+    Hausdorff distance between the surfaces. Both masks empty: 0; exactly one: ``empty_distance`` (BraTS:
+    374).
+    """
+    truth, pred = _binary_pair(truth, pred)
+    if not truth.any() and not pred.any():
+        return 0.0
+    if not truth.any() or not pred.any():
+        return float(empty_distance)
+    return percentile_hausdorff(truth, pred, percentile, spacing)
 
 
 @dataclass(frozen=True)
