@@ -25,7 +25,7 @@ from typing import Any
 import yaml
 
 from metaseg_tf import paths
-from metaseg_tf.config import ConfigError, ExperimentConfig
+from metaseg_tf.config import ConfigError, ExperimentConfig, LABEL_CONVENTION_NAMES
 from metaseg_tf.data.discover import DataError, discover_pairs
 from metaseg_tf.data.layouts import discover_volumes
 from metaseg_tf.data.summary import summarise_dataset, summarise_volumes
@@ -163,7 +163,8 @@ def _predict(args: argparse.Namespace) -> int:
     predictor = Predictor.from_run(args.run or args.model, which=args.which, threshold=args.threshold, flip_tta=args.tta,
                                    min_lesion_voxels=args.min_lesion_voxels, engine=args.engine, level=args.level,
                                    models=args.models)
-    out_dir, summary = predict_path(predictor, args.input, args.out, progress=not args.quiet)
+    out_dir, summary = predict_path(predictor, args.input, args.out, progress=not args.quiet,
+                                    convention=args.labels_convention)
     print(", ".join(f"{key} {value}" for key, value in summary.items()))
     print(out_dir)
     return 0
@@ -205,9 +206,10 @@ def _crossval(args: argparse.Namespace) -> int:
 
 
 def _data_summary(args: argparse.Namespace) -> int:
-    volumes = discover_volumes(args.directory)
+    volumes = discover_volumes(args.directory, args.labels_convention)
     if volumes is not None:
-        print("\n".join(summarise_volumes(volumes, show=args.show)))
+        print("\n".join(summarise_volumes(volumes, show=args.show, patient_pattern=args.patient_pattern,
+                                           sequences=tuple(args.sequences), lesions=not args.quick)))
         if not volumes.cases:
             raise DataError(f"no usable case in {volumes.root}")
         return 0
@@ -281,6 +283,13 @@ def build_parser() -> argparse.ArgumentParser:
     summary.add_argument("directory", type=_typed_path)
     summary.add_argument("--quick", action="store_true", help="only find pairs; do not read every file")
     summary.add_argument("--show", type=int, default=5, help="file names listed per skip reason")
+    summary.add_argument("--labels-convention", choices=LABEL_CONVENTION_NAMES,
+                         help="the label convention of a volume dataset (default: decided from its files)")
+    summary.add_argument("--patient-pattern", default="",
+                         help="regular expression whose first group is a case's patient (default: BraTS ids by "
+                              "patient, else one patient per case)")
+    summary.add_argument("--sequences", nargs="+", default=(),
+                         help="sequences a run would use: which cases it would skip (default: the config's)")
     summary.set_defaults(handler=_data_summary)
     synth = data_commands.add_parser("synth", help="write the synthetic metastasis phantom")
     synth.add_argument("out", type=_typed_path)
@@ -383,6 +392,10 @@ def build_parser() -> argparse.ArgumentParser:
                          help="drop predicted lesions smaller than this (default: the run's min_lesion_voxels): 3D "
                               "per case for volumes and for slices named <case>_<n>, else pixels of a slice")
     predict.add_argument("--min-component", type=int, help=argparse.SUPPRESS)  # deprecated: --min-lesion-voxels
+    predict.add_argument("--labels-convention", choices=LABEL_CONVENTION_NAMES,
+                         help="the label convention of the volumes predicted, which their segs are read and the "
+                              "-seg files written in (default: their dataset's, from its files; NIfTI files alone: "
+                              "the run's)")
     _add_engine_flags(predict, "run the network with Keras (default), ONNX Runtime or OpenVINO (the run's newest "
                                "export of that format, exported first if there is none)")
     predict.set_defaults(handler=_predict)

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from metaseg_tf.cli import build_parser, main
@@ -56,6 +57,31 @@ def test_synth_then_summary_of_it(tmp_path: Path, capsys: pytest.CaptureFixture,
     out = capsys.readouterr().out
     assert "layout      : brats_mets" in out and "cases       : 3 (3 with labels" in out
     assert "t1c in 3 cases, t1n in 3 cases, t2f in 3 cases, t2w in 3 cases" in out
+    assert "patients    : 3 (0 with several timepoints" in out and "with t1c, t2f, t1n: every case is used" in out
+
+
+def test_volume_summary_reports_lesions_per_region_patients_and_skips(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    import nibabel as nib
+
+    # two timepoints of one patient, 2 mm slices (2 mm^3 voxels); ET: one 8-voxel lesion in each (16 mm^3),
+    # SNFH around it in the first (WT 6 x 6 x 4 voxels: 288 mm^3)
+    affine = np.diag([1.0, 1.0, 2.0, 1.0])
+    for case, with_oedema in (("BraTS-MET-00001-000", True), ("BraTS-MET-00001-001", False)):
+        labels = np.zeros((10, 10, 6), np.uint8)
+        if with_oedema:
+            labels[2:8, 2:8, 1:5] = 2
+        labels[4:6, 4:6, 2:4] = 3
+        for name, data in (("t1c", np.ones((10, 10, 6), np.float32)), ("t2f", np.ones((10, 10, 6), np.float32)),
+                           ("seg", labels)):
+            (tmp_path / "d" / case).mkdir(parents=True, exist_ok=True)
+            nib.save(nib.Nifti1Image(data, affine), str(tmp_path / "d" / case / f"{case}-{name}.nii.gz"))
+    assert main(["-q", "data", "summary", str(tmp_path / "d"), "--sequences", "t1c", "t2w"]) == 0
+    out = capsys.readouterr().out
+    assert "patients    : 1 (1 with several timepoints" in out
+    assert "et: 2 cases, 4 axial slices with lesion, 2 lesions; volume median 16 mm^3 [16, 16]" in out
+    assert "tc: 2 cases, 4 axial slices with lesion, 2 lesions" in out
+    assert "wt: 2 cases, 6 axial slices with lesion, 2 lesions; volume median 152 mm^3 [16, 288]" in out
+    assert "with t1c, t2w: 2 cases would be skipped" in out and "missing sequence(s) t2w" in out
     assert main(["data", "synth", "ph", "--patients", "5", "--slices", "4", "--size", "64", "--layout", "kaggle_3m"]) == 0
     assert "wrote phantom" in capsys.readouterr().out
     assert main(["-q", "data", "summary", "ph"]) == 0

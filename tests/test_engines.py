@@ -4,6 +4,7 @@ command line and the API."""
 from __future__ import annotations
 
 import base64
+import os
 from pathlib import Path
 
 import cv2
@@ -54,6 +55,9 @@ def test_predict_folder_and_api_with_an_engine_match_keras(served_runs: list[Pat
             assert client.get("/models").json()[0]["engine"] == engine
             served = next(iter(client.app.state.models.values()))
             assert (served.serialised() is served.lock) == (engine == "keras"), "only Keras is called under the lock"
+            if engine == "openvino":  # the served sessions share the cores instead of each taking all of them
+                assert served.predictor.engine.threads == max(1, os.cpu_count() or 1)
+                assert served.predictor.engine.compiled.get_property("INFERENCE_NUM_THREADS") == served.predictor.engine.threads
             reply = client.post("/predict", files={"file": ("x.png", image)}, data={"threshold": "0.3"}).json()
             masks[engine] = base64.b64decode(reply["predictions"][0]["mask_png"])
     np.testing.assert_array_equal(cv2.imdecode(np.frombuffer(masks["keras"], np.uint8), 0),
@@ -128,3 +132,8 @@ def test_evaluate_scores_the_masks_predict_writes_for_any_engine_and_level(
         assert int(written.sum()) == row.pred_pixels, stem
         assert int((written & (truth > 0)).sum()) == round(row.dice * (row.pred_pixels + row.truth_pixels) / 2), stem
     assert per_image["pred_pixels"].sum() > 0, "nothing predicted would make this test vacuous"
+
+
+def test_an_onnx_session_uses_the_threads_it_is_given(served_runs: list[Path]) -> None:
+    engine = load_engine(served_runs[1], "onnx", threads=1)
+    assert engine.session.get_session_options().intra_op_num_threads == 1

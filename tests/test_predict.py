@@ -181,6 +181,73 @@ def test_case_scores_read_the_labels_in_the_convention_of_the_predicted_dataset(
         assert msd[column].iloc[0] == pytest.approx(brats[column].iloc[0]), column
 
 
+def _msd_copy(case: Path, root: Path) -> Path:
+    """The BraTS case as an MSD Task01 dataset: one 4D file (FLAIR, T1w, T1gd, T2w) and labels 1 oedema,
+    2 non-enhancing, 3 enhancing."""
+    volumes = {name: nib.load(str(case / f"{case.name}-{name}.nii.gz")) for name in ("t2f", "t1n", "t1c", "t2w", "seg")}
+    four_d = np.stack([np.asarray(volumes[name].dataobj) for name in ("t2f", "t1n", "t1c", "t2w")], axis=-1)
+    seg = np.asarray(volumes["seg"].dataobj)
+    msd_labels = np.select([seg == 1, seg == 2, seg == 3], [2, 1, 3], 0).astype(np.uint8)
+    for folder, data in (("imagesTr", four_d), ("labelsTr", msd_labels)):
+        (root / folder).mkdir(parents=True)
+        nib.save(nib.Nifti1Image(data, volumes["t1c"].affine), str(root / folder / f"{case.name}.nii.gz"))
+    return root
+
+
+def test_segs_are_written_in_the_predicted_datasets_convention_and_scored_as_written(
+        brats_run: Path, brats_phantom_dir: Path, tmp_path: Path) -> None:
+    """A BraTS-trained run predicting MSD data writes MSD labels (oedema 1, not BraTS's NETC 1), says so in
+    predictions.csv, and its per-case scores are those of the written file read back by region, as the
+    challenge scripts read a submission; input folders of two conventions are refused."""
+    from metaseg_tf.evaluation.scores import hausdorff_distance, overlap_scores
+
+    case = sorted(p for p in brats_phantom_dir.iterdir() if p.is_dir())[0]
+    msd = _msd_copy(case, tmp_path / "msd")
+    predictor = Predictor.from_run(brats_run, threshold=0.3)
+    brats_dir, _ = predict_path(predictor, [case], tmp_path / "a", progress=False)
+    msd_dir, _ = predict_path(predictor, [msd], tmp_path / "b", progress=False)
+    as_brats = np.asarray(nib.load(str(brats_dir / f"{case.name}-seg.nii.gz")).dataobj)
+    written = nib.load(str(msd_dir / f"{case.name}-seg.nii.gz"))
+    as_msd = np.asarray(written.dataobj)
+    assert (as_brats > 0).any() and set(np.unique(as_brats)) > {0, 2}
+    np.testing.assert_array_equal(as_msd, np.select([as_brats == 1, as_brats == 2, as_brats == 3], [2, 1, 3], 0))
+    row = pd.read_csv(msd_dir / "predictions.csv").iloc[0]
+    assert row["label_convention"] == "msd"
+    truth = np.asarray(nib.load(str(msd / "labelsTr" / f"{case.name}.nii.gz")).dataobj)
+    spacing = written.header.get_zooms()[:3]
+    for region, members in {"wt": (1, 2, 3), "tc": (2, 3), "et": (3,)}.items():
+        mine, theirs = np.isin(as_msd, members), np.isin(truth, members)
+        assert row[f"{region}_dice"] == pytest.approx(overlap_scores(theirs, mine)["dice"]), region
+        assert row[f"{region}_hd95"] == pytest.approx(hausdorff_distance(theirs, mine, 95, spacing)), region
+    with pytest.raises(DataError, match="different label conventions"):
+        predict_path(predictor, [case, msd], tmp_path / "c", progress=False)
+
+
+def test_a_4d_msd_file_and_a_lone_brats_case_folder_are_predicted_as_cases(brats_run: Path, brats_phantom_dir: Path,
+                                                                            tmp_path: Path) -> None:
+    case = sorted(p for p in brats_phantom_dir.iterdir() if p.is_dir())[0]
+    msd = _msd_copy(case, tmp_path / "msd")
+    predictor = Predictor.from_run(brats_run, threshold=0.3)
+    out_dir, summary = predict_path(predictor, [msd / "imagesTr" / f"{case.name}.nii.gz"], tmp_path / "a", progress=False)
+    assert summary["cases"] == 1 and (out_dir / f"{case.name}-seg.nii.gz").is_file()
+    # a validation case: four sequences and no seg; the file carries the case id, as an evaluator matches it
+    lone = tmp_path / case.name
+    lone.mkdir()
+    for name in ("t1c", "t1n", "t2f", "t2w"):
+        (lone / f"{case.name}-{name}.nii.gz").write_bytes((case / f"{case.name}-{name}.nii.gz").read_bytes())
+    out_dir, _ = predict_path(predictor, [lone], tmp_path / "b", progress=False)
+    assert [p.name for p in out_dir.glob("*-seg.nii.gz")] == [f"{case.name}-seg.nii.gz"]
+    # the web app's volume route writes only the seg it returns
+    from metaseg_tf.data.layouts import discover_volumes
+    from metaseg_tf.data.volumes import read_case
+    from metaseg_tf.inference.files import write_case_prediction
+
+    volume = read_case(discover_volumes(lone).cases[0], ("t1c", "t2f", "t1n"))
+    (tmp_path / "c").mkdir()
+    written = write_case_prediction(volume, predictor.predict_volume(volume), tmp_path / "c", outputs=("seg",))
+    assert list(written) == ["seg"] and [p.name for p in (tmp_path / "c").iterdir()] == [f"{case.name}-seg.nii.gz"]
+
+
 def test_a_context_model_reads_the_neighbouring_slices_of_a_folder_by_case_and_number(brats_run: Path,
                                                                                      tmp_path: Path) -> None:
     """Slices named <case>_<n> are each other's 2.5D neighbours at prediction, as at training; a lone slice is

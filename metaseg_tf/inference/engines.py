@@ -7,6 +7,9 @@ the thresholding and the resizing around it, so every engine gives masks on the 
 
 * ``keras``: the run's ``.keras`` model, ``predict_on_batch`` under the configured backend.
 * ``onnx``: an ONNX export (:mod:`metaseg_tf.inference.export`) in ONNX Runtime on the CPU execution provider.
+
+ONNX Runtime and OpenVINO each take every core for one model by default; ``threads`` bounds that, so a
+server holding several models (or an ensemble) does not run more threads than the machine has cores.
 * ``openvino``: an OpenVINO IR export compiled for the CPU with ``INFERENCE_PRECISION_HINT=f32``. OpenVINO
   otherwise runs in bf16 on CPUs that have it (this one does), which is faster but moves probabilities by a
   few hundredths: a different model, not the trained one. ``precision="bf16"`` asks for it explicitly.
@@ -69,9 +72,13 @@ class OnnxEngine:
     name = "onnx"
     concurrent = True  # InferenceSession.run is thread-safe and releases the GIL
 
-    def __init__(self, path: Path | str) -> None:
+    def __init__(self, path: Path | str, threads: int | None = None) -> None:
         onnxruntime = _runtime("onnxruntime", "onnx")
-        self.session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        options = onnxruntime.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        self.threads = threads
+        self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.input_name = self.session.get_inputs()[0].name
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
@@ -85,9 +92,11 @@ class OpenVinoEngine:
     name = "openvino"
     concurrent = True  # one infer request per call; inference releases the GIL
 
-    def __init__(self, path: Path | str, precision: str = "f32") -> None:
+    def __init__(self, path: Path | str, precision: str = "f32", threads: int | None = None) -> None:
         openvino = _runtime("openvino", "openvino")
-        self.compiled = openvino.Core().compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": precision})
+        properties = {"INFERENCE_PRECISION_HINT": precision, **({"INFERENCE_NUM_THREADS": threads} if threads else {})}
+        self.threads = threads
+        self.compiled = openvino.Core().compile_model(str(path), "CPU", properties)
         self.output = self.compiled.output(0)
 
     def predict(self, batch: np.ndarray) -> np.ndarray:

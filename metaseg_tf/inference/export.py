@@ -116,24 +116,26 @@ def export_run(run_dir: Path | str, format: str, which: str = "best", level: int
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def engine_from_export(export_dir: Path | str) -> Engine:
-    """The engine of an export folder (``onnx`` or ``openvino``)."""
+def engine_from_export(export_dir: Path | str, threads: int | None = None) -> Engine:
+    """The engine of an export folder (``onnx`` or ``openvino``), using at most ``threads`` threads."""
     export_dir = Path(export_dir)
     kind = read_export(export_dir)["format"]
     if kind == "onnx":
-        return OnnxEngine(export_dir / EXPORT_FILES["onnx"])
+        return OnnxEngine(export_dir / EXPORT_FILES["onnx"], threads=threads)
     if kind == "openvino":
-        return OpenVinoEngine(export_dir / EXPORT_FILES["openvino"])
+        return OpenVinoEngine(export_dir / EXPORT_FILES["openvino"], threads=threads)
     raise ValueError(f"{export_dir} holds a {kind} export, which no engine here runs; use onnx or openvino")
 
 
-def load_engine(run_dir: Path | str, engine: str, which: str = "best", model=None, level: int | None = None) -> Engine:
+def load_engine(run_dir: Path | str, engine: str, which: str = "best", model=None, level: int | None = None,
+                threads: int | None = None) -> Engine:
     """The run's ``which`` model, pruned to ``level`` if given (U-Net++ only,
     :func:`~metaseg_tf.inference.loading.inference_network`), as ``engine``: Keras (``model`` if given, else
-    loaded), or the newest export of that format and level (written first if there is none)."""
+    loaded), or the newest export of that format and level (written first if there is none), using at most
+    ``threads`` threads (ONNX Runtime, OpenVINO; None: the runtime's default, every core)."""
     if engine not in ENGINES:
         raise ValueError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
     if engine == "keras":
         return KerasEngine(inference_network(model if model is not None else load_model(run_dir, which), level))
     export_dir = newest_export(run_dir, engine, which, level) or export_run(run_dir, engine, which, level)
-    return engine_from_export(export_dir)
+    return engine_from_export(export_dir, threads)

@@ -8,12 +8,15 @@ Written outputs per slice: ``<stem>_mask.png`` (0/255), ``<stem>_probability.png
 Volumes are read like training data (:mod:`metaseg_tf.data.volumes`): reoriented to the canonical axial
 orientation from the affine, windowed per volume and sequence, each axial slice predicted with its 2.5D
 context, and the result put back into the input's own voxel grid. Written per case, BraTS-style:
-``<case>-seg.nii.gz`` (``uint8``; a binary mask for one region, the labels of the dataset's convention for a
-``multilabel`` run) and ``<case>-probability.nii.gz`` (``float32``, one volume per region), both with the
-input's affine and header so they overlay in any NIfTI viewer, and ``<case>-overlay.png`` (the slices with
-most predicted lesion). Where the case has a segmentation the per-case scores are computed too. Given NIfTI
-files by themselves: one volume fills every input channel, or one co-registered volume per sequence of the
-run, in its order.
+``<case>-seg.nii.gz`` (``uint8``, in the label convention **of the data being predicted**, or the one the
+user names, whatever the training data's: a WT model writes WT's label, ``multilabel`` the convention's label
+map; :meth:`~metaseg_tf.data.targets.Target.to_labels`) and ``<case>-probability.nii.gz`` (``float32``, one
+volume per region), both with the input's affine and header so they overlay in any NIfTI viewer, and
+``<case>-overlay.png`` (the slices with most predicted lesion); ``predictions.csv`` names the convention
+written. Where the case has a segmentation, the per-case scores are those of the written label map (read
+back by region, as the BraTS scripts read a submitted file) against the truth. Given NIfTI files by
+themselves: one volume fills every input channel, a 4D file (MSD) gives its channels in MSD Task01's
+order (or the run's, when it has as many), or one co-registered volume per sequence of the run, in its order.
 
 Unreadable files in a folder are skipped, counted and listed with the reason in ``predictions.csv``.
 """
@@ -30,9 +33,9 @@ import pandas as pd
 
 from metaseg_tf.data.discover import IMAGE_EXTENSIONS, MASK_SUFFIX, DataError, split_case_and_slice
 from metaseg_tf.data.io import read_image
-from metaseg_tf.data.layouts import discover_volumes
-from metaseg_tf.data.targets import Target, resolve_target
-from metaseg_tf.data.volumes import CaseFiles, CaseVolume, from_canonical, is_nifti, nifti_stem, read_case, resolve_sequences, SequenceSource
+from metaseg_tf.data.layouts import discover_volumes, MSD_CHANNELS
+from metaseg_tf.data.targets import Target
+from metaseg_tf.data.volumes import CaseFiles, CaseVolume, from_canonical, is_nifti, load_nifti, nifti_stem, read_case, resolve_sequences, SequenceSource
 from metaseg_tf.evaluation.scores import evaluate_masks
 from metaseg_tf.inference.predictor import Predictor, SlicePrediction, VolumePrediction
 from metaseg_tf.paths import resolve
@@ -64,22 +67,28 @@ def _volume_overlay(volume: CaseVolume, labels: np.ndarray, count: int = 4) -> n
     return np.concatenate([_overlay(volume.images[k][..., :1], labels[k] > 0) for k in chosen], axis=1)
 
 
-def case_scores(volume: CaseVolume, prediction: VolumePrediction, target: Target) -> dict[str, dict]:
+def case_scores(volume: CaseVolume, written: np.ndarray, target: Target) -> dict[str, dict]:
     """Per-case scores of each region of ``target`` (Dice, IoU, precision, recall, HD95 in mm when the
     volume's spacing is known, BraTS-MET 2023 lesion-wise scores; :func:`~metaseg_tf.evaluation.scores.
-    evaluate_masks`) against the case's own labels, read with ``target``'s convention: pass the target in the
-    convention of the case's dataset, which may differ from the training data's."""
-    truth = target.masks(volume.labels)
+    evaluate_masks`) of the ``written`` label map ``uint8 (Z, H, W)`` against the case's own labels, both read
+    by region in ``target``'s convention (pass the target in the convention of the case's dataset, which
+    may differ from the training data's): the scores of the file a challenge evaluator reads."""
+    truth, pred = target.masks(volume.labels), target.masks(written)
     slices = np.arange(len(truth))
     case_ids = np.full(len(truth), volume.case_id)
-    return {name: evaluate_masks(truth[..., r], prediction.masks[..., r], case_ids, slices,
+    return {name: evaluate_masks(truth[..., r], pred[..., r], case_ids, slices,
                                  volume.spacing).per_patient.iloc[0].drop("case_id").to_dict()
             for r, name in enumerate(target.names)}
 
 
-def write_case_prediction(volume: CaseVolume, prediction: VolumePrediction, out_dir: Path) -> dict[str, Path]:
-    """``<case>-seg.nii.gz``, ``<case>-probability.nii.gz`` (in the input's voxel grid, with its affine and
-    header) and ``<case>-overlay.png``; returns their paths."""
+CASE_OUTPUTS = ("seg", "probability", "overlay")
+
+
+def write_case_prediction(volume: CaseVolume, prediction: VolumePrediction, out_dir: Path,
+                          outputs: Sequence[str] = CASE_OUTPUTS) -> dict[str, Path]:
+    """Of :data:`CASE_OUTPUTS`, those in ``outputs``: ``<case>-seg.nii.gz`` (``prediction.labels``),
+    ``<case>-probability.nii.gz`` (in the input's voxel grid, with its affine and header) and
+    ``<case>-overlay.png``; returns their paths."""
     import nibabel as nib
 
     reference = volume.reference
@@ -89,12 +98,15 @@ def write_case_prediction(volume: CaseVolume, prediction: VolumePrediction, out_
         else prediction.probabilities
     written = {}
     for name, array, dtype in (("seg", prediction.labels, np.uint8), ("probability", probabilities, np.float32)):
+        if name not in outputs:
+            continue
         image = nib.Nifti1Image(from_canonical(array, affine).astype(dtype), affine, header)
         image.set_data_dtype(dtype)
         written[name] = out_dir / f"{volume.case_id}-{name}.nii.gz"
         nib.save(image, str(written[name]))
-    written["overlay"] = out_dir / f"{volume.case_id}-overlay.png"
-    cv2.imwrite(str(written["overlay"]), _volume_overlay(volume, prediction.labels))
+    if "overlay" in outputs:
+        written["overlay"] = out_dir / f"{volume.case_id}-overlay.png"
+        cv2.imwrite(str(written["overlay"]), _volume_overlay(volume, prediction.labels))
     return written
 
 
@@ -103,10 +115,12 @@ def predict_cases(predictor: Predictor, cases: Sequence[CaseFiles], out_dir: Pat
     """Predict every case (see the module docstring); cases whose images cannot be read are skipped and listed
     with the reason in ``predictions.csv`` (one row per case, with its scores where it has labels that can be
     read; a broken segmentation only costs the scores, and the row says why). ``convention``: the label
-    convention of the cases' dataset, which the scores read their labels with (default: the run's)."""
+    convention of the cases' dataset, which their labels are read in and the ``-seg`` files written in
+    (default: the run's training data's)."""
     config = predictor.config
     sequences = resolve_sequences(config.sequences, config.channels)
-    scoring = resolve_target(config.target, convention or predictor.target.convention)
+    convention = convention or predictor.target.convention
+    written_target = predictor.target.in_convention(convention)
     rows, taken = [], set()
     for case in cases:
         name, number = case.case_id, 2
@@ -124,13 +138,14 @@ def predict_cases(predictor: Predictor, cases: Sequence[CaseFiles], out_dir: Pat
             except DataError:
                 rows.append({"case_id": case.case_id, "status": f"skipped: {error}"})
                 continue
-        prediction = predictor.predict_volume(volume, progress)
+        prediction = predictor.predict_volume(volume, progress, convention)
         write_case_prediction(volume, prediction, out_dir)
-        row = {"case_id": case.case_id, "status": "ok", "scores": labels_note, "slices": len(prediction.labels),
+        row = {"case_id": case.case_id, "status": "ok", "label_convention": convention, "scores": labels_note,
+               "slices": len(prediction.labels),
                "lesion_voxels": int((prediction.labels > 0).sum()), "non_finite_voxels": volume.non_finite_voxels,
                "filled_sequences": " ".join(volume.filled)}
         if volume.labels is not None:
-            for region, scores in case_scores(volume, prediction, scoring).items():
+            for region, scores in case_scores(volume, prediction.labels, written_target).items():
                 row.update({f"{region}_{name}": value for name, value in scores.items()
                             if name in ("dice", "hd95", "lesion_dice", "lesion_hd95", "truth_lesions",
                                         "detected_lesions", "false_positive_lesions")})
@@ -143,15 +158,27 @@ def predict_cases(predictor: Predictor, cases: Sequence[CaseFiles], out_dir: Pat
             "lesion_voxels": int(sum(row["lesion_voxels"] for row in done))}
 
 
-def nifti_case(predictor: Predictor, paths: Sequence[Path]) -> CaseFiles:
-    """NIfTI files given by themselves as one case named after the first: one volume fills every sequence
-    of the run, or one volume per sequence in the run's order."""
+def nifti_case(predictor: Predictor, paths: Sequence[Path], convention: str | None = None) -> CaseFiles:
+    """NIfTI files given by themselves as one case named after the first: one 3D volume fills every sequence
+    of the run; one 4D file gives its channels (named as MSD Task01 orders them, or in the run's order when it
+    has exactly as many); else one volume per sequence in the run's order."""
     sequences = resolve_sequences(predictor.config.sequences, predictor.config.channels)
+    convention = convention or predictor.target.convention
+    if len(paths) == 1:
+        shape = load_nifti(paths[0]).shape
+        if len(shape) == 4 and shape[3] > 1:
+            names = sequences if shape[3] == len(sequences) else MSD_CHANNELS[:shape[3]]
+            lacking = [name for name in sequences if name not in names]
+            if lacking:
+                raise DataError(f"{paths[0]} holds {shape[3]} channels ({', '.join(names)} in MSD Task01's order) "
+                                f"but the model needs {', '.join(lacking)}")
+            return CaseFiles(nifti_stem(paths[0]), {name: SequenceSource(paths[0], k) for k, name in enumerate(names)},
+                             convention=convention)
     if len(paths) not in (1, len(sequences)):
         raise DataError(f"the model takes {len(sequences)} sequence(s) ({', '.join(sequences)}): give 1 volume or "
                         f"{len(sequences)}, not {len(paths)}")
     sources = [SequenceSource(p) for p in paths] * (len(sequences) if len(paths) == 1 else 1)
-    return CaseFiles(nifti_stem(paths[0]), dict(zip(sequences, sources)))
+    return CaseFiles(nifti_stem(paths[0]), dict(zip(sequences, sources)), convention=convention)
 
 
 def _output_stems(relative: Sequence[Path]) -> list[str]:
@@ -174,26 +201,32 @@ def _output_stems(relative: Sequence[Path]) -> list[str]:
 
 
 def predict_path(predictor: Predictor, inputs: Sequence[Path | str], out_root: Path | str,
-                 progress: bool = True) -> tuple[Path, dict]:
+                 progress: bool = True, convention: str | None = None) -> tuple[Path, dict]:
     """Predict an image file, a folder of images (masks named ``*_mask.*`` are left out), NIfTI volume(s) of
     one case, or folders of a volume layout (a case folder, or a dataset of cases) into a new folder
     ``<out_root>/predictions``; returns the folder and a summary. Image outputs mirror the inputs' paths
     inside their folders (:func:`_output_stems`), so none overwrites another; volume outputs are named after
     their case. A model with 2.5D context reads each image with its neighbours as in training: the images of
-    its folder with the same case id, in slice-number order (``<case>_<n>``, as kaggle_3m names them)."""
+    its folder with the same case id, in slice-number order (``<case>_<n>``, as kaggle_3m names them).
+    ``convention``: the label convention of the volumes' data (read and written in it; default: their
+    dataset's, :func:`~metaseg_tf.data.layouts.dataset_convention`; NIfTI files alone: the run's); input
+    folders of different conventions are refused."""
     inputs = [Path(p) for p in inputs]
     missing = [str(p) for p in inputs if not p.exists()]
     if missing:
         raise DataError(f"input not found: {', '.join(missing)}")
     out_dir = new_dir(resolve(out_root), "predictions")
     if all(is_nifti(p) for p in inputs):
-        return out_dir, predict_cases(predictor, [nifti_case(predictor, inputs)], out_dir, progress)
-    volume_reports = [discover_volumes(p) for p in inputs if p.is_dir()]
+        case = nifti_case(predictor, inputs, convention)
+        return out_dir, predict_cases(predictor, [case], out_dir, progress, case.convention)
+    volume_reports = [discover_volumes(p, convention) for p in inputs if p.is_dir()]
     if volume_reports and all(volume_reports) and len(volume_reports) == len(inputs):
         cases = [case for report in volume_reports for case in report.cases]
         conventions = {report.convention for report in volume_reports}
-        return out_dir, predict_cases(predictor, cases, out_dir, progress,
-                                      conventions.pop() if len(conventions) == 1 else None)
+        if len(conventions) > 1:
+            raise DataError(f"the input folders hold data of different label conventions ({', '.join(sorted(conventions))}): "
+                            "predict them one convention at a time, or name one with --labels-convention")
+        return out_dir, predict_cases(predictor, cases, out_dir, progress, conventions.pop())
     files: list[Path] = []
     relative: list[Path] = []
     for path in inputs:

@@ -141,11 +141,12 @@ class Predictor:
 
     @classmethod
     def from_run(cls, run_dir: Path | str, which: str = "best", engine: str = "keras", level: int | None = None,
-                 models: Sequence[str] | None = None, **options: Any) -> Predictor:
+                 models: Sequence[str] | None = None, threads: int | None = None, **options: Any) -> Predictor:
         """The run's model with its preprocessing; ``engine`` ``keras``, ``onnx`` or ``openvino``
         (:func:`~metaseg_tf.inference.export.load_engine`: the run's newest export of that format, exported
         first if needed); ``level``: a U-Net++ pruned to that level (faster, usually less accurate; None: the
-        whole network). A cross-validation folder gives the ensemble of its fold runs (of ``models``, default
+        whole network); ``threads``: the most threads each ONNX Runtime / OpenVINO model uses. A
+        cross-validation folder gives the ensemble of its fold runs (of ``models``, default
         every model it trained; :meth:`from_runs`).
 
         A run trained with ``threshold_from_validation`` predicts at the threshold its newest test evaluation
@@ -154,7 +155,7 @@ class Predictor:
         threshold was chosen with. A ``threshold`` in ``options`` wins over both."""
         if is_crossval_dir(run_dir):
             return cls.from_runs(crossval_runs(run_dir, tuple(models) if models else None), which, engine, level,
-                                 **options)
+                                 threads, **options)
         convention = read_json(Path(run_dir) / "data.json").get("label_convention", "binary")
         config = load_run_config(run_dir)
         chosen = None
@@ -175,7 +176,7 @@ class Predictor:
                     logger.warning("%s: its threshold %g was chosen on validation with the run's own settings, "
                                    "not with %s", run_dir, chosen, " and ".join(changed))
         model = load_model(run_dir, which)
-        member = Member(config, load_engine(run_dir, engine, which, model, level), model, Path(run_dir))
+        member = Member(config, load_engine(run_dir, engine, which, model, level, threads), model, Path(run_dir))
         predictor = cls(model, config, label_convention=convention, level=level, members=[member], **options)
         if chosen is not None:
             predictor.threshold_source = "validation"
@@ -183,7 +184,7 @@ class Predictor:
 
     @classmethod
     def from_runs(cls, run_dirs: Sequence[Path | str], which: str = "best", engine: str = "keras",
-                  level: int | None = None, **options: Any) -> Predictor:
+                  level: int | None = None, threads: int | None = None, **options: Any) -> Predictor:
         """The ensemble of ``run_dirs``: the mean of their probabilities (each run with its own preprocessing
         and engine), thresholded once. The runs must share target, image size, threshold and inference
         settings (:data:`ENSEMBLE_SETTINGS`) and label convention, else :class:`ConfigError`. The ensemble
@@ -192,7 +193,7 @@ class Predictor:
         if not run_dirs:
             raise ConfigError("an ensemble needs at least one run")
         if len(run_dirs) == 1:
-            return cls.from_run(run_dirs[0], which, engine, level, **options)
+            return cls.from_run(run_dirs[0], which, engine, level, threads=threads, **options)
         configs = [load_run_config(run_dir) for run_dir in run_dirs]
         conventions = {read_json(run_dir / "data.json").get("label_convention", "binary") for run_dir in run_dirs}
         for run_dir, config in zip(run_dirs[1:], configs[1:]):
@@ -211,7 +212,7 @@ class Predictor:
         members = []
         for run_dir, config in zip(run_dirs, configs):
             model = load_model(run_dir, which)
-            members.append(Member(config, load_engine(run_dir, engine, which, model, level), model, run_dir))
+            members.append(Member(config, load_engine(run_dir, engine, which, model, level, threads), model, run_dir))
         return cls(members[0].model, configs[0], label_convention=conventions.pop(), level=level, members=members,
                    **options)
 
@@ -292,9 +293,11 @@ class Predictor:
         return inputs
 
     # --- predictions -------------------------------------------------------------------------------------
-    def predict_volume(self, volume: CaseVolume, progress: bool = False) -> VolumePrediction:
+    def predict_volume(self, volume: CaseVolume, progress: bool = False,
+                       convention: str | None = None) -> VolumePrediction:
         """Every axial slice of ``volume`` with its 2.5D context, back at the volume's in-plane size
-        (bilinear), thresholded; 3D lesions below ``min_lesion_voxels`` removed."""
+        (bilinear), thresholded; 3D lesions below ``min_lesion_voxels`` removed; ``labels`` in the label
+        ``convention`` of the volume's data (default: the training data's)."""
         probabilities = self.probabilities(
             lambda config: volume_context(preprocess_volume_slices(volume.images, config), config.context_slices),
             progress, f"predicting {volume.case_id}")
@@ -302,7 +305,7 @@ class Predictor:
         probabilities = np.stack([_resized(p, height, width) for p in probabilities])
         slices = np.arange(len(probabilities))
         masks = self.masks(probabilities, np.full(len(slices), volume.case_id), slices)
-        return VolumePrediction(probabilities, masks, self.target.to_labels(masks))
+        return VolumePrediction(probabilities, masks, self.target.to_labels(masks, convention))
 
     def predict_slices(self, images: Sequence[np.ndarray], progress: bool = False,
                        threshold: float | None = None, case_ids: Sequence[str] | None = None,

@@ -164,11 +164,15 @@ def load_models(run_dirs: list[Path], engine: str = "keras", level: int | None =
     from metaseg_tf.inference.predictor import Predictor
 
     models: dict[str, LoadedModel] = {}
-    for architecture, runs, folder in _model_entries(run_dirs):
+    entries = _model_entries(run_dirs)
+    # ONNX Runtime / OpenVINO sessions share the cores rather than each taking all of them
+    threads = max(1, (os.cpu_count() or 1) // max(1, sum(len(runs) for _, runs, _ in entries)))
+    for architecture, runs, folder in entries:
         try:
             config = load_run_config(runs[0])
             pruned = level if config.model == "nested_unet" and config.deep_supervision else None
-            predictor = Predictor.from_runs(runs, engine=engine, level=pruned)
+            predictor = Predictor.from_runs(runs, engine=engine, level=pruned,
+                                            threads=None if engine == "keras" else threads)
         except Exception as error:  # a broken run folder must stop the start-up with its reason
             raise ServeError(f"cannot load {folder}: {error}") from error
         name = predictor.config.model
@@ -273,11 +277,11 @@ def _predict_volume_one(served: LoadedModel, volume: Any, threshold: float | Non
         prediction = predictor.predict_volume(volume)
     latency = (time.perf_counter() - started) * 1000
     out_dir.mkdir(parents=True)
-    seg_path = write_case_prediction(volume, prediction, out_dir)["seg"]
+    seg_path = write_case_prediction(volume, prediction, out_dir, outputs=("seg",))["seg"]  # all it returns
     scores = None
     if volume.labels is not None:
         scores = {region: RegionScores(**{name: _finite(values[name]) for name in VOLUME_SCORES})
-                  for region, values in case_scores(volume, prediction, predictor.target).items()}
+                  for region, values in case_scores(volume, prediction.labels, predictor.target).items()}
     return VolumeModelPrediction(
         model=served.name, threshold=predictor.threshold, shape=list(volume.reference.shape[:3]),
         slices=len(prediction.labels), lesion_voxels=int(np.count_nonzero(prediction.labels)),
