@@ -50,25 +50,33 @@ def cpu_has_bf16() -> bool:
     return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
 
 
-def machine_description() -> str:
-    """``"<n> CPUs, <CPU model>, <system> <architecture>"`` for the header of a benchmark's table; the model
-    from ``/proc/cpuinfo`` where ``platform.processor()`` says nothing (Linux)."""
+def cpu_model() -> str:
+    """The CPU's model name: from ``/proc/cpuinfo`` where ``platform.processor()`` says nothing (Linux)."""
     model = platform.processor()
     cpuinfo = Path("/proc/cpuinfo")
     if not model and cpuinfo.is_file():
         model = next((line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
                       if line.startswith("model name")), "")
-    return f"{os.cpu_count()} CPUs, {model or 'unknown CPU'}, {platform.system()} {platform.machine()}"
+    return model or "unknown CPU"
+
+
+def machine_description() -> str:
+    """``"<n> CPUs, <CPU model>, <system> <architecture>"`` for the header of a benchmark's table or a
+    report."""
+    return f"{os.cpu_count()} CPUs, {cpu_model()}, {platform.system()} {platform.machine()}"
 
 
 def environment_info() -> dict[str, object]:
-    """Versions, backend, device and CPU count, as a JSON-serialisable dict."""
+    """Versions, backend, device, CPU model and count, and the settings that change float results between
+    machines (oneDNN's reordered kernels in TensorFlow), as a JSON-serialisable dict."""
     packages = ("keras", "tensorflow", "jax", "jaxlib", "torch", "numpy", "opencv-python-headless",
                 "scikit-image", "scipy", "metaseg-tf")
     return {
         "python": sys.version.split()[0],
         "platform": platform.platform(),
         "cpu_count": os.cpu_count(),
+        "cpu_model": cpu_model(),
+        "tf_enable_onednn_opts": os.environ.get("TF_ENABLE_ONEDNN_OPTS", "default"),
         "keras_backend": keras.backend.backend(),
         "device": accelerator(),
         "cpu_bf16": cpu_has_bf16(),

@@ -203,6 +203,16 @@ def _relative_links(markdown: str, prefix: str) -> str:
     return markdown.replace("](", f"]({prefix}/").replace(f"]({prefix}/http", "](http")
 
 
+def _machine_line(environment: dict) -> str:
+    """Which machine and libraries made the numbers: float results differ in their last digits between CPUs
+    and library builds, and a few hundredths of Dice after training (README, "Reproducibility")."""
+    packages = environment.get("packages", {})
+    versions = ", ".join(f"{name} {packages[name]}" for name in ("keras", "tensorflow", "jax", "numpy") if name in packages)
+    return (f"Made on {environment.get('cpu_count', '?')} CPUs, {environment.get('cpu_model', 'CPU not recorded')}; "
+            f"{versions}; oneDNN optimisations {environment.get('tf_enable_onednn_opts', 'not recorded')}. Two runs "
+            "on one machine give the same numbers; another machine may differ (README, Reproducibility).")
+
+
 def write_report(out_dir: Path | str) -> Path:
     """``report.md`` of a pipeline folder: conclusion, comparison, figures, notebooks and files, linked."""
     out_dir = Path(out_dir)
@@ -212,6 +222,7 @@ def write_report(out_dir: Path | str) -> Path:
              f"Profile **{record['profile']}** ({record['description']}); data `{parameters['data_dir']}`; "
              f"Keras backend {record['environment'].get('keras_backend', '?')}; started {record['started']}, "
              f"status {record['status']}.", "",
+             _machine_line(record["environment"]), "",
              "| notebook | seconds |", "|---|---|",
              *(f"| [{name}](notebooks/{name}.ipynb) | {seconds} |" for name, seconds in record["seconds"].items()),
              ""]
