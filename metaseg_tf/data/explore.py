@@ -134,7 +134,7 @@ def volume_statistics(report: VolumeReport, sequences: Sequence[str], progress: 
 
     ``cases``: ``case_id``, ``shape`` (canonical ``Z x H x W``), ``spacing_mm``, the sequences present, the
     voxels of every label, and per region of the dataset's convention its volume (mm^3, or voxels where the
-    spacing is unknown) and lesion count. ``lesions``: one row per 26-connected component of each region
+    spacing is unknown), lesion count and axial slices with lesion. ``lesions``: one row per 26-connected component of each region
     (``case_id``, ``region``, ``volume``, ``equivalent_diameter``: the diameter of a sphere of that volume).
     Cases that cannot be read are listed in ``cases.attrs["skipped"]`` with the reason.
     """
@@ -159,6 +159,7 @@ def volume_statistics(report: VolumeReport, sequences: Sequence[str], progress: 
             sizes = np.bincount(components.ravel())[1:]
             row[f"{region}_volume"] = float(masks.sum() * voxel)
             row[f"{region}_lesions"] = len(sizes)
+            row[f"{region}_slices"] = int(masks.reshape(len(masks), -1).any(axis=1).sum())  # axial slices with it
             lesion_rows += [{"case_id": case.case_id, "region": region, "volume": float(size * voxel),
                              "equivalent_diameter": float((6 * size * voxel / np.pi) ** (1 / 3))} for size in sizes]
         case_rows.append(row)

@@ -12,8 +12,8 @@ from tqdm.auto import tqdm
 from metaseg_tf.data.discover import DataError, DiscoveryReport
 from metaseg_tf.data.io import check_pair_shapes, read_image, read_mask_labels
 from metaseg_tf.data.split import patient_groups
-from metaseg_tf.data.targets import LABEL_CONVENTIONS, LABEL_NAMES, unknown_labels
-from metaseg_tf.data.volumes import DEFAULT_SEQUENCES, read_labels_and_spacing, VolumeReport
+from metaseg_tf.data.targets import LABEL_CONVENTIONS, LABEL_NAMES
+from metaseg_tf.data.volumes import DEFAULT_SEQUENCES, VolumeReport
 
 
 @dataclass
@@ -106,43 +106,34 @@ def _patients_line(report: VolumeReport, pattern: str) -> str:
 
 def lesion_statistics(report: VolumeReport, progress: bool = False) -> tuple[list[dict], list[str]]:
     """Per region of the dataset's convention (one ``lesion`` region for binary labels), over the labelled
-    cases: cases and axial slices with lesion, lesions (3D 26-connected components, the BraTS-MET lesion
-    definition before its merging dilation) and their volumes in mm^3 (voxels where the spacing is unknown);
-    and the problems met (unreadable segs, labels outside the convention), one line each."""
-    from scipy import ndimage
+    cases (:func:`~metaseg_tf.data.explore.volume_statistics`): cases and axial slices with lesion, lesions
+    (3D 26-connected components) and their volumes in mm^3 (voxels where the spacing is unknown); and the
+    problems met (unreadable labels, labels outside the convention), one line each."""
+    from metaseg_tf.data.explore import volume_statistics
 
-    regions = {"lesion": None} if report.convention == "binary" else LABEL_CONVENTIONS[report.convention]
-    rows = {name: {"region": name, "cases": 0, "slices": 0, "lesions": 0, "volumes": []} for name in regions}
-    problems, unit = [], "mm^3"
-    structure = ndimage.generate_binary_structure(3, 3)
-    for case in tqdm(report.labelled_cases, desc="reading labels", disable=not progress):
-        try:
-            labels, spacing = read_labels_and_spacing(case)
-        except DataError as error:
-            problems.append(f"{case.case_id}: labels not read: {error}")
-            continue
-        unknown = unknown_labels(labels, report.convention)
-        if unknown:
-            problems.append(f"{case.case_id}: label(s) {', '.join(map(str, unknown))} outside the {report.convention} "
-                            "convention (in no region)")
-        voxel = float(np.prod(spacing)) if spacing is not None else 1.0
-        unit = unit if spacing is not None else "voxels"
-        for name, members in regions.items():
-            mask = labels > 0 if members is None else np.isin(labels, members)
-            if not mask.any():
-                continue
-            components, count = ndimage.label(mask, structure)
-            row = rows[name]
-            row["cases"] += 1
-            row["slices"] += int(mask.reshape(len(mask), -1).any(axis=1).sum())
-            row["lesions"] += count
-            row["volumes"] += (np.bincount(components.ravel())[1:] * voxel).tolist()
-    for row in rows.values():
-        volumes = np.asarray(row.pop("volumes"))
-        row.update(unit=unit, median_volume=float(np.median(volumes)) if len(volumes) else None,
-                   min_volume=float(volumes.min()) if len(volumes) else None,
-                   max_volume=float(volumes.max()) if len(volumes) else None)
-    return list(rows.values()), problems
+    cases, lesions = volume_statistics(report, (), progress)
+    problems = [f"{case}: labels not read: {reason}" for case, reason in cases.attrs["skipped"].items()]
+    if report.convention != "binary":
+        known = set(LABEL_NAMES[report.convention])
+        for _, case in cases.iterrows():
+            unknown = [column.split("_")[1] for column in cases.columns
+                       if column.startswith("label_") and int(column.split("_")[1]) not in known and case[column]]
+            if unknown:
+                problems.append(f"{case['case_id']}: label(s) {', '.join(unknown)} outside the {report.convention} "
+                                "convention (in no region)")
+    unit = "mm^3" if cases.attrs["unit"] == "mm" else "voxels"
+    regions = ["lesion"] if report.convention == "binary" else list(LABEL_CONVENTIONS[report.convention])
+    rows = []
+    for name in regions:
+        volumes = lesions.loc[lesions["region"] == name, "volume"].to_numpy()
+        present = cases[f"{name}_lesions"] > 0 if f"{name}_lesions" in cases else np.zeros(0, bool)
+        rows.append({"region": name, "cases": int(present.sum()),
+                     "slices": int(cases[f"{name}_slices"].sum()) if f"{name}_slices" in cases else 0,
+                     "lesions": len(volumes), "unit": unit,
+                     "median_volume": float(np.median(volumes)) if len(volumes) else None,
+                     "min_volume": float(volumes.min()) if len(volumes) else None,
+                     "max_volume": float(volumes.max()) if len(volumes) else None})
+    return rows, problems
 
 
 def summarise_volumes(report: VolumeReport, show: int = 5, patient_pattern: str = "",

@@ -375,12 +375,6 @@ def _case_labels(case: CaseFiles) -> tuple[np.ndarray, np.ndarray | None]:
     return labels, affine
 
 
-def read_labels_and_spacing(case: CaseFiles) -> tuple[np.ndarray, tuple[float, float, float] | None]:
-    """:func:`read_case_labels` and the canonical voxel spacing in mm of the label grid (None: slice files)."""
-    labels, affine = _case_labels(case)
-    return labels, None if affine is None else canonical_spacing(affine)
-
-
 def read_case_labels(case: CaseFiles) -> np.ndarray:
     """``uint8 (Z, H, W)`` labels of a labelled case in canonical orientation, in the case's convention: its
     label map (:func:`_label_map`; labels outside the convention are kept, with a warning), or its WT / TC /
