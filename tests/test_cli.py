@@ -58,6 +58,13 @@ def test_synth_then_summary_of_it(tmp_path: Path, capsys: pytest.CaptureFixture,
     assert "layout      : brats_mets" in out and "cases       : 3 (3 with labels" in out
     assert "t1c in 3 cases, t1n in 3 cases, t2f in 3 cases, t2w in 3 cases" in out
     assert "patients    : 3 (0 with several timepoints" in out and "with t1c, t2f, t1n: every case is used" in out
+    assert main(["data", "synth", "ph", "--patients", "5", "--slices", "4", "--size", "64", "--layout", "kaggle_3m"]) == 0
+    assert "wrote phantom" in capsys.readouterr().out
+    assert main(["-q", "data", "summary", "ph"]) == 0
+    out = capsys.readouterr().out
+    assert "5" in out and "20" in out  # 5 patients, 20 pairs
+    assert main(["data", "synth", "ph", "--patients", "5", "--slices", "4", "--size", "64", "--layout", "kaggle_3m"]) == 0
+    assert "reused phantom" in capsys.readouterr().out
 
 
 def test_volume_summary_reports_lesions_per_region_patients_and_skips(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -82,13 +89,6 @@ def test_volume_summary_reports_lesions_per_region_patients_and_skips(tmp_path: 
     assert "tc: 2 cases, 4 axial slices with lesion, 2 lesions" in out
     assert "wt: 2 cases, 6 axial slices with lesion, 2 lesions; volume median 152 mm^3 [16, 288]" in out
     assert "with t1c, t2w: 2 cases would be skipped" in out and "missing sequence(s) t2w" in out
-    assert main(["data", "synth", "ph", "--patients", "5", "--slices", "4", "--size", "64", "--layout", "kaggle_3m"]) == 0
-    assert "wrote phantom" in capsys.readouterr().out
-    assert main(["-q", "data", "summary", "ph"]) == 0
-    out = capsys.readouterr().out
-    assert "5" in out and "20" in out  # 5 patients, 20 pairs
-    assert main(["data", "synth", "ph", "--patients", "5", "--slices", "4", "--size", "64", "--layout", "kaggle_3m"]) == 0
-    assert "reused phantom" in capsys.readouterr().out
 
 
 def test_train_evaluate_compare_from_the_command_line(phantom_dir: Path, tmp_path: Path,
