@@ -29,7 +29,7 @@ import numpy as np
 import requests
 
 from metaseg_tf.data import discover_pairs, generate_phantom
-from metaseg_tf.serve.api import newest_pipeline_runs
+from metaseg_tf.serve.served import newest_pipeline_runs
 from metaseg_tf.serve.launch import api_command
 
 

@@ -51,6 +51,22 @@ def _typed_path(text: str) -> Path:
     return Path(text).expanduser().absolute()
 
 
+def _number(kind: type, minimum: float, strict: bool = False) -> Any:
+    """An argparse type: a ``kind`` number >= ``minimum`` (> with ``strict``), else a one-line usage error."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if value < minimum or (strict and value == minimum):
+            raise argparse.ArgumentTypeError(f"{text} must be {'>' if strict else '>='} {minimum:g}")
+        return value
+    return parse
+
+
+_positive_int = _number(int, 1)
+
+
 BOOLEAN_TEXT = {"true": True, "on": True, "yes": True, "1": True, "false": False, "off": False, "no": False, "0": False}
 
 
@@ -253,12 +269,17 @@ def _pipeline(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from metaseg_tf.serve.api import ServeError
+    from metaseg_tf.serve.served import ServeError
     from metaseg_tf.serve.launch import serve
 
     try:
+        limits = {variable: str(value) for variable, value in (
+            ("METASEG_VOLUME_JOBS", args.volume_jobs), ("METASEG_SLICE_JOBS", args.slice_jobs),
+            ("METASEG_QUEUE", args.queue), ("METASEG_VOLUME_TIMEOUT_S", args.volume_timeout),
+            ("METASEG_SLICE_TIMEOUT_S", args.slice_timeout)) if value is not None}
         return serve(args.runs, args.host, args.api_port, args.ui_port, api=not args.ui_only, ui=not args.api_only,
-                     api_url=args.api_url, engine=args.engine, level=args.level, workers=args.workers)
+                     api_url=args.api_url, engine=args.engine, level=args.level, workers=args.workers,
+                     token=args.token, token_file=args.token_file, no_auth=args.no_auth, limits=limits)
     except ServeError as error:
         raise ConfigError(str(error)) from None
 
@@ -420,7 +441,24 @@ def build_parser() -> argparse.ArgumentParser:
     _add_engine_flags(serve, "how the API runs the networks: Keras (default), ONNX Runtime or OpenVINO",
                       "; other architectures are served whole")
     serve.add_argument("--workers", type=int, default=1,
-                       help="API server processes, each with its own copy of the models (default 1)")
+                       help="API server processes, each with its own copy of the models (default 1; the job "
+                            "limits hold per process)")
+    access = serve.add_mutually_exclusive_group()
+    access.add_argument("--token-file", help="a file whose first line is the access token every route but "
+                                             "/health needs (or METASEG_API_TOKEN / METASEG_API_TOKEN_FILE)")
+    access.add_argument("--token", help="the access token itself (visible to every user of this machine in "
+                                        "its process list: prefer --token-file or METASEG_API_TOKEN)")
+    access.add_argument("--no-auth", action="store_true",
+                        help="no access token even when bound beyond loopback (a trusted network only)")
+    serve.add_argument("--volume-jobs", type=_positive_int,
+                       help="volume predictions at once (default: as many as half the memory holds at "
+                            "the voxel limit, at most the cores)")
+    serve.add_argument("--slice-jobs", type=_positive_int, help="slice predictions at once (default: the cores)")
+    serve.add_argument("--queue", type=_number(int, 0), help="requests of each kind that may wait for a place (default 64); "
+                                                 "more get 503 with Retry-After")
+    serve.add_argument("--volume-timeout", type=_number(float, 0, strict=True), help="seconds a volume request may take, waiting included "
+                                                            "(default 900)")
+    serve.add_argument("--slice-timeout", type=_number(float, 0, strict=True), help="seconds a slice request may take (default 120)")
     serve.set_defaults(handler=_serve)
     return parser
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import copy
 import gzip
 import os
 import threading
@@ -23,17 +24,12 @@ from metaseg_tf.cli import main
 from metaseg_tf.data.io import read_image, read_mask
 from metaseg_tf.data.volumes import from_canonical, read_case
 from metaseg_tf.inference.files import nifti_case
-from metaseg_tf.serve.api import (
-    VOLUME_SCORES,
-    ServeError,
-    ServeSettings,
-    app_from_environment,
-    create_app,
-    newest_pipeline_runs,
-)
+from metaseg_tf.serve.api import VOLUME_SCORES, ServeSettings, app_from_environment, create_app
+from metaseg_tf.serve.served import ServeError, newest_pipeline_runs
 
 # voxel axis 0 is axial (3 mm, inferior to superior), axis 1 runs right to left, axis 2 posterior to anterior:
 # an orientation unlike the canonical one, so a transposed or flipped seg cannot pass for the right one
+TOKEN = "a-test-token-of-32-characters-xx"
 AXIAL_FIRST = np.array([[0.0, -1.0, 0.0, 20.0], [0.0, 0.0, 0.9, -15.0], [3.0, 0.0, 0.0, -6.0], [0.0, 0.0, 0.0, 1.0]])
 
 
@@ -261,28 +257,44 @@ def test_start_up_without_runs_names_the_command_that_makes_them(tmp_path: Path,
     assert "cannot load" in capsys.readouterr().err
 
 
-def test_fuzzed_requests_never_cause_a_server_error(app) -> None:
-    """Schemathesis generates requests from the OpenAPI schema (valid and invalid) for every operation."""
-    schema = schemathesis.openapi.from_asgi("/openapi.json", app)
+@pytest.fixture(scope="module")
+def token_app(served_runs: list[Path]):
+    return create_app(served_runs, ServeSettings(max_upload_bytes=200_000, max_side_pixels=512, token=TOKEN))
+
+
+@pytest.mark.parametrize("with_token", [False, True], ids=["without-token", "with-token"])
+def test_fuzzed_requests_never_cause_a_server_error(token_app, with_token: bool) -> None:
+    """Schemathesis generates requests from the OpenAPI schema (valid and invalid) for every operation of a
+    service with an access token, sent with it and without: never a 5xx; without it, nothing but /health
+    answers anything but 401."""
+    schema = schemathesis.openapi.from_asgi("/openapi.json", token_app, headers={"Authorization": f"Bearer {TOKEN}"})
     operations = [result.ok() for result in schema.get_all_operations()]
-    assert {operation.path for operation in operations} == {"/health", "/models", "/predict", "/predict/mask",
-                                                            "/predict/volume"}
+    assert {operation.path for operation in operations} == {"/health", "/models", "/limits", "/predict",
+                                                            "/predict/mask", "/predict/volume"}
+    headers = {"Authorization": f"Bearer {TOKEN}" if with_token else "Bearer not-the-token"}
+    statuses: set[int] = set()
     for operation in operations:
 
         @given(case=operation.as_strategy())
-        @settings(max_examples=15, deadline=None, suppress_health_check=list(HealthCheck))
+        @settings(max_examples=10, deadline=None, suppress_health_check=list(HealthCheck))
         def call(case) -> None:
-            case.call_and_validate(checks=[not_a_server_error])
+            response = case.call_and_validate(headers=headers, checks=[not_a_server_error])
+            statuses.add(response.status_code)
+            if not with_token and operation.path != "/health":
+                assert response.status_code == 401
 
         call()
+    assert (200 in statuses) and (with_token or statuses <= {200, 401})
 
 
 def test_a_volume_comes_back_as_a_seg_on_its_own_grid(client: TestClient, app, phantom_volume, tmp_path: Path) -> None:
     volume, _ = phantom_volume
-    response = client.post("/predict/volume", files={"files": ("../../etc/case-t1c.nii.gz", _nifti(volume))})
+    response = client.post("/predict/volume",
+                           files={"files": ("../../etc/BraTS-MET-00110-000-t1c.nii.gz", _nifti(volume))})
     assert response.status_code == 200, response.text
     body = response.json()
-    assert body["case_id"] == "case-t1c" and body["shape"] == [6, 40, 36]
+    assert body["case_id"] == "BraTS-MET-00110-000" and body["shape"] == [6, 40, 36]
+    assert body["non_finite_voxels"] == 0 and body["warnings"] == []
     assert body["axial_slices"] == 6 and body["canonical_shape"] == [6, 36, 40]
     assert body["spacing_mm"] == pytest.approx([3.0, 0.9, 1.0])
     assert [p["model"] for p in body["predictions"]] == ["nested_unet", "attention_unet"]
@@ -290,7 +302,7 @@ def test_a_volume_comes_back_as_a_seg_on_its_own_grid(client: TestClient, app, p
     for prediction in body["predictions"]:
         seg = _seg(prediction["seg_nii_gz"])
         labels = np.asarray(seg.dataobj)
-        assert prediction["seg_filename"] == "case-t1c-seg.nii.gz" and prediction["scores"] is None
+        assert prediction["seg_filename"] == "BraTS-MET-00110-000-seg.nii.gz" and prediction["scores"] is None
         assert seg.shape == volume.shape and np.allclose(seg.affine, AXIAL_FIRST) and labels.dtype == np.uint8
         assert set(np.unique(labels)) <= {0, 1} and prediction["lesion_voxels"] == int(labels.sum())
         assert prediction["shape"] == [6, 40, 36] and prediction["slices"] == 6 and prediction["latency_ms"] > 0
@@ -307,7 +319,7 @@ def test_one_volume_per_sequence_is_the_same_case_as_one_for_all(client: TestCli
     three = client.post("/predict/volume", data={"model": "attention_unet"},
                         files=[("files", (f"v-{name}.nii.gz", data)) for name in ("t1c", "t2f", "t1n")])
     assert one.status_code == three.status_code == 200, three.text
-    assert three.json()["case_id"] == "v-t1c"
+    assert three.json()["case_id"] == "v", "named as the case, without its sequence"
     first, second = (np.asarray(_seg(r.json()["predictions"][0]["seg_nii_gz"]).dataobj) for r in (one, three))
     assert np.array_equal(first, second)
 
@@ -374,6 +386,12 @@ def _bad_volume_uploads() -> dict[str, tuple[list, dict, int, str]]:
                                     {}, 422, "another affine"),
         "seg with non-integer labels": ([good, ("seg", ("s.nii.gz", _nifti(labels)))], {}, 422, "integers"),
         "unknown model": ([good], {"model": "unet3d"}, 404, "served: nested_unet, attention_unet"),
+        "complex voxels": ([("files", ("v.nii.gz", _nifti(volume.astype(np.complex64) * (1 + 1j))))], {}, 422,
+                           "complex-valued voxels"),
+        "1x1x1": ([("files", ("v.nii.gz", _nifti(np.ones((1, 1, 1), np.float32))))], {}, 422,
+                  "reads axial slices of 32x32 px; this volume's are 1x1 voxels"),
+        "slices smaller than the input": ([("files", ("v.nii.gz", _nifti(volume[:, :20, :])))], {}, 422,
+                                          "this volume's are 36x20 voxels, smaller than that"),
     }
 
 
@@ -384,6 +402,43 @@ def test_bad_volume_uploads_get_a_clear_4xx(client: TestClient, case: str) -> No
     assert response.status_code == status, response.text
     assert message in response.json()["detail"]
     assert "/tmp" not in response.json()["detail"], "no server path in the answer"
+
+
+def test_a_model_with_context_refuses_a_volume_with_fewer_slices_than_it_spans(app) -> None:
+    """A 2.5D model with 2 neighbours on each side needs 5 axial slices (the served phantom models read one:
+    the check is the same function, given such a model's settings)."""
+    from fastapi import HTTPException
+
+    from metaseg_tf.serve.api import _check_readable
+
+    served = copy.copy(app.state.models["nested_unet"])
+    served.predictor = copy.copy(served.predictor)
+    served.predictor.config = served.predictor.config.replace(context_slices=2)
+    _check_readable(served, (5, 40, 36), AXIAL_FIRST)
+    with pytest.raises(HTTPException, match="needs at least 5 axial slices, this volume has 4") as refused:
+        _check_readable(served, (4, 40, 36), AXIAL_FIRST)
+    assert refused.value.status_code == 422
+
+
+def test_an_all_nan_volume_says_that_nothing_finite_was_there(client: TestClient) -> None:
+    volume = np.full((6, 40, 36), np.nan, np.float32)
+    response = client.post("/predict/volume", files={"files": ("v.nii.gz", _nifti(volume))})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["non_finite_voxels"] == volume.size
+    assert body["warnings"] == [f"nothing finite in the volume: all {volume.size} voxels read are NaN or infinite "
+                                "(set to 0); the masks were predicted from an empty image and mean nothing"]
+    volume[0, 0, :5] = 1.0
+    partly = client.post("/predict/volume", files={"files": ("v.nii.gz", _nifti(volume))}).json()
+    assert partly["warnings"] == [f"{volume.size - 5} NaN or infinite voxel(s) of {volume.size} read were set to 0"]
+
+
+def test_models_say_what_they_were_trained_on(client: TestClient) -> None:
+    for model in client.get("/models").json():
+        assert model["trained_on"]["dataset"] == "synthetic phantom"
+        assert model["trained_on"]["synthetic_phantom"] is True and model["trained_on"]["layout"] == "kaggle_3m"
+        assert "not meaningful" in model["note"] and model["target"] == "any"
+        assert model["test_metrics"] == {}, "these runs were trained, never evaluated: no test scores to show"
 
 
 def test_volume_limits_of_the_settings(limited_client: TestClient) -> None:

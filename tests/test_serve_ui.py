@@ -19,7 +19,7 @@ from metaseg_tf.data.discover import DataError
 from metaseg_tf.data.io import read_image, read_mask
 from metaseg_tf.data.volumes import to_canonical, window_volume
 from metaseg_tf.evaluation.scores import overlap_scores
-from metaseg_tf.serve.api import create_app
+from metaseg_tf.serve.api import ServeSettings, create_app
 from metaseg_tf.serve.launch import UI_SCRIPT
 from metaseg_tf.serve.ui import (
     canonical_volume,
@@ -38,10 +38,13 @@ from metaseg_tf.serve.ui import (
 AXIAL_FIRST = np.array([[0.0, -1.0, 0.0, 20.0], [0.0, 0.0, 0.9, -15.0], [3.0, 0.0, 0.0, -6.0], [0.0, 0.0, 0.0, 1.0]])
 
 
-@pytest.fixture(scope="module")
-def api_url(served_runs: list[Path]):
+TOKEN = "a-ui-test-token-0123456789abcdef"
+
+
+def _live_api(served_runs: list[Path], settings: ServeSettings | None = None):
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(served_runs), host="127.0.0.1", port=port, log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(create_app(served_runs, settings), host="127.0.0.1", port=port,
+                                           log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.time() + 60
@@ -50,6 +53,16 @@ def api_url(served_runs: list[Path]):
     yield f"http://127.0.0.1:{port}"
     server.should_exit = True
     thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def api_url(served_runs: list[Path]):
+    yield from _live_api(served_runs)
+
+
+@pytest.fixture(scope="module")
+def token_api_url(served_runs: list[Path]):
+    yield from _live_api(served_runs, ServeSettings(token=TOKEN))
 
 
 def _app(monkeypatch: pytest.MonkeyPatch, url: str, tmp_path: Path) -> AppTest:
@@ -73,6 +86,28 @@ def test_without_a_slice_the_app_asks_for_one(monkeypatch: pytest.MonkeyPatch, t
     assert not app.exception and not app.error
     assert "Upload a slice" in app.info[0].value
     assert app.sidebar.multiselect[0].value == ["nested_unet", "attention_unet"]
+
+
+def test_models_trained_on_the_phantom_carry_a_banner(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                      api_url: str) -> None:
+    app = _app(monkeypatch, api_url, tmp_path).run()
+    assert [warning.value for warning in app.warning] == [
+        f"{name}: trained on the synthetic phantom: its masks on real scans are not meaningful; serve a run "
+        "trained on real data (metaseg serve --runs RUN)" for name in ("nested_unet", "attention_unet")]
+    assert not app.sidebar.text_input(key="token").value, "the UI holds no token of its own"
+
+
+def test_a_service_with_a_token_is_used_once_the_person_types_it(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                                  token_api_url: str) -> None:
+    monkeypatch.setenv("METASEG_API_TOKEN", TOKEN)  # not read by the UI: a visitor of its port must type it
+    app = _app(monkeypatch, token_api_url, tmp_path).run()
+    assert not app.exception and "needs an access token: enter it in the sidebar" in app.warning[0].value
+    app.sidebar.text_input(key="token").input("not-the-token-at-all").run()
+    assert "the one given was not accepted" in app.warning[0].value
+    app.sidebar.text_input(key="token").input(TOKEN).run()
+    assert not app.exception and "Upload a slice" in app.info[0].value
+    app.button[0].click().run()
+    assert not app.error and list(app.table[0].value.index) == ["nested_unet", "attention_unet"]
 
 
 def test_a_phantom_example_shows_both_models_with_metrics(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,

@@ -41,6 +41,7 @@ from metaseg_tf.data.preprocess import (
 )
 from metaseg_tf.data.layouts import discover_volumes
 from metaseg_tf.data.split import PatientSplit, missing_patients, split_for_config
+from metaseg_tf.data.synthetic import is_phantom
 from metaseg_tf.data.targets import Target, resolve_target
 from metaseg_tf.data.volumes import VolumeReport
 from metaseg_tf.paths import resolve
@@ -199,6 +200,7 @@ class ExperimentData:
         return {
             "root": str(self.report.root),
             "layout": self.report.layout,
+            "synthetic_phantom": is_phantom(self.report.root),
             **found,
             "skipped_at_reading": self.dataset.skipped,
             "label_convention": self.dataset.convention,

@@ -360,6 +360,11 @@ def default_phantom(layout: str = "brats_mets", smoke: bool = False, progress: b
                             settings.seed, progress=progress, layout=layout)
 
 
+def is_phantom(root: str | Path) -> bool:
+    """Whether ``root`` holds a phantom :func:`generate_phantom` wrote (its ``phantom.json``)."""
+    return (Path(root) / "phantom.json").is_file()
+
+
 def _existing_settings(root: Path) -> PhantomSettings | None:
     manifest = root / "phantom.json"
     if not manifest.is_file():

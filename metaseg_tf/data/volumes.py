@@ -68,6 +68,17 @@ def nifti_stem(path: Path) -> str:
     return name
 
 
+def case_name(path: Path) -> str:
+    """The case a sequence file given by itself belongs to: its name without the NIfTI suffix and without a
+    last token that names a sequence (``BraTS-MET-00110-000-t1c.nii.gz`` -> ``BraTS-MET-00110-000``,
+    ``BraTS2021_00000_flair.nii.gz`` -> ``BraTS2021_00000``; ``case.nii.gz`` stays ``case``), so what is
+    written for it is named as the case is."""
+    stem = nifti_stem(path)
+    match = re.fullmatch(r"(.+?)[_\-. ]+([A-Za-z0-9]+)", stem)
+    aliases = {alias for names in SEQUENCE_ALIASES.values() for alias in names}
+    return match[1] if match and match[2].lower() in aliases else stem
+
+
 def name_tokens(path: Path) -> list[str]:
     return [t for t in re.split(r"[_\-. ]+", nifti_stem(path).lower()) if t]
 
@@ -188,6 +199,16 @@ def from_canonical(data: np.ndarray, affine: np.ndarray) -> np.ndarray:
     from nibabel import orientations
 
     return np.ascontiguousarray(orientations.apply_orientation(data, _orientation_transform(affine, inverse=True)))
+
+
+def canonical_shape(shape: tuple[int, ...], affine: np.ndarray) -> tuple[int, int, int]:
+    """A 3D grid's ``(slices, rows, columns)`` in the canonical orientation, from its shape in file order and
+    its affine (as :func:`to_canonical` would reorder its voxels)."""
+    order = _orientation_transform(affine)[:, 0].astype(int)  # file axis i goes to canonical axis order[i]
+    sizes = [0, 0, 0]
+    for axis in range(3):
+        sizes[order[axis]] = int(shape[axis])
+    return sizes[0], sizes[1], sizes[2]
 
 
 def canonical_spacing(affine: np.ndarray) -> tuple[float, float, float]:

@@ -35,7 +35,7 @@ from metaseg_tf.data.discover import IMAGE_EXTENSIONS, MASK_SUFFIX, DataError, s
 from metaseg_tf.data.io import read_image
 from metaseg_tf.data.layouts import discover_volumes, MSD_CHANNELS
 from metaseg_tf.data.targets import Target
-from metaseg_tf.data.volumes import CaseFiles, CaseVolume, from_canonical, is_nifti, load_nifti, nifti_stem, read_case, resolve_sequences, SequenceSource
+from metaseg_tf.data.volumes import CaseFiles, CaseVolume, case_name, from_canonical, is_nifti, load_nifti, read_case, resolve_sequences, SequenceSource
 from metaseg_tf.evaluation.scores import evaluate_masks
 from metaseg_tf.inference.predictor import Predictor, SlicePrediction, VolumePrediction
 from metaseg_tf.paths import resolve
@@ -159,7 +159,8 @@ def predict_cases(predictor: Predictor, cases: Sequence[CaseFiles], out_dir: Pat
 
 
 def nifti_case(predictor: Predictor, paths: Sequence[Path], convention: str | None = None) -> CaseFiles:
-    """NIfTI files given by themselves as one case named after the first: one 3D volume fills every sequence
+    """NIfTI files given by themselves as one case named after the first (without its sequence token:
+    :func:`~metaseg_tf.data.volumes.case_name`): one 3D volume fills every sequence
     of the run; one 4D file gives its channels (named as MSD Task01 orders them, or in the run's order when it
     has exactly as many); else one volume per sequence in the run's order."""
     sequences = resolve_sequences(predictor.config.sequences, predictor.config.channels)
@@ -172,13 +173,13 @@ def nifti_case(predictor: Predictor, paths: Sequence[Path], convention: str | No
             if lacking:
                 raise DataError(f"{paths[0]} holds {shape[3]} channels ({', '.join(names)} in MSD Task01's order) "
                                 f"but the model needs {', '.join(lacking)}")
-            return CaseFiles(nifti_stem(paths[0]), {name: SequenceSource(paths[0], k) for k, name in enumerate(names)},
+            return CaseFiles(case_name(paths[0]), {name: SequenceSource(paths[0], k) for k, name in enumerate(names)},
                              convention=convention)
     if len(paths) not in (1, len(sequences)):
         raise DataError(f"the model takes {len(sequences)} sequence(s) ({', '.join(sequences)}): give 1 volume or "
                         f"{len(sequences)}, not {len(paths)}")
     sources = [SequenceSource(p) for p in paths] * (len(sequences) if len(paths) == 1 else 1)
-    return CaseFiles(nifti_stem(paths[0]), dict(zip(sequences, sources)), convention=convention)
+    return CaseFiles(case_name(paths[0]), dict(zip(sequences, sources)), convention=convention)
 
 
 def _output_stems(relative: Sequence[Path]) -> list[str]:

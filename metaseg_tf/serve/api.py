@@ -37,26 +37,22 @@ import base64
 import contextlib
 import copy
 import dataclasses
+import logging
 import math
 import os
 import tempfile
-import threading
 import time
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Annotated, Any
 
 import cv2
 import numpy as np
-from fastapi import FastAPI, File, Form, HTTPException, UploadFile
+from fastapi import FastAPI, File, Form, HTTPException, Request, UploadFile
 from fastapi.responses import Response
 
-from metaseg_tf import paths
 from metaseg_tf.data.discover import DataError
-from metaseg_tf.data.volumes import check_one_grid, resolve_sequences
-from metaseg_tf.inference.loading import inference_network
-from metaseg_tf.runs.folders import list_runs, load_run_config, read_json
-from metaseg_tf.runs.records import crossval_runs, is_crossval_dir, newest_evaluation
+from metaseg_tf.data.volumes import canonical_shape, check_one_grid, resolve_sequences
 from metaseg_tf.serve.schemas import (
     VOLUME_SCORES,
     LesionSummary,
@@ -67,6 +63,8 @@ from metaseg_tf.serve.schemas import (
     VolumeModelPrediction,
     VolumeResponse,
 )
+from metaseg_tf.serve.guard import AuditLog, JobGate, TokenGate, audit_logger, default_volume_jobs, read_token
+from metaseg_tf.serve.served import SERVE_ARCHITECTURES, LoadedModel, load_models, newest_pipeline_runs
 from metaseg_tf.serve.uploads import (
     BodyLimit,
     ServeSettings,
@@ -75,7 +73,6 @@ from metaseg_tf.serve.uploads import (
     volume_grid,
 )
 
-SERVE_ARCHITECTURES = ("nested_unet", "attention_unet")
 MULTIPART_ROOM = 64 * 1024  # room for the multipart framing and the form fields of one request
 
 
@@ -87,109 +84,6 @@ VolumeUploads = Annotated[list[UploadFile], File(
                 "sequence order (GET /models lists it)")]
 SegUpload = Annotated[UploadFile | None, File(
     description="optional: the case's label map (NIfTI) on the same voxel grid, for per-case scores")]
-
-
-class ServeError(RuntimeError):
-    """The service cannot start: no runs to serve, or a run folder that cannot be loaded."""
-
-
-def newest_pipeline_runs(pipeline_root: str | Path = paths.PIPELINE_ROOT) -> list[Path]:
-    """The newest finished run of each served model in the newest pipeline folder that has one."""
-    root = paths.resolve(pipeline_root)
-    for pipeline in sorted(root.glob("*/runs"), reverse=True):
-        found = {read_json(run / "state.json").get("name"): run for run in list_runs(pipeline)}
-        if any(name in found for name in SERVE_ARCHITECTURES):
-            return [found[name] for name in SERVE_ARCHITECTURES if name in found]
-    raise ServeError(f"no trained models under {root}: run the main job first (`bash scripts/run.sh`, or "
-                     f"`metaseg pipeline`), or name run folders with `metaseg serve --runs RUN ...`")
-
-
-@dataclass
-class LoadedModel:
-    """One loaded run: its predictor, what to say about it, and a lock that serialises what must not run in
-    several threads at once (the Keras model)."""
-
-    name: str
-    run_dir: Path
-    predictor: Any
-    info: dict[str, Any]
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def serialised(self) -> contextlib.AbstractContextManager:
-        """The lock around inference when the predictor's engine cannot be called from several threads at once,
-        else nothing (ONNX Runtime, OpenVINO)."""
-        return contextlib.nullcontext() if self.predictor.concurrent else self.lock
-
-
-def _model_info(name: str, run_dir: Path, config: Any, parameters: int) -> dict[str, Any]:
-    data = read_json(run_dir / "data.json") if (run_dir / "data.json").is_file() else {}
-    evaluation = newest_evaluation(run_dir, "test")
-    test = {}
-    if evaluation is not None:
-        summary = read_json(evaluation / "summary.json")
-        dice = summary["per_patient"]["dice"]
-        test = {"patients": summary["patients"], "per_patient_dice": dice["mean"], "per_patient_dice_ci95": dice["ci95"],
-                "global_dice": summary["global"]["dice"],
-                f"hd95_{summary.get('distance_unit', 'px')}": summary["per_patient"]["hd95"]["mean"]}
-    return {"name": name, "architecture": config.model, "run": run_dir.name, "input_size": config.image_size,
-            "channels": config.channels, "sequences": list(resolve_sequences(config.sequences, config.channels)),
-            "clahe": config.clahe, "parameters": parameters,
-            "training_data": {"data_dir": config.data_dir, "layout": data.get("layout"), "slices_used": data.get("pairs_used", data.get("slices_used")),
-                              "patients_per_part": {part: len(cases) for part, cases in data.get("split", {}).items()},
-                              "slices_per_part": data.get("slices_per_part", {}),
-                              "skipped": len(data.get("skipped_at_reading", {}))
-                              + sum(len(v) for v in data.get("skipped_at_discovery", {}).values())},
-            "test_metrics": test}
-
-
-def _model_entries(run_dirs: list[Path]) -> list[tuple[str | None, list[Path], Path]]:
-    """``(architecture, runs, folder)`` to load: a run folder by itself, or for a cross-validation folder one
-    entry per architecture it trained, its fold runs as one ensemble."""
-    entries: list[tuple[str | None, list[Path], Path]] = []
-    for run_dir in map(paths.resolve, run_dirs):
-        if is_crossval_dir(run_dir):
-            models = read_json(run_dir / "crossval.json").get("models", [])
-            entries += [(model, crossval_runs(run_dir, (model,)), run_dir) for model in models]
-        else:
-            entries.append((None, [run_dir], run_dir))
-    return entries
-
-
-def load_models(run_dirs: list[Path], engine: str = "keras", level: int | None = None) -> dict[str, LoadedModel]:
-    """Load each run's best model; names are the architectures (the run folder's name on a clash). A
-    cross-validation folder gives one model per architecture it trained: the ensemble of its fold models
-    (:meth:`~metaseg_tf.inference.predictor.Predictor.from_runs`). ``level`` prunes every U-Net++ trained with
-    deep supervision to that level; other models are served whole, and ``/models`` says which level each one
-    runs at."""
-    from metaseg_tf.inference.predictor import Predictor
-
-    models: dict[str, LoadedModel] = {}
-    entries = _model_entries(run_dirs)
-    # ONNX Runtime / OpenVINO sessions share the cores rather than each taking all of them
-    threads = max(1, (os.cpu_count() or 1) // max(1, sum(len(runs) for _, runs, _ in entries)))
-    for architecture, runs, folder in entries:
-        try:
-            config = load_run_config(runs[0])
-            pruned = level if config.model == "nested_unet" and config.deep_supervision else None
-            predictor = Predictor.from_runs(runs, engine=engine, level=pruned,
-                                            threads=None if engine == "keras" else threads)
-        except Exception as error:  # a broken run folder must stop the start-up with its reason
-            raise ServeError(f"cannot load {folder}: {error}") from error
-        name = predictor.config.model
-        if name in models:
-            name = folder.name if architecture is None else f"{folder.name}-{architecture}"
-        info = {**_model_info(name, runs[0], predictor.config,
-                              inference_network(predictor.model, pruned).count_params()),
-                "engine": predictor.engine_name, "level": pruned, "members": len(predictor.members),
-                "threshold": predictor.threshold, "threshold_source": predictor.threshold_source}
-        if architecture is not None:  # a fold's test scores are not the ensemble's: see the crossval's summary
-            info.update(run=folder.name, test_metrics={},
-                        test_metrics_note=f"ensemble of {len(runs)} fold models; out-of-fold scores in "
-                                          f"{folder / 'summary.md'}")
-        elif pruned is not None and info["test_metrics"]:
-            info["test_metrics_note"] = f"of the whole network; served pruned to level {pruned}"
-        models[name] = LoadedModel(name, folder, predictor, info)
-    return models
 
 
 def _png(array: np.ndarray) -> bytes:
@@ -289,21 +183,103 @@ def _predict_volume_one(served: LoadedModel, volume: Any, threshold: float | Non
         scores=scores)
 
 
+def _check_readable(served: LoadedModel, shape: tuple[int, ...], affine: np.ndarray) -> None:
+    """422 unless ``served`` can meaningfully read a volume on this grid: axial slices at least as large as
+    its input in-plane (it would otherwise predict on an image blown up from a few voxels), and at least as
+    many slices as its 2.5D context spans."""
+    config = served.predictor.config
+    slices, rows, columns = canonical_shape(shape, affine)
+    if min(rows, columns) < config.image_size:
+        raise HTTPException(422, f"{served.name} reads axial slices of {config.image_size}x{config.image_size} px; "
+                                 f"this volume's are {rows}x{columns} voxels, smaller than that")
+    needed = 2 * config.context_slices + 1
+    if slices < needed:
+        raise HTTPException(422, f"{served.name} reads each slice with {config.context_slices} neighbour(s) on "
+                                 f"each side: it needs at least {needed} axial slices, this volume has {slices}")
+
+
+def _non_finite_warning(non_finite: int, voxels: int) -> list[str]:
+    if non_finite and non_finite >= voxels:
+        return [f"nothing finite in the volume: all {voxels} voxels read are NaN or infinite (set to 0); the "
+                "masks were predicted from an empty image and mean nothing"]
+    return [f"{non_finite} NaN or infinite voxel(s) of {voxels} read were set to 0"] if non_finite else []
+
+
+def _predict_volume_request(models: list[LoadedModel], files: list[UploadFile], seg: UploadFile | None,
+                            threshold: float | None, settings: ServeSettings) -> VolumeResponse:
+    """One ``/predict/volume`` request, from its uploads to its answer (run in a volume job's thread)."""
+    for served in models:
+        sequences = served.info["sequences"]
+        if len(files) not in (1, len(sequences)):
+            raise HTTPException(422, f"{served.name} takes {len(sequences)} sequence(s) ({', '.join(sequences)}): "
+                                     f"send 1 volume for all of them, or {len(sequences)} in this order, "
+                                     f"not {len(files)}")
+    roles = ["volume"] if len(files) == 1 else [f"volume {k + 1} of {len(files)}" for k in range(len(files))]
+    with tempfile.TemporaryDirectory(prefix="metaseg-volume-") as temporary:
+        folder = Path(temporary)
+        paths = [save_volume_upload(upload, folder / f"volume-{k + 1}", role, settings)
+                 for k, (upload, role) in enumerate(zip(files, roles))]
+        seg_path = save_volume_upload(seg, folder / "seg", "seg", settings) if seg is not None else None
+        grids = {role: volume_grid(path, role, settings) for role, path in zip(roles, paths)}
+        if seg_path is not None:
+            grids["seg"] = volume_grid(seg_path, "seg", settings)
+        try:
+            check_one_grid(grids)  # the library's own check: co-registered uploads on one voxel grid
+        except DataError as error:
+            raise HTTPException(422, str(error)) from None
+        shape, affine = grids[roles[0]]
+        for served in models:
+            _check_readable(served, shape, affine)
+        volumes: dict[tuple, Any] = {}  # models that read the same sequences share one read
+        predictions = []
+        for k, served in enumerate(models):
+            config = served.predictor.config
+            key = (tuple(served.info["sequences"]), config.fill_missing)
+            if key not in volumes:
+                volumes[key] = _read_volume(served, paths, seg_path, folder)
+            predictions.append(_predict_volume_one(served, volumes[key], threshold, folder / f"model-{k + 1}"))
+        volume = next(iter(volumes.values()))
+    return VolumeResponse(case_id=volume.case_id, shape=list(shape),
+                          axial_slices=int(volume.images.shape[0]), canonical_shape=list(volume.images.shape[:3]),
+                          spacing_mm=list(volume.spacing) if volume.spacing is not None else None,
+                          non_finite_voxels=volume.non_finite_voxels,
+                          warnings=_non_finite_warning(volume.non_finite_voxels, math.prod(shape) * len(paths)),
+                          predictions=predictions)
+
+
 def create_app(run_dirs: list[Path] | None = None, settings: ServeSettings | None = None) -> FastAPI:
-    """The FastAPI application serving ``run_dirs`` (default: the newest pipeline run's two models)."""
+    """The FastAPI application serving ``run_dirs`` (default: the newest pipeline run's two models), with
+    the access token, the job gates and the audit log of :mod:`metaseg_tf.serve.guard`."""
     settings = settings or ServeSettings()
     models = load_models(run_dirs if run_dirs else newest_pipeline_runs(), settings.engine, settings.level)
+    gates = {"volume": JobGate("volume", settings.volume_jobs or default_volume_jobs(settings.max_voxels),
+                               settings.queue, settings.volume_timeout_s),
+             "slice": JobGate("slice", settings.slice_jobs or os.cpu_count() or 1, settings.queue,
+                              settings.slice_timeout_s)}
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        for gate in gates.values():
+            gate.open()
+        yield
+        for gate in gates.values():  # at shutdown: drop what waits, let what runs finish
+            gate.close()
+
     app = FastAPI(title="metaseg-tf", version="0.1.0",
                   description="Brain-lesion segmentation of 2D MRI slices and NIfTI volumes with U-Net++ "
-                              "and Attention U-Net.")
+                              "and Attention U-Net. Every route but /health needs the service's access token "
+                              "(Authorization: Bearer) when it has one.", lifespan=lifespan)
     # a volume request carries up to one file per sequence and a seg; the slice endpoints keep their limit
     files_per_volume_request = max(len(served.info["sequences"]) for served in models.values()) + 1
     app.add_middleware(BodyLimit, limit=settings.max_upload_bytes + MULTIPART_ROOM,
                        path_limits={"/predict/volume": settings.max_volume_bytes * files_per_volume_request
                                     + MULTIPART_ROOM})
-    app.state.models, app.state.settings = models, settings
+    app.add_middleware(TokenGate, token=settings.token)
+    app.add_middleware(AuditLog)  # outermost: refusals by the token and the body limit are logged too
+    app.state.models, app.state.settings, app.state.gates = models, settings, gates
 
-    def chosen(model: str) -> list[LoadedModel]:
+    def chosen(model: str, request: Request) -> list[LoadedModel]:
+        request.state.audit_model = model
         if model == "all":
             return list(models.values())
         if model not in models:
@@ -312,80 +288,64 @@ def create_app(run_dirs: list[Path] | None = None, settings: ServeSettings | Non
 
     @app.get("/health")
     def health() -> dict[str, Any]:
-        """Liveness, and which models are loaded."""
+        """Liveness, and which models are loaded (open without the token, for probes)."""
         return {"status": "ok", "models": list(models)}
 
     @app.get("/models")
     def list_models() -> list[dict[str, Any]]:
-        """Each served model: architecture, input size, training data and its test-split metrics."""
+        """Each served model: architecture, input size, what it was trained on (a phantom-trained model says
+        that its masks on real scans are not meaningful) and its test-split metrics."""
         return [served.info for served in models.values()]
 
-    @app.post("/predict", response_model=PredictionResponse)
-    def predict(file: SliceUpload,
-                model: Annotated[str, Form(description="a served model's name, or 'all'")] = "all",
-                threshold: Threshold = None,
-                attention: Annotated[bool, Form(description="add Attention U-Net's gate maps")] = False,
-                ) -> PredictionResponse:
-        """Segment one slice with one or all models; masks come back as base64 PNG at the upload's size."""
-        targets = chosen(model)
+    @app.get("/limits")
+    def limits() -> dict[str, Any]:
+        """The upload limits and, per kind of job, how many run at once, how many may wait, the time limit
+        and how many are admitted now."""
+        return {"max_upload_bytes": settings.max_upload_bytes, "max_side_pixels": settings.max_side_pixels,
+                "max_volume_bytes": settings.max_volume_bytes, "max_voxels": settings.max_voxels,
+                "jobs": {kind: {"at_once": gate.jobs, "queue": gate.queue, "timeout_s": gate.timeout_s,
+                                "admitted": gate.admitted, "refused": gate.refused} for kind, gate in gates.items()}}
+
+    def slice_prediction(file: UploadFile, targets: list[LoadedModel], threshold: float | None,
+                         attention: bool) -> PredictionResponse:
         image = decode_slice_upload(file.file.read(settings.max_upload_bytes + 1), settings)
         predictions = [_predict_one(served, image, threshold, attention) for served in targets]
         return PredictionResponse(width=image.shape[1], height=image.shape[0], predictions=predictions)
 
+    @app.post("/predict", response_model=PredictionResponse)
+    async def predict(request: Request, file: SliceUpload,
+                      model: Annotated[str, Form(description="a served model's name, or 'all'")] = "all",
+                      threshold: Threshold = None,
+                      attention: Annotated[bool, Form(description="add Attention U-Net's gate maps")] = False,
+                      ) -> PredictionResponse:
+        """Segment one slice with one or all models; masks come back as base64 PNG at the upload's size."""
+        targets = chosen(model, request)
+        return await gates["slice"].run(lambda: slice_prediction(file, targets, threshold, attention))
+
     @app.post("/predict/mask", response_class=Response,
               responses={200: {"content": {"image/png": {}}, "description": "the mask, 0/255 PNG"}})
-    def predict_mask(file: SliceUpload,
-                     model: Annotated[str, Form(description="a served model's name")] = SERVE_ARCHITECTURES[0],
-                     threshold: Threshold = None) -> Response:
+    async def predict_mask(request: Request, file: SliceUpload,
+                           model: Annotated[str, Form(description="a served model's name")] = SERVE_ARCHITECTURES[0],
+                           threshold: Threshold = None) -> Response:
         """The mask of one model as a PNG image (0/255) at the upload's size."""
         if model == "all":
             raise HTTPException(422, "/predict/mask returns one mask: name one model")
-        (served,) = chosen(model)
-        image = decode_slice_upload(file.file.read(settings.max_upload_bytes + 1), settings)
-        prediction = _predict_one(served, image, threshold, attention=False)
+        targets = chosen(model, request)
+        (prediction,) = (await gates["slice"].run(lambda: slice_prediction(file, targets, threshold, False))).predictions
         return Response(base64.b64decode(prediction.mask_png), media_type="image/png",
                         headers={"X-Lesion-Count": str(prediction.lesions.count),
                                  "X-Latency-Ms": str(prediction.latency_ms)})
 
     @app.post("/predict/volume", response_model=VolumeResponse)
-    def predict_volume(files: VolumeUploads, seg: SegUpload = None,
-                       model: Annotated[str, Form(description="a served model's name, or 'all'")] = "all",
-                       threshold: Threshold = None) -> VolumeResponse:
+    async def predict_volume(request: Request, files: VolumeUploads, seg: SegUpload = None,
+                             model: Annotated[str, Form(description="a served model's name, or 'all'")] = "all",
+                             threshold: Threshold = None) -> VolumeResponse:
         """Segment a NIfTI case with one or all models; each returns ``<case>-seg.nii.gz`` (base64) on the
-        input's voxel grid and, with a ``seg``, the per-case scores of each region."""
-        targets = chosen(model)
-        for served in targets:
-            sequences = served.info["sequences"]
-            if len(files) not in (1, len(sequences)):
-                raise HTTPException(422, f"{served.name} takes {len(sequences)} sequence(s) ({', '.join(sequences)}): "
-                                         f"send 1 volume for all of them, or {len(sequences)} in this order, "
-                                         f"not {len(files)}")
-        roles = ["volume"] if len(files) == 1 else [f"volume {k + 1} of {len(files)}" for k in range(len(files))]
-        with tempfile.TemporaryDirectory(prefix="metaseg-volume-") as temporary:
-            folder = Path(temporary)
-            paths = [save_volume_upload(upload, folder / f"volume-{k + 1}", role, settings)
-                     for k, (upload, role) in enumerate(zip(files, roles))]
-            seg_path = save_volume_upload(seg, folder / "seg", "seg", settings) if seg is not None else None
-            grids = {role: volume_grid(path, role, settings) for role, path in zip(roles, paths)}
-            if seg_path is not None:
-                grids["seg"] = volume_grid(seg_path, "seg", settings)
-            try:
-                check_one_grid(grids)  # the library's own check: co-registered uploads on one voxel grid
-            except DataError as error:
-                raise HTTPException(422, str(error)) from None
-            volumes: dict[tuple, Any] = {}  # models that read the same sequences share one read
-            predictions = []
-            for k, served in enumerate(targets):
-                config = served.predictor.config
-                key = (tuple(served.info["sequences"]), config.fill_missing)
-                if key not in volumes:
-                    volumes[key] = _read_volume(served, paths, seg_path, folder)
-                predictions.append(_predict_volume_one(served, volumes[key], threshold, folder / f"model-{k + 1}"))
-            volume = next(iter(volumes.values()))
-        return VolumeResponse(case_id=volume.case_id, shape=list(grids[roles[0]][0]),
-                              axial_slices=int(volume.images.shape[0]), canonical_shape=list(volume.images.shape[:3]),
-                              spacing_mm=list(volume.spacing) if volume.spacing is not None else None,
-                              predictions=predictions)
+        input's voxel grid and, with a ``seg``, the per-case scores of each region. At most the ``/limits``
+        number of volumes are predicted at once; the rest wait in a short queue, or get 503 with
+        ``Retry-After`` when it is full."""
+        targets = chosen(model, request)
+        return await gates["volume"].run(lambda: _predict_volume_request(targets, files, seg, threshold, settings))
 
     return app
 
@@ -393,14 +353,27 @@ def create_app(run_dirs: list[Path] | None = None, settings: ServeSettings | Non
 def app_from_environment() -> FastAPI:
     """App factory for uvicorn: runs from ``METASEG_SERVE_RUNS`` (``os.pathsep``-separated), limits from
     ``METASEG_MAX_UPLOAD_MB``, ``METASEG_MAX_SIDE_PX``, ``METASEG_MAX_VOLUME_MB`` and ``METASEG_MAX_VOXELS``,
-    the inference engine from ``METASEG_ENGINE`` (keras, onnx or openvino) and U-Net++'s pruning level from
-    ``METASEG_LEVEL`` (empty: the whole network)."""
+    the inference engine from ``METASEG_ENGINE`` (keras, onnx or openvino), U-Net++'s pruning level from
+    ``METASEG_LEVEL`` (empty: the whole network), the access token from ``METASEG_API_TOKEN`` or the file
+    ``METASEG_API_TOKEN_FILE`` (:func:`~metaseg_tf.serve.guard.read_token`) and the admission of work from
+    ``METASEG_VOLUME_JOBS``, ``METASEG_SLICE_JOBS``, ``METASEG_QUEUE``, ``METASEG_VOLUME_TIMEOUT_S`` and
+    ``METASEG_SLICE_TIMEOUT_S`` (:class:`~metaseg_tf.serve.uploads.ServeSettings`)."""
     runs = [Path(p) for p in os.environ.get("METASEG_SERVE_RUNS", "").split(os.pathsep) if p]
+    if not audit_logger.handlers:  # uvicorn configures its own loggers only: the audit lines go to stderr
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+        audit_logger.addHandler(handler)
+        audit_logger.setLevel(logging.INFO)
+    optional = {name: kind(os.environ[variable]) for name, variable, kind in (
+        ("volume_jobs", "METASEG_VOLUME_JOBS", int), ("slice_jobs", "METASEG_SLICE_JOBS", int),
+        ("queue", "METASEG_QUEUE", int), ("volume_timeout_s", "METASEG_VOLUME_TIMEOUT_S", float),
+        ("slice_timeout_s", "METASEG_SLICE_TIMEOUT_S", float)) if os.environ.get(variable)}
     settings = ServeSettings(
         max_upload_bytes=int(float(os.environ.get("METASEG_MAX_UPLOAD_MB", 20)) * 1024 * 1024),
         max_side_pixels=int(os.environ.get("METASEG_MAX_SIDE_PX", 4096)),
         max_volume_bytes=int(float(os.environ.get("METASEG_MAX_VOLUME_MB", 200)) * 1024 * 1024),
         max_voxels=int(float(os.environ.get("METASEG_MAX_VOXELS", 40_000_000))),
         engine=os.environ.get("METASEG_ENGINE", "keras"),
-        level=int(os.environ["METASEG_LEVEL"]) if os.environ.get("METASEG_LEVEL") else None)
+        level=int(os.environ["METASEG_LEVEL"]) if os.environ.get("METASEG_LEVEL") else None,
+        token=read_token(), **optional)
     return create_app(runs or None, settings)

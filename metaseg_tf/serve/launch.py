@@ -1,21 +1,33 @@
 """``metaseg serve``: start the API (uvicorn) and the UI (Streamlit) as child processes, stop both together.
 
-Everything stays on this machine (loopback by default) and works offline; Streamlit's usage statistics
-are switched off.
+Everything stays on this machine (loopback by default) and works offline; Streamlit's usage statistics and
+its developer menu ("Deploy", rerun, clear cache) are switched off. Bound beyond loopback, the service needs
+an access token (:func:`access_token`) or an explicit ``--no-auth``. The token reaches the API through its
+environment, never its command line (which every user of the machine can read), and never the UI, whose user
+types it.
+
+SIGTERM (systemd, Docker, Kubernetes) and SIGINT (Ctrl-C) stop the service: each child's process group gets
+SIGTERM, then, after ``STOP_GRACE_S`` seconds, SIGKILL for whatever is still there (uvicorn's worker
+processes included), and ``serve`` returns 0.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from metaseg_tf.serve.api import ServeError, load_models, newest_pipeline_runs
+from metaseg_tf.serve.guard import AccessError, is_loopback, read_token
+from metaseg_tf.serve.served import ServeError, load_models, newest_pipeline_runs
 
 UI_SCRIPT = Path(__file__).with_name("ui.py")
+STOP_GRACE_S = 10.0
+TOKEN_VARIABLES = ("METASEG_API_TOKEN", "METASEG_API_TOKEN_FILE")
 
 
 def api_command(host: str, port: int, workers: int = 1) -> list[str]:
@@ -28,44 +40,106 @@ def api_command(host: str, port: int, workers: int = 1) -> list[str]:
 
 def ui_command(host: str, port: int) -> list[str]:
     return [sys.executable, "-m", "streamlit", "run", str(UI_SCRIPT), "--server.address", host,
-            "--server.port", str(port), "--server.headless", "true", "--browser.gatherUsageStats", "false"]
+            "--server.port", str(port), "--server.headless", "true", "--browser.gatherUsageStats", "false",
+            "--client.toolbarMode", "viewer"]
+
+
+def access_token(host: str, token: str | None = None, token_file: str | Path | None = None,
+                 no_auth: bool = False) -> str | None:
+    """The token the API runs with (:func:`~metaseg_tf.serve.guard.read_token`: ``token``, ``token_file``,
+    else the environment), or None. Binding ``host`` beyond loopback without one is refused unless
+    ``no_auth`` says the network is trusted."""
+    try:
+        found = read_token(token, token_file)
+    except AccessError as error:
+        raise ServeError(str(error)) from None
+    if found is not None and no_auth:
+        raise ServeError("--no-auth and an access token exclude each other: choose one")
+    if found is None and not no_auth and not is_loopback(host):
+        raise ServeError(f"--host {host} lets everyone on the network use the service: give an access token "
+                         "(--token-file FILE or METASEG_API_TOKEN), or --no-auth on a trusted network")
+    return found
+
+
+class _Stop(Exception):
+    """SIGTERM or SIGINT arrived."""
+
+
+def _raise_stop(signum: int, _frame: object) -> None:
+    raise _Stop(signal.Signals(signum).name)
+
+
+def stop_children(children: Sequence[subprocess.Popen], grace_s: float = STOP_GRACE_S) -> None:
+    """SIGTERM to each child's process group, then SIGKILL to the groups still there after ``grace_s``."""
+    for child in children:
+        if child.poll() is None:
+            _signal_group(child, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    for child in children:
+        try:
+            child.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            pass
+    for child in children:  # the group too: a worker can outlive its uvicorn supervisor
+        _signal_group(child, signal.SIGKILL)
+        child.wait()
+
+
+def _signal_group(child: subprocess.Popen, sig: signal.Signals) -> None:
+    try:
+        os.killpg(child.pid, sig)
+    except (ProcessLookupError, PermissionError):  # the group is gone already
+        pass
 
 
 def serve(runs: Sequence[Path] | None = None, host: str = "127.0.0.1", api_port: int = 8000, ui_port: int = 8501,
           api: bool = True, ui: bool = True, api_url: str | None = None, engine: str = "keras",
-          level: int | None = None, workers: int = 1) -> int:
-    """Run the chosen parts until one exits or Ctrl-C; returns the first non-zero exit status (else 0).
-    ``engine``: how the API runs the networks (keras, onnx or openvino; :mod:`metaseg_tf.inference.engines`); ``level``:
-    serve U-Net++ pruned to that level; ``workers``: API server processes."""
+          level: int | None = None, workers: int = 1, token: str | None = None,
+          token_file: str | Path | None = None, no_auth: bool = False,
+          limits: dict[str, str] | None = None) -> int:
+    """Run the chosen parts until one exits, SIGTERM or Ctrl-C; returns the first non-zero exit status of a
+    child that failed by itself (else 0). ``engine``: how the API runs the networks (keras, onnx or openvino;
+    :mod:`metaseg_tf.inference.engines`); ``level``: serve U-Net++ pruned to that level; ``workers``: API server
+    processes; ``token``/``token_file``/``no_auth``: :func:`access_token`; ``limits``: ``METASEG_*``
+    variables of :func:`~metaseg_tf.serve.api.app_from_environment` for the API (job and queue limits)."""
     if workers < 1:
         raise ServeError(f"workers must be >= 1, got {workers}")
-    environment = dict(os.environ, METASEG_ENGINE=engine, METASEG_LEVEL="" if level is None else str(level))
+    environment = {name: value for name, value in os.environ.items() if name not in TOKEN_VARIABLES}
+    environment.update(METASEG_ENGINE=engine, METASEG_LEVEL="" if level is None else str(level), **(limits or {}))
     children: list[tuple[str, subprocess.Popen]] = []
     if api:
+        found = access_token(host, token, token_file, no_auth)
         run_dirs = list(runs) if runs else newest_pipeline_runs()
         load_models(run_dirs, engine, level)  # fail here, in one line, if a run cannot be loaded (exports made once)
-        environment["METASEG_SERVE_RUNS"] = os.pathsep.join(str(Path(r).resolve()) for r in run_dirs)
-        children.append(("API", subprocess.Popen(api_command(host, api_port, workers), env=environment)))
-        print(f"API  http://{host}:{api_port}  (docs at /docs) serving {', '.join(Path(r).name for r in run_dirs)}")
+        api_environment = {**environment, "METASEG_SERVE_RUNS": os.pathsep.join(str(Path(r).resolve()) for r in run_dirs),
+                           **({"METASEG_API_TOKEN": found} if found else {})}
+        children.append(("API", subprocess.Popen(api_command(host, api_port, workers), env=api_environment,
+                                                 start_new_session=True)))
+        print(f"API  http://{host}:{api_port}  (docs at /docs) serving {', '.join(Path(r).name for r in run_dirs)}; "
+              + ("access token required" if found else "no access token"))
+        if no_auth and not is_loopback(host):
+            print(f"WARNING: --no-auth: everyone who reaches {host}:{api_port} can send images to the models and "
+                  "read their masks; use it only on a trusted network", file=sys.stderr)
     if ui:
-        environment["METASEG_API_URL"] = api_url or f"http://{host}:{api_port}"
-        children.append(("UI", subprocess.Popen(ui_command(host, ui_port), env=environment)))
+        environment["METASEG_API_URL"] = api_url or f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{api_port}"
+        children.append(("UI", subprocess.Popen(ui_command(host, ui_port), env=environment, start_new_session=True)))
         print(f"UI   http://{host}:{ui_port}  (backend {environment['METASEG_API_URL']})")
+    handled = threading.current_thread() is threading.main_thread()
+    previous = {sig: signal.signal(sig, _raise_stop) for sig in (signal.SIGTERM, signal.SIGINT)} if handled else {}
+    ended: list[tuple[str, int]] = []
     try:
-        while all(child.poll() is None for _, child in children):
+        while not ended:
             time.sleep(0.5)
-    except KeyboardInterrupt:
-        print("stopping")
+            ended = [(name, child.returncode) for name, child in children if child.poll() is not None]
+    except _Stop as stop:
+        print(f"stopping ({stop})", flush=True)
     finally:
-        for _, child in children:
-            if child.poll() is None:
-                child.terminate()
-        for _, child in children:
-            try:
-                child.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                child.kill()
-    failed = [(name, child.returncode) for name, child in children if child.returncode not in (0, None, -15)]
+        for sig in previous:  # a second signal must not interrupt the stopping
+            signal.signal(sig, signal.SIG_IGN)
+        stop_children([child for _, child in children])
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    failed = [(name, code) for name, code in ended if code != 0]  # a child that ended by itself
     for name, code in failed:
         print(f"{name} exited with status {code}", file=sys.stderr)
     return failed[0][1] if failed else 0

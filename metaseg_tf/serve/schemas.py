@@ -71,4 +71,7 @@ class VolumeResponse(BaseModel):
                                                    "superior, rows anterior to posterior, columns the patient's "
                                                    "right to left (metaseg_tf.data.volumes.to_canonical)")
     spacing_mm: list[float] | None = Field(description="voxel size along the canonical axes")
+    non_finite_voxels: int = Field(description="NaN or infinite voxels read (set to 0 before predicting)")
+    warnings: list[str] = Field(default_factory=list, description="what the answer should be read with, e.g. "
+                                                                   "that nothing finite was in the volume")
     predictions: list[VolumeModelPrediction]

@@ -9,9 +9,13 @@ and each model's mask beside it, the per-case scores when a label map was given,
 ``<case>-seg.nii.gz`` to download.
 
 Run it with ``metaseg serve`` (together with the API) or ``streamlit run metaseg_tf/serve/ui.py``; it talks
-to the prediction API over HTTP at ``METASEG_API_URL`` (default ``http://127.0.0.1:8000``, changeable in the
-sidebar) and says so in a banner when the API cannot be reached. Without own data, "Try a phantom example"
-loads slices of the synthetic phantom.
+to the prediction API over HTTP at ``METASEG_API_URL`` (fixed when set, as ``metaseg serve`` sets it, so
+nobody can point this server at another address; otherwise ``http://127.0.0.1:8000``, changeable in the
+sidebar) and says so in a banner when the API cannot be reached. When the API was started with an access token
+(:mod:`metaseg_tf.serve.guard`), the person types it in the sidebar: the UI never holds it in its environment,
+so reaching the UI's port gives no access by itself. A model trained on the synthetic phantom is shown with a
+banner that its masks on real scans are not meaningful. Without own data, "Try a phantom example" loads
+slices of the synthetic phantom.
 """
 
 from __future__ import annotations
@@ -43,9 +47,21 @@ VOLUME_SCORE_COLUMNS = {"dice": "dice", "hd95": "HD95 (mm)", "lesion_dice": "les
 TRUTH_COLOUR, PREDICTION_COLOUR = (0, 200, 0), (230, 30, 30)
 
 
-def fetch_models(api_url: str) -> list[dict]:
-    """The API's ``/models``; raises ``requests.RequestException`` when it cannot be reached."""
-    response = requests.get(f"{api_url}/models", timeout=10)
+class TokenNeeded(Exception):
+    """The API answered 401: it needs an access token (none or a wrong one was given)."""
+
+
+def auth_headers(token: str | None) -> dict[str, str]:
+    """The header that carries the access token, or none."""
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+def fetch_models(api_url: str, token: str | None = None) -> list[dict]:
+    """The API's ``/models``; raises :class:`TokenNeeded` on 401 and ``requests.RequestException`` when it
+    cannot be reached."""
+    response = requests.get(f"{api_url}/models", headers=auth_headers(token), timeout=10)
+    if response.status_code == 401:
+        raise TokenNeeded()
     response.raise_for_status()
     return response.json()
 
@@ -63,20 +79,21 @@ def threshold_text(threshold: float | None, predictions: list[dict]) -> str:
 
 
 def request_prediction(api_url: str, image: bytes, filename: str, model: str, threshold: float | None,
-                       attention: bool) -> tuple[dict | None, str | None]:
+                       attention: bool, token: str | None = None) -> tuple[dict | None, str | None]:
     """``(response JSON, None)`` or ``(None, the API's error message)``; ``threshold`` None: each model's own."""
-    response = requests.post(f"{api_url}/predict", files={"file": (filename, image)},
+    response = requests.post(f"{api_url}/predict", files={"file": (filename, image)}, headers=auth_headers(token),
                              data=_form(model, threshold, attention=str(attention).lower()), timeout=120)
     return _answer(response)
 
 
 def request_volume_prediction(api_url: str, volumes: list[tuple[str, bytes]], seg: tuple[str, bytes] | None,
-                              model: str, threshold: float | None) -> tuple[dict | None, str | None]:
+                              model: str, threshold: float | None,
+                              token: str | None = None) -> tuple[dict | None, str | None]:
     """``/predict/volume`` with ``volumes`` (``(file name, bytes)``: one, or one per sequence in the model's
     order) and an optional label map ``seg``: ``(response JSON, None)`` or ``(None, the API's error message)``."""
     files = [("files", volume) for volume in volumes] + ([("seg", seg)] if seg is not None else [])
-    response = requests.post(f"{api_url}/predict/volume", files=files,
-                             data=_form(model, threshold), timeout=600)
+    response = requests.post(f"{api_url}/predict/volume", files=files, headers=auth_headers(token),
+                             data=_form(model, threshold), timeout=900)
     return _answer(response)
 
 
@@ -233,8 +250,8 @@ def _show_panels(panels: list[tuple[str, np.ndarray]]) -> None:
         column.image(picture, caption=caption, width="stretch", alt=caption)
 
 
-def _volume_mode(api_url: str, models: list[dict], shown_models: list[str], threshold: float | None,
-                 mask_only: bool) -> None:
+def _volume_mode(api_url: str, token: str | None, models: list[dict], shown_models: list[str],
+                 threshold: float | None, mask_only: bool) -> None:
     """Upload a NIfTI case, segment it once per change of input, model or threshold, and browse its slices."""
     order = next((m.get("sequences") for m in models if m["name"] in shown_models and m.get("sequences")), None)
     order_text = f" in the order {', '.join(order)}" if order else ""
@@ -254,7 +271,7 @@ def _volume_mode(api_url: str, models: list[dict], shown_models: list[str], thre
         with st.spinner("Segmenting the volume ..."):
             response, error = request_volume_prediction(
                 api_url, [(u.name, u.getvalue()) for u in uploads],
-                (seg_upload.name, seg_upload.getvalue()) if seg_upload else None, model, threshold)
+                (seg_upload.name, seg_upload.getvalue()) if seg_upload else None, model, threshold, token)
         if error:
             st.error(f"The backend refused the volume: {error}")
             st.stop()
@@ -297,9 +314,19 @@ def _volume_mode(api_url: str, models: list[dict], shown_models: list[str], thre
 def main() -> None:
     st.set_page_config(page_title="metaseg-tf", layout="wide")
     st.title("metaseg-tf · lesion segmentation of brain MRI slices and volumes")
-    api_url = st.sidebar.text_input("Backend URL", os.environ.get("METASEG_API_URL", DEFAULT_API_URL)).rstrip("/")
+    if os.environ.get("METASEG_API_URL"):  # set by `metaseg serve`: not for a visitor to change
+        api_url = os.environ["METASEG_API_URL"].rstrip("/")
+        st.sidebar.caption(f"Backend: {api_url}")
+    else:
+        api_url = st.sidebar.text_input("Backend URL", DEFAULT_API_URL).rstrip("/")
+    token = st.sidebar.text_input("Access token", type="password", key="token",
+                                  help="needed when the service was started with one (metaseg serve --token-file)")
     try:
-        models = fetch_models(api_url)
+        models = fetch_models(api_url, token)
+    except TokenNeeded:
+        st.warning("The prediction backend needs an access token" + (": the one given was not accepted." if token
+                   else ": enter it in the sidebar."))
+        st.stop()
     except requests.RequestException as error:
         st.error(f"The prediction backend is not reachable at {api_url} ({type(error).__name__}). Start it with "
                  "`metaseg serve` (both parts) or `metaseg serve --api-only`, or correct the URL in the sidebar.")
@@ -312,13 +339,17 @@ def main() -> None:
     threshold = None if own_threshold else st.sidebar.slider("Threshold", 0.05, 0.95, 0.5, 0.05)
     mask_only = st.sidebar.radio("View", ["overlay", "mask only"], horizontal=True) == "mask only"
     attention = st.sidebar.checkbox("Attention U-Net gate maps", key="attention")
+    for model in models:
+        if model["name"] in shown_models and model.get("note"):
+            st.warning(f"{model['name']}: {model['note']}")
     with st.sidebar.expander("Served models"):
-        st.dataframe(pd.DataFrame([{"model": m["name"], "input px": m["input_size"], "CLAHE": m["clahe"],
+        st.dataframe(pd.DataFrame([{"model": m["name"], "trained on": m.get("trained_on", {}).get("dataset"),
+                                    "target": m.get("target"), "input px": m["input_size"], "CLAHE": m["clahe"],
                                     "threshold": m.get("threshold"),
                                     "test Dice": m["test_metrics"].get("per_patient_dice")} for m in models]))
 
     if st.radio("Input", INPUT_MODES, horizontal=True, key="mode") == INPUT_MODES[1]:
-        _volume_mode(api_url, models, shown_models, threshold, mask_only)
+        _volume_mode(api_url, token, models, shown_models, threshold, mask_only)
         return
     source = _source()
     if source is None:
@@ -340,7 +371,7 @@ def main() -> None:
         truth = None
 
     model = shown_models[0] if len(shown_models) == 1 else "all"
-    response, error = request_prediction(api_url, image_bytes, filename, model, threshold, attention)
+    response, error = request_prediction(api_url, image_bytes, filename, model, threshold, attention, token)
     if error:
         st.error(f"The backend refused the slice: {error}")
         st.stop()

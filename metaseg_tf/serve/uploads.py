@@ -14,7 +14,7 @@ import io
 import math
 import re
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +34,12 @@ NIFTI_HEADER_SIZES = (348, 540)  # sizeof_hdr of NIfTI-1 and NIfTI-2, the first 
 
 @dataclass(frozen=True)
 class ServeSettings:
-    """Limits of the service (defaults: 20 MB slice uploads, 4096 px per side; 200 MB and 40 million voxels
-    per uploaded volume; the threshold is each run's own unless a request sets one)."""
+    """The service's settings: its limits (defaults: 20 MB slice uploads, 4096 px per side; 200 MB and 40
+    million voxels per uploaded volume), the engine, the access token and the admission of work
+    (:mod:`metaseg_tf.serve.guard`: ``volume_jobs`` volume predictions at once, default from the machine's
+    memory and ``max_voxels``; ``slice_jobs`` slices, default the machine's cores; ``queue`` more of each may
+    wait; a volume request is answered within ``volume_timeout_s``, a slice request within
+    ``slice_timeout_s``). The threshold is each run's own unless a request sets one."""
 
     max_upload_bytes: int = 20 * 1024 * 1024
     max_side_pixels: int = 4096
@@ -43,6 +47,12 @@ class ServeSettings:
     max_voxels: int = 40_000_000
     engine: str = "keras"  # keras, onnx or openvino (metaseg_tf.inference.engines)
     level: int | None = None  # serve U-Net++ pruned to this level (other architectures whole)
+    token: str | None = field(default=None, repr=False)  # None: no access control (loopback, or --no-auth)
+    volume_jobs: int | None = None
+    slice_jobs: int | None = None
+    queue: int = 64
+    volume_timeout_s: float = 900.0
+    slice_timeout_s: float = 120.0
 
 
 def file_type(head: bytes) -> str | None:
@@ -127,7 +137,8 @@ def save_volume_upload(upload: UploadFile, folder: Path, role: str, settings: Se
 
 def volume_grid(path: Path, role: str, settings: ServeSettings) -> tuple[tuple[int, ...], np.ndarray]:
     """The voxel grid (3D shape, affine) of a saved upload, from its header alone (nibabel reads the voxels
-    lazily): a volume that is not 3D or has more than ``max_voxels`` voxels is refused before it is read."""
+    lazily): a volume that is not 3D, has more than ``max_voxels`` voxels or voxels that are not real numbers
+    (complex, RGB) is refused before it is read."""
     import nibabel as nib
 
     try:
@@ -135,6 +146,10 @@ def volume_grid(path: Path, role: str, settings: ServeSettings) -> tuple[tuple[i
         shape, affine = tuple(int(n) for n in image.shape), np.asarray(image.affine, np.float64)
     except Exception:  # nibabel raises several types for headers it cannot parse
         raise HTTPException(422, f"cannot read the NIfTI header of the {role}: the file is damaged") from None
+    dtype = image.get_data_dtype()
+    if dtype.kind not in "biuf":  # complex, or RGB / structured voxels: not an MRI intensity
+        kind = "complex-valued" if dtype.kind == "c" else f"{dtype} (not scalar)"
+        raise HTTPException(422, f"the {role} holds {kind} voxels; send the magnitude image as real numbers")
     if len(shape) == 4 and shape[3] == 1:
         shape = shape[:3]
     if len(shape) != 3:
