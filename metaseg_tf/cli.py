@@ -54,17 +54,12 @@ def _typed_path(text: str) -> Path:
 def _number(kind: type, minimum: float, strict: bool = False) -> Any:
     """An argparse type: a ``kind`` number >= ``minimum`` (> with ``strict``), else a one-line usage error."""
     def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        value = kind(text)  # argparse turns the ValueError into "invalid ... value"
         if value < minimum or (strict and value == minimum):
             raise argparse.ArgumentTypeError(f"{text} must be {'>' if strict else '>='} {minimum:g}")
         return value
+    parse.__name__ = kind.__name__
     return parse
-
-
-_positive_int = _number(int, 1)
 
 
 BOOLEAN_TEXT = {"true": True, "on": True, "yes": True, "1": True, "false": False, "off": False, "no": False, "0": False}
@@ -270,16 +265,13 @@ def _pipeline(args: argparse.Namespace) -> int:
 
 def _serve(args: argparse.Namespace) -> int:
     from metaseg_tf.serve.served import ServeError
-    from metaseg_tf.serve.launch import serve
+    from metaseg_tf.serve.launch import LIMIT_VARIABLES, serve
 
     try:
-        limits = {variable: str(value) for variable, value in (
-            ("METASEG_VOLUME_JOBS", args.volume_jobs), ("METASEG_SLICE_JOBS", args.slice_jobs),
-            ("METASEG_QUEUE", args.queue), ("METASEG_VOLUME_TIMEOUT_S", args.volume_timeout),
-            ("METASEG_SLICE_TIMEOUT_S", args.slice_timeout)) if value is not None}
         return serve(args.runs, args.host, args.api_port, args.ui_port, api=not args.ui_only, ui=not args.api_only,
                      api_url=args.api_url, engine=args.engine, level=args.level, workers=args.workers,
-                     token=args.token, token_file=args.token_file, no_auth=args.no_auth, limits=limits)
+                     token=args.token, token_file=args.token_file, no_auth=args.no_auth,
+                     limits={name: getattr(args, name) for name in LIMIT_VARIABLES})
     except ServeError as error:
         raise ConfigError(str(error)) from None
 
@@ -450,10 +442,10 @@ def build_parser() -> argparse.ArgumentParser:
                                         "its process list: prefer --token-file or METASEG_API_TOKEN)")
     access.add_argument("--no-auth", action="store_true",
                         help="no access token even when bound beyond loopback (a trusted network only)")
-    serve.add_argument("--volume-jobs", type=_positive_int,
+    serve.add_argument("--volume-jobs", type=_number(int, 1),
                        help="volume predictions at once (default: as many as half the memory holds at "
                             "the voxel limit, at most the cores)")
-    serve.add_argument("--slice-jobs", type=_positive_int, help="slice predictions at once (default: the cores)")
+    serve.add_argument("--slice-jobs", type=_number(int, 1), help="slice predictions at once (default: the cores)")
     serve.add_argument("--queue", type=_number(int, 0), help="requests of each kind that may wait for a place (default 64); "
                                                  "more get 503 with Retry-After")
     serve.add_argument("--volume-timeout", type=_number(float, 0, strict=True), help="seconds a volume request may take, waiting included "

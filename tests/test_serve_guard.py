@@ -212,12 +212,15 @@ def _children(pid: int) -> list[psutil.Process]:
 def test_sigterm_stops_the_service_and_all_its_processes(served_runs: list[Path], tmp_path: Path,
                                                          workers: int) -> None:
     """As systemd, Docker and Kubernetes stop a service: SIGTERM to `metaseg serve`; it exits 0, its uvicorn
-    child and that child's workers are gone, and the port is free again."""
+    child and that child's workers are gone, and the port is free again. On the way: the token file and the
+    job limits given to `metaseg serve` are what its API process enforces."""
     port = free_port()
     log = (tmp_path / "serve.log").open("w")
+    (tmp_path / "token").write_text(TOKEN + "\n")
     server = subprocess.Popen([sys.executable, "-m", "metaseg_tf.cli", "serve", "--api-only", "--runs",
-                               *map(str, served_runs), "--api-port", str(port), "--workers", str(workers)],
-                              stdout=log, stderr=subprocess.STDOUT)
+                               *map(str, served_runs), "--api-port", str(port), "--workers", str(workers),
+                               "--token-file", str(tmp_path / "token"), "--volume-jobs", "3", "--queue", "5"],
+                              stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "METASEG_API_TOKEN": ""})
     try:
         deadline = time.time() + 180
         while time.time() < deadline:
@@ -227,6 +230,11 @@ def test_sigterm_stops_the_service_and_all_its_processes(served_runs: list[Path]
                     break
             except requests.RequestException:
                 time.sleep(0.5)
+        base = f"http://127.0.0.1:{port}"
+        assert requests.get(f"{base}/limits", timeout=10).status_code == 401
+        limits = requests.get(f"{base}/limits", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=10).json()
+        assert (limits["jobs"]["volume"]["at_once"], limits["jobs"]["volume"]["queue"]) == (3, 5)
+        assert TOKEN not in " ".join(" ".join(child.cmdline()) for child in _children(server.pid))
         children = _children(server.pid)
         assert len(children) >= workers, "uvicorn (and its workers) run as children"
         server.send_signal(signal.SIGTERM)

@@ -28,6 +28,9 @@ from metaseg_tf.serve.served import ServeError, load_models, newest_pipeline_run
 UI_SCRIPT = Path(__file__).with_name("ui.py")
 STOP_GRACE_S = 10.0
 TOKEN_VARIABLES = ("METASEG_API_TOKEN", "METASEG_API_TOKEN_FILE")
+# serve()'s limits -> the API's environment (metaseg_tf.serve.api.app_from_environment)
+LIMIT_VARIABLES = {"volume_jobs": "METASEG_VOLUME_JOBS", "slice_jobs": "METASEG_SLICE_JOBS", "queue": "METASEG_QUEUE",
+                   "volume_timeout": "METASEG_VOLUME_TIMEOUT_S", "slice_timeout": "METASEG_SLICE_TIMEOUT_S"}
 
 
 def api_command(host: str, port: int, workers: int = 1) -> list[str]:
@@ -96,16 +99,17 @@ def serve(runs: Sequence[Path] | None = None, host: str = "127.0.0.1", api_port:
           api: bool = True, ui: bool = True, api_url: str | None = None, engine: str = "keras",
           level: int | None = None, workers: int = 1, token: str | None = None,
           token_file: str | Path | None = None, no_auth: bool = False,
-          limits: dict[str, str] | None = None) -> int:
+          limits: dict[str, float | None] | None = None) -> int:
     """Run the chosen parts until one exits, SIGTERM or Ctrl-C; returns the first non-zero exit status of a
     child that failed by itself (else 0). ``engine``: how the API runs the networks (keras, onnx or openvino;
     :mod:`metaseg_tf.inference.engines`); ``level``: serve U-Net++ pruned to that level; ``workers``: API server
-    processes; ``token``/``token_file``/``no_auth``: :func:`access_token`; ``limits``: ``METASEG_*``
-    variables of :func:`~metaseg_tf.serve.api.app_from_environment` for the API (job and queue limits)."""
+    processes; ``token``/``token_file``/``no_auth``: :func:`access_token`; ``limits``: the API's job limits by
+    their ``LIMIT_VARIABLES`` names (None: the default; :class:`~metaseg_tf.serve.uploads.ServeSettings`)."""
     if workers < 1:
         raise ServeError(f"workers must be >= 1, got {workers}")
     environment = {name: value for name, value in os.environ.items() if name not in TOKEN_VARIABLES}
-    environment.update(METASEG_ENGINE=engine, METASEG_LEVEL="" if level is None else str(level), **(limits or {}))
+    environment.update(METASEG_ENGINE=engine, METASEG_LEVEL="" if level is None else str(level),
+                       **{LIMIT_VARIABLES[name]: str(value) for name, value in (limits or {}).items() if value is not None})
     children: list[tuple[str, subprocess.Popen]] = []
     if api:
         found = access_token(host, token, token_file, no_auth)

@@ -285,6 +285,8 @@ def _volume_mode(api_url: str, token: str | None, models: list[dict], shown_mode
         st.session_state["volume_key"] = key
         st.session_state["volume_result"] = (response, views, truth, segs)
     response, views, truth, segs = st.session_state["volume_result"]
+    for warning in response.get("warnings", []):  # e.g. nothing finite in the volume
+        st.warning(warning)
     predictions = [p for p in response["predictions"] if p["model"] in shown_models]
     segs = {name: seg for name, seg in segs.items() if name in shown_models}
 
