@@ -10,7 +10,8 @@ it sends that many volume requests at once (model ``all``: both models predict e
 memory of the server's whole process tree every 0.1 s: peak, the rise over the idle server, and per job at
 concurrency 1 (``VOLUME_JOB_BYTES_PER_VOXEL`` of :mod:`metaseg_tf.serve.guard` is this figure, rounded up).
 Also printed: statuses (every answer's code), wall time and volumes per minute, and the documented bound
-``idle + volume_jobs x per-job peak``.
+``idle + volume_jobs x per-job peak + waiting requests x files x WAITING_BYTES_PER_FILE`` (a waiting upload
+keeps at most 1 MB a file in memory; Starlette spools the rest to disk).
 
 The volumes: ``--volumes FILE ...`` (one for every sequence, or one per sequence of the models), default the
 real metastasis case of ``$METASEG_REAL_DATA/mets_nifti_case`` (256x256x224; its T1CE, FLAIR and T1CE again
@@ -39,7 +40,7 @@ import numpy as np
 import psutil
 import requests
 
-from metaseg_tf.serve.guard import default_volume_jobs
+from metaseg_tf.serve.guard import WAITING_BYTES_PER_FILE, default_volume_jobs
 from metaseg_tf.serve.launch import api_command, stop_children
 from metaseg_tf.serve.served import newest_pipeline_runs
 from metaseg_tf.serve.uploads import ServeSettings
@@ -141,7 +142,8 @@ def main() -> None:
     print(f"serving {', '.join(Path(r).name for r in runs)}; volumes: {described}; model=all; "
           f"{os.cpu_count()} CPUs, {psutil.virtual_memory().total / GIB:.1f} GiB; bounded default volume_jobs={jobs}")
     print(f"{'server':<11}{'concurrent':>11}{'statuses':>22}{'wall s':>9}{'vol/min':>9}{'idle GiB':>10}"
-          f"{'peak GiB':>10}{'rise GiB':>10}")
+          f"{'peak GiB':>10}{'rise GiB':>10}{'bound GiB':>11}")
+    per_job = None
     voxels = int(np.prod(nib.Nifti1Image.from_bytes(_raw(volumes[0][1])).shape[:3]))
     for name, volume_jobs in (("bounded", None), ("unbounded", "concurrency")):
         for concurrency in args.concurrency:
@@ -158,12 +160,15 @@ def main() -> None:
             finally:
                 stop_children([server])
             rise = memory.peak - idle
-            print(f"{name:<11}{concurrency:>11}{dict(sorted(statuses.items()))!s:>22}{wall:>9.1f}"
-                  f"{60 * concurrency / wall:>9.1f}{idle / GIB:>10.2f}{memory.peak / GIB:>10.2f}{rise / GIB:>10.2f}")
-            if name == "bounded" and concurrency == 1:
+            if per_job is None:  # the first row: one job alone
+                per_job = rise
                 print(f"{'':<11}per job: {rise / GIB:.2f} GiB = {rise / voxels:.1f} bytes per voxel of the "
-                      f"{voxels}-voxel grid; documented bound idle + {jobs} x per job = "
-                      f"{(idle + jobs * rise) / GIB:.2f} GiB")
+                      f"{voxels}-voxel grid")
+            bound = (idle + jobs * per_job + max(0, concurrency - jobs) * len(volumes) * WAITING_BYTES_PER_FILE
+                     if name == "bounded" else float("nan"))
+            print(f"{name:<11}{concurrency:>11}{dict(sorted(statuses.items()))!s:>22}{wall:>9.1f}"
+                  f"{60 * concurrency / wall:>9.1f}{idle / GIB:>10.2f}{memory.peak / GIB:>10.2f}{rise / GIB:>10.2f}"
+                  f"{bound / GIB:>11.2f}")
 
 
 def _raw(data: bytes) -> bytes:

@@ -94,7 +94,7 @@ def test_binding_beyond_loopback_needs_a_token_or_an_explicit_no_auth(monkeypatc
 def test_the_default_number_of_volume_jobs_follows_memory_and_cores() -> None:
     gib = 1024**3
     assert default_volume_jobs(40_000_000, memory_bytes=24 * gib, cpus=2) == 2
-    assert default_volume_jobs(40_000_000, memory_bytes=24 * gib, cpus=64) == 8  # 12 GiB / 1.6 GB a job
+    assert default_volume_jobs(40_000_000, memory_bytes=24 * gib, cpus=64) == 7  # 12 GiB / 1.68 GB a job
     assert default_volume_jobs(40_000_000, memory_bytes=2 * gib, cpus=8) == 1
 
 

@@ -40,9 +40,10 @@ from fastapi.responses import JSONResponse
 OPEN_PATHS = frozenset({"/health"})  # liveness probes of systemd, Docker and Kubernetes carry no token
 TOKEN_HEADER = "x-api-token"
 MIN_TOKEN_LENGTH = 16
-# peak resident bytes of one volume job per voxel of the uploaded grid (all sequences of it, both models,
-# the seg written back), measured by benchmarks/bench_serve_load.py on a 240x240x155 case of 3 sequences
-VOLUME_JOB_BYTES_PER_VOXEL = 40
+# peak resident bytes of one volume job per voxel of the uploaded grid (3 sequences, both models, the segs
+# written back): 41.1 measured by benchmarks/bench_serve_load.py on a real 256x256x224 case (results/benchmarks.md)
+VOLUME_JOB_BYTES_PER_VOXEL = 42
+WAITING_BYTES_PER_FILE = 1024 * 1024  # what a waiting upload keeps in memory: Starlette spools the rest to disk
 MEMORY_SHARE = 0.5  # of the machine's memory, what the volume jobs together may take by default
 
 audit_logger = logging.getLogger("metaseg_tf.serve.audit")
