@@ -15,115 +15,34 @@ project root (:mod:`metaseg_tf.paths`), wherever the command is started.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import os
 import sys
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from metaseg_tf import paths
-from metaseg_tf.config import ConfigError, ExperimentConfig, LABEL_CONVENTION_NAMES
+from metaseg_tf.cli_flags import (
+    LEVEL_HELP,
+    add_config_flags,
+    add_engine_flags,
+    add_runs_root_flag,
+    config_defaults,
+    config_from_args,
+    number,
+    parse_value,
+    typed_path,
+)
+from metaseg_tf.config import ConfigError, LABEL_CONVENTION_NAMES
 from metaseg_tf.data.discover import DataError, discover_pairs
 from metaseg_tf.data.layouts import discover_volumes
 from metaseg_tf.data.summary import summarise_dataset, summarise_volumes
 from metaseg_tf.data.synthetic import DEFAULT_PHANTOMS, PHANTOM_LAYOUTS, PhantomSettings, generate_phantom
-from metaseg_tf.inference.engines import ENGINES
 from metaseg_tf.inference.export import EXPORT_FORMATS
 from metaseg_tf.pipeline import PROFILES, PipelineError
 
 DEFAULT_PHANTOM = PhantomSettings()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up chatter, before it loads
-
-# command-line flag -> ExperimentConfig field, for the settings people change most
-CONFIG_FLAGS = {
-    "model": "model", "data": "data_dir", "epochs": "epochs", "batch_size": "batch_size",
-    "image_size": "image_size", "loss": "loss", "lr": "learning_rate", "seed": "seed",
-    "devices": "devices", "max_minutes": "max_train_minutes", "filters": "filters", "sequences": "sequences",
-    "target": "target", "context_slices": "context_slices",
-}
-
-
-def _typed_path(text: str) -> Path:
-    """A path typed on the command line, made absolute against the working directory."""
-    return Path(text).expanduser().absolute()
-
-
-def _number(kind: type, minimum: float, strict: bool = False) -> Any:
-    """An argparse type: a ``kind`` number >= ``minimum`` (> with ``strict``), else a one-line usage error."""
-    def parse(text: str):
-        value = kind(text)  # argparse turns the ValueError into "invalid ... value"
-        if value < minimum or (strict and value == minimum):
-            raise argparse.ArgumentTypeError(f"{text} must be {'>' if strict else '>='} {minimum:g}")
-        return value
-    parse.__name__ = kind.__name__
-    return parse
-
-
-BOOLEAN_TEXT = {"true": True, "on": True, "yes": True, "1": True, "false": False, "off": False, "no": False, "0": False}
-
-
-def _parse_value(key: str, text: str, defaults: dict[str, Any]):
-    """A ``-p KEY VALUE`` value for the setting ``key`` whose default is ``defaults[key]``. A boolean setting
-    takes true/false, on/off, yes/no or 1/0 (anything else is a :class:`ConfigError`); others take YAML scalars,
-    lists and mappings (``0.5``, ``[16, 32]``, ``{a: 1}``), else the text, and YAML 1.1's ``on``/``off``/``yes``/
-    ``no`` stay text there, so that ``-p jit_compile off`` means the setting ``"off"``."""
-    if isinstance(defaults.get(key), bool):
-        if text.strip().lower() not in BOOLEAN_TEXT:
-            raise ConfigError(f"{key} is true or false, got {text!r}")
-        return BOOLEAN_TEXT[text.strip().lower()]
-    try:
-        value = yaml.safe_load(text)
-    except yaml.YAMLError:
-        return text
-    return text if isinstance(value, bool) else value
-
-
-def _config_defaults() -> dict[str, Any]:
-    return {setting.name: setting.default for setting in dataclasses.fields(ExperimentConfig)}
-
-
-def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
-    """The config file (``--config``) or the defaults, then the flags, then every ``-p KEY VALUE``."""
-    config = ExperimentConfig.load(args.config) if getattr(args, "config", None) else ExperimentConfig()
-    changes = {field: getattr(args, flag) for flag, field in CONFIG_FLAGS.items()
-               if getattr(args, flag, None) is not None}
-    if getattr(args, "data", None) is not None:
-        changes["data_dir"] = str(args.data)
-    if getattr(args, "no_clahe", False):
-        changes["clahe"] = False
-    for key, value in getattr(args, "param", None) or []:
-        changes[key] = _parse_value(key, value, _config_defaults())
-    return config.replace(**changes) if changes else config
-
-
-def _add_config_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", type=_typed_path, help="ExperimentConfig as JSON or YAML (flags override it)")
-    parser.add_argument("--model", help="unet, nested_unet or attention_unet")
-    parser.add_argument("--data", type=_typed_path, help="data folder (any supported layout)")
-    parser.add_argument("--epochs", type=int)
-    parser.add_argument("--batch-size", type=int)
-    parser.add_argument("--image-size", type=int, help="side in pixels, a multiple of 16")
-    parser.add_argument("--filters", type=int, nargs="+", help="filters per level, e.g. 16 32 64 128 256")
-    parser.add_argument("--loss", help="bce, dice, bce_dice, focal, tversky or focal_tversky")
-    parser.add_argument("--lr", type=float, help="learning rate")
-    parser.add_argument("--seed", type=int)
-    parser.add_argument("--devices", type=int, help="data-parallel devices (MirroredStrategy / DataParallel)")
-    parser.add_argument("--max-minutes", type=float, help="stop training after this many minutes")
-    parser.add_argument("--no-clahe", action="store_true", help="switch CLAHE off")
-    parser.add_argument("--sequences", nargs="+", help="volume layouts: sequences in channel order, e.g. t1c t2f t1n")
-    parser.add_argument("--target", help="any, wt, tc, et, labels:1,3 or multilabel (volume layouts' regions)")
-    parser.add_argument("--context-slices", type=int, help="2.5D: neighbouring slices on each side as channels")
-    parser.add_argument("-p", "--param", nargs=2, action="append", metavar=("KEY", "VALUE"),
-                        help="any other ExperimentConfig field, e.g. -p lr_schedule cosine")
-
-
-def _add_runs_root_flag(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--runs-root", type=_typed_path, default=paths.resolve(paths.RUNS_ROOT),
-                        help=f"where run folders go (default: {paths.RUNS_ROOT} in the project)")
-
 
 def _evaluate(args: argparse.Namespace) -> int:
     from metaseg_tf.evaluation.report import evaluate_run
@@ -159,6 +78,7 @@ def _compare(args: argparse.Namespace) -> int:
 
 def _predict(args: argparse.Namespace) -> int:
     from metaseg_tf.inference.files import predict_path
+    from metaseg_tf.inference.parts import Part
     from metaseg_tf.inference.predictor import Predictor
 
     if args.model is not None:
@@ -174,8 +94,17 @@ def _predict(args: argparse.Namespace) -> int:
     predictor = Predictor.from_run(args.run or args.model, which=args.which, threshold=args.threshold, flip_tta=args.tta,
                                    min_lesion_voxels=args.min_lesion_voxels, engine=args.engine, level=args.level,
                                    models=args.models)
-    out_dir, summary = predict_path(predictor, args.input, args.out, progress=not args.quiet,
-                                    convention=args.labels_convention)
+    part, request = None, None
+    if (args.num_parts is None) != (args.part_id is None):
+        raise ConfigError("--num-parts and --part-id go together")
+    if args.num_parts is not None:
+        if args.out is None:
+            raise ConfigError("with --num-parts, name the predictions folder the parts share with --out")
+        part = Part(args.num_parts, args.part_id)
+        request = {name: str(value) if isinstance(value, Path) else value for name, value in vars(args).items()
+                   if name in ("run", "model", "models", "which", "threshold", "tta", "min_lesion_voxels", "engine", "level")}
+    out_dir, summary = predict_path(predictor, args.input, paths.resolve(paths.RESULTS_DIR) if args.out is None else args.out,
+                                    progress=not args.quiet, convention=args.labels_convention, part=part, request=request)
     print(", ".join(f"{key} {value}" for key, value in summary.items()))
     print(out_dir)
     return 0
@@ -250,9 +179,9 @@ def _pipeline(args: argparse.Namespace) -> int:
     overrides: dict[str, Any] = {}
     for key, value in args.param or []:  # a notebook parameter, or any ExperimentConfig field
         if key in NOTEBOOK_PARAMETERS:
-            overrides[key] = _parse_value(key, value, NOTEBOOK_PARAMETERS)
-        elif key in _config_defaults():
-            overrides.setdefault("config_overrides", {})[key] = _parse_value(key, value, _config_defaults())
+            overrides[key] = parse_value(key, value, NOTEBOOK_PARAMETERS)
+        elif key in config_defaults():
+            overrides.setdefault("config_overrides", {})[key] = parse_value(key, value, config_defaults())
         else:
             raise ConfigError(f"unknown setting {key!r}: neither a notebook parameter ({', '.join(NOTEBOOK_PARAMETERS)}) "
                               "nor an ExperimentConfig field")
@@ -276,15 +205,6 @@ def _serve(args: argparse.Namespace) -> int:
         raise ConfigError(str(error)) from None
 
 
-def _add_engine_flags(parser: argparse.ArgumentParser, engine_help: str, level_note: str = "") -> None:
-    parser.add_argument("--engine", default="keras", choices=ENGINES, help=engine_help)
-    parser.add_argument("--level", type=int, help=LEVEL_HELP + level_note)
-
-
-LEVEL_HELP = ("U-Net++ pruned to this level (1 = shallowest head; faster, usually less accurate; default: the whole "
-              "network, Zhou et al. 2019, section III-C)")
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="metaseg", description=__doc__.splitlines()[0])
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
@@ -293,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     data = commands.add_parser("data", help="inspect or generate datasets")
     data_commands = data.add_subparsers(dest="data_command", required=True)
     summary = data_commands.add_parser("summary", help="patients, pairs and skipped files of a folder")
-    summary.add_argument("directory", type=_typed_path)
+    summary.add_argument("directory", type=typed_path)
     summary.add_argument("--quick", action="store_true", help="only find pairs; do not read every file")
     summary.add_argument("--show", type=int, default=5, help="file names listed per skip reason")
     summary.add_argument("--labels-convention", choices=LABEL_CONVENTION_NAMES,
@@ -305,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="sequences a run would use: which cases it would skip (default: the config's)")
     summary.set_defaults(handler=_data_summary)
     synth = data_commands.add_parser("synth", help="write the synthetic metastasis phantom")
-    synth.add_argument("out", type=_typed_path)
+    synth.add_argument("out", type=typed_path)
     synth.add_argument("--patients", type=int, default=DEFAULT_PHANTOM.n_patients)
     synth.add_argument("--slices", type=int, default=DEFAULT_PHANTOM.n_slices)
     synth.add_argument("--size", type=int, default=DEFAULT_PHANTOM.size)
@@ -320,11 +240,11 @@ def build_parser() -> argparse.ArgumentParser:
     pipeline.add_argument("--profile", default="cpu", choices=tuple(PROFILES),
                           help="; ".join(f"{name}: {profile.description}" for name, profile in PROFILES.items())
                           + " (default: cpu)")
-    pipeline.add_argument("--data", type=_typed_path, help="your own data folder instead of the synthetic phantom")
+    pipeline.add_argument("--data", type=typed_path, help="your own data folder instead of the synthetic phantom")
     pipeline.add_argument("--phantom", default="brats_mets", choices=tuple(DEFAULT_PHANTOMS),
                           help="the synthetic phantom used without --data: brats_mets (default, NIfTI volumes "
                                "with BraTS labels) or kaggle_3m (2D slices)")
-    pipeline.add_argument("--out", type=_typed_path, default=paths.resolve(paths.PIPELINE_ROOT),
+    pipeline.add_argument("--out", type=typed_path, default=paths.resolve(paths.PIPELINE_ROOT),
                           help=f"a new run folder goes here (default: {paths.PIPELINE_ROOT} in the project)")
     pipeline.add_argument("-p", "--param", nargs=2, action="append", metavar=("KEY", "VALUE"),
                           help="a notebook parameter or any ExperimentConfig field, e.g. -p epochs 5 "
@@ -332,20 +252,20 @@ def build_parser() -> argparse.ArgumentParser:
     pipeline.set_defaults(handler=_pipeline)
 
     train = commands.add_parser("train", help="train a model into a new run folder (resumes an unfinished one)")
-    _add_config_flags(train)
-    _add_runs_root_flag(train)
+    add_config_flags(train)
+    add_runs_root_flag(train)
     train.add_argument("--name", help="run folder suffix (default: the model name)")
     train.add_argument("--no-resume", action="store_true", help="always start a new run folder")
     train.set_defaults(handler=_train)
 
     evaluate = commands.add_parser("evaluate", help="score a run on its test split: CSVs, summary.json, plots")
-    evaluate.add_argument("run", type=_typed_path, help="run folder made by `metaseg train`")
+    evaluate.add_argument("run", type=typed_path, help="run folder made by `metaseg train`")
     evaluate.add_argument("--split", default="test", choices=("train", "val", "test"))
     evaluate.add_argument("--which", default="best", choices=("best", "last"))
     evaluate.add_argument("--threshold", type=float,
                           help="default: the run's threshold (the one chosen on the validation patients, for a "
                                "run trained with threshold_from_validation)")
-    evaluate.add_argument("--data", type=_typed_path, help="score every slice of this other folder (external test set)")
+    evaluate.add_argument("--data", type=typed_path, help="score every slice of this other folder (external test set)")
     evaluate.add_argument("--allow-missing-patients", action="store_true",
                           help="score the run's recorded patients that the data still holds and list the others "
                                "(default: stop with an error)")
@@ -355,14 +275,14 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--threshold-from-validation", action=argparse.BooleanOptionalAction,
                           help="the threshold that scores best on the run's validation patients (default: the run's "
                                "threshold_from_validation)")
-    _add_engine_flags(evaluate, "make the masks with Keras (default), ONNX Runtime or OpenVINO (the run's newest "
+    add_engine_flags(evaluate, "make the masks with Keras (default), ONNX Runtime or OpenVINO (the run's newest "
                                 "export of that format, exported first if there is none)")
     evaluate.set_defaults(handler=_evaluate)
 
     compare = commands.add_parser("compare", help="one table and paired Wilcoxon tests over several runs")
-    compare.add_argument("runs", type=_typed_path, nargs="+", help="run folders")
+    compare.add_argument("runs", type=typed_path, nargs="+", help="run folders")
     compare.add_argument("--labels", nargs="+", help="one name per run (default: folder names)")
-    compare.add_argument("--out", type=_typed_path, default=paths.resolve(paths.RESULTS_DIR),
+    compare.add_argument("--out", type=typed_path, default=paths.resolve(paths.RESULTS_DIR),
                          help=f"a new comparison folder goes here (default: {paths.RESULTS_DIR} in the project)")
     compare.add_argument("--split", default="test", choices=("train", "val", "test"))
     compare.add_argument("--allow-different-patients", action="store_true",
@@ -371,12 +291,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     cross_validation = commands.add_parser(
         "crossval", help="patient-level k-fold cross-validation of models and their ensemble (resumable)")
-    _add_config_flags(cross_validation)
-    _add_runs_root_flag(cross_validation)
+    add_config_flags(cross_validation)
+    add_runs_root_flag(cross_validation)
     cross_validation.add_argument("--models", nargs="+",
                                   help="models to cross-validate (default: nested_unet attention_unet)")
     cross_validation.add_argument("--folds", type=int, default=5, help="number of folds over patients (default 5)")
-    cross_validation.add_argument("--out", type=_typed_path,
+    cross_validation.add_argument("--out", type=typed_path,
                                   help=f"the cross-validation's folder (default: {paths.CROSSVAL_ROOT}/NAME in the "
                                        "project); the same command again continues it")
     cross_validation.add_argument("--name", default="crossval",
@@ -388,15 +308,19 @@ def build_parser() -> argparse.ArgumentParser:
     cross_validation.set_defaults(handler=_crossval)
 
     predict = commands.add_parser("predict", help="masks for an image, a folder or NIfTI volume(s)")
-    predict.add_argument("run", type=_typed_path, nargs="?",
+    predict.add_argument("run", type=typed_path, nargs="?",
                          help="run folder made by `metaseg train`, or a `metaseg crossval` folder (its fold models "
                               "as one ensemble)")
     predict.add_argument("--models", nargs="+", help="a crossval folder: the architectures to ensemble (default: all)")
-    predict.add_argument("--model", type=_typed_path, help="deprecated spelling of RUN")
-    predict.add_argument("--input", type=_typed_path, nargs="+", required=True,
+    predict.add_argument("--model", type=typed_path, help="deprecated spelling of RUN")
+    predict.add_argument("--input", type=typed_path, nargs="+", required=True,
                          help="image file(s), folder(s), or NIfTI volume(s) (several: one channel each)")
-    predict.add_argument("--out", type=_typed_path, default=paths.resolve(paths.RESULTS_DIR),
-                         help=f"a new predictions folder goes here (default: {paths.RESULTS_DIR} in the project)")
+    predict.add_argument("--out", type=typed_path,
+                         help=f"a new predictions folder goes here (default: {paths.RESULTS_DIR} in the project); "
+                              "with --num-parts: the predictions folder the parts share")
+    predict.add_argument("--num-parts", type=number(int, 1), help="spread the cases over this many processes (as "
+                                                                   "nnU-Net's -num_parts); each runs one --part-id")
+    predict.add_argument("--part-id", type=number(int, 0), help="this process's part, 0 to --num-parts - 1")
     predict.add_argument("--which", default="best", choices=("best", "last"))
     predict.add_argument("--threshold", type=float, help="default: the run's config threshold")
     predict.add_argument("--tta", action=argparse.BooleanOptionalAction,
@@ -409,19 +333,19 @@ def build_parser() -> argparse.ArgumentParser:
                          help="the label convention of the volumes predicted, which their segs are read and the "
                               "-seg files written in (default: their dataset's, from its files; NIfTI files alone: "
                               "the run's)")
-    _add_engine_flags(predict, "run the network with Keras (default), ONNX Runtime or OpenVINO (the run's newest "
+    add_engine_flags(predict, "run the network with Keras (default), ONNX Runtime or OpenVINO (the run's newest "
                                "export of that format, exported first if there is none)")
     predict.set_defaults(handler=_predict)
 
     export = commands.add_parser("export", help="export a run's model as ONNX, OpenVINO IR or a TF SavedModel")
-    export.add_argument("run", type=_typed_path, help="run folder made by `metaseg train`")
+    export.add_argument("run", type=typed_path, help="run folder made by `metaseg train`")
     export.add_argument("--format", required=True, choices=EXPORT_FORMATS)
     export.add_argument("--which", default="best", choices=("best", "last"))
     export.add_argument("--level", type=int, help=LEVEL_HELP)
     export.set_defaults(handler=_export)
 
     serve = commands.add_parser("serve", help="start the web app: prediction API (FastAPI) and UI (Streamlit)")
-    serve.add_argument("--runs", type=_typed_path, nargs="+",
+    serve.add_argument("--runs", type=typed_path, nargs="+",
                        help="run folders to serve (default: the newest pipeline run's two models)")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
     serve.add_argument("--api-port", type=int, default=8000)
@@ -430,7 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
     parts.add_argument("--api-only", action="store_true", help="start only the API")
     parts.add_argument("--ui-only", action="store_true", help="start only the UI (see --api-url)")
     serve.add_argument("--api-url", help="where the UI finds the API (default: this host's --api-port)")
-    _add_engine_flags(serve, "how the API runs the networks: Keras (default), ONNX Runtime or OpenVINO",
+    add_engine_flags(serve, "how the API runs the networks: Keras (default), ONNX Runtime or OpenVINO",
                       "; other architectures are served whole")
     serve.add_argument("--workers", type=int, default=1,
                        help="API server processes, each with its own copy of the models (default 1; the job "
@@ -442,15 +366,15 @@ def build_parser() -> argparse.ArgumentParser:
                                         "its process list: prefer --token-file or METASEG_API_TOKEN)")
     access.add_argument("--no-auth", action="store_true",
                         help="no access token even when bound beyond loopback (a trusted network only)")
-    serve.add_argument("--volume-jobs", type=_number(int, 1),
+    serve.add_argument("--volume-jobs", type=number(int, 1),
                        help="volume predictions at once (default: as many as half the memory holds at "
                             "the voxel limit, at most the cores)")
-    serve.add_argument("--slice-jobs", type=_number(int, 1), help="slice predictions at once (default: the cores)")
-    serve.add_argument("--queue", type=_number(int, 0), help="requests of each kind that may wait for a place (default 64); "
+    serve.add_argument("--slice-jobs", type=number(int, 1), help="slice predictions at once (default: the cores)")
+    serve.add_argument("--queue", type=number(int, 0), help="requests of each kind that may wait for a place (default 64); "
                                                  "more get 503 with Retry-After")
-    serve.add_argument("--volume-timeout", type=_number(float, 0, strict=True), help="seconds a volume request may take, waiting included "
+    serve.add_argument("--volume-timeout", type=number(float, 0, strict=True), help="seconds a volume request may take, waiting included "
                                                             "(default 900)")
-    serve.add_argument("--slice-timeout", type=_number(float, 0, strict=True), help="seconds a slice request may take (default 120)")
+    serve.add_argument("--slice-timeout", type=number(float, 0, strict=True), help="seconds a slice request may take (default 120)")
     serve.set_defaults(handler=_serve)
     return parser
 

@@ -130,7 +130,7 @@ def test_pipeline_profiles_offered_by_the_cli_are_the_pipeline_s() -> None:
 
 
 def test_p_values_follow_the_type_of_their_setting(tmp_path: Path) -> None:
-    from metaseg_tf.cli import config_from_args
+    from metaseg_tf.cli_flags import config_from_args
     from metaseg_tf.config import ConfigError
 
     args = build_parser().parse_args(["train", "--model", "unet", "-p", "jit_compile", "off", "-p", "flip_tta", "yes",
@@ -141,7 +141,7 @@ def test_p_values_follow_the_type_of_their_setting(tmp_path: Path) -> None:
     assert main(["train", "-p", "augment", "maybe"]) == 2
     with pytest.raises(ConfigError, match="clahe must be true or false"):
         config.replace(clahe="no")
-    from metaseg_tf.cli import _parse_value
+    from metaseg_tf.cli_flags import parse_value as _parse_value
     from metaseg_tf.pipeline import NOTEBOOK_PARAMETERS
 
     assert _parse_value("clahe_ablation", "off", NOTEBOOK_PARAMETERS) is False, "pipeline -p follows the notebooks"

@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from metaseg_tf.cli import main
 from metaseg_tf.data.discover import DataError
 from metaseg_tf.data.volumes import axial_axis
 from metaseg_tf.inference.files import predict_path
@@ -339,3 +340,59 @@ def test_a_run_that_chooses_its_threshold_on_validation_predicts_and_serves_at_t
         image = phantom_slice[0].read_bytes()
         served = client.post("/predict", files={"file": ("s.png", image)}).json()["predictions"][0]
         assert served["threshold"] == 0.35
+
+
+def _tree(folder: Path) -> dict[str, object]:
+    """Every output of a predictions folder by name: NIfTI files by their voxels and affine (their gzip headers
+    carry the time), the rest byte for byte; the parts' own records left out."""
+    found: dict[str, object] = {}
+    for path in sorted(folder.rglob("*")):
+        name = path.relative_to(folder).as_posix()
+        if path.is_dir() or name.startswith("parts") or name.endswith(".lock"):
+            continue
+        if name.endswith(".nii.gz"):
+            image = nib.load(str(path))
+            found[name] = (np.asarray(image.dataobj).tobytes(), image.affine.tobytes(), image.get_data_dtype().str)
+        else:
+            found[name] = path.read_bytes()
+    return found
+
+
+@pytest.mark.parametrize("kind", ["volume cases", "slices of a folder"])
+def test_parts_together_write_exactly_what_one_process_writes(brats_run: Path, brats_phantom_dir: Path,
+                                                              phantom_dir: Path, tmp_path: Path, kind: str) -> None:
+    """nnU-Net's -num_parts/-part_id: 3 parts of 8 volume cases (two inputs that share case ids), or 4 parts of
+    a slice folder (a 2.5D model: each case's slices in one part) and a broken file, run into one shared folder,
+    give the files and the predictions.csv of one process."""
+    if kind == "volume cases":  # two inputs that share case ids: names made unique over all, as one process does
+        run, inputs, parts = brats_run, [brats_phantom_dir, brats_phantom_dir], 3
+    else:
+        (tmp_path / "bad.png").write_bytes(b"not an image")
+        run, inputs, parts = brats_run, [phantom_dir, tmp_path / "bad.png"], 4
+    single, _ = predict_path(Predictor.from_run(run), inputs, tmp_path / "one", progress=False)
+    shared = tmp_path / "shared"
+    written = []
+    for index in reversed(range(parts)):  # the order they finish in does not matter
+        assert main(["-q", "predict", str(run), "--input", *map(str, inputs), "--out", str(shared),
+                     "--num-parts", str(parts), "--part-id", str(index)]) == 0
+        written.append((shared / "predictions.csv").is_file())
+    assert written == [False] * (parts - 1) + [True], "the last part to finish writes predictions.csv"
+    assert _tree(shared) == _tree(single)
+    assert len(list((shared / "parts").glob("part-*-of-*.json"))) == parts
+
+
+def test_parts_of_another_request_or_a_part_done_twice_are_refused(brats_run: Path, brats_phantom_dir: Path,
+                                                                  tmp_path: Path, capsys) -> None:
+    shared, command = tmp_path / "shared", ["-q", "predict", str(brats_run), "--input", str(brats_phantom_dir)]
+    assert main([*command, "--out", str(shared), "--num-parts", "2", "--part-id", "0"]) == 0
+    assert main([*command, "--out", str(shared), "--num-parts", "2", "--part-id", "0"]) == 2
+    assert "part-0-of-2 is already in" in capsys.readouterr().err
+    assert main([*command, "--out", str(shared), "--num-parts", "3", "--part-id", "1"]) == 2
+    assert "holds the parts of another prediction (num_parts differ)" in capsys.readouterr().err
+    assert main([*command, "--out", str(shared), "--num-parts", "2", "--part-id", "1", "--threshold", "0.3"]) == 2
+    assert "threshold differ" in capsys.readouterr().err
+    assert main([*command, "--num-parts", "2", "--part-id", "1"]) == 2
+    assert "name the predictions folder the parts share with --out" in capsys.readouterr().err
+    assert main([*command, "--out", str(shared), "--num-parts", "2", "--part-id", "2"]) == 2
+    assert "--part-id must lie in [0, 1]" in capsys.readouterr().err
+    assert not (shared / "predictions.csv").exists(), "part 1 never ran"

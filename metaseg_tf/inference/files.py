@@ -37,6 +37,7 @@ from metaseg_tf.data.layouts import discover_volumes, MSD_CHANNELS
 from metaseg_tf.data.targets import Target
 from metaseg_tf.data.volumes import CaseFiles, CaseVolume, case_name, from_canonical, is_nifti, load_nifti, read_case, resolve_sequences, SequenceSource
 from metaseg_tf.evaluation.scores import evaluate_masks
+from metaseg_tf.inference.parts import Part, finish_part, open_shared
 from metaseg_tf.inference.predictor import Predictor, SlicePrediction, VolumePrediction
 from metaseg_tf.paths import resolve
 from metaseg_tf.runs.folders import new_dir
@@ -111,23 +112,29 @@ def write_case_prediction(volume: CaseVolume, prediction: VolumePrediction, out_
 
 
 def predict_cases(predictor: Predictor, cases: Sequence[CaseFiles], out_dir: Path, progress: bool = True,
-                  convention: str | None = None) -> dict:
+                  convention: str | None = None, part: Part | None = None) -> dict:
     """Predict every case (see the module docstring); cases whose images cannot be read are skipped and listed
     with the reason in ``predictions.csv`` (one row per case, with its scores where it has labels that can be
     read; a broken segmentation only costs the scores, and the row says why). ``convention``: the label
     convention of the cases' dataset, which their labels are read in and the ``-seg`` files written in
-    (default: the run's training data's)."""
+    (default: the run's training data's). ``part``: predict only that part's cases
+    (:mod:`metaseg_tf.inference.parts`), into a shared folder."""
     config = predictor.config
     sequences = resolve_sequences(config.sequences, config.channels)
     convention = convention or predictor.target.convention
     written_target = predictor.target.in_convention(convention)
-    rows, taken = [], set()
-    for case in cases:
+    named, taken = [], set()
+    for case in cases:  # over all cases, as one process does, before a part takes its own
         name, number = case.case_id, 2
         while name in taken:  # two input folders with one case id: never overwrite the first one's outputs
             name, number = f"{case.case_id}-{number}", number + 1
         taken.add(name)
-        case = dataclasses.replace(case, case_id=name)
+        named.append(dataclasses.replace(case, case_id=name))
+    chosen = part.takes(range(len(named))) if part is not None else [True] * len(named)
+    rows: list[tuple[tuple, dict]] = []
+    for index, case in enumerate(named):
+        if not chosen[index]:
+            continue
         labels_note = ""
         try:
             volume = read_case(case, sequences, config.fill_missing)
@@ -136,7 +143,7 @@ def predict_cases(predictor: Predictor, cases: Sequence[CaseFiles], out_dir: Pat
                 volume = read_case(case, sequences, config.fill_missing, with_labels=False)
                 labels_note = f"not scored: {error}"
             except DataError:
-                rows.append({"case_id": case.case_id, "status": f"skipped: {error}"})
+                rows.append(((index,), {"case_id": case.case_id, "status": f"skipped: {error}"}))
                 continue
         prediction = predictor.predict_volume(volume, progress, convention)
         write_case_prediction(volume, prediction, out_dir)
@@ -149,11 +156,14 @@ def predict_cases(predictor: Predictor, cases: Sequence[CaseFiles], out_dir: Pat
                 row.update({f"{region}_{name}": value for name, value in scores.items()
                             if name in ("dice", "hd95", "lesion_dice", "lesion_hd95", "truth_lesions",
                                         "detected_lesions", "false_positive_lesions")})
-        rows.append(row)
-    pd.DataFrame(rows).to_csv(out_dir / "predictions.csv", index=False)
-    done = [row for row in rows if row["status"] == "ok"]
-    if not done:
-        raise DataError(f"no case could be predicted: {rows[0]['status'] if rows else 'none given'}")
+        rows.append(((index,), row))
+    done = [row for _, row in rows if row["status"] == "ok"]
+    if part is not None:
+        finish_part(out_dir, part, rows)
+    else:
+        pd.DataFrame([row for _, row in rows]).to_csv(out_dir / "predictions.csv", index=False)
+        if not done:
+            raise DataError(f"no case could be predicted: {rows[0][1]['status'] if rows else 'none given'}")
     return {"cases": len(done), "skipped": len(rows) - len(done),
             "lesion_voxels": int(sum(row["lesion_voxels"] for row in done))}
 
@@ -202,7 +212,8 @@ def _output_stems(relative: Sequence[Path]) -> list[str]:
 
 
 def predict_path(predictor: Predictor, inputs: Sequence[Path | str], out_root: Path | str,
-                 progress: bool = True, convention: str | None = None) -> tuple[Path, dict]:
+                 progress: bool = True, convention: str | None = None, part: Part | None = None,
+                 request: dict | None = None) -> tuple[Path, dict]:
     """Predict an image file, a folder of images (masks named ``*_mask.*`` are left out), NIfTI volume(s) of
     one case, or folders of a volume layout (a case folder, or a dataset of cases) into a new folder
     ``<out_root>/predictions``; returns the folder and a summary. Image outputs mirror the inputs' paths
@@ -211,15 +222,21 @@ def predict_path(predictor: Predictor, inputs: Sequence[Path | str], out_root: P
     its folder with the same case id, in slice-number order (``<case>_<n>``, as kaggle_3m names them).
     ``convention``: the label convention of the volumes' data (read and written in it; default: their
     dataset's, :func:`~metaseg_tf.data.layouts.dataset_convention`; NIfTI files alone: the run's); input
-    folders of different conventions are refused."""
+    folders of different conventions are refused. ``part``: only that part of the cases
+    (:mod:`metaseg_tf.inference.parts`), into ``out_root`` itself, the folder shared by the parts of one
+    ``request`` (what the caller asks, recorded with the inputs)."""
     inputs = [Path(p) for p in inputs]
     missing = [str(p) for p in inputs if not p.exists()]
     if missing:
         raise DataError(f"input not found: {', '.join(missing)}")
-    out_dir = new_dir(resolve(out_root), "predictions")
+    if part is None:
+        out_dir = new_dir(resolve(out_root), "predictions")
+    else:
+        out_dir = open_shared(resolve(out_root), part, {**(request or {}), "inputs": [str(p) for p in inputs],
+                                                         "labels_convention": convention})
     if all(is_nifti(p) for p in inputs):
         case = nifti_case(predictor, inputs, convention)
-        return out_dir, predict_cases(predictor, [case], out_dir, progress, case.convention)
+        return out_dir, predict_cases(predictor, [case], out_dir, progress, case.convention, part)
     volume_reports = [discover_volumes(p, convention) for p in inputs if p.is_dir()]
     if volume_reports and all(volume_reports) and len(volume_reports) == len(inputs):
         cases = [case for report in volume_reports for case in report.cases]
@@ -227,7 +244,7 @@ def predict_path(predictor: Predictor, inputs: Sequence[Path | str], out_root: P
         if len(conventions) > 1:
             raise DataError(f"the input folders hold data of different label conventions ({', '.join(sorted(conventions))}): "
                             "predict them one convention at a time, or name one with --labels-convention")
-        return out_dir, predict_cases(predictor, cases, out_dir, progress, conventions.pop())
+        return out_dir, predict_cases(predictor, cases, out_dir, progress, conventions.pop(), part)
     files: list[Path] = []
     relative: list[Path] = []
     for path in inputs:
@@ -239,21 +256,31 @@ def predict_path(predictor: Predictor, inputs: Sequence[Path | str], out_root: P
         else:
             files.append(path)
             relative.append(Path(path.name))
-    rows, images, stems = [], [], []
-    for path, stem in zip(files, _output_stems(relative)):
+    # a slice's case: its 2.5D neighbours, which one part predicts together
+    units = [(str(path.parent), split_case_and_slice(path.stem)[0]) for path in files]
+    chosen = part.takes(units) if part is not None else [True] * len(files)
+    rows: list[tuple[tuple, dict]] = []
+    images, stems = [], []
+    for index, (path, stem) in enumerate(zip(files, _output_stems(relative))):
+        if not chosen[index]:
+            continue
         try:
             images.append(read_image(path, predictor.config.channels))
-            stems.append((path, stem))
+            stems.append((index, path, stem))
         except DataError as error:
-            rows.append({"file": str(path), "status": f"skipped: {error}"})
-    if not images:
-        raise DataError(f"no readable image among {len(files)} file(s): {rows[0]['status'] if rows else 'none found'}")
-    cases = [(str(path.parent), *split_case_and_slice(path.stem)) for path, _ in stems]  # 2.5D neighbours
+            rows.append(((0, index), {"file": str(path), "status": f"skipped: {error}"}))
+    if not images and part is None:
+        raise DataError(f"no readable image among {len(files)} file(s): {rows[0][1]['status'] if rows else 'none found'}")
+    cases = [(str(path.parent), *split_case_and_slice(path.stem)) for _, path, _ in stems]
     predictions = predictor.predict_slices(images, progress, case_ids=[f"{folder}/{case}" for folder, case, _ in cases],
-                                           slice_indices=[number for _, _, number in cases])
-    for (path, stem), image, prediction in zip(stems, images, predictions):
+                                           slice_indices=[number for _, _, number in cases]) if images else []
+    for (index, path, stem), image, prediction in zip(stems, images, predictions):
         _write_slice(out_dir, stem, image, prediction)
-        rows.append({"file": str(path), "output": stem, "lesions": prediction.lesion_count, "lesion_pixels": int(sum(prediction.lesion_areas)),
-                     "max_probability": float(prediction.probability.max()), "status": "ok"})
-    pd.DataFrame(rows).to_csv(out_dir / "predictions.csv", index=False)
-    return out_dir, {"predicted": len(images), "skipped": len(files) - len(images)}
+        rows.append(((1, index), {"file": str(path), "output": stem, "lesions": prediction.lesion_count,
+                                  "lesion_pixels": int(sum(prediction.lesion_areas)),
+                                  "max_probability": float(prediction.probability.max()), "status": "ok"}))
+    if part is not None:
+        finish_part(out_dir, part, rows)
+    else:
+        pd.DataFrame([row for _, row in rows]).to_csv(out_dir / "predictions.csv", index=False)
+    return out_dir, {"predicted": len(images), "skipped": len(rows) - len(images)}
