@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +34,7 @@ def number(kind: type, minimum: float, strict: bool = False) -> Any:
     """An argparse type: a ``kind`` number >= ``minimum`` (> with ``strict``), else a one-line usage error."""
     def parse(text: str):
         value = kind(text)  # argparse turns the ValueError into "invalid ... value"
-        if value < minimum or (strict and value == minimum):
+        if not math.isfinite(value) or value < minimum or (strict and value == minimum):
             raise argparse.ArgumentTypeError(f"{text} must be {'>' if strict else '>='} {minimum:g}")
         return value
     parse.__name__ = kind.__name__

@@ -152,6 +152,27 @@ def test_a_gate_answers_in_time_and_frees_a_place_only_when_its_job_ends() -> No
     assert held == 1 and gate.admitted == 0
 
 
+def test_closing_a_gate_answers_what_waits_with_503_and_frees_every_place() -> None:
+    gate, release = JobGate("volume", jobs=1, queue=2, timeout_s=30), threading.Event()
+
+    async def scenario() -> tuple[str, HTTPException]:
+        running = asyncio.ensure_future(gate.run(lambda: release.wait(10) and "finished"))
+        waiting = asyncio.ensure_future(gate.run(lambda: "never run"))
+        while gate.admitted < 2:
+            await asyncio.sleep(0.01)
+        gate.close()  # as at a stop: what waits is dropped, what runs finishes
+        with pytest.raises(HTTPException) as dropped:
+            await waiting
+        release.set()
+        return await running, dropped.value
+
+    finished, dropped = _run(scenario())
+    assert finished == "finished" and dropped.status_code == 503 and "stopping" in dropped.detail
+    assert gate.admitted == 0
+    gate.open()
+    assert _run(gate.run(lambda: "again")) == "again" and gate.admitted == 0
+
+
 def test_a_full_volume_queue_answers_503_with_retry_after(served_runs: list[Path]) -> None:
     """One volume job at a time and one waiting (``volume_jobs=1, queue=1``): while a prediction is held, a
     second request waits and a third gets 503; then both admitted ones are answered."""
@@ -204,6 +225,35 @@ def test_every_request_leaves_one_audit_line_without_patient_data(guarded: TestC
     assert not any("BraTS" in line or TOKEN in line for line in lines)
 
 
+def test_a_request_cannot_write_a_line_of_its_own_into_the_audit_log(guarded: TestClient, caplog) -> None:
+    with caplog.at_level(logging.INFO, logger="metaseg_tf.serve.audit"):
+        guarded.get("/%0Aaudit method=POST route=/predict status=200")
+        guarded.post("/predict", files={"file": ("s.png", b"x")}, data={"model": "Jane Doe, born 1950"},
+                     headers={"X-API-Token": TOKEN})
+    lines = [record.getMessage() for record in caplog.records if record.name == "metaseg_tf.serve.audit"]
+    assert len(lines) == 2 and all("\n" not in line for line in lines)
+    assert "route=/\\naudit\\x20method=POST" in lines[0] and lines[0].count(" route=") == 1
+    assert "model=unknown" in lines[1] and "Jane" not in lines[1]
+
+
+def test_children_that_ignore_sigterm_are_killed_with_their_whole_group(tmp_path: Path) -> None:
+    from metaseg_tf.serve.launch import stop_children
+
+    stubborn = ("import signal, subprocess, sys, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+                "subprocess.Popen([sys.executable, '-c', 'import signal, time; "
+                "signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(120)']); time.sleep(120)")
+    child = subprocess.Popen([sys.executable, "-c", stubborn], start_new_session=True)
+    deadline = time.time() + 30
+    while len(_children(child.pid)) < 1 and time.time() < deadline:
+        time.sleep(0.1)
+    (grandchild,) = _children(child.pid)
+    started = time.time()
+    stop_children([child], grace_s=1.0)
+    assert child.returncode == -signal.SIGKILL and time.time() - started < 10
+    grandchild.wait(timeout=10)  # killed with the group, not left behind as an orphan
+    assert not grandchild.is_running()
+
+
 def _children(pid: int) -> list[psutil.Process]:
     return psutil.Process(pid).children(recursive=True)
 
@@ -217,10 +267,12 @@ def test_sigterm_stops_the_service_and_all_its_processes(served_runs: list[Path]
     port = free_port()
     log = (tmp_path / "serve.log").open("w")
     (tmp_path / "token").write_text(TOKEN + "\n")
-    server = subprocess.Popen([sys.executable, "-m", "metaseg_tf.cli", "serve", "--api-only", "--runs",
+    parts = ["--api-only"] if workers > 1 else ["--ui-port", str(free_port())]  # with one worker, the UI too
+    server = subprocess.Popen([sys.executable, "-m", "metaseg_tf.cli", "serve", *parts, "--runs",
                                *map(str, served_runs), "--api-port", str(port), "--workers", str(workers),
                                "--token-file", str(tmp_path / "token"), "--volume-jobs", "3", "--queue", "5"],
-                              stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "METASEG_API_TOKEN": ""})
+                              stdout=log, stderr=subprocess.STDOUT,
+                              env={**os.environ, "METASEG_API_TOKEN_FILE": str(tmp_path / "token")})
     try:
         deadline = time.time() + 180
         while time.time() < deadline:
@@ -236,6 +288,9 @@ def test_sigterm_stops_the_service_and_all_its_processes(served_runs: list[Path]
         assert (limits["jobs"]["volume"]["at_once"], limits["jobs"]["volume"]["queue"]) == (3, 5)
         assert TOKEN not in " ".join(" ".join(child.cmdline()) for child in _children(server.pid))
         children = _children(server.pid)
+        if workers == 1:
+            (ui,) = [child for child in children if "streamlit" in " ".join(child.cmdline())]
+            assert not {"METASEG_API_TOKEN", "METASEG_API_TOKEN_FILE"} & set(ui.environ()), "the UI holds no token"
         assert len(children) >= workers, "uvicorn (and its workers) run as children"
         server.send_signal(signal.SIGTERM)
         assert server.wait(timeout=60) == 0, (tmp_path / "serve.log").read_text()[-2000:]

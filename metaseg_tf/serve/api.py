@@ -279,7 +279,7 @@ def create_app(run_dirs: list[Path] | None = None, settings: ServeSettings | Non
     app.state.models, app.state.settings, app.state.gates = models, settings, gates
 
     def chosen(model: str, request: Request) -> list[LoadedModel]:
-        request.state.audit_model = model
+        request.state.audit_model = model if model == "all" or model in models else "unknown"  # no free text logged
         if model == "all":
             return list(models.values())
         if model not in models:

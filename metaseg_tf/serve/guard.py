@@ -156,11 +156,14 @@ class JobGate:
         per_job = self._seconds or 5.0
         return str(max(1, math.ceil(per_job * (self._admitted - self.jobs + 1) / self.jobs)))
 
-    def _finished(self, seconds: float | None) -> None:
+    def _finished(self, future: concurrent.futures.Future, seconds: list[float]) -> None:
+        """A job left the gate (done, failed, or cancelled before it started): its place is free; the mean
+        duration (for Retry-After) learns from jobs that succeeded only, not from quick refusals."""
+        succeeded = not future.cancelled() and future.exception() is None
         with self._lock:
             self._admitted -= 1
-            if seconds is not None:
-                self._seconds = seconds if not self._seconds else 0.8 * self._seconds + 0.2 * seconds
+            if succeeded and seconds:
+                self._seconds = seconds[0] if not self._seconds else 0.8 * self._seconds + 0.2 * seconds[0]
 
     async def run(self, work: Callable[[], T]) -> T:
         """``work()`` in one of the gate's threads once a place is free; 503/504 as the module says."""
@@ -170,29 +173,35 @@ class JobGate:
                 raise HTTPException(503, f"busy: {self.jobs} {self.kind} prediction(s) running and {self.queue} "
                                          "waiting; try again later", headers={"Retry-After": self._retry_after()})
             self._admitted += 1
+        seconds: list[float] = []
 
         def job() -> T:
             started = time.perf_counter()
             try:
                 return work()
             finally:
-                self._finished(time.perf_counter() - started)
+                seconds.append(time.perf_counter() - started)
 
         try:
             future = self._executor.submit(job)
         except RuntimeError:  # the executor is shut down: the service is stopping
-            self._finished(None)
+            with self._lock:
+                self._admitted -= 1
             raise HTTPException(503, "the service is stopping", headers={"Retry-After": "30"}) from None
+        future.add_done_callback(lambda done: self._finished(done, seconds))  # every way out frees the place once
         try:
             return await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(future)), self.timeout_s)
-        except TimeoutError:
+        except asyncio.TimeoutError:  # the built-in TimeoutError from Python 3.11 on, another class on 3.10
             if future.cancel():  # still in the queue: it never starts and leaves the queue now
-                self._finished(None)
                 raise HTTPException(503, f"waited {self.timeout_s:g} s for a free place among {self.jobs} "
                                          f"{self.kind} prediction(s); try again later",
                                     headers={"Retry-After": self._retry_after()}) from None
             raise HTTPException(504, f"the {self.kind} prediction took longer than the limit of "
                                      f"{self.timeout_s:g} s") from None
+        except asyncio.CancelledError:
+            if future.cancelled():  # dropped from the queue by close(): the service is stopping
+                raise HTTPException(503, "the service is stopping", headers={"Retry-After": "30"}) from None
+            raise
 
     def _new_executor(self) -> concurrent.futures.ThreadPoolExecutor:
         return concurrent.futures.ThreadPoolExecutor(self.jobs, thread_name_prefix=f"metaseg-{self.kind}")
@@ -237,5 +246,13 @@ class AuditLog:
         finally:
             client = scope.get("client") or ("-", 0)
             audit_logger.info("audit method=%s route=%s status=%d bytes=%d ms=%.1f model=%s client=%s",
-                              scope.get("method", "-"), scope.get("path", "-"), status[0], received[0],
-                              (time.perf_counter() - started) * 1000, state.get("audit_model", "-"), client[0])
+                              _printable(scope.get("method", "-")), _printable(scope.get("path", "-")), status[0],
+                              received[0], (time.perf_counter() - started) * 1000,
+                              _printable(state.get("audit_model", "-")), _printable(str(client[0])))
+
+
+def _printable(text: str, limit: int = 200) -> str:
+    """``text`` as one line of at most ``limit`` characters: control characters, spaces and backslashes
+    escaped, so that a request cannot write a line of its own into the audit log."""
+    escaped = text.encode("unicode_escape").decode("ascii").replace(" ", "\\x20")
+    return escaped if len(escaped) <= limit else escaped[:limit] + "..."

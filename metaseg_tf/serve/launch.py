@@ -8,7 +8,9 @@ types it.
 
 SIGTERM (systemd, Docker, Kubernetes) and SIGINT (Ctrl-C) stop the service: each child's process group gets
 SIGTERM, then, after ``STOP_GRACE_S`` seconds, SIGKILL for whatever is still there (uvicorn's worker
-processes included), and ``serve`` returns 0.
+processes included), and ``serve`` returns 0. (The handlers are installed when ``serve`` runs in the main
+thread; called from another thread, it stops when a child ends.) A child that ends by itself ends the service
+with its exit status (128 + the signal for one killed by a signal).
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ from metaseg_tf.serve.served import ServeError, load_models, newest_pipeline_run
 
 UI_SCRIPT = Path(__file__).with_name("ui.py")
 STOP_GRACE_S = 10.0
+GRACEFUL_S = 5  # uvicorn's wait for open requests at a stop, within STOP_GRACE_S
+MAX_CONNECTIONS = 256  # requests one API process takes in at once (uvicorn --limit-concurrency)
 TOKEN_VARIABLES = ("METASEG_API_TOKEN", "METASEG_API_TOKEN_FILE")
 # serve()'s limits -> the API's environment (metaseg_tf.serve.api.app_from_environment)
 LIMIT_VARIABLES = {"volume_jobs": "METASEG_VOLUME_JOBS", "slice_jobs": "METASEG_SLICE_JOBS", "queue": "METASEG_QUEUE",
@@ -35,9 +39,12 @@ LIMIT_VARIABLES = {"volume_jobs": "METASEG_VOLUME_JOBS", "slice_jobs": "METASEG_
 
 def api_command(host: str, port: int, workers: int = 1) -> list[str]:
     """uvicorn serving the API from the environment; ``workers`` > 1: that many processes, each with its own
-    copy of the models, sharing the port."""
+    copy of the models, sharing the port. At most ``MAX_CONNECTIONS`` requests per process are taken in at
+    once (uvicorn answers more with 503), so uploads still arriving are bounded too; at a stop, uvicorn waits
+    ``GRACEFUL_S`` for open requests, then the gates drop what waits (503) before ``STOP_GRACE_S`` ends."""
     return [sys.executable, "-m", "uvicorn", "metaseg_tf.serve.api:app_from_environment", "--factory",
             "--host", host, "--port", str(port), "--log-level", "warning",
+            "--limit-concurrency", str(MAX_CONNECTIONS), "--timeout-graceful-shutdown", str(GRACEFUL_S),
             *(["--workers", str(workers)] if workers > 1 else [])]
 
 
@@ -62,14 +69,6 @@ def access_token(host: str, token: str | None = None, token_file: str | Path | N
         raise ServeError(f"--host {host} lets everyone on the network use the service: give an access token "
                          "(--token-file FILE or METASEG_API_TOKEN), or --no-auth on a trusted network")
     return found
-
-
-class _Stop(Exception):
-    """SIGTERM or SIGINT arrived."""
-
-
-def _raise_stop(signum: int, _frame: object) -> None:
-    raise _Stop(signal.Signals(signum).name)
 
 
 def stop_children(children: Sequence[subprocess.Popen], grace_s: float = STOP_GRACE_S) -> None:
@@ -110,40 +109,46 @@ def serve(runs: Sequence[Path] | None = None, host: str = "127.0.0.1", api_port:
     environment = {name: value for name, value in os.environ.items() if name not in TOKEN_VARIABLES}
     environment.update(METASEG_ENGINE=engine, METASEG_LEVEL="" if level is None else str(level),
                        **{LIMIT_VARIABLES[name]: str(value) for name, value in (limits or {}).items() if value is not None})
-    children: list[tuple[str, subprocess.Popen]] = []
+    found = access_token(host, token, token_file, no_auth) if api else None
+    run_dirs = (list(runs) if runs else newest_pipeline_runs()) if api else []
     if api:
-        found = access_token(host, token, token_file, no_auth)
-        run_dirs = list(runs) if runs else newest_pipeline_runs()
         load_models(run_dirs, engine, level)  # fail here, in one line, if a run cannot be loaded (exports made once)
-        api_environment = {**environment, "METASEG_SERVE_RUNS": os.pathsep.join(str(Path(r).resolve()) for r in run_dirs),
-                           **({"METASEG_API_TOKEN": found} if found else {})}
-        children.append(("API", subprocess.Popen(api_command(host, api_port, workers), env=api_environment,
-                                                 start_new_session=True)))
-        print(f"API  http://{host}:{api_port}  (docs at /docs) serving {', '.join(Path(r).name for r in run_dirs)}; "
-              + ("access token required" if found else "no access token"))
-        if no_auth and not is_loopback(host):
-            print(f"WARNING: --no-auth: everyone who reaches {host}:{api_port} can send images to the models and "
-                  "read their masks; use it only on a trusted network", file=sys.stderr)
-    if ui:
-        environment["METASEG_API_URL"] = api_url or f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{api_port}"
-        children.append(("UI", subprocess.Popen(ui_command(host, ui_port), env=environment, start_new_session=True)))
-        print(f"UI   http://{host}:{ui_port}  (backend {environment['METASEG_API_URL']})")
-    handled = threading.current_thread() is threading.main_thread()
-    previous = {sig: signal.signal(sig, _raise_stop) for sig in (signal.SIGTERM, signal.SIGINT)} if handled else {}
+    stop = threading.Event()
+    received: list[str] = []
+
+    def on_signal(signum: int, _frame: object) -> None:  # sets a flag only: a second signal cannot interrupt
+        received.append(signal.Signals(signum).name)
+        stop.set()
+
+    handled = threading.current_thread() is threading.main_thread()  # elsewhere the caller stops us
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)} if handled else {}
+    children: list[tuple[str, subprocess.Popen]] = []
     ended: list[tuple[str, int]] = []
     try:
-        while not ended:
-            time.sleep(0.5)
+        if api:
+            api_environment = {**environment, "METASEG_SERVE_RUNS": os.pathsep.join(str(Path(r).resolve()) for r in run_dirs),
+                               **({"METASEG_API_TOKEN": found} if found else {})}
+            children.append(("API", subprocess.Popen(api_command(host, api_port, workers), env=api_environment,
+                                                     start_new_session=True)))
+            print(f"API  http://{host}:{api_port}  (docs at /docs) serving {', '.join(Path(r).name for r in run_dirs)}; "
+                  + ("access token required (on /docs too)" if found else "no access token"), flush=True)
+            if no_auth and not is_loopback(host):
+                print(f"WARNING: --no-auth: everyone who reaches {host}:{api_port} can send images to the models and "
+                      "read their masks; use it only on a trusted network", file=sys.stderr, flush=True)
+        if ui:
+            environment["METASEG_API_URL"] = api_url or f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{api_port}"
+            children.append(("UI", subprocess.Popen(ui_command(host, ui_port), env=environment, start_new_session=True)))
+            print(f"UI   http://{host}:{ui_port}  (backend {environment['METASEG_API_URL']})", flush=True)
+        while not stop.is_set() and not ended:
+            stop.wait(0.5)
             ended = [(name, child.returncode) for name, child in children if child.poll() is not None]
-    except _Stop as stop:
-        print(f"stopping ({stop})", flush=True)
+        if received:
+            print(f"stopping ({received[0]})", flush=True)
     finally:
-        for sig in previous:  # a second signal must not interrupt the stopping
-            signal.signal(sig, signal.SIG_IGN)
         stop_children([child for _, child in children])
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    failed = [(name, code) for name, code in ended if code != 0]  # a child that ended by itself
+    failed = [(name, code if code >= 0 else 128 - code) for name, code in ended if code != 0]  # by itself
     for name, code in failed:
         print(f"{name} exited with status {code}", file=sys.stderr)
     return failed[0][1] if failed else 0

@@ -45,6 +45,8 @@ VOLUME_SCORE_COLUMNS = {"dice": "dice", "hd95": "HD95 (mm)", "lesion_dice": "les
                         "lesion_hd95": "lesion-wise HD95 (mm)", "truth_lesions": "truth lesions",
                         "detected_lesions": "detected", "false_positive_lesions": "false positives"}
 TRUTH_COLOUR, PREDICTION_COLOUR = (0, 200, 0), (230, 30, 30)
+# longer than the API's own limits (120 s, 900 s), so that its 503/504 arrive rather than a client timeout
+SLICE_TIMEOUT_S, VOLUME_TIMEOUT_S = 180, 1200
 
 
 class TokenNeeded(Exception):
@@ -81,9 +83,10 @@ def threshold_text(threshold: float | None, predictions: list[dict]) -> str:
 def request_prediction(api_url: str, image: bytes, filename: str, model: str, threshold: float | None,
                        attention: bool, token: str | None = None) -> tuple[dict | None, str | None]:
     """``(response JSON, None)`` or ``(None, the API's error message)``; ``threshold`` None: each model's own."""
-    response = requests.post(f"{api_url}/predict", files={"file": (filename, image)}, headers=auth_headers(token),
-                             data=_form(model, threshold, attention=str(attention).lower()), timeout=120)
-    return _answer(response)
+    return _answer(lambda: requests.post(f"{api_url}/predict", files={"file": (filename, image)},
+                                         headers=auth_headers(token),
+                                         data=_form(model, threshold, attention=str(attention).lower()),
+                                         timeout=SLICE_TIMEOUT_S))
 
 
 def request_volume_prediction(api_url: str, volumes: list[tuple[str, bytes]], seg: tuple[str, bytes] | None,
@@ -92,12 +95,16 @@ def request_volume_prediction(api_url: str, volumes: list[tuple[str, bytes]], se
     """``/predict/volume`` with ``volumes`` (``(file name, bytes)``: one, or one per sequence in the model's
     order) and an optional label map ``seg``: ``(response JSON, None)`` or ``(None, the API's error message)``."""
     files = [("files", volume) for volume in volumes] + ([("seg", seg)] if seg is not None else [])
-    response = requests.post(f"{api_url}/predict/volume", files=files, headers=auth_headers(token),
-                             data=_form(model, threshold), timeout=900)
-    return _answer(response)
+    return _answer(lambda: requests.post(f"{api_url}/predict/volume", files=files, headers=auth_headers(token),
+                                         data=_form(model, threshold), timeout=VOLUME_TIMEOUT_S))
 
 
-def _answer(response: requests.Response) -> tuple[dict | None, str | None]:
+def _answer(send) -> tuple[dict | None, str | None]:
+    """``send()``'s answer as ``(JSON, None)`` or ``(None, the error)``, the network's errors included."""
+    try:
+        response = send()
+    except requests.RequestException as error:
+        return None, f"no answer from the backend ({type(error).__name__})"
     if response.ok:
         return response.json(), None
     try:

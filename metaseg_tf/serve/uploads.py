@@ -156,8 +156,9 @@ def volume_grid(path: Path, role: str, settings: ServeSettings) -> tuple[tuple[i
         several = " (several volumes in one file: send one 3D file per sequence)" if len(shape) == 4 else ""
         raise HTTPException(422, f"the {role} has shape {shape}: a 3D volume is expected{several}")
     voxels = math.prod(shape)
-    if voxels == 0 or not np.isfinite(affine).all():
-        raise HTTPException(422, f"the {role} has an empty grid or an invalid affine (shape {shape})")
+    if voxels == 0 or not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) < 1e-9:
+        raise HTTPException(422, f"the {role} has an empty grid or an invalid affine (shape {shape}; the voxel axes "
+                                 "must map to three independent directions)")
     if voxels > settings.max_voxels:
         raise HTTPException(413, f"the {role} has {voxels} voxels ({'x'.join(map(str, shape))}); the limit is "
                                  f"{settings.max_voxels} voxels per volume")
