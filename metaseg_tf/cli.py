@@ -139,7 +139,7 @@ def _crossval(args: argparse.Namespace) -> int:
         raise ConfigError("crossval trains every model of --models; --model is not used here")
     result = crossval(config_from_args(args), models=args.models or DEFAULT_MODELS, n_folds=args.folds,
                       out_dir=args.out, runs_root=args.runs_root, name=args.name, ensemble=not args.no_ensemble,
-                      progress=not args.quiet, max_folds=args.max_folds)
+                      progress=not args.quiet, max_folds=args.max_folds, fold=args.fold, collect=args.collect)
     print(result.markdown)
     print(result.out_dir)
     return 0
@@ -303,6 +303,11 @@ def build_parser() -> argparse.ArgumentParser:
                                   help="names the default --out folder and the runs, NAME-MODEL-fold<k>")
     cross_validation.add_argument("--no-ensemble", action="store_true",
                                   help="do not score the mean of the models' probabilities per fold")
+    one_fold = cross_validation.add_mutually_exclusive_group()
+    one_fold.add_argument("--fold", type=number(int, 0), help="train and score this fold only (0-based): one job of "
+                                                              "an array over a shared --out folder")
+    one_fold.add_argument("--collect", action="store_true", help="train nothing: summarise the folds that are "
+                                                                 "there and say which are missing")
     cross_validation.add_argument("--max-folds", type=int,
                                   help="stop after working on this many folds (run again to continue)")
     cross_validation.set_defaults(handler=_crossval)

@@ -247,3 +247,41 @@ def test_a_fold_never_continues_an_unfinished_run_older_than_the_crossval(cross_
     new = sorted(set(cross_validations.runs()) - set(runs))
     assert [run.name.split("-", 2)[2] for run in new] == [finished.name.split("-", 2)[2]]
     assert retrained.state["folds"]["2"]["attention_unet"]["run"] == str(new[0]) and retrained.complete
+
+
+def test_folds_run_as_separate_jobs_give_the_results_of_one_process(cross_validations: CrossValidations,
+                                                                     tmp_path: Path, capsys) -> None:
+    """``--fold K`` jobs over one shared folder, as a job array runs them: fold 1 goes on while another process
+    holds fold 0, ``--collect`` says what is missing, and once every fold is in, the out-of-fold scores are
+    those of one process going through all folds."""
+    from metaseg_tf.evaluation.crossval import fold_lock
+    from metaseg_tf.runs.folders import RunLockedError, hold_run_lock
+
+    settings = dict(config=cross_validations.config, models=MODELS, n_folds=3, out_dir=tmp_path / "cv",
+                    runs_root=tmp_path / "runs", progress=False)
+    with pytest.raises(ConfigError, match="holds no cross-validation to collect"):
+        crossval(collect=True, **settings)
+    with pytest.raises(ConfigError, match=r"--fold must lie in \[0, 2\]"):
+        crossval(fold=3, **settings)
+    (tmp_path / "cv").mkdir()
+    with hold_run_lock(tmp_path / "cv", fold_lock(0), "cross-validated in fold 0"):  # as another job would
+        with pytest.raises(RunLockedError, match="fold 0 by another process"):
+            crossval(fold=0, **settings)
+        crossval(fold=1, **settings)
+    runs = sorted((tmp_path / "runs").iterdir())
+    assert sorted(run.name.split("-", 2)[-1] for run in runs) == [f"crossval-{model}-fold1" for model in sorted(MODELS)]
+    partial = crossval(collect=True, **{**settings, "progress": True})
+    assert not partial.complete and "partial (folds missing: 0, 2)" in capsys.readouterr().out
+    assert sorted((tmp_path / "runs").iterdir()) == runs, "collect trains nothing"
+    config = cross_validations.config  # the same settings from the command line, as a job would give them
+    assert main(["-q", "crossval", "--data", config.data_dir, "--out", str(tmp_path / "cv"), "--runs-root",
+                 str(tmp_path / "runs"), "--folds", "3", "--fold", "2", "--image-size", "32", "--filters", "4", "8",
+                 "16", "--epochs", "1", "--batch-size", "8", "-p", "cache_dir", config.cache_dir,
+                 "-p", "early_stopping_patience", "0", "-p", "jit_compile", "off"]) == 0
+    crossval(fold=0, **settings)
+    collected = crossval(collect=True, **settings)
+    assert collected.complete
+    columns = ["model", "fold", "case_id", "dice"]
+    ours = collected.per_patient[columns].sort_values(columns[:3]).reset_index(drop=True)
+    one_process = cross_validations.complete.per_patient[columns].sort_values(columns[:3]).reset_index(drop=True)
+    pd.testing.assert_frame_equal(ours, one_process, check_exact=False, atol=1e-6)

@@ -31,7 +31,11 @@ Running the same call again skips every step that is done, and an interrupted tr
 last epoch (``train``'s own resume); a fold whose evaluation is gone or was scored by an older release
 (another :data:`~metaseg_tf.runs.records.EVALUATION_VERSION`) is scored again, never pooled; a folder
 that holds a cross-validation of other settings, models or number of folds is refused (:class:`~metaseg_tf.config.ConfigError`), never overwritten or mixed.
-Folds are numbered from 0, as ``ExperimentConfig.fold`` and the run names. ``metaseg predict`` and ``metaseg
+Folds are numbered from 0, as ``ExperimentConfig.fold`` and the run names. Folds can run as separate jobs
+over one shared folder (``--fold K``, e.g. a SLURM job array; nnU-Net trains its folds the same way): each
+fold is worked on under its own lock (``fold<k>.lock``), every save merges the process's folds into
+``crossval.json`` under ``crossval-state.lock``, and ``--collect`` summarises what is there without training,
+saying which folds are missing. ``metaseg predict`` and ``metaseg
 serve`` given this folder use its fold models as one ensemble
 (:meth:`~metaseg_tf.inference.predictor.Predictor.from_run`).
 
@@ -41,6 +45,7 @@ after every fold are one concept, and the summary reads nothing but ``crossval.j
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Sequence
@@ -59,14 +64,15 @@ from metaseg_tf.evaluation.ensemble import evaluate_ensemble
 from metaseg_tf.evaluation.report import evaluate_run
 from metaseg_tf.evaluation.scores import bootstrap_ci
 from metaseg_tf.evaluation.stats import WILCOXON_NOTE, paired_wilcoxon
-from metaseg_tf.runs.folders import hold_run_lock, is_run_dir, load_run_split, newest_run, read_json, write_json
+from metaseg_tf.runs.folders import RunLockedError, hold_run_lock, is_run_dir, load_run_split, newest_run, read_json, write_json
 from metaseg_tf.runs.records import CROSSVAL_STATE_FILE, current_summary, newest_evaluation
 from metaseg_tf.training.train import train
 
 logger = logging.getLogger(__name__)
 
 STATE_FILE = CROSSVAL_STATE_FILE  # crossval.json
-LOCK_FILE = "crossval.lock"  # held while a process works in the folder: a second one is refused
+LOCK_FILE = "crossval.lock"  # held while a process works through all folds: a second one is refused
+STATE_LOCK = "crossval-state.lock"  # held (waited for) while crossval.json is read or merged
 STATE_VERSION = 1
 ENSEMBLE = "ensemble"  # the label of the models' ensemble in the state and the tables
 DEFAULT_MODELS = ("nested_unet", "attention_unet")
@@ -140,12 +146,20 @@ def _open_state(out_dir: Path, config: ExperimentConfig, models: tuple[str, ...]
     return state
 
 
+def fold_lock(fold: int) -> str:
+    """The lock a process holds while it works on ``fold`` (``--fold K`` jobs, or one process going through all)."""
+    return f"fold{fold}.lock"
+
+
 class _Steps:
-    """Saves the state after every step and says what happens, one line each, with the minutes elapsed."""
+    """Saves the state after every step and says what happens, one line each, with the minutes elapsed. A save
+    merges: under ``STATE_LOCK`` it writes this process's folds into the file as it is now, so that processes
+    working on other folds of the same folder (``--fold K``) never overwrite each other."""
 
     def __init__(self, out_dir: Path, state: dict[str, Any], progress: bool) -> None:
         self.path, self.state, self.progress = out_dir / STATE_FILE, state, progress
         self.start = time.perf_counter()
+        self.mine: set[str] = set()  # the folds this process works on
 
     def say(self, message: str) -> None:
         line = f"[crossval {(time.perf_counter() - self.start) / 60:.1f} min] {message}"
@@ -154,8 +168,12 @@ class _Steps:
             print(line, flush=True)
 
     def save(self) -> None:
-        self.state["updated"] = time.strftime("%Y-%m-%d %H:%M:%S")
-        write_json(self.path, self.state)
+        with hold_run_lock(self.path.parent, STATE_LOCK, "saved", wait=True):
+            on_disk = read_json(self.path) if self.path.is_file() else dict(self.state, folds={})
+            on_disk["folds"].update({fold: self.state["folds"][fold] for fold in self.mine})
+            on_disk["models"], on_disk["updated"] = self.state["models"], time.strftime("%Y-%m-%d %H:%M:%S")
+            write_json(self.path, on_disk)
+            self.state["folds"] = on_disk["folds"]
 
 
 def _finished_ensemble(parent: Path, members: list[str]) -> Path | None:
@@ -185,6 +203,7 @@ def _run_fold(fold: int, config: ExperimentConfig, models: tuple[str, ...], n_fo
               runs_root: Path, name: str, with_ensemble: bool, steps: _Steps) -> None:
     """Train, evaluate and ensemble what fold ``fold`` still lacks, saving the state after every step."""
     fold_state = steps.state["folds"].setdefault(str(fold), {})
+    steps.mine.add(str(fold))
     where = f"fold{fold} ({fold + 1}/{n_folds})"
     for model in models:
         entry = fold_state.setdefault(model, {})
@@ -242,6 +261,8 @@ def crossval(
     ensemble: bool = True,
     progress: bool = True,
     max_folds: int | None = None,
+    fold: int | None = None,
+    collect: bool = False,
 ) -> CrossValidation:
     """Patient-level ``n_folds``-fold cross-validation of ``models`` on ``config``'s data and settings (its
     ``model``, ``n_folds`` and ``fold`` are set per run), with the ensemble of the models when there are two
@@ -249,7 +270,10 @@ def crossval(
 
     ``out_dir`` (default ``results/crossval/<name>`` in the project) is the cross-validation's own folder:
     calling again with the same arguments continues it and trains nothing that is done. ``max_folds`` stops
-    after working on that many folds that were not done (None: all of them), e.g. one fold per batch job.
+    after working on that many folds that were not done (None: all of them). ``fold``: train and score that
+    fold only, as one job of an array that runs the folds on different nodes over a shared folder (each fold
+    under its own lock; a process going through all folds skips one that another process holds);
+    ``collect``: train nothing, summarise what is there, saying which folds are missing.
     Returns the (possibly partial) out-of-fold results, as written.
     """
     models = tuple(models)
@@ -260,26 +284,45 @@ def crossval(
     out_dir = paths.resolve(out_dir if out_dir is not None else Path(paths.CROSSVAL_ROOT) / name)
     runs_root = paths.resolve(runs_root)
     with_ensemble = ensemble and len(models) >= 2
+    if fold is not None and not 0 <= fold < n_folds:
+        raise ConfigError(f"--fold must lie in [0, {n_folds - 1}] for {n_folds} folds, got {fold}")
+    if collect and not (out_dir / STATE_FILE).is_file():
+        raise ConfigError(f"{out_dir} holds no cross-validation to collect ({STATE_FILE} is missing)")
     if out_dir.is_dir() and not (out_dir / STATE_FILE).is_file() and \
-            any(path.name != LOCK_FILE for path in out_dir.iterdir()):  # a lock alone: killed before its state
+            any(not path.name.endswith(".lock") for path in out_dir.iterdir()):  # locks alone: killed before its state
         raise ConfigError(f"{out_dir} is not empty and holds no {STATE_FILE}; choose another --out folder")
     out_dir.mkdir(parents=True, exist_ok=True)
-    with hold_run_lock(out_dir, LOCK_FILE, "cross-validated"):
-        state = _open_state(out_dir, config, models, n_folds)
+    with contextlib.ExitStack() as held:
+        if fold is None and not collect:  # one process through all folds: the folder is its own
+            held.enter_context(hold_run_lock(out_dir, LOCK_FILE, "cross-validated"))
+        with hold_run_lock(out_dir, STATE_LOCK, "saved", wait=True):
+            state = _open_state(out_dir, config, models, n_folds)
         steps = _Steps(out_dir, state, progress)
-        steps.save()
         worked = 0
-        for fold in range(n_folds):
-            if _fold_done(state["folds"].get(str(fold), {}), models, with_ensemble):
+        for k in range(n_folds) if not collect else ():
+            if fold is not None and k != fold or _fold_done(state["folds"].get(str(k), {}), models, with_ensemble):
                 continue
             if max_folds is not None and worked >= max_folds:
                 steps.say(f"stopping after {worked} fold(s) (max_folds); run again to continue")
                 break
-            _run_fold(fold, config, models, n_folds, out_dir, runs_root, name, with_ensemble, steps)
+            try:
+                with hold_run_lock(out_dir, fold_lock(k), f"cross-validated in fold {k}"):
+                    _run_fold(k, config, models, n_folds, out_dir, runs_root, name, with_ensemble, steps)
+            except RunLockedError:
+                if fold is not None:
+                    raise
+                steps.say(f"fold{k}: another process works on it; leaving it to that one")
+                continue
             worked += 1
-            write_summary(out_dir, state)
-        result = write_summary(out_dir, state)
-    steps.say(f"{'complete' if result.complete else 'partial'}: {out_dir / 'summary.md'}")
+            with hold_run_lock(out_dir, STATE_LOCK, "saved", wait=True):  # fold jobs write the summary in turn
+                write_summary(out_dir, read_json(out_dir / STATE_FILE))
+        with hold_run_lock(out_dir, STATE_LOCK, "saved", wait=True):
+            state = read_json(out_dir / STATE_FILE)
+            result = write_summary(out_dir, state)
+    done = {str(k) for k, fold_state in state["folds"].items() if _fold_done(fold_state, models, with_ensemble)}
+    missing = ", ".join(str(k) for k in range(n_folds) if str(k) not in done)
+    steps.say(f"{'complete' if result.complete else 'partial'}{f' (folds missing: {missing})' if missing else ''}: "
+              f"{out_dir / 'summary.md'}")
     return result
 
 

@@ -103,11 +103,13 @@ class RunLockedError(ConfigError):
 
 
 @contextlib.contextmanager
-def hold_run_lock(run_dir: Path | str, lock_name: str = "train.lock", activity: str = "trained") -> Iterator[Path]:
+def hold_run_lock(run_dir: Path | str, lock_name: str = "train.lock", activity: str = "trained",
+                  wait: bool = False) -> Iterator[Path]:
     """Hold ``<run_dir>/<lock_name>`` (an exclusive ``fcntl`` lock holding our pid) while training into a run
     (or, with another ``lock_name`` and ``activity``, while working in another folder that one process owns).
 
-    A second process that tries raises :class:`RunLockedError` naming the holder's pid. The operating system
+    A second process that tries raises :class:`RunLockedError` naming the holder's pid (with ``wait``, it waits
+    for the lock instead: for short critical sections, such as merging a shared state file). The operating system
     releases the lock when its process ends, however it ends, so a run killed mid-way is taken over by the
     next start without any clean-up. (Where ``fcntl`` does not exist, on Windows, nothing is locked.)
     """
@@ -119,7 +121,7 @@ def hold_run_lock(run_dir: Path | str, lock_name: str = "train.lock", activity: 
         return
     with open(path, "a+") as handle:
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         except BlockingIOError:
             handle.seek(0)
             holder = handle.read().strip() or "unknown"
