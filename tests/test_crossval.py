@@ -252,8 +252,8 @@ def test_a_fold_never_continues_an_unfinished_run_older_than_the_crossval(cross_
 def test_folds_run_as_separate_jobs_give_the_results_of_one_process(cross_validations: CrossValidations,
                                                                      tmp_path: Path, capsys) -> None:
     """``--fold K`` jobs over one shared folder, as a job array runs them: fold 1 goes on while another process
-    holds fold 0, ``--collect`` says what is missing, and once every fold is in, the out-of-fold scores are
-    those of one process going through all folds."""
+    holds fold 0, ``--collect`` says what is missing, a process going through all folds leaves a fold another
+    job holds, and once every fold is in, the out-of-fold scores are those of one process through all folds."""
     from metaseg_tf.evaluation.crossval import fold_lock
     from metaseg_tf.runs.folders import RunLockedError, hold_run_lock
 
@@ -273,12 +273,16 @@ def test_folds_run_as_separate_jobs_give_the_results_of_one_process(cross_valida
     partial = crossval(collect=True, **{**settings, "progress": True})
     assert not partial.complete and "partial (folds missing: 0, 2)" in capsys.readouterr().out
     assert sorted((tmp_path / "runs").iterdir()) == runs, "collect trains nothing"
+    with hold_run_lock(tmp_path / "cv", fold_lock(2), "cross-validated in fold 2"):  # a fold-2 job is at work
+        crossval(**{**settings, "progress": True})  # one process through all folds leaves fold 2 to that job
+    printed = capsys.readouterr().out
+    assert "fold2: another process works on it; leaving it to that one" in printed
+    assert "partial (folds missing: 2)" in printed
     config = cross_validations.config  # the same settings from the command line, as a job would give them
     assert main(["-q", "crossval", "--data", config.data_dir, "--out", str(tmp_path / "cv"), "--runs-root",
                  str(tmp_path / "runs"), "--folds", "3", "--fold", "2", "--image-size", "32", "--filters", "4", "8",
                  "16", "--epochs", "1", "--batch-size", "8", "-p", "cache_dir", config.cache_dir,
                  "-p", "early_stopping_patience", "0", "-p", "jit_compile", "off"]) == 0
-    crossval(fold=0, **settings)
     collected = crossval(collect=True, **settings)
     assert collected.complete
     columns = ["model", "fold", "case_id", "dice"]

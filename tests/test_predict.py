@@ -381,12 +381,47 @@ def test_parts_together_write_exactly_what_one_process_writes(brats_run: Path, b
     assert len(list((shared / "parts").glob("part-*-of-*.json"))) == parts
 
 
-def test_parts_of_another_request_or_a_part_done_twice_are_refused(brats_run: Path, brats_phantom_dir: Path,
+def test_parts_finishing_at_once_write_predictions_csv_exactly_once(tmp_path: Path) -> None:
+    """Eight parts that finish in the same instant (threads: each opens its own lock, as processes do): none
+    is refused, exactly one writes predictions.csv, with every row in its place; a part that died after its
+    rows were in, run again, finishes without predicting."""
+    import threading
+
+    from metaseg_tf.inference.parts import Part, finish_part, open_shared, part_done
+
+    count, written, errors = 8, [], []
+    for index in range(count):
+        open_shared(tmp_path / "shared", Part(count, index), {"run": "r"})
+    barrier = threading.Barrier(count)
+
+    def finish(index: int) -> None:
+        barrier.wait()
+        try:
+            rows = [((1, k), {"case_id": f"c{k}", "status": "ok"}) for k in range(index, 20, count)]
+            written.append(finish_part(tmp_path / "shared", Part(count, index), rows) is not None)
+        except Exception as error:  # noqa: BLE001 - any refusal is the failure this test looks for
+            errors.append(error)
+
+    threads = [threading.Thread(target=finish, args=(index,)) for index in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert not errors and sorted(written) == [False] * (count - 1) + [True]
+    assert list(pd.read_csv(tmp_path / "shared" / "predictions.csv")["case_id"]) == [f"c{k}" for k in range(20)]
+    (tmp_path / "shared" / "predictions.csv").unlink()  # as if the writer had died before it
+    assert part_done(tmp_path / "shared", Part(count, 3))
+    assert finish_part(tmp_path / "shared", Part(count, 3), None) is not None
+    assert len(pd.read_csv(tmp_path / "shared" / "predictions.csv")) == 20
+
+
+def test_parts_of_another_request_are_refused_and_a_part_done_only_finishes(brats_run: Path, brats_phantom_dir: Path,
                                                                   tmp_path: Path, capsys) -> None:
     shared, command = tmp_path / "shared", ["-q", "predict", str(brats_run), "--input", str(brats_phantom_dir)]
     assert main([*command, "--out", str(shared), "--num-parts", "2", "--part-id", "0"]) == 0
-    assert main([*command, "--out", str(shared), "--num-parts", "2", "--part-id", "0"]) == 2
-    assert "part-0-of-2 is already in" in capsys.readouterr().err
+    done = (shared / "parts" / "part-0-of-2.json").stat().st_mtime_ns
+    assert main([*command, "--out", str(shared), "--num-parts", "2", "--part-id", "0"]) == 0  # only finishes
+    assert (shared / "parts" / "part-0-of-2.json").stat().st_mtime_ns == done, "not predicted again"
     assert main([*command, "--out", str(shared), "--num-parts", "3", "--part-id", "1"]) == 2
     assert "holds the parts of another prediction (num_parts differ)" in capsys.readouterr().err
     assert main([*command, "--out", str(shared), "--num-parts", "2", "--part-id", "1", "--threshold", "0.3"]) == 2

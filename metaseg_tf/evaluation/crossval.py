@@ -289,7 +289,8 @@ def crossval(
     if collect and not (out_dir / STATE_FILE).is_file():
         raise ConfigError(f"{out_dir} holds no cross-validation to collect ({STATE_FILE} is missing)")
     if out_dir.is_dir() and not (out_dir / STATE_FILE).is_file() and \
-            any(not path.name.endswith(".lock") for path in out_dir.iterdir()):  # locks alone: killed before its state
+            any(not path.name.endswith((".lock", ".partial")) for path in out_dir.iterdir()):  # locks alone: killed
+        # before its state, or another job's state file half-way through its atomic write
         raise ConfigError(f"{out_dir} is not empty and holds no {STATE_FILE}; choose another --out folder")
     out_dir.mkdir(parents=True, exist_ok=True)
     with contextlib.ExitStack() as held:
@@ -305,14 +306,20 @@ def crossval(
             if max_folds is not None and worked >= max_folds:
                 steps.say(f"stopping after {worked} fold(s) (max_folds); run again to continue")
                 break
-            try:
-                with hold_run_lock(out_dir, fold_lock(k), f"cross-validated in fold {k}"):
-                    _run_fold(k, config, models, n_folds, out_dir, runs_root, name, with_ensemble, steps)
-            except RunLockedError:
-                if fold is not None:
-                    raise
-                steps.say(f"fold{k}: another process works on it; leaving it to that one")
-                continue
+            with contextlib.ExitStack() as fold_held:
+                try:
+                    fold_held.enter_context(hold_run_lock(out_dir, fold_lock(k), f"cross-validated in fold {k}"))
+                except RunLockedError:
+                    if fold is not None:
+                        raise
+                    steps.say(f"fold{k}: another process works on it; leaving it to that one")
+                    continue
+                with hold_run_lock(out_dir, STATE_LOCK, "saved", wait=True):  # as the last holder left it
+                    steps.state["folds"] = read_json(out_dir / STATE_FILE)["folds"]
+                if _fold_done(steps.state["folds"].get(str(k), {}), models, with_ensemble):
+                    continue
+                _run_fold(k, config, models, n_folds, out_dir, runs_root, name, with_ensemble, steps)
+                steps.mine.discard(str(k))  # the lock goes now: later saves leave this fold to its next holder
             worked += 1
             with hold_run_lock(out_dir, STATE_LOCK, "saved", wait=True):  # fold jobs write the summary in turn
                 write_summary(out_dir, read_json(out_dir / STATE_FILE))

@@ -37,7 +37,7 @@ from metaseg_tf.data.layouts import discover_volumes, MSD_CHANNELS
 from metaseg_tf.data.targets import Target
 from metaseg_tf.data.volumes import CaseFiles, CaseVolume, case_name, from_canonical, is_nifti, load_nifti, read_case, resolve_sequences, SequenceSource
 from metaseg_tf.evaluation.scores import evaluate_masks
-from metaseg_tf.inference.parts import Part, finish_part, open_shared
+from metaseg_tf.inference.parts import Part, finish_part, open_shared, part_done
 from metaseg_tf.inference.predictor import Predictor, SlicePrediction, VolumePrediction
 from metaseg_tf.paths import resolve
 from metaseg_tf.runs.folders import new_dir
@@ -130,6 +130,8 @@ def predict_cases(predictor: Predictor, cases: Sequence[CaseFiles], out_dir: Pat
             name, number = f"{case.case_id}-{number}", number + 1
         taken.add(name)
         named.append(dataclasses.replace(case, case_id=name))
+    if part is not None and part_done(out_dir, part):  # predicted before: only finish
+        return _finished(finish_part(out_dir, part, None), "case")
     chosen = part.takes(range(len(named))) if part is not None else [True] * len(named)
     rows: list[tuple[tuple, dict]] = []
     for index, case in enumerate(named):
@@ -157,15 +159,23 @@ def predict_cases(predictor: Predictor, cases: Sequence[CaseFiles], out_dir: Pat
                             if name in ("dice", "hd95", "lesion_dice", "lesion_hd95", "truth_lesions",
                                         "detected_lesions", "false_positive_lesions")})
         rows.append(((index,), row))
-    done = [row for _, row in rows if row["status"] == "ok"]
     if part is not None:
-        finish_part(out_dir, part, rows)
+        _finished(finish_part(out_dir, part, rows), "case")
     else:
         pd.DataFrame([row for _, row in rows]).to_csv(out_dir / "predictions.csv", index=False)
-        if not done:
-            raise DataError(f"no case could be predicted: {rows[0][1]['status'] if rows else 'none given'}")
+        _finished([row for _, row in rows], "case")
+    done = [row for _, row in rows if row["status"] == "ok"]
     return {"cases": len(done), "skipped": len(rows) - len(done),
             "lesion_voxels": int(sum(row["lesion_voxels"] for row in done))}
+
+
+def _finished(rows: list[dict] | None, unit: str) -> dict:
+    """Raises :class:`DataError` when ``rows`` (every row of predictions.csv; None: not all parts are in yet)
+    holds none that was predicted; else the part's summary is empty (its own counts are the caller's)."""
+    if rows is not None and not any(row["status"] == "ok" for row in rows):
+        first = rows[0]["status"] if rows else "none given"
+        raise DataError(f"no {unit} could be predicted: {first}")
+    return {"cases": 0, "skipped": 0, "lesion_voxels": 0}
 
 
 def nifti_case(predictor: Predictor, paths: Sequence[Path], convention: str | None = None) -> CaseFiles:
@@ -258,6 +268,9 @@ def predict_path(predictor: Predictor, inputs: Sequence[Path | str], out_root: P
             relative.append(Path(path.name))
     # a slice's case: its 2.5D neighbours, which one part predicts together
     units = [(str(path.parent), split_case_and_slice(path.stem)[0]) for path in files]
+    if part is not None and part_done(out_dir, part):  # predicted before: only finish
+        _finished(finish_part(out_dir, part, None), "image")
+        return out_dir, {"predicted": 0, "skipped": 0}
     chosen = part.takes(units) if part is not None else [True] * len(files)
     rows: list[tuple[tuple, dict]] = []
     images, stems = [], []
@@ -280,7 +293,7 @@ def predict_path(predictor: Predictor, inputs: Sequence[Path | str], out_root: P
                                   "lesion_pixels": int(sum(prediction.lesion_areas)),
                                   "max_probability": float(prediction.probability.max()), "status": "ok"}))
     if part is not None:
-        finish_part(out_dir, part, rows)
+        _finished(finish_part(out_dir, part, rows), "image")
     else:
         pd.DataFrame([row for _, row in rows]).to_csv(out_dir / "predictions.csv", index=False)
     return out_dir, {"predicted": len(images), "skipped": len(rows) - len(images)}

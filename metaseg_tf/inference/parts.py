@@ -10,8 +10,9 @@ unique over all inputs before the split, as one process does.
 The shared folder holds ``parts.json`` (how many parts, which run, which inputs, the label convention: a part
 of another request is refused, :class:`~metaseg_tf.config.ConfigError`) and ``parts/part-I-of-N.json`` (that
 part's rows of ``predictions.csv``, with their place in it). The part that finds all ``N`` there, under a lock,
-writes ``predictions.csv``, row for row what one process writes. A part that is already in the folder is
-refused (delete its json to predict it again); a part killed mid-way wrote none and is simply run again.
+writes ``predictions.csv``, row for row what one process writes. A part that is already in the folder is not
+predicted again (run again, it only finishes: writes ``predictions.csv`` if it is due; delete its json to
+predict it again); a part killed mid-way wrote none and is simply run again.
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ def open_shared(out_dir: Path, part: Part, request: dict[str, Any]) -> Path:
     ``parts.json`` by the first part to come); refuses a folder of another request and a part already done."""
     (out_dir / "parts").mkdir(parents=True, exist_ok=True)
     record = {"num_parts": part.count, **request}
-    with hold_run_lock(out_dir, "parts.lock", "joined by another part"):
+    with hold_run_lock(out_dir, "parts.lock", "joined by another part", wait=True):
         recorded_path = out_dir / "parts.json"
         if recorded_path.is_file():
             recorded = json.loads(recorded_path.read_text())
@@ -69,27 +70,34 @@ def open_shared(out_dir: Path, part: Part, request: dict[str, Any]) -> Path:
             raise ConfigError(f"{out_dir} is not empty and holds no parts of a prediction: choose another --out")
         else:
             recorded_path.write_text(json.dumps(record, indent=2) + "\n")
-    if (out_dir / "parts" / f"{part.name}.json").exists():
-        raise ConfigError(f"{part.name} is already in {out_dir} (delete parts/{part.name}.json to predict it again)")
     return out_dir
+
+
+def part_done(out_dir: Path, part: Part) -> bool:
+    """Whether ``part``'s rows are already in the shared folder (it is then not predicted again)."""
+    return (out_dir / "parts" / f"{part.name}.json").is_file()
 
 
 def _plain(value: Any) -> Any:
     return value.item() if hasattr(value, "item") else str(value)  # NumPy scalars; anything else as text
 
 
-def finish_part(out_dir: Path, part: Part, rows: list[tuple[tuple, dict[str, Any]]]) -> bool:
-    """Write this part's ``rows`` (``(place in predictions.csv, row)``) and, if every part is now there,
-    ``predictions.csv`` from all of them in that order, built as one process builds it; returns whether it
-    was written."""
+def finish_part(out_dir: Path, part: Part, rows: list[tuple[tuple, dict[str, Any]]] | None) -> list[dict] | None:
+    """Write this part's ``rows`` (``(place in predictions.csv, row)``; None: they are there already) and, if
+    every part is now there and no part wrote it yet, ``predictions.csv`` from all of them in that order,
+    built as one process builds it; returns all rows when it wrote it, else None."""
     done = out_dir / "parts" / f"{part.name}.json"
-    partial = done.with_suffix(".partial")
-    partial.write_text(json.dumps([[list(order), row] for order, row in rows], default=_plain) + "\n")
-    partial.rename(done)
-    with hold_run_lock(out_dir, "parts.lock", "joined by another part"):
+    if rows is not None:
+        partial = done.with_suffix(".partial")
+        partial.write_text(json.dumps([[list(order), row] for order, row in rows], default=_plain) + "\n")
+        partial.rename(done)
+    with hold_run_lock(out_dir, "parts.lock", "joined by another part", wait=True):
         paths = [out_dir / "parts" / f"{Part(part.count, k).name}.json" for k in range(part.count)]
         if not all(path.is_file() for path in paths) or (out_dir / "predictions.csv").is_file():
-            return False
+            return None
         every = sorted((entry for path in paths for entry in json.loads(path.read_text())), key=lambda e: e[0])
-        pd.DataFrame([row for _, row in every]).to_csv(out_dir / "predictions.csv", index=False)
-    return True
+        merged = [row for _, row in every]
+        partial = out_dir / ".predictions.csv.partial"
+        pd.DataFrame(merged).to_csv(partial, index=False)
+        partial.rename(out_dir / "predictions.csv")  # whole or not at all
+    return merged

@@ -1,12 +1,14 @@
-"""The prediction service (FastAPI): trained runs behind ``/health``, ``/models``, ``/predict`` (one 2D slice)
-and ``/predict/volume`` (NIfTI volumes).
+"""The prediction service (FastAPI): trained runs behind ``/health``, ``/models``, ``/limits``, ``/predict``
+(one 2D slice) and ``/predict/volume`` (NIfTI volumes).
 
 Each model is a :class:`~metaseg_tf.inference.predictor.Predictor` built from a run folder (or, for a
 cross-validation folder, from its fold runs: one ensemble per architecture), so an upload goes through exactly
 the preprocessing the model was trained with (window, CLAHE, resize, normalisation, from the run's
-``config.json``) and the mask comes back at the uploaded image's own size. This module holds the routes and the
-loaded models; the answers' JSON is :mod:`metaseg_tf.serve.schemas`, every upload check and the limits
-:mod:`metaseg_tf.serve.uploads`.
+``config.json``) and the mask comes back at the uploaded image's own size. This module holds the routes and
+the predictions they make; the loaded models are :mod:`metaseg_tf.serve.served`, the access token, the bounded
+work (every prediction runs through a job gate: a few at once, a short queue, 503 with ``Retry-After`` beyond
+it, a time limit) and the audit log :mod:`metaseg_tf.serve.guard`, the answers' JSON
+:mod:`metaseg_tf.serve.schemas`, every upload check and the settings :mod:`metaseg_tf.serve.uploads`.
 
 Slice uploads are checked before they reach a model: the file type (tif, png, jpg, bmp, webp; 8 or 16 bit;
 grey, RGB or RGBA) by its content, the byte size and the pixel dimensions.
