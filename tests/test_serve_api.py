@@ -447,7 +447,8 @@ def test_models_say_what_they_were_trained_on(client: TestClient) -> None:
         assert model["trained_on"]["dataset"] == "synthetic phantom"
         assert model["trained_on"]["synthetic_phantom"] is True and model["trained_on"]["layout"] == "kaggle_3m"
         assert "not meaningful" in model["note"] and model["target"] == "any"
-        assert model["test_metrics"] == {}, "these runs were trained, never evaluated: no test scores to show"
+        metrics = model["test_metrics"]  # the newest test evaluation of the run, once another test has made one
+        assert metrics == {} or 0 <= metrics["per_patient_dice"] <= 1 and metrics["patients"] >= 1
 
 
 def test_volume_limits_of_the_settings(limited_client: TestClient) -> None:
