@@ -31,6 +31,7 @@ import requests
 from metaseg_tf.data import discover_pairs, generate_phantom
 from metaseg_tf.serve.served import newest_pipeline_runs
 from metaseg_tf.serve.launch import api_command
+from timing import wait_for_api
 
 
 def _load(url: str, n: int, concurrency: int, upload: bytes | None) -> tuple[np.ndarray, int, float]:
@@ -86,15 +87,7 @@ def _serve_and_load(runs: list[Path], engine: str, workers: int, upload: bytes, 
     server = subprocess.Popen(api_command("127.0.0.1", args.port, workers), env=environment)
     base = f"http://127.0.0.1:{args.port}"
     try:
-        deadline = time.time() + 180
-        while True:
-            try:
-                if requests.get(f"{base}/health", timeout=2).ok:
-                    break
-            except requests.RequestException:
-                if time.time() > deadline or server.poll() is not None:
-                    raise SystemExit("the API did not start") from None
-                time.sleep(0.5)
+        wait_for_api(base, server, 180)
         _load(f"{base}/predict", 4 * workers, 2 * workers, upload)  # warm-up: every worker's models
         for name, url, payload in (("GET /health", f"{base}/health", None), ("POST /predict", f"{base}/predict", upload)):
             latencies, errors, wall = _load(url, args.requests, args.concurrency, payload)

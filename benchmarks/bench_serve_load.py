@@ -28,7 +28,6 @@ import argparse
 import gzip
 import os
 import subprocess
-import tempfile
 import threading
 import time
 from collections import Counter
@@ -44,6 +43,7 @@ from metaseg_tf.serve.guard import WAITING_BYTES_PER_FILE, default_volume_jobs
 from metaseg_tf.serve.launch import api_command, stop_children
 from metaseg_tf.serve.served import newest_pipeline_runs
 from metaseg_tf.serve.uploads import ServeSettings
+from timing import wait_for_api
 
 GIB = 1024**3
 
@@ -79,7 +79,7 @@ class PeakMemory:
         self._thread.join()
 
 
-def _default_volumes(folder: Path) -> tuple[list[tuple[str, bytes]], str]:
+def _default_volumes() -> tuple[list[tuple[str, bytes]], str]:
     real = Path(os.environ.get("METASEG_REAL_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
     case = real / "mets_nifti_case"
     if case.is_dir():
@@ -112,15 +112,8 @@ def _serve(runs: list[Path], port: int, volume_jobs: int | None) -> subprocess.P
                    **({"METASEG_VOLUME_JOBS": str(volume_jobs)} if volume_jobs else {})}
     environment.pop("METASEG_API_TOKEN", None)
     server = subprocess.Popen(api_command("127.0.0.1", port), env=environment, start_new_session=True)
-    deadline = time.time() + 300
-    while True:
-        try:
-            if requests.get(f"http://127.0.0.1:{port}/health", timeout=2).ok:
-                return server
-        except requests.RequestException:
-            if time.time() > deadline or server.poll() is not None:
-                raise SystemExit("the API did not start") from None
-            time.sleep(0.5)
+    wait_for_api(f"http://127.0.0.1:{port}", server)
+    return server
 
 
 def main() -> None:
@@ -133,11 +126,10 @@ def main() -> None:
     args = parser.parse_args()
 
     runs = args.runs or newest_pipeline_runs()
-    with tempfile.TemporaryDirectory() as tmp:
-        if args.volumes:
-            volumes, described = [(p.name, p.read_bytes()) for p in args.volumes], ", ".join(p.name for p in args.volumes)
-        else:
-            volumes, described = _default_volumes(Path(tmp))
+    if args.volumes:
+        volumes, described = [(p.name, p.read_bytes()) for p in args.volumes], ", ".join(p.name for p in args.volumes)
+    else:
+        volumes, described = _default_volumes()
     jobs = default_volume_jobs(ServeSettings().max_voxels)
     print(f"serving {', '.join(Path(r).name for r in runs)}; volumes: {described}; model=all; "
           f"{os.cpu_count()} CPUs, {psutil.virtual_memory().total / GIB:.1f} GiB; bounded default volume_jobs={jobs}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 import time
 from collections.abc import Callable, Sequence
 from typing import TypeVar
@@ -22,3 +23,18 @@ def rotated(labels: Sequence[Label], round_index: int, rounds: int) -> list[Labe
     evenly through the list over the rounds, and machine drift does not always favour the same row."""
     shift = round_index * len(labels) // max(rounds, 1)
     return [*labels[shift:], *labels[:shift]]
+
+
+def wait_for_api(base_url: str, server: subprocess.Popen, seconds: float = 300) -> None:
+    """Return once the API started as ``server`` answers ``GET /health``; exits if it dies or never does."""
+    import requests
+
+    deadline = time.time() + seconds
+    while True:
+        try:
+            if requests.get(f"{base_url}/health", timeout=2).ok:
+                return
+        except requests.RequestException:
+            if time.time() > deadline or server.poll() is not None:
+                raise SystemExit("the API did not start") from None
+            time.sleep(0.5)
