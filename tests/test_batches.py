@@ -126,3 +126,37 @@ def test_volume_batches_carry_context_channels_and_multilabel_targets(brats_phan
     enhancing = SegmentationBatches(data.dataset, train, config.replace(target="et", empty_slice_fraction=0.5),
                                     training=True)  # "lesion" is the target region: oedema-only slices are empty
     assert set(enhancing.lesion_indices) == set(train[(data.dataset.masks[train] == 3).reshape(len(train), -1).any(1)])
+
+
+def test_shards_side_by_side_are_the_one_process_batch() -> None:
+    """Process i of n reads rows [i b, (i + 1) b) of every global batch, augmented as one process would."""
+    dataset = _square_dataset(n=10)
+    config = ExperimentConfig(batch_size=4, rotation_degrees=30, intensity_jitter=0.1)
+    alone = SegmentationBatches(dataset, np.arange(10), config, training=True, seed=2)
+    shards = [SegmentationBatches(dataset, np.arange(10), config, training=True, seed=2, shard=(i, 2))
+              for i in range(2)]
+    assert len(alone) == 3 and all(len(shard) == 2 for shard in shards)  # 10 slices: 2 whole batches of 4
+    assert shards[0].dropped_per_epoch == 2 and alone.dropped_per_epoch == 0
+    for epoch in range(2):
+        for index in range(2):
+            x, y = alone[index]
+            parts = [shard[index] for shard in shards]
+            np.testing.assert_array_equal(np.concatenate([part[0] for part in parts]), x)
+            np.testing.assert_array_equal(np.concatenate([part[1] for part in parts]), y)
+            assert all(np.array_equal(part[2], np.ones(2, np.float32)) for part in parts)
+        for batches in (alone, *shards):
+            batches.on_epoch_end()
+
+
+def test_sharded_evaluation_pads_its_last_batch_with_weight_zero() -> None:
+    dataset = _square_dataset(n=10)
+    config = ExperimentConfig(batch_size=8)
+    alone = SegmentationBatches(dataset, np.arange(10), config)
+    shards = [SegmentationBatches(dataset, np.arange(10), config, shard=(i, 2)) for i in range(2)]
+    assert len(alone) == len(shards[0]) == 2
+    last = [shard[1] for shard in shards]  # the global batch holds 2 slices: 8 and 9, then 6 repeats of 8
+    weights = np.concatenate([part[2] for part in last])
+    np.testing.assert_array_equal(weights, [1, 1, 0, 0, 0, 0, 0, 0])
+    np.testing.assert_array_equal(np.concatenate([part[0] for part in last])[:2], alone[1][0])
+    with pytest.raises(ValueError, match="multiple of the 3 processes"):
+        SegmentationBatches(dataset, np.arange(10), config, shard=(0, 3))

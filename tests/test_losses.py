@@ -71,3 +71,15 @@ def test_unknown_loss_and_config_round_trip() -> None:
     loss = SegmentationLoss("tversky", alpha=0.6, beta=0.4, smooth=0.5)
     clone = keras.losses.deserialize(keras.losses.serialize(loss))
     assert (clone.kind, clone.alpha, clone.beta, clone.smooth) == ("tversky", 0.6, 0.4, 0.5)
+
+
+def test_batch_mean_leaves_out_images_of_weight_zero() -> None:
+    """``mean_with_sample_weight``: the loss of a batch with a padding image (weight 0) is the mean of the
+    others, as in a batch without it."""
+    rng = np.random.default_rng(1)
+    truth = (rng.random((3, 8, 8, 1)) < 0.3).astype(np.float32)
+    pred = rng.random((3, 8, 8, 1)).astype(np.float32)
+    loss = SegmentationLoss("bce_dice")
+    alone = float(keras.ops.convert_to_numpy(loss(truth[:2], pred[:2])))
+    padded = float(keras.ops.convert_to_numpy(loss(truth, pred, sample_weight=np.array([1, 1, 0], np.float32))))
+    assert padded == pytest.approx(alone, rel=1e-6)

@@ -22,3 +22,16 @@ def test_keras_metrics_equal_pooled_numpy_scores() -> None:
         metric.reset_state()
         metric.update_state(np.zeros((1, 4, 4, 1)), np.zeros((1, 4, 4, 1)))
         assert float(keras.ops.convert_to_numpy(metric.result())) == 1.0
+
+
+def test_images_of_weight_zero_do_not_count() -> None:
+    """A padding image (sample weight 0, as sharded evaluation batches carry) leaves every score as it was."""
+    rng = np.random.default_rng(3)
+    truth = (rng.random((3, 8, 8, 1)) < 0.3).astype(np.float32)
+    probabilities = rng.random((3, 8, 8, 1)).astype(np.float32)
+    for metric in segmentation_metrics():
+        metric.update_state(truth[:2], probabilities[:2])
+        expected = float(keras.ops.convert_to_numpy(metric.result()))
+        metric.reset_state()
+        metric.update_state(truth, probabilities, sample_weight=np.array([1, 1, 0], np.float32))
+        assert float(keras.ops.convert_to_numpy(metric.result())) == pytest.approx(expected, rel=1e-6)

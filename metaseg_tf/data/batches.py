@@ -55,8 +55,16 @@ class SegmentationBatches(keras.utils.PyDataset):
     With ``training=True`` the order is reshuffled every epoch and, if ``config.augment``, each slice is
     augmented jointly with its mask. With ``config.empty_slice_fraction < 1`` each training epoch draws
     that fraction of the slices without lesion (and every slice with one). The random draws depend only on
-    ``(seed, epoch, batch index)``, so batches are reproducible whether or not workers fetch them out of
-    order.
+    ``(seed, epoch, batch index, position in the batch)``, so batches are reproducible whether or not workers
+    fetch them out of order, and a slice is augmented alike whichever process reads it.
+
+    ``shard=(i, n)``: process ``i`` of ``n`` training together (:mod:`metaseg_tf.training.processes`) reads
+    rows ``[i b, (i + 1) b)`` of every global batch of ``config.batch_size`` rows, ``b = batch_size / n``, so
+    that the ``n`` shards side by side are the one-process batch. A training epoch then has only whole global
+    batches (the last ``slices_per_epoch % batch_size`` slices of its shuffled order sit that epoch out:
+    :attr:`dropped_per_epoch`); evaluation batches keep every slice and pad the last global batch with
+    repeats of its first slice, which come with ``sample_weight`` 0: sharded batches are
+    ``(x, y, sample_weight)`` with ``sample_weight float32 (b,)``.
     """
 
     def __init__(
@@ -67,11 +75,16 @@ class SegmentationBatches(keras.utils.PyDataset):
         training: bool = False,
         seed: int | None = None,
         target_copies: int = 1,
+        shard: tuple[int, int] = (0, 1),
         **pydataset_kwargs,
     ) -> None:
         super().__init__(**pydataset_kwargs)
         if len(indices) == 0:
             raise ValueError("no slices to batch: the split part is empty")
+        self.shard_index, self.shard_count = shard
+        if not 0 <= self.shard_index < self.shard_count or config.batch_size % self.shard_count:
+            raise ValueError(f"shard {shard}: the batch size {config.batch_size} must be a multiple of the "
+                             f"{self.shard_count} processes, and the shard one of them")
         self.dataset = dataset
         self.indices = np.asarray(indices)
         self.target = resolve_target(config.target, dataset.convention)
@@ -96,7 +109,14 @@ class SegmentationBatches(keras.utils.PyDataset):
         self._order = self._epoch_order()
 
     def __len__(self) -> int:
+        if self.shard_count > 1 and self.training:
+            return self.slices_per_epoch // self.batch_size
         return math.ceil(self.slices_per_epoch / self.batch_size)
+
+    @property
+    def dropped_per_epoch(self) -> int:
+        """Slices a sharded training epoch leaves out (those after its last whole global batch)."""
+        return self.slices_per_epoch - len(self) * self.batch_size if self.shard_count > 1 and self.training else 0
 
     @property
     def slices_per_epoch(self) -> int:
@@ -121,22 +141,31 @@ class SegmentationBatches(keras.utils.PyDataset):
         self._order = self._epoch_order()
 
     def __getitem__(self, batch_index: int):
-        x, y = self._batch(batch_index)
-        return (x, y) if self.target_copies == 1 else (x, (y,) * self.target_copies)
-
-    def _batch(self, batch_index: int) -> tuple[np.ndarray, np.ndarray]:
         if not 0 <= batch_index < len(self):
             raise IndexError(f"batch {batch_index} out of range [0, {len(self)})")
         chosen = self._order[batch_index * self.batch_size : (batch_index + 1) * self.batch_size]
+        weights = None
+        if self.shard_count > 1:
+            local = self.batch_size // self.shard_count
+            start = self.shard_index * local
+            weights = (np.arange(start, start + local) < len(chosen)).astype(np.float32)
+            chosen = np.resize(chosen, self.batch_size)[start : start + local]  # padded: repeats, weight 0
+            chosen[weights == 0] = self._order[batch_index * self.batch_size]
+        x, y = self._batch(batch_index, chosen, first_position=self.shard_index * len(chosen))
+        targets = y if self.target_copies == 1 else (y,) * self.target_copies
+        return (x, targets) if weights is None else (x, targets, weights)
+
+    def _batch(self, batch_index: int, chosen: np.ndarray, first_position: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """The slices ``chosen`` of batch ``batch_index``, the first at ``first_position`` in the global batch."""
         images = self.model_inputs(chosen)
         labels = self.dataset.masks[chosen]
         if self.augmentation is None:
             return normalise(images, self.normalisation), self.target.masks(labels).astype(np.float32)
-        rng = np.random.default_rng([self.seed, self.epoch, batch_index])
         size = images.shape[1]
         x = np.empty(images.shape, np.float32)
         warped_labels = np.empty_like(labels)
         for k in range(len(chosen)):
+            rng = np.random.default_rng([self.seed, self.epoch, batch_index, first_position + k])
             image, warped_labels[k] = warp_pair(images[k], labels[k], random_affine(rng, self.augmentation, size))
             image = random_gamma(image.astype(np.float32) / 255.0, rng, self.augmentation.intensity_jitter)
             image = normalise(image, self.normalisation)

@@ -2,7 +2,8 @@
 
 All losses take ``y_true`` and ``y_pred`` of shape ``(B, H, W, 1)`` (probabilities in ``[0, 1]``, as the
 models' sigmoid heads give them) and return one value per image, ``(B,)``; Keras then averages over the
-batch. Overlap-based losses are computed **per image** over its pixels, with an additive ``smooth`` term in
+batch (weighted by ``sample_weight`` where batches carry one: ``mean_with_sample_weight``, so a padding image
+of weight 0 does not count). Overlap-based losses are computed **per image** over its pixels, with an additive ``smooth`` term in
 numerator and denominator: an image with an empty mask and an empty prediction scores a perfect overlap
 (loss 0) instead of ``0 / 0``, and an image with an empty mask and ``p`` predicted foreground (summed
 probability) gets Dice ``smooth / (p + smooth)``, i.e. it is penalised for every false positive. Most MRI
@@ -90,6 +91,7 @@ class SegmentationLoss(keras.losses.Loss):
     ) -> None:
         if kind not in LOSS_NAMES:
             raise ValueError(f"unknown loss {kind!r}; choose one of {', '.join(LOSS_NAMES)}")
+        kwargs.setdefault("reduction", "mean_with_sample_weight")
         super().__init__(name=name or kind, **kwargs)
         self.kind, self.smooth, self.alpha, self.beta, self.gamma = kind, smooth, alpha, beta, gamma
 

@@ -20,7 +20,8 @@ STATISTICS = ("dice", "iou", "precision", "recall")
 class ThresholdedOverlap(keras.metrics.Metric):
     """Pooled-pixel ``statistic`` (one of :data:`STATISTICS`) of ``y_pred >= threshold`` against ``y_true``.
 
-    ``y_true`` and ``y_pred``: ``(B, H, W, 1)``; ``y_true`` holds 0/1, ``y_pred`` probabilities.
+    ``y_true`` and ``y_pred``: ``(B, H, W, 1)``; ``y_true`` holds 0/1, ``y_pred`` probabilities;
+    ``sample_weight`` ``(B,)`` weighs each image's pixel counts (0: a padding image that does not count).
     """
 
     def __init__(self, statistic: str = "dice", threshold: float = 0.5, name: str | None = None, **kwargs) -> None:
@@ -35,9 +36,11 @@ class ThresholdedOverlap(keras.metrics.Metric):
     def update_state(self, y_true, y_pred, sample_weight=None) -> None:
         truth = ops.cast(ops.greater_equal(ops.cast(y_true, "float32"), 0.5), "float32")
         pred = ops.cast(ops.greater_equal(ops.cast(y_pred, "float32"), self.threshold), "float32")
-        self.true_pos.assign_add(ops.sum(truth * pred))
-        self.false_pos.assign_add(ops.sum((1.0 - truth) * pred))
-        self.false_neg.assign_add(ops.sum(truth * (1.0 - pred)))
+        weight = 1.0 if sample_weight is None else ops.reshape(ops.cast(sample_weight, "float32"),
+                                                                (-1,) + (1,) * (len(truth.shape) - 1))
+        self.true_pos.assign_add(ops.sum(truth * pred * weight))
+        self.false_pos.assign_add(ops.sum((1.0 - truth) * pred * weight))
+        self.false_neg.assign_add(ops.sum(truth * (1.0 - pred) * weight))
 
     def result(self):
         tp, fp, fn = (ops.convert_to_tensor(v) for v in (self.true_pos, self.false_pos, self.false_neg))
