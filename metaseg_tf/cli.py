@@ -26,6 +26,7 @@ from metaseg_tf.cli_flags import (
     LEVEL_HELP,
     add_config_flags,
     add_engine_flags,
+    add_process_flags,
     add_runs_root_flag,
     config_defaults,
     config_from_args,
@@ -122,10 +123,23 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _follower(args: argparse.Namespace) -> bool:
+    """Join the process group the flags or the environment describe (if any); whether this process follows."""
+    from metaseg_tf.training.processes import initialize, resolve_group
+
+    group = resolve_group(args.coordinator, args.num_processes, args.process_id, args.coordinator_timeout)
+    if group is None:
+        return False
+    initialize(group)
+    return not group.leader
+
+
 def _train(args: argparse.Namespace) -> int:
-    from metaseg_tf.training.train import train
+    from metaseg_tf.training.train import follow, train
 
     config = config_from_args(args)
+    if _follower(args):
+        return follow(progress=not args.quiet)
     run = train(config, runs_root=args.runs_root, name=args.name, progress=not args.quiet,
                 resume=not args.no_resume)
     print(run.run_dir)
@@ -135,8 +149,12 @@ def _train(args: argparse.Namespace) -> int:
 def _crossval(args: argparse.Namespace) -> int:
     from metaseg_tf.evaluation.crossval import DEFAULT_MODELS, crossval
 
+    from metaseg_tf.training.train import follow
+
     if args.model is not None:
         raise ConfigError("crossval trains every model of --models; --model is not used here")
+    if _follower(args):
+        return follow(progress=not args.quiet)
     result = crossval(config_from_args(args), models=args.models or DEFAULT_MODELS, n_folds=args.folds,
                       out_dir=args.out, runs_root=args.runs_root, name=args.name, ensemble=not args.no_ensemble,
                       progress=not args.quiet, max_folds=args.max_folds, fold=args.fold, collect=args.collect)
@@ -175,7 +193,12 @@ def _data_synth(args: argparse.Namespace) -> int:
 
 def _pipeline(args: argparse.Namespace) -> int:
     from metaseg_tf.pipeline import NOTEBOOK_PARAMETERS, run_pipeline
+    from metaseg_tf.training.processes import resolve_group
 
+    if resolve_group(args.coordinator, args.num_processes, args.process_id, args.coordinator_timeout) is not None:
+        raise ConfigError("the pipeline's notebooks run in kernels of their own, which cannot join a process group; "
+                          "train across processes with `metaseg train` or `metaseg crossval`, or on one host with "
+                          "-p devices N")
     overrides: dict[str, Any] = {}
     for key, value in args.param or []:  # a notebook parameter, or any ExperimentConfig field
         if key in NOTEBOOK_PARAMETERS:
@@ -186,7 +209,7 @@ def _pipeline(args: argparse.Namespace) -> int:
             raise ConfigError(f"unknown setting {key!r}: neither a notebook parameter ({', '.join(NOTEBOOK_PARAMETERS)}) "
                               "nor an ExperimentConfig field")
     overrides.setdefault("phantom", args.phantom)
-    run = run_pipeline(args.profile, args.data, args.out, overrides, progress=not args.quiet)
+    run = run_pipeline(args.profile, args.data, args.out, overrides, progress=not args.quiet, resume=not args.no_resume)
     total = sum(run.seconds.values())
     print(f"finished in {total / 60:.1f} min; open {run.report}")
     return 0
@@ -249,6 +272,10 @@ def build_parser() -> argparse.ArgumentParser:
     pipeline.add_argument("-p", "--param", nargs=2, action="append", metavar=("KEY", "VALUE"),
                           help="a notebook parameter or any ExperimentConfig field, e.g. -p epochs 5 "
                                "-p filters '[8,16,32,64,128]' -p lr_schedule cosine")
+    pipeline.add_argument("--no-resume", action="store_true",
+                          help="always a new results folder (default: continue a killed or failed pipeline of the "
+                               "same profile and parameters under --out)")
+    add_process_flags(pipeline)
     pipeline.set_defaults(handler=_pipeline)
 
     train = commands.add_parser("train", help="train a model into a new run folder (resumes an unfinished one)")
@@ -256,6 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_runs_root_flag(train)
     train.add_argument("--name", help="run folder suffix (default: the model name)")
     train.add_argument("--no-resume", action="store_true", help="always start a new run folder")
+    add_process_flags(train)
     train.set_defaults(handler=_train)
 
     evaluate = commands.add_parser("evaluate", help="score a run on its test split: CSVs, summary.json, plots")
@@ -310,6 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                                  "there and say which are missing")
     cross_validation.add_argument("--max-folds", type=int,
                                   help="stop after working on this many folds (run again to continue)")
+    add_process_flags(cross_validation)
     cross_validation.set_defaults(handler=_crossval)
 
     predict = commands.add_parser("predict", help="masks for an image, a folder or NIfTI volume(s)")
@@ -387,9 +416,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from metaseg_tf.training.processes import announce
+
     try:
-        return args.handler(args)
+        status = args.handler(args)
+        announce(None)  # process 0 of a group: the followers have nothing more to join
+        return status
     except (DataError, ConfigError, ValueError, PipelineError) as error:
+        announce({"failed": str(error)})
         print(f"metaseg: error: {error}", file=sys.stderr)
         return 2
 

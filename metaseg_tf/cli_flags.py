@@ -99,6 +99,16 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
                         help="any other ExperimentConfig field, e.g. -p lr_schedule cosine")
 
 
+def add_process_flags(parser: argparse.ArgumentParser) -> None:
+    """Several processes (hosts) training together under JAX (:mod:`metaseg_tf.training.processes`)."""
+    group = parser.add_argument_group("several processes (JAX backend; or KERAS_DISTRIBUTION_* / a SLURM step)")
+    group.add_argument("--coordinator", metavar="HOST:PORT", help="where process 0 listens for the others")
+    group.add_argument("--num-processes", type=number(int, 1), help="processes training together")
+    group.add_argument("--process-id", type=number(int, 0), help="this process, 0 to N-1 (0 writes the run folder)")
+    group.add_argument("--coordinator-timeout", type=number(float, 1), metavar="SECONDS",
+                       help="end with an error if the processes are not all there after this long (default 300)")
+
+
 def add_runs_root_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--runs-root", type=typed_path, default=paths.resolve(paths.RUNS_ROOT),
                         help=f"where run folders go (default: {paths.RUNS_ROOT} in the project)")

@@ -9,6 +9,10 @@ U-Net++ with deep supervision is trained on all its heads with equal weights ``1
 the heads' losses, Zhou et al. 2018); validation Dice, which selects the best epoch, is that of the
 deepest head. Mixed precision is used on GPUs only (``auto``); XLA wherever the backend can compile (it
 made TensorFlow's CPU training step 1.35x faster, see :func:`_jit_compile`).
+
+Several processes (hosts) train one run together under JAX (:mod:`metaseg_tf.training.processes`): process 0
+runs :func:`train` as one process would and announces the run; the others join it with :func:`follow_run`,
+which writes nothing.
 """
 
 from __future__ import annotations
@@ -30,8 +34,10 @@ from metaseg_tf.data.batches import ExperimentData, SegmentationBatches, load_ex
 from metaseg_tf.environment import accelerator, environment_info
 from metaseg_tf.models import build_model
 from metaseg_tf.runs.folders import create_run_dir, find_unfinished_run, hold_run_lock, load_run_split, read_json, write_json
+from metaseg_tf.training.callbacks import RunProgress, engine_callbacks, saving_alone, settle_backup
 from metaseg_tf.training.losses import SegmentationLoss
 from metaseg_tf.training.metrics import segmentation_metrics
+from metaseg_tf.training.processes import ProcessGroup, announce, current_group, is_leader, receive
 
 logger = logging.getLogger(__name__)
 
@@ -94,7 +100,8 @@ def compile_model(model: keras.Model, config: ExperimentConfig, steps_per_epoch:
         optimizer=make_optimizer(config, steps_per_epoch),
         loss=[SegmentationLoss(config.loss) for _ in names] if len(names) > 1 else SegmentationLoss(config.loss),
         loss_weights=[1.0 / len(names)] * len(names) if len(names) > 1 else None,
-        metrics={names[-1]: metrics} if len(names) > 1 else metrics,
+        # weighted: the padding slices of sharded evaluation batches (sample weight 0) must not count
+        weighted_metrics={names[-1]: metrics} if len(names) > 1 else metrics,
         jit_compile=_jit_compile(config),
     )
     return model
@@ -119,9 +126,20 @@ def precision_policy(config: ExperimentConfig) -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def device_scope(devices: int) -> Iterator[None]:
+def device_scope(devices: int, group: ProcessGroup | None = None) -> Iterator[None]:
     """Data-parallel training on ``devices`` devices through the backend's own engine:
-    ``tf.distribute.MirroredStrategy`` under TensorFlow, ``keras.distribution.DataParallel`` under JAX."""
+    ``tf.distribute.MirroredStrategy`` under TensorFlow, ``keras.distribution.DataParallel`` under JAX; in a
+    process ``group``, ``DataParallel`` over every device of every process (``devices`` is not used)."""
+    if group is not None:
+        previous = keras.distribution.distribution()
+        # each process's batches are already its shard (SegmentationBatches' ``shard``): no auto-sharding
+        keras.distribution.set_distribution(keras.distribution.DataParallel(
+            devices=keras.distribution.list_devices(), auto_shard_dataset=False))
+        try:
+            yield
+        finally:
+            keras.distribution.set_distribution(previous)
+        return
     if devices == 1:
         yield
         return
@@ -149,90 +167,6 @@ def device_scope(devices: int) -> Iterator[None]:
         raise ConfigError(f"devices > 1 needs the TensorFlow or JAX backend, not {backend}")
 
 
-class RunProgress(keras.callbacks.Callback):
-    """Keeps ``state.json`` and ``timings.json`` current after every epoch and stops at the time limit."""
-
-    def __init__(self, run_dir: Path, state: dict[str, Any], timings: dict[str, Any], monitor: str,
-                 time_limit_s: float) -> None:
-        super().__init__()
-        self.run_dir, self.state, self.timings = run_dir, state, timings
-        self.monitor, self.time_limit_s = monitor, time_limit_s
-        self.hit_time_limit = False
-        self._epoch_start = 0.0
-
-    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
-        self._epoch_start = time.perf_counter()
-
-    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-        seconds = time.perf_counter() - self._epoch_start
-        self.timings["epoch_seconds"].append(round(seconds, 3))
-        self.timings["train_seconds"] = round(sum(self.timings["epoch_seconds"]), 3)
-        value = (logs or {}).get(self.monitor)
-        if value is not None and value > self.state.get("best_value", float("-inf")):
-            self.state.update(best_value=float(value), best_epoch=epoch + 1)
-        self.state["epochs_done"] = epoch + 1
-        write_json(self.run_dir / "timings.json", self.timings)
-        write_json(self.run_dir / "state.json", self.state)
-        if self.time_limit_s and self.timings["train_seconds"] >= self.time_limit_s:
-            self.hit_time_limit = True
-            self.model.stop_training = True
-
-
-class CallbackState(keras.callbacks.Callback):
-    """Keeps the counters of early stopping and reduce-on-plateau (``wait``, ``best``, cooldown, best and
-    stopped epoch) in ``callbacks.json`` after every epoch and puts them back when a killed run resumes, so it
-    decays its learning rate and stops at the same epochs as an uninterrupted run would. Must come after the
-    callbacks it watches (their ``on_train_begin`` resets the counters first)."""
-
-    FIELDS = ("wait", "best", "cooldown_counter", "best_epoch", "stopped_epoch")
-
-    def __init__(self, path: Path, watched: dict[str, keras.callbacks.Callback]) -> None:
-        super().__init__()
-        self.path, self.watched = path, watched
-
-    def on_train_begin(self, logs: dict | None = None) -> None:
-        saved = read_json(self.path) if self.path.is_file() else {}
-        for name, callback in self.watched.items():
-            for field_name, value in saved.get(name, {}).items():
-                setattr(callback, field_name, value)
-
-    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-        def plain(value: Any) -> Any:
-            return None if value is None else float(value) if isinstance(value, float) or hasattr(value, "dtype") \
-                else value
-
-        write_json(self.path, {name: {f: plain(getattr(callback, f)) for f in self.FIELDS if hasattr(callback, f)}
-                               for name, callback in self.watched.items()})
-
-
-def _callbacks(run_dir: Path, config: ExperimentConfig, monitor: str, state: dict, progress: RunProgress,
-               early_stopping: keras.callbacks.EarlyStopping) -> list[keras.callbacks.Callback]:
-    callbacks: list[keras.callbacks.Callback] = [
-        keras.callbacks.ModelCheckpoint(str(run_dir / "best.keras"), monitor=monitor, mode="max",
-                                        save_best_only=True, initial_value_threshold=state.get("best_value")),
-    ]
-    watched: dict[str, keras.callbacks.Callback] = {}
-    if config.lr_schedule == "plateau":  # before the CSV logger, so that the history records the rate
-        watched["reduce_lr_on_plateau"] = keras.callbacks.ReduceLROnPlateau(
-            monitor=monitor, mode="max", factor=0.5, patience=max(2, config.early_stopping_patience // 3),
-            min_lr=config.learning_rate / 100)
-        callbacks.append(watched["reduce_lr_on_plateau"])
-    callbacks += [keras.callbacks.CSVLogger(str(run_dir / "history.csv"), append=True), progress]
-    if config.early_stopping_patience:
-        watched["early_stopping"] = early_stopping
-        callbacks.append(early_stopping)
-    callbacks.append(CallbackState(run_dir / "callbacks.json", watched))
-    with contextlib.suppress(ImportError):
-        import tensorboard  # noqa: F401  (with TensorFlow: the writer Keras' callback needs; optional)
-        import tensorflow  # noqa: F401
-
-        callbacks.append(keras.callbacks.TensorBoard(str(run_dir / "tensorboard"), write_graph=False))
-    # last: its end-of-epoch backup then holds the learning rate reduce-on-plateau has just set, and is
-    # written after state.json and callbacks.json, so a kill never leaves those behind the backup
-    callbacks.append(keras.callbacks.BackupAndRestore(str(run_dir / "backup"), delete_checkpoint=True))
-    return callbacks
-
-
 def _start_or_resume(config: ExperimentConfig, runs_root: Path, name: str, data: ExperimentData,
                      run_dir: Path | None, locks: contextlib.ExitStack) -> tuple[Path, dict, dict]:
     """The resumed run (already locked by the caller) or a new run folder, locked before its state is written
@@ -242,6 +176,7 @@ def _start_or_resume(config: ExperimentConfig, runs_root: Path, name: str, data:
         if state.get("status") != "running":
             raise ConfigError(f"{run_dir} finished while this process was starting; train again for a new run")
         state["resumed"] = state.get("resumed", 0) + 1
+        settle_backup(run_dir, state, timings)
         return run_dir, state, timings
     run_dir = create_run_dir(runs_root, name)
     locks.enter_context(hold_run_lock(run_dir))
@@ -275,6 +210,10 @@ def train(
     when the caller has already loaded them; ``callbacks`` are added after the engine's own (e.g. live plots
     in a notebook).
     """
+    group = current_group()
+    if not is_leader():
+        raise ConfigError(f"process {group.process_id} of {group.num_processes} joins the trainings process 0 "
+                          "announces (follow); it does not start its own")
     runs_root = paths.resolve(runs_root)
     name = name or config.model
     unfinished = find_unfinished_run(runs_root, name, config, resume_since) if resume else None
@@ -286,7 +225,44 @@ def train(
             data, _ = load_recorded_data(config, load_run_split(unfinished), ("train", "val"), data=data,
                                          progress=progress)
         run_dir, state, timings = _start_or_resume(config, runs_root, name, data, unfinished, locks)
+        if group is not None:
+            state["distribution"] = distribution_record(config, group)
+            announce({"config": config.to_dict(), "run_dir": str(run_dir), "state": state, "timings": timings})
         return _fit(config, data, run_dir, state, timings, progress, callbacks)
+
+
+def distribution_record(config: ExperimentConfig, group: ProcessGroup) -> dict[str, Any]:
+    """What ``state.json`` records of a run trained by a process group: how many processes and devices, the
+    global batch (``config.batch_size``), each process's share of it and the learning rate."""
+    return {"processes": group.num_processes, "devices": len(keras.distribution.list_devices()),
+            "coordinator": group.coordinator, "global_batch": config.batch_size,
+            "per_process_batch": config.batch_size // group.num_processes, "learning_rate": config.learning_rate}
+
+
+def follow_run(message: dict[str, Any], progress: bool = True,
+               callbacks: list[keras.callbacks.Callback] | None = None) -> TrainedRun:
+    """A follower's part of the training process 0 announced in ``message`` (its config, run folder, state and
+    timings): the recorded split's data, the leader's backup when the run resumes, its shard of every batch;
+    it writes nothing (``callbacks`` are added after the engine's own, as in :func:`train`)."""
+    config = ExperimentConfig.from_dict(message["config"])
+    run_dir = Path(message["run_dir"])
+    data, _ = load_recorded_data(config, load_run_split(run_dir), ("train", "val"), progress=progress)
+    return _fit(config, data, run_dir, message["state"], message["timings"], progress, callbacks, writer=False)
+
+
+def follow(progress: bool = True) -> int:
+    """A follower's whole work: join every training the leader announces until it announces the end."""
+    group = current_group()
+    if group is None or group.leader:
+        raise ConfigError("only processes other than 0 of a process group follow")
+    joined = 0
+    while (message := receive()) is not None:
+        if "failed" in message:
+            raise ConfigError(f"process 0 ended with an error: {message['failed']}")
+        follow_run(message, progress=progress)
+        joined += 1
+    print(f"process {group.process_id} of {group.num_processes}: the leader has finished; joined {joined} training(s)")
+    return 0
 
 
 def fit_verbosity(progress: bool) -> int:
@@ -297,43 +273,60 @@ def fit_verbosity(progress: bool) -> int:
 
 
 def _fit(config: ExperimentConfig, data: ExperimentData, run_dir: Path, state: dict[str, Any],
-         timings: dict[str, Any], progress: bool, callbacks: list[keras.callbacks.Callback] | None) -> TrainedRun:
-    """Build, compile and fit the model into ``run_dir`` (held by this process); finish the run's files."""
+         timings: dict[str, Any], progress: bool, callbacks: list[keras.callbacks.Callback] | None,
+         writer: bool = True) -> TrainedRun:
+    """Build, compile and fit the model into ``run_dir`` (held by this process); finish the run's files
+    (``writer`` False: a follower of a process group, which writes none)."""
     keras.utils.set_random_seed(config.seed)
-    with precision_policy(config) as policy, device_scope(config.devices):
+    group = current_group()
+    shard = (group.process_id, group.num_processes) if group is not None else (0, 1)
+    with precision_policy(config) as policy, device_scope(config.devices, group):
         model = build_model(config.model, config)
         targets = len(model.outputs)
         train_batches = SegmentationBatches(data.dataset, data.split.indices(data.dataset.case_ids, "train"),
-                                            config, training=True, target_copies=targets)
+                                            config, training=True, target_copies=targets, shard=shard)
+        if len(train_batches) == 0:
+            raise ConfigError(f"the global batch of {config.batch_size} is larger than the "
+                              f"{train_batches.slices_per_epoch} training slices of an epoch")
         val_indices = data.split.indices(data.dataset.case_ids, "val")
-        val_batches = (SegmentationBatches(data.dataset, val_indices, config, target_copies=targets)
+        val_batches = (SegmentationBatches(data.dataset, val_indices, config, target_copies=targets, shard=shard)
                        if len(val_indices) else None)
         train_batches.start_at_epoch(state["epochs_done"])
         compile_model(model, config, steps_per_epoch=len(train_batches))
         monitor = monitored_metric(model, validation=val_batches is not None)
         sizes = data.part_sizes()
         what = "resuming" if state.get("resumed") else "training"
-        print(f"{what} {config.model} ({model.count_params() / 1e6:.2f} M parameters, {targets} output(s)) on "
-              f"{data.report.root}: {sizes['train'][0]} train / {sizes['val'][0]} val patients "
-              f"({sizes['train'][1]} / {sizes['val'][1]} slices) at {config.image_size} px, "
-              f"CLAHE {'on' if config.clahe else 'off'}; {config.epochs} epochs of batch {config.batch_size}, "
-              f"{keras.backend.backend()} on {accelerator()} ({policy}); run folder {run_dir}")
-        run_progress = RunProgress(run_dir, state, timings, monitor, config.max_train_minutes * 60)
+        together = "" if group is None else (
+            f"; {group.num_processes} processes, {train_batches.batch_size // group.num_processes} slices of every "
+            f"batch each, {train_batches.dropped_per_epoch} slice(s) per epoch after the last whole batch left out")
+        if not writer:
+            print(f"process {group.process_id} of {group.num_processes} joins {what} {run_dir}")
+        else:
+            print(f"{what} {config.model} ({model.count_params() / 1e6:.2f} M parameters, {targets} output(s)) on "
+                  f"{data.report.root}: {sizes['train'][0]} train / {sizes['val'][0]} val patients "
+                  f"({sizes['train'][1]} / {sizes['val'][1]} slices) at {config.image_size} px, "
+                  f"CLAHE {'on' if config.clahe else 'off'}; {config.epochs} epochs of batch {config.batch_size}, "
+                  f"{keras.backend.backend()} on {accelerator()} ({policy}){together}; run folder {run_dir}")
+        run_progress = RunProgress(run_dir if writer else None, state, timings, monitor, config.max_train_minutes * 60)
         early_stopping = keras.callbacks.EarlyStopping(monitor=monitor, mode="max",
                                                        patience=config.early_stopping_patience)
         try:
             model.fit(train_batches, validation_data=val_batches, epochs=config.epochs,
-                      callbacks=[*_callbacks(run_dir, config, monitor, state, run_progress, early_stopping),
+                      callbacks=[*engine_callbacks(run_dir, config, monitor, state, run_progress, early_stopping, writer),
                                  *(callbacks or [])],
                       verbose=fit_verbosity(progress))
         except KeyboardInterrupt:
             print(f"interrupted after epoch {state['epochs_done']}; run the same command again to resume {run_dir}")
             raise
-        model.save(run_dir / "last.keras")
-    if not (run_dir / "best.keras").exists():
-        model.save(run_dir / "best.keras")
+        if writer:
+            with saving_alone():
+                model.save(run_dir / "last.keras")
     reason = ("time limit" if run_progress.hit_time_limit else
               "early stopping" if early_stopping.stopped_epoch else "completed")
+    if not writer:
+        return TrainedRun(run_dir, config, {**state, "status": "finished", "stop_reason": reason})
+    if not (run_dir / "best.keras").exists():
+        model.save(run_dir / "best.keras")
     state.update(status="finished", stop_reason=reason, monitor=monitor,
                  finished=time.strftime("%Y-%m-%d %H:%M:%S"))
     write_json(run_dir / "state.json", state)
