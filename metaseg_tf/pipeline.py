@@ -1,11 +1,16 @@
 """The main job: the numbered notebooks executed in order with papermill, into one new results folder.
 
-:func:`run_pipeline` makes ``<out_root>/<timestamp>-<profile>/`` (never an existing folder), passes every
-notebook the same parameters (a profile's preset, overridden by the caller's), executes
-``notebooks/01_*.ipynb`` .. ``05_*.ipynb`` headless and writes ``report.md``, which links the executed
-notebooks, the figures, the metrics and the trained models' run folders. A failing notebook stops the
-pipeline with :class:`PipelineError` naming the notebook and the cell; the partially executed notebook is
-kept for inspection.
+:func:`run_pipeline` makes ``<out_root>/<timestamp>-<profile>/``, passes every notebook the same parameters
+(a profile's preset, overridden by the caller's), executes ``notebooks/01_*.ipynb`` .. ``05_*.ipynb`` headless
+and writes ``report.md``, which links the executed notebooks, the figures, the metrics and the trained models'
+run folders. A failing notebook stops the pipeline with :class:`PipelineError` naming the notebook and the
+cell; the partially executed notebook is kept for inspection.
+
+A pipeline that was killed or failed is continued by the same command (same profile and parameters): the
+notebooks it finished are kept, not run again, and the training of a notebook that was cut short resumes
+from its last epoch (:func:`~metaseg_tf.training.train.train` finds its unfinished run). A finished pipeline
+is never touched: the same command then makes a new folder, as ``resume=False`` always does. While it runs,
+a pipeline holds ``pipeline.lock`` in its folder, so two processes never work in one.
 
 Profiles (presets of the notebooks' parameters):
 
@@ -18,6 +23,7 @@ Profiles (presets of the notebooks' parameters):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -31,7 +37,7 @@ from metaseg_tf import paths
 from metaseg_tf.config import ConfigError, ExperimentConfig
 from metaseg_tf.data.synthetic import DEFAULT_PHANTOMS, default_phantom
 from metaseg_tf.paths import NOTEBOOKS_DIR, PROJECT_ROOT, resolve
-from metaseg_tf.runs.folders import create_run_dir, read_json, write_json
+from metaseg_tf.runs.folders import RunLockedError, create_run_dir, hold_run_lock, read_json, write_json
 
 
 class PipelineError(RuntimeError):
@@ -139,6 +145,25 @@ def _papermill_logging(enabled: bool) -> None:
         logger.propagate = False
 
 
+LOCK_FILE = "pipeline.lock"
+
+
+def _unfinished_pipelines(out_root: Path, profile: str, parameters: dict[str, Any]) -> list[Path]:
+    """Folders under ``out_root``, newest first, of pipelines with ``profile`` and ``parameters`` (all but
+    ``out_dir``) that were killed or failed."""
+    wanted = {key: value for key, value in parameters.items() if key != "out_dir"}
+    found = []
+    for folder in sorted(out_root.glob(f"*-{profile}"), reverse=True):
+        try:
+            record = read_json(folder / "pipeline.json")
+        except (OSError, ValueError):
+            continue
+        recorded = {key: value for key, value in record.get("parameters", {}).items() if key != "out_dir"}
+        if record.get("status") in ("running", "failed") and record.get("profile") == profile and recorded == wanted:
+            found.append(folder)
+    return found
+
+
 def run_pipeline(
     profile: str = "cpu",
     data_dir: str | Path | None = None,
@@ -146,13 +171,12 @@ def run_pipeline(
     overrides: dict[str, Any] | None = None,
     notebooks_dir: str | Path = NOTEBOOKS_DIR,
     progress: bool = True,
+    resume: bool = True,
 ) -> PipelineRun:
-    """Execute the numbered notebooks with papermill into a new folder under ``out_root``; see the module
-    docstring. ``data_dir`` ``None`` uses the synthetic phantom of the ``phantom`` parameter (``brats_mets``,
-    the default, or ``kaggle_3m``; generated on first use)."""
-    import papermill
-    from papermill.exceptions import PapermillExecutionError
-
+    """Execute the numbered notebooks with papermill into a new folder under ``out_root``, or continue a killed
+    or failed pipeline of the same profile and parameters there (``resume``); see the module docstring.
+    ``data_dir`` ``None`` uses the synthetic phantom of the ``phantom`` parameter (``brats_mets``, the default,
+    or ``kaggle_3m``; generated on first use)."""
     from metaseg_tf.environment import environment_info
 
     parameters = pipeline_parameters(profile, data_dir, overrides)
@@ -164,18 +188,53 @@ def run_pipeline(
               f"({'reused' if summary.reused else 'generated'})")
     if "backend" not in (overrides or {}):
         parameters["backend"] = os.environ.get("KERAS_BACKEND", "")
-    out_dir = create_run_dir(resolve(out_root), profile)
-    parameters["out_dir"] = str(out_dir)
-    record = {"profile": profile, "description": preset.description, "parameters": parameters,
-              "started": time.strftime("%Y-%m-%d %H:%M:%S"), "status": "running", "seconds": {},
-              "environment": environment_info()}
-    write_json(out_dir / "pipeline.json", record)
-    print(f"pipeline ({profile}: {preset.description}) -> {out_dir}")
+    out_root = resolve(out_root)
+    with contextlib.ExitStack() as held:
+        for candidate in _unfinished_pipelines(out_root, profile, parameters) if resume else []:
+            try:
+                held.enter_context(hold_run_lock(candidate, LOCK_FILE, "run by a pipeline"))
+            except RunLockedError:
+                continue  # a live process works there
+            record = read_json(candidate / "pipeline.json")
+            if record.get("status") not in ("running", "failed"):  # it finished while this process looked
+                held.close()
+                continue
+            return _execute(candidate, record, notebooks_dir, progress, continued=True)
+        out_dir = create_run_dir(out_root, profile)
+        held.enter_context(hold_run_lock(out_dir, LOCK_FILE, "run by a pipeline"))
+        parameters["out_dir"] = str(out_dir)
+        record = {"profile": profile, "description": preset.description, "parameters": parameters,
+                  "started": time.strftime("%Y-%m-%d %H:%M:%S"), "status": "running", "seconds": {},
+                  "environment": environment_info()}
+        write_json(out_dir / "pipeline.json", record)
+        return _execute(out_dir, record, notebooks_dir, progress, continued=False)
+
+
+def _execute(out_dir: Path, record: dict[str, Any], notebooks_dir: str | Path, progress: bool,
+             continued: bool) -> PipelineRun:
+    """Run the notebooks ``record`` has not finished into ``out_dir`` (held by this process); the report."""
+    import papermill
+    from papermill.exceptions import PapermillExecutionError
+
+    parameters = record["parameters"]
+    if continued:
+        record["resumed"] = record.get("resumed", 0) + 1
+        record["status"] = "running"
+        for key in ("failed_notebook", "failed_cell", "error"):
+            record.pop(key, None)
+        write_json(out_dir / "pipeline.json", record)
+        print(f"pipeline ({record['profile']}) continues in {out_dir}: "
+              f"{len(record['seconds'])} notebook(s) already done")
+    else:
+        print(f"pipeline ({record['profile']}: {record['description']}) -> {out_dir}")
     _papermill_logging(progress)
     ordered = notebooks(notebooks_dir)
     for number, notebook in enumerate(ordered, start=1):
         executed = out_dir / "notebooks" / notebook.name
         executed.parent.mkdir(parents=True, exist_ok=True)
+        if notebook.stem in record["seconds"] and executed.is_file():
+            print(f"[{number}/{len(ordered)}] {notebook.stem}: done in an earlier call, kept")
+            continue
         print(f"[{number}/{len(ordered)}] {notebook.stem}")
         started = time.perf_counter()
         try:

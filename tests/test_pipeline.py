@@ -159,3 +159,37 @@ def test_smoke_pipeline_runs_under_jax(tmp_path: Path) -> None:
     (out_dir,) = tmp_path.iterdir()
     assert json.loads((out_dir / "pipeline.json").read_text())["environment"]["keras_backend"] == "jax"
     _assert_complete(out_dir, ("nested_unet", "attention_unet"), eda_figure="01_eda-examples.png")
+
+
+def test_a_killed_pipeline_continues_where_it_stopped(tmp_path: Path) -> None:
+    """The smoke pipeline killed (with its kernel) while notebook 03 trains; the same command again keeps the
+    notebooks done, resumes the cut-short training from its last epoch and finishes in the same folder."""
+    import signal
+    import time
+
+    command = [sys.executable, "-m", "metaseg_tf.cli", "-q", "pipeline", "--profile", "smoke", "--out", str(tmp_path),
+               "-p", "clahe_ablation", "false", "-p", "epochs", "12"]
+    first = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             start_new_session=True)
+    deadline, state = time.monotonic() + 900, {}
+    while time.monotonic() < deadline and not (state.get("status") == "running" and state.get("epochs_done", 0) >= 2):
+        assert first.poll() is None, first.communicate()[0][-3000:]
+        time.sleep(0.2)
+        found = list(tmp_path.glob("*-smoke/runs/*-nested_unet/state.json"))
+        state = json.loads(found[0].read_text() or "{}") if found else {}
+    os.killpg(first.pid, signal.SIGKILL)  # the pipeline and its notebook's kernel, as Ctrl-C or a scheduler would
+    first.communicate(timeout=60)
+    (out_dir,) = tmp_path.iterdir()
+    assert json.loads((out_dir / "pipeline.json").read_text())["status"] == "running"
+    done_before = {path.name: path.stat().st_mtime_ns for path in (out_dir / "notebooks").glob("0[12]_*.ipynb")}
+    assert len(done_before) == 2
+    again = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=1200)
+    assert again.returncode == 0, again.stderr[-3000:] + again.stdout[-3000:]
+    assert list(tmp_path.iterdir()) == [out_dir] and "2 notebook(s) already done" in again.stdout
+    record = json.loads((out_dir / "pipeline.json").read_text())
+    assert record["status"] == "finished" and record["resumed"] == 1 and len(record["seconds"]) == 5
+    assert {path.name: path.stat().st_mtime_ns for path in (out_dir / "notebooks").glob("0[12]_*.ipynb")} == done_before
+    (run_dir,) = (out_dir / "runs").glob("*-nested_unet")
+    trained = json.loads((run_dir / "state.json").read_text())
+    assert trained["status"] == "finished" and trained["resumed"] == 1
+    assert (out_dir / "report.md").is_file()
