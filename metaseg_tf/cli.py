@@ -413,17 +413,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _announce(message: dict | None) -> None:
+    """Tell a process group's followers (if this process leads one) how the command ended; commands that train
+    nothing never import Keras for it."""
+    processes = sys.modules.get("metaseg_tf.training.processes")
+    if processes is not None:
+        processes.announce(message)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    from metaseg_tf.training.processes import announce
-
     try:
         status = args.handler(args)
-        announce(None)  # process 0 of a group: the followers have nothing more to join
+        _announce(None)  # process 0 of a group: the followers have nothing more to join
         return status
     except (DataError, ConfigError, ValueError, PipelineError) as error:
-        announce({"failed": str(error)})
+        _announce({"failed": str(error)})
         print(f"metaseg: error: {error}", file=sys.stderr)
         return 2
 
