@@ -160,6 +160,18 @@ def test_volume_cases_are_written_back_as_brats_seg_files_in_the_input_grid(brat
     assert row["status"] == "ok" and 0 <= row["wt_dice"] <= 1 and "et_lesion_hd95" in row
     whole, whole_summary = predict_path(predictor, [brats_phantom_dir], tmp_path / "all", progress=False)
     assert whole_summary["cases"] == 4 and len(list(whole.glob("*-seg.nii.gz"))) == 4
+    # the lesion report: per region, its lesions add up to the region's voxels in the seg file written
+    lesions, rows = pd.read_csv(whole / "lesions.csv"), pd.read_csv(whole / "predictions.csv")
+    assert set(lesions["case_id"]) <= set(rows["case_id"]) and len(lesions) == rows[["wt_lesions", "tc_lesions",
+                                                                                      "et_lesions"]].sum().sum()
+    for row in rows.itertuples():
+        labels = np.asarray(nib.load(str(whole / f"{row.case_id}-seg.nii.gz")).dataobj)
+        zooms = np.prod(nib.load(str(whole / f"{row.case_id}-seg.nii.gz")).header.get_zooms()[:3])
+        own = lesions[lesions["case_id"] == row.case_id]
+        for region, members in (("wt", (1, 2, 3)), ("tc", (1, 3)), ("et", (3,))):
+            assert own[own["region"] == region]["voxels"].sum() == np.isin(labels, members).sum()
+            assert getattr(row, f"{region}_lesion_volume_mm3") == pytest.approx(
+                np.isin(labels, members).sum() * zooms, rel=1e-5)
 
 
 def test_case_scores_read_the_labels_in_the_convention_of_the_predicted_dataset(brats_run: Path, brats_phantom_dir: Path,

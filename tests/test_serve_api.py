@@ -305,6 +305,10 @@ def test_a_volume_comes_back_as_a_seg_on_its_own_grid(client: TestClient, app, p
         assert prediction["seg_filename"] == "BraTS-MET-00110-000-seg.nii.gz" and prediction["scores"] is None
         assert seg.shape == volume.shape and np.allclose(seg.affine, AXIAL_FIRST) and labels.dtype == np.uint8
         assert set(np.unique(labels)) <= {0, 1} and prediction["lesion_voxels"] == int(labels.sum())
+        lesions = prediction["lesions"]  # the lesion table: they add up to the seg, with sizes in mm
+        assert sum(lesion["voxels"] for lesion in lesions) == prediction["lesion_voxels"]
+        assert all(lesion["volume_mm3"] == pytest.approx(lesion["voxels"] * 3.0 * 0.9 * 1.0) for lesion in lesions)
+        assert all(0 <= lesion["first_slice"] <= lesion["centre_slice"] <= lesion["last_slice"] < 6 for lesion in lesions)
         assert prediction["shape"] == [6, 40, 36] and prediction["slices"] == 6 and prediction["latency_ms"] > 0
         # the library's own prediction of the same file, put back into the file's grid, is the same seg
         predictor = app.state.models[prediction["model"]].predictor

@@ -26,6 +26,7 @@ from metaseg_tf.serve.ui import (
     decode_volume_seg,
     default_slice,
     display_volume,
+    lesion_rows,
     nifti_from_bytes,
     overlay,
     prediction_rows,
@@ -201,6 +202,9 @@ def test_a_volume_from_the_api_decodes_to_the_canonical_arrays(api_url: str, pha
         assert scores["dice"] == pytest.approx(dice, abs=1e-6)
     table = volume_rows(response["predictions"])
     assert list(table["model"]) == ["nested_unet", "attention_unet"] and table["dice"].between(0, 1).all()
+    lesions = lesion_rows(response["predictions"])
+    assert len(lesions) == sum(len(p["lesions"]) for p in response["predictions"]) > 0
+    assert set(lesions["model"]) <= {"nested_unet", "attention_unet"} and lesions["volume (mm³)"].gt(0).all()
     refused, error = request_volume_prediction(api_url, [("case.nii.gz", b"\x89PNG\r\n\x1a\n" + bytes(40))], None,
                                                "all", 0.5)
     assert refused is None and error.startswith("415:") and "not a NIfTI" in error

@@ -37,6 +37,7 @@ from metaseg_tf.data.layouts import discover_volumes, MSD_CHANNELS
 from metaseg_tf.data.targets import Target
 from metaseg_tf.data.volumes import CaseFiles, CaseVolume, case_name, from_canonical, is_nifti, load_nifti, read_case, resolve_sequences, SequenceSource
 from metaseg_tf.evaluation.scores import evaluate_masks
+from metaseg_tf.inference.lesions import LESION_COLUMNS, lesion_counts, lesion_table
 from metaseg_tf.inference.parts import Part, finish_part, open_shared, part_done
 from metaseg_tf.inference.predictor import Predictor, SlicePrediction, VolumePrediction
 from metaseg_tf.paths import resolve
@@ -149,10 +150,13 @@ def predict_cases(predictor: Predictor, cases: Sequence[CaseFiles], out_dir: Pat
                 continue
         prediction = predictor.predict_volume(volume, progress, convention)
         write_case_prediction(volume, prediction, out_dir)
+        lesions = lesion_table(written_target.masks(prediction.labels), written_target.names, volume.spacing)
+        lesions.insert(0, "case_id", case.case_id)
+        lesions.to_csv(out_dir / f"{case.case_id}-lesions.csv", index=False)
         row = {"case_id": case.case_id, "status": "ok", "label_convention": convention, "scores": labels_note,
                "slices": len(prediction.labels),
                "lesion_voxels": int((prediction.labels > 0).sum()), "non_finite_voxels": volume.non_finite_voxels,
-               "filled_sequences": " ".join(volume.filled)}
+               "filled_sequences": " ".join(volume.filled), **lesion_counts(lesions, written_target.names)}
         if volume.labels is not None:
             for region, scores in case_scores(volume, prediction.labels, written_target).items():
                 row.update({f"{region}_{name}": value for name, value in scores.items()
@@ -160,13 +164,27 @@ def predict_cases(predictor: Predictor, cases: Sequence[CaseFiles], out_dir: Pat
                                         "detected_lesions", "false_positive_lesions")})
         rows.append(((index,), row))
     if part is not None:
-        _finished(finish_part(out_dir, part, rows), "case")
+        merged = finish_part(out_dir, part, rows)
+        if merged is not None:
+            write_lesions(out_dir, merged)
+        _finished(merged, "case")
     else:
         pd.DataFrame([row for _, row in rows]).to_csv(out_dir / "predictions.csv", index=False)
+        write_lesions(out_dir, [row for _, row in rows])
         _finished([row for _, row in rows], "case")
     done = [row for _, row in rows if row["status"] == "ok"]
     return {"cases": len(done), "skipped": len(rows) - len(done),
             "lesion_voxels": int(sum(row["lesion_voxels"] for row in done))}
+
+
+def write_lesions(out_dir: Path, rows: list[dict]) -> Path:
+    """``lesions.csv``: the ``<case>-lesions.csv`` of the predicted cases of ``rows`` (predictions.csv's, in
+    its order) one after another, a row per lesion (:mod:`metaseg_tf.inference.lesions`)."""
+    tables = [pd.read_csv(out_dir / f"{row['case_id']}-lesions.csv") for row in rows if row.get("status") == "ok"]
+    tables = [table for table in tables if len(table)]
+    table = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=["case_id", *LESION_COLUMNS])
+    table.to_csv(out_dir / "lesions.csv", index=False)
+    return out_dir / "lesions.csv"
 
 
 def _finished(rows: list[dict] | None, unit: str) -> dict:

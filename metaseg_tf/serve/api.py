@@ -57,6 +57,7 @@ from metaseg_tf.data.discover import DataError
 from metaseg_tf.data.volumes import canonical_shape, check_one_grid, resolve_sequences
 from metaseg_tf.serve.schemas import (
     VOLUME_SCORES,
+    Lesion,
     LesionSummary,
     ModelPrediction,
     PredictionResponse,
@@ -165,6 +166,7 @@ def _finite(value: Any) -> float | None:
 def _predict_volume_one(served: LoadedModel, volume: Any, threshold: float | None,
                         out_dir: Path) -> VolumeModelPrediction:
     from metaseg_tf.inference.files import case_scores, write_case_prediction
+    from metaseg_tf.inference.lesions import lesion_table
 
     predictor = copy.copy(served.predictor)  # this request's threshold, without touching the shared predictor
     predictor.threshold = predictor.threshold if threshold is None else threshold
@@ -182,7 +184,17 @@ def _predict_volume_one(served: LoadedModel, volume: Any, threshold: float | Non
         model=served.name, threshold=predictor.threshold, shape=list(volume.reference.shape[:3]),
         slices=len(prediction.labels), lesion_voxels=int(np.count_nonzero(prediction.labels)),
         seg_filename=seg_path.name, seg_nii_gz=_b64(seg_path.read_bytes()), latency_ms=round(latency, 2),
-        scores=scores)
+        scores=scores, lesions=_lesions(lesion_table(predictor.target.masks(prediction.labels), predictor.target.names,
+                                                     volume.spacing)))
+
+
+def _lesions(table: Any) -> list[Lesion]:
+    """The rows of a :func:`~metaseg_tf.inference.lesions.lesion_table` (NaN sizes: None)."""
+    def plain(value: Any) -> Any:
+        value = value.item() if hasattr(value, "item") else value
+        return _finite(value) if isinstance(value, float) else value
+
+    return [Lesion(**{name: plain(value) for name, value in row.items()}) for row in table.to_dict("records")]
 
 
 def _check_readable(served: LoadedModel, shape: tuple[int, ...], affine: np.ndarray) -> None:

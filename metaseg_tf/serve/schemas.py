@@ -49,6 +49,20 @@ class RegionScores(BaseModel):
     false_positive_lesions: int | None
 
 
+class Lesion(BaseModel):
+    """One predicted lesion (metaseg_tf.inference.lesions): a 26-connected component of one region's mask."""
+
+    region: str
+    lesion: int = Field(description="its number in the region, from 1, largest first")
+    voxels: int
+    volume_mm3: float | None
+    largest_axial_diameter_mm: float | None = Field(description="longest in-plane diameter on any of its axial "
+                                                                "slices (RECIST 1.1 / RANO-BM)")
+    centre_slice: int = Field(description="axial slice of its centroid, canonical order from 0 (the slider's)")
+    first_slice: int
+    last_slice: int
+
+
 class VolumeModelPrediction(BaseModel):
     model: str
     threshold: float
@@ -61,6 +75,7 @@ class VolumeModelPrediction(BaseModel):
                                         "affine and header")
     latency_ms: float
     scores: dict[str, RegionScores] | None = Field(default=None, description="per region, when a seg was sent")
+    lesions: list[Lesion] = Field(default_factory=list, description="every predicted lesion of every region")
 
 
 class VolumeResponse(BaseModel):

@@ -201,6 +201,18 @@ def volume_slice_panels(volume: np.ndarray, index: int, truth: np.ndarray | None
                         {name: seg[index] > 0 for name, seg in segs.items()}, mask_only)
 
 
+def lesion_rows(predictions: list[dict]) -> pd.DataFrame:
+    """One row per model and predicted lesion: region, number, volume (mm³), largest axial diameter (mm) and
+    the slices it spans."""
+    rows = [{"model": prediction["model"], "region": lesion["region"], "lesion": lesion["lesion"],
+             "volume (mm³)": None if lesion["volume_mm3"] is None else round(lesion["volume_mm3"], 1),
+             "largest axial diameter (mm)": None if lesion["largest_axial_diameter_mm"] is None
+             else round(lesion["largest_axial_diameter_mm"], 1),
+             "centre slice": lesion["centre_slice"], "slices": f"{lesion['first_slice']}-{lesion['last_slice']}"}
+            for prediction in predictions for lesion in prediction.get("lesions", [])]
+    return pd.DataFrame(rows)
+
+
 def volume_rows(predictions: list[dict]) -> pd.DataFrame:
     """One row per model (and region, when the API scored the case against an uploaded label map): lesion
     voxels, inference time and the per-case scores."""
@@ -314,6 +326,10 @@ def _volume_mode(api_url: str, token: str | None, models: list[dict], shown_mode
     _show_panels(volume_slice_panels(views[shown], index, truth, segs, mask_only))
     st.subheader("Per model" + (" (per-case scores against the label map)" if truth is not None else ""))
     st.table(volume_rows(predictions).set_index("model"))
+    lesions = lesion_rows(predictions)
+    if len(lesions):
+        st.subheader("Lesions (the slider's slice numbers; diameter: longest axial, as RECIST measures it)")
+        st.dataframe(lesions, hide_index=True)
     for column, prediction in zip(st.columns(max(len(predictions), 1)), predictions):
         column.download_button(f"{prediction['model']}: {prediction['seg_filename']}",
                                base64.b64decode(prediction["seg_nii_gz"]), file_name=prediction["seg_filename"],
