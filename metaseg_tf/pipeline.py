@@ -7,8 +7,8 @@ run folders. A failing notebook stops the pipeline with :class:`PipelineError` n
 cell; the partially executed notebook is kept for inspection.
 
 A pipeline that was killed or failed is continued by the same command (same profile and parameters): the
-notebooks it finished are kept, not run again, and the training of a notebook that was cut short resumes
-from its last epoch (:func:`~metaseg_tf.training.train.train` finds its unfinished run). A finished pipeline
+notebooks it finished are kept, not run again, and a training that was cut short resumes from its last epoch
+(a notebook cut short after its training finished runs again whole) (:func:`~metaseg_tf.training.train.train` finds its unfinished run). A finished pipeline
 is never touched: the same command then makes a new folder, as ``resume=False`` always does. While it runs,
 a pipeline holds ``pipeline.lock`` in its folder, so two processes never work in one.
 
@@ -153,7 +153,7 @@ def _unfinished_pipelines(out_root: Path, profile: str, parameters: dict[str, An
     ``out_dir``) that were killed or failed."""
     wanted = {key: value for key, value in parameters.items() if key != "out_dir"}
     found = []
-    for folder in sorted(out_root.glob(f"*-{profile}"), reverse=True):
+    for folder in sorted(out_root.glob(f"*-{profile}*"), reverse=True):  # new_dir may add "-2"
         try:
             record = read_json(folder / "pipeline.json")
         except (OSError, ValueError):

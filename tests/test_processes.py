@@ -44,10 +44,12 @@ def test_group_from_flags_keras_variables_and_slurm() -> None:
         resolve_group("h:1", 2, None, environ={})
     keras_env = {"KERAS_DISTRIBUTION_JOB_ADDRESSES": "n1:7000,n2:7000,n3:7000", "KERAS_DISTRIBUTION_PROCESS_ID": "2"}
     assert group_from_environment(keras_env) == ProcessGroup("n1:7000", 3, 2)
-    slurm = {"SLURM_NTASKS": "4", "SLURM_PROCID": "3", "SLURM_STEP_NODELIST": "gpu[07-09,11],cpu1"}
-    assert group_from_environment(slurm) == ProcessGroup(f"gpu07:{DEFAULT_PORT}", 4, 3)
+    slurm = {"SLURM_STEP_NUM_TASKS": "4", "SLURM_PROCID": "3", "SLURM_STEP_NODELIST": "gpu[07-09,11],cpu1",
+             "SLURM_JOB_ID": "123456"}
+    assert group_from_environment(slurm) == ProcessGroup(f"gpu07:{DEFAULT_PORT + 456}", 4, 3)
     assert group_from_environment({**slurm, "METASEG_COORDINATOR_PORT": "6000"}).coordinator == "gpu07:6000"
-    assert group_from_environment({"SLURM_NTASKS": "1", "SLURM_PROCID": "0"}) is None  # an array task alone
+    assert group_from_environment({"SLURM_STEP_NUM_TASKS": "1", "SLURM_PROCID": "0"}) is None  # an array task alone
+    assert group_from_environment({"SLURM_NTASKS": "4", "SLURM_PROCID": "0"}) is None  # the batch script, not srun
     assert first_slurm_host("a17,b2") == "a17" and first_slurm_host("node[003-004]") == "node003"
     for bad in (dict(coordinator="no-port", num_processes=2, process_id=0),
                 dict(coordinator="h:1", num_processes=2, process_id=2)):

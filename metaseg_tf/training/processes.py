@@ -18,7 +18,8 @@ The group comes from ``--coordinator HOST:PORT --num-processes N --process-id I`
 ``KERAS_DISTRIBUTION_JOB_ADDRESSES`` (the first address is the coordinator) / ``_NUM_PROCESSES`` /
 ``_PROCESS_ID``, else, inside a SLURM step of several tasks (``srun``), ``SLURM_PROCID``, ``SLURM_NTASKS`` and
 the first host of ``SLURM_STEP_NODELIST`` (or ``SLURM_NODELIST``) with port ``METASEG_COORDINATOR_PORT``
-(default :data:`DEFAULT_PORT`). A process that cannot form the group in ``timeout_s`` seconds ends with one
+(default :data:`DEFAULT_PORT` plus the job id modulo 1000, so that two jobs on one node do not meet). A batch
+script alone, outside ``srun``, is one process. A process that cannot form the group in ``timeout_s`` seconds ends with one
 line (:func:`initialize`), not a hang. Multi-process training needs the JAX backend; under TensorFlow it is
 refused (:func:`check_backend`).
 """
@@ -96,10 +97,12 @@ def group_from_environment(environ: Mapping[str, str] = os.environ,
             raise ConfigError("KERAS_DISTRIBUTION_JOB_ADDRESSES needs KERAS_DISTRIBUTION_PROCESS_ID (an integer) and "
                               "an integer KERAS_DISTRIBUTION_NUM_PROCESSES") from None
         return ProcessGroup(addresses[0].strip(), count, process_id, timeout_s) if count > 1 else None
-    tasks = environ.get("SLURM_NTASKS") or environ.get("SLURM_STEP_NUM_TASKS")
-    if tasks and tasks.isdigit() and int(tasks) > 1 and "SLURM_PROCID" in environ:
+    tasks = environ.get("SLURM_STEP_NUM_TASKS", "")  # set inside an srun step only, not in the batch script
+    if tasks.isdigit() and int(tasks) > 1 and "SLURM_PROCID" in environ:
         nodelist = environ.get("SLURM_STEP_NODELIST") or environ.get("SLURM_NODELIST") or "127.0.0.1"
-        port = environ.get("METASEG_COORDINATOR_PORT", str(DEFAULT_PORT))
+        job = environ.get("SLURM_JOB_ID", "")
+        port = environ.get("METASEG_COORDINATOR_PORT",
+                           str(DEFAULT_PORT + int(job) % 1000 if job.isdigit() else DEFAULT_PORT))
         return ProcessGroup(f"{first_slurm_host(nodelist)}:{port}", int(tasks), int(environ["SLURM_PROCID"]), timeout_s)
     return None
 
@@ -164,9 +167,14 @@ def initialize(group: ProcessGroup) -> None:
     watchdog = threading.Timer(group.timeout_s, give_up)
     watchdog.daemon = True
     watchdog.start()
-    try:
+    try:  # no cluster auto-detection: it would narrow each process to one local device (SLURM_LOCALID)
         jax.distributed.initialize(group.coordinator, group.num_processes, group.process_id,
-                                   initialization_timeout=int(group.timeout_s) + 60)
+                                   initialization_timeout=int(group.timeout_s) + 60,
+                                   cluster_detection_method="deactivate")
+    except Exception as error:  # a port in use, a host that does not resolve, JAX already started
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ConfigError(f"process {group.process_id} of {group.num_processes} cannot join the group at "
+                          f"{group.coordinator}: {first}") from None
     finally:
         watchdog.cancel()
     _GROUP = group

@@ -225,10 +225,24 @@ def train(
             data, _ = load_recorded_data(config, load_run_split(unfinished), ("train", "val"), data=data,
                                          progress=progress)
         run_dir, state, timings = _start_or_resume(config, runs_root, name, data, unfinished, locks)
+        recorded = state.get("distribution", {}).get("processes", 1)
+        if unfinished is not None and recorded != (1 if group is None else group.num_processes):
+            raise ConfigError(f"{run_dir} was trained by {recorded} process(es); resume it with as many (an epoch "
+                              "has another number of steps otherwise), or train again with --no-resume")
         if group is not None:
+            check_shards(config, group)
             state["distribution"] = distribution_record(config, group)
             announce({"config": config.to_dict(), "run_dir": str(run_dir), "state": state, "timings": timings})
         return _fit(config, data, run_dir, state, timings, progress, callbacks)
+
+
+def check_shards(config: ExperimentConfig, group: ProcessGroup) -> None:
+    """Refuse, before any process starts training, a global batch the group cannot split evenly over its
+    processes and their devices."""
+    local_devices = len(keras.distribution.list_devices()) // group.num_processes
+    if config.batch_size % (group.num_processes * local_devices):
+        raise ConfigError(f"the batch size {config.batch_size} must be a multiple of the {group.num_processes} "
+                          f"processes x {local_devices} device(s) each")
 
 
 def distribution_record(config: ExperimentConfig, group: ProcessGroup) -> dict[str, Any]:
