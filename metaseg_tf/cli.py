@@ -32,6 +32,7 @@ from metaseg_tf.cli_flags import (
     config_from_args,
     number,
     parse_value,
+    series_choice,
     typed_path,
 )
 from metaseg_tf.config import ConfigError, LABEL_CONVENTION_NAMES
@@ -78,7 +79,10 @@ def _compare(args: argparse.Namespace) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
+    import pandas as pd
+
     from metaseg_tf.inference.files import predict_path
+    from metaseg_tf.inference.lesions import lesion_table_text
     from metaseg_tf.inference.parts import Part
     from metaseg_tf.inference.predictor import Predictor
 
@@ -104,11 +108,16 @@ def _predict(args: argparse.Namespace) -> int:
         part = Part(args.num_parts, args.part_id)
         request = {name: str(value) if isinstance(value, Path) else value for name, value in vars(args).items()
                    if name in ("run", "model", "models", "which", "threshold", "tta", "min_lesion_voxels", "engine", "level")}
+    series = dict(args.series or [])
     out_dir, summary = predict_path(predictor, args.input, paths.resolve(paths.RESULTS_DIR) if args.out is None else args.out,
-                                    progress=not args.quiet, convention=args.labels_convention, part=part, request=request)
+                                    progress=not args.quiet, convention=args.labels_convention, part=part, request=request,
+                                    series=series, dicom_seg=args.dicom_seg)
     print(", ".join(f"{key} {value}" for key, value in summary.items()))
+    if (out_dir / "lesions.csv").is_file():
+        print(lesion_table_text(pd.read_csv(out_dir / "lesions.csv")))
     print(out_dir)
     return 0
+
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -348,7 +357,8 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--models", nargs="+", help="a crossval folder: the architectures to ensemble (default: all)")
     predict.add_argument("--model", type=typed_path, help="deprecated spelling of RUN")
     predict.add_argument("--input", type=typed_path, nargs="+", required=True,
-                         help="image file(s), folder(s), or NIfTI volume(s) (several: one channel each)")
+                         help="image file(s), folder(s), NIfTI volume(s) (several: one channel each), or a folder or "
+                              ".zip of DICOM series")
     predict.add_argument("--out", type=typed_path,
                          help=f"a new predictions folder goes here (default: {paths.RESULTS_DIR} in the project); "
                               "with --num-parts: the predictions folder the parts share")
@@ -367,6 +377,11 @@ def build_parser() -> argparse.ArgumentParser:
                          help="the label convention of the volumes predicted, which their segs are read and the "
                               "-seg files written in (default: their dataset's, from its files; NIfTI files alone: "
                               "the run's)")
+    predict.add_argument("--series", nargs="+", metavar="SEQUENCE=UID_OR_TEXT", type=series_choice,
+                         help="DICOM input: which series is which sequence, by SeriesInstanceUID or by text of its "
+                              "description (default: recognised from the descriptions; every series found is listed)")
+    predict.add_argument("--dicom-seg", action="store_true",
+                         help="DICOM input: also write <case>-seg.dcm, a DICOM SEG referencing the source series")
     add_engine_flags(predict, "run the network with Keras (default), ONNX Runtime or OpenVINO (the run's newest "
                                "export of that format, exported first if there is none)")
     predict.set_defaults(handler=_predict)

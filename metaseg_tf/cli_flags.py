@@ -30,6 +30,14 @@ def typed_path(text: str) -> Path:
     return Path(text).expanduser().absolute()
 
 
+def series_choice(text: str) -> tuple[str, str]:
+    """An argparse type: ``t1c=UID_or_text`` (a DICOM series chosen for a sequence) -> ``("t1c", "UID_or_text")``."""
+    name, _, wanted = text.partition("=")
+    if not wanted or name not in ("t1c", "t1n", "t2f", "t2w"):
+        raise argparse.ArgumentTypeError(f"{text!r}: write SEQUENCE=UID_or_text, SEQUENCE one of t1c, t1n, t2f, t2w")
+    return name, wanted
+
+
 def number(kind: type, minimum: float, strict: bool = False) -> Any:
     """An argparse type: a ``kind`` number >= ``minimum`` (> with ``strict``), else a one-line usage error."""
     def parse(text: str):

@@ -28,7 +28,7 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp", ".webp")
+IMAGE_EXTENSIONS = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp", ".webp", ".dcm")
 LAYOUTS = ("images_masks", "kaggle_3m", "flat")
 MASK_SUFFIX = "_mask"
 _TRAILING_NUMBER = re.compile(r"^(?P<case>.+?)[_-](?P<slice>\d+)$")

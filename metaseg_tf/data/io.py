@@ -1,7 +1,8 @@
 """Read slices and masks of any common format into arrays with a known shape and range.
 
 * :func:`read_image` -> ``float32`` array ``(H, W, channels)`` in ``[0, 1]``. Integer images are divided by
-  their type's maximum (255 for 8-bit, 65535 for 16-bit); float images are min-max scaled. Colour order is
+  their type's maximum (255 for 8-bit, 65535 for 16-bit); float images are min-max scaled; a DICOM file (its
+  middle frame, rescaled) is windowed as volumes are, its non-zero pixels' 0.5th-99.5th percentiles to 0 and 1. Colour order is
   the file's channel order (RGB: for the LGG set, pre-contrast, FLAIR, post-contrast).
 * :func:`read_mask` -> ``uint8`` array ``(H, W)`` holding only 0 and 1: **any non-zero value is lesion**, so
   0/1, 0/255, 16-bit 0/255 or 0/65535 masks and label maps (BraTS-style 1/2/3) all keep their lesions.
@@ -70,6 +71,8 @@ def _decode(source: ImageSource) -> tuple[np.ndarray, str, bool]:
     raw, name = _raw_bytes(source)
     if len(raw) == 0:
         raise DataError(f"empty file: {name}")
+    if raw[128:132] == b"DICM" or name.lower().endswith((".dcm", ".dicom", ".ima")):
+        return _decode_dicom(source if isinstance(source, bytes) else Path(source)), name, False
     pixels = _decode_tiff(raw, name) if raw[:4] in TIFF_MAGIC else None
     if pixels is None:
         pixels = cv2.imdecode(np.frombuffer(raw, np.uint8), cv2.IMREAD_UNCHANGED)
@@ -83,6 +86,15 @@ def _decode(source: ImageSource) -> tuple[np.ndarray, str, bool]:
     if pixels.ndim not in (2, 3) or min(pixels.shape[:2]) < 2:
         raise DataError(f"not a 2D slice (shape {pixels.shape}): {name}")
     return pixels, name, raw.startswith(JPEG_MAGIC)
+
+
+def _decode_dicom(source: Path | bytes) -> np.ndarray:
+    """A DICOM file's middle frame (:func:`~metaseg_tf.data.dicom.read_dicom_slice`), windowed as volumes are
+    (the 0.5th-99.5th percentile of its non-zero pixels to ``[0, 1]``, :func:`~metaseg_tf.data.volumes.window_volume`)."""
+    from metaseg_tf.data.dicom import read_dicom_slice
+    from metaseg_tf.data.volumes import window_volume
+
+    return window_volume(read_dicom_slice(source)[0])[0]
 
 
 def _to_unit_range(pixels: np.ndarray) -> np.ndarray:

@@ -28,6 +28,11 @@ Layouts (auto-detected by :func:`discover_volumes`, tried in this order; the fir
     sequence file is named by a token (split at ``_ - .``): ``t1c t1ce t1gd t1post`` -> ``t1c``, ``t1n t1
     t1pre`` -> ``t1n``, ``t2f flair`` -> ``t2f``, ``t2w t2`` -> ``t2w``. Example: ``*_t1ce_*``,
     ``*_flair_*``, ``*_whole_seg_*``, ``*_core_seg_*``.
+``dicom``
+    DICOM MR series (:mod:`metaseg_tf.data.dicom`), in the folder or below it, any file names: a case per
+    study (named after the deepest folder that holds all of that study's files; never after a patient
+    identifier), each series mapped to a sequence by its description or by ``series`` (``--series
+    t1c=UID_or_text``). No labels: prediction only. Every series found is logged with what it was used for.
 
 **Label conventions are decided per dataset, never per case** (:func:`dataset_convention`): a convention
 named by the user (``label_convention`` in the config, ``--labels-convention``) wins; else MSD's
@@ -46,13 +51,14 @@ import logging
 import re
 from pathlib import Path
 
+from metaseg_tf.data.dicom import DicomScan, choose_series, is_dicom_file, scan_dicom
 from metaseg_tf.data.discover import IMAGE_EXTENSIONS, DataError
 from metaseg_tf.data.split import BRATS_CASE_ID
 from metaseg_tf.data.volumes import CaseFiles, is_nifti, load_nifti, name_tokens, nifti_stem, NIFTI_SUFFIXES, sequence_of, SequenceSource, VolumeReport
 
 logger = logging.getLogger(__name__)
 
-VOLUME_LAYOUTS = ("msd", "brats_mets", "brats2021", "brainmetshare", "generic")
+VOLUME_LAYOUTS = ("msd", "brats_mets", "brats2021", "brainmetshare", "generic", "dicom")
 BRATS2021_SEQUENCES = {"t1ce": "t1c", "t1": "t1n", "flair": "t2f", "t2": "t2w"}
 BRATS_SET_CONVENTIONS = {"GLI": "brats_post"}  # every other BraTS 2023+ set: "brats"
 # MSD / nnU-Net dataset.json label names -> what each label is (checked in this order, by the name's start)
@@ -275,8 +281,45 @@ def _discover_generic(root: Path) -> VolumeReport | None:
     return report if report.cases else None
 
 
+def _study_case_id(root: Path, files: list[Path]) -> str:
+    """A study's case id: the name of the deepest folder holding all its files (``root``'s own name when that
+    is ``root``)."""
+    common = Path(*[parts[0] for parts in zip(*(f.relative_to(root).parent.parts for f in files))
+                    if len(set(parts)) == 1]) if files else Path()
+    return (root / common).name if common.parts else root.name
+
+
+def _discover_dicom(root: Path, series: dict[str, str] | None = None) -> VolumeReport | None:
+    if not any(is_dicom_file(path) for path in root.rglob("*") if path.is_file()):
+        return None
+    scan = scan_dicom(root)
+    report = VolumeReport(root, "dicom", [])
+    report.ignored_files += sorted(scan.ignored)
+    studies: dict[str, list] = {}
+    for found in scan.series:
+        studies.setdefault(found.study, []).append(found)
+    for number, members in enumerate(studies.values(), start=1):
+        case_id = _study_case_id(root, [path for found in members for path in found.files])
+        if len(studies) > 1 and case_id == root.name:
+            case_id = f"{root.name}-study{number}"
+        study_scan = DicomScan(root, members)
+        try:
+            chosen = choose_series(study_scan, series)
+        except DataError as error:
+            report.skipped[case_id] = str(error)
+            chosen = {}
+        for line in study_scan.lines(chosen):
+            logger.warning("%s: %s", case_id, line)
+        if chosen:
+            report.cases.append(CaseFiles(case_id, {name: SequenceSource(found.files[0].parent, series=found)
+                                                    for name, found in chosen.items()}))
+        elif case_id not in report.skipped:
+            report.skipped[case_id] = "no MR series whose description names a known sequence (name them with --series)"
+    return report if report.cases or report.skipped else None
+
+
 _FINDERS = {"msd": _discover_msd, "brats_mets": _discover_brats, "brats2021": _discover_brats2021,
-            "brainmetshare": _discover_brainmetshare, "generic": _discover_generic}
+            "brainmetshare": _discover_brainmetshare, "generic": _discover_generic, "dicom": _discover_dicom}
 
 
 def _msd_label_convention(root: Path) -> str | None:
@@ -332,15 +375,17 @@ def dataset_convention(report: VolumeReport, named: str | None = None) -> tuple[
     return report.convention, "layout"
 
 
-def discover_volumes(root: str | Path, convention: str | None = None) -> VolumeReport | None:
+def discover_volumes(root: str | Path, convention: str | None = None,
+                     series: dict[str, str] | None = None) -> VolumeReport | None:
     """The volume layout of ``root`` and its cases (sorted by id) in the dataset's label convention
     (:func:`dataset_convention`; ``convention`` names it), or None when ``root`` holds none (it may then
-    hold a 2D slice layout, :func:`~metaseg_tf.data.discover.discover_pairs`)."""
+    hold a 2D slice layout, :func:`~metaseg_tf.data.discover.discover_pairs`). ``series``: DICOM series chosen
+    by the user (sequence -> SeriesInstanceUID or description text, :func:`~metaseg_tf.data.dicom.choose_series`)."""
     root = Path(root)
     if not root.is_dir():
         return None
     for layout in VOLUME_LAYOUTS:
-        report = _FINDERS[layout](root)
+        report = _discover_dicom(root, series) if layout == "dicom" else _FINDERS[layout](root)
         if report is not None:
             report.cases.sort(key=lambda case: case.case_id)
             report.with_convention(*dataset_convention(report, convention))

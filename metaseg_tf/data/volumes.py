@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from metaseg_tf.data.dicom import DicomSeries, read_series
 from metaseg_tf.data.discover import DataError
 from metaseg_tf.data.io import read_image, read_mask_labels
 from metaseg_tf.data.targets import LABEL_CONVENTIONS, REGION_LABELS, unknown_labels
@@ -47,7 +48,7 @@ NIFTI_SUFFIXES = (".nii", ".nii.gz")
 BRATS_SUFFIXES = ("t1c", "t1n", "t2f", "t2w")
 # the label convention of each layout unless its files say otherwise (metaseg_tf.data.layouts decides per dataset)
 LAYOUT_CONVENTIONS = {"msd": "msd", "brats_mets": "brats", "brats2021": "brats2021", "brainmetshare": "binary",
-                      "generic": "brats"}
+                      "generic": "brats", "dicom": "brats"}
 WINDOW_PERCENTILES = (0.5, 99.5)
 WINDOW_SAMPLE = 1 << 18  # brain voxels the percentiles are taken from (every n-th of a larger brain)
 GRID_TOLERANCE_MM = 0.01  # two volumes share a grid when their shapes agree and their affines within this
@@ -92,12 +93,14 @@ def sequence_of(path: Path) -> str | None:
     return None
 
 
-# A source of one sequence: a NIfTI file, a channel of a 4D NIfTI file, or a stack of 2D slice files.
+# A source of one sequence: a NIfTI file, a channel of a 4D NIfTI file, a stack of 2D slice files, or a DICOM
+# series (``series``, a :class:`~metaseg_tf.data.dicom.DicomSeries`; ``path``: the folder it was found in).
 @dataclass(frozen=True)
 class SequenceSource:
     path: Path
     channel: int | None = None
     slice_files: tuple[Path, ...] = ()
+    series: DicomSeries | None = None
 
 
 @dataclass
@@ -281,10 +284,11 @@ def _read_slice_stack(files: tuple[Path, ...], labels: bool) -> np.ndarray:
 
 
 def _read_source(source: SequenceSource, labels: bool = False) -> tuple[np.ndarray, object | None]:
-    """The source's voxels in canonical orientation ``(Z, H, W)`` and its NIfTI image (None: slice files)."""
+    """The source's voxels in canonical orientation ``(Z, H, W)`` and its NIfTI image (None: slice files; a DICOM
+    series as the NIfTI image of its voxels and geometry, :func:`~metaseg_tf.data.dicom.read_series`)."""
     if source.slice_files:
         return _read_slice_stack(source.slice_files, labels), None
-    image = load_nifti(source.path)
+    image = read_series(source.series) if source.series is not None else load_nifti(source.path)
     data = np.asarray(image.dataobj) if labels else image.get_fdata(dtype=np.float32)
     if source.channel is not None:
         if data.ndim != 4 or source.channel >= data.shape[3]:

@@ -18,12 +18,20 @@ back by region, as the BraTS scripts read a submitted file) against the truth. G
 themselves: one volume fills every input channel, a 4D file (MSD) gives its channels in MSD Task01's
 order (or the run's, when it has as many), or one co-registered volume per sequence of the run, in its order.
 
+**DICOM** (:mod:`metaseg_tf.data.dicom`): a folder of DICOM MR series (or a ``.zip`` of one, unpacked safely
+into a temporary folder) is a volume case per study; ``dicom_seg`` writes ``<case>-seg.dcm`` beside the NIfTI
+seg, a DICOM SEG referencing the series of the run's first sequence (:mod:`metaseg_tf.inference.dicom_seg`).
+A DICOM file given by itself is predicted in 2D: its one frame, or each frame of a multi-frame image
+(``<name>-frame<k>``).
+
 Unreadable files in a folder are skipped, counted and listed with the reason in ``predictions.csv``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -31,8 +39,9 @@ import cv2
 import numpy as np
 import pandas as pd
 
+from metaseg_tf.data.dicom import DICOM_EXTENSIONS, dicom_frame_count, extract_zip, read_dicom_slice
 from metaseg_tf.data.discover import IMAGE_EXTENSIONS, MASK_SUFFIX, DataError, split_case_and_slice
-from metaseg_tf.data.io import read_image
+from metaseg_tf.data.io import read_image, to_channels
 from metaseg_tf.data.layouts import discover_volumes, MSD_CHANNELS
 from metaseg_tf.data.targets import Target
 from metaseg_tf.data.volumes import CaseFiles, CaseVolume, case_name, from_canonical, is_nifti, load_nifti, read_case, resolve_sequences, SequenceSource
@@ -112,14 +121,32 @@ def write_case_prediction(volume: CaseVolume, prediction: VolumePrediction, out_
     return written
 
 
+def write_case_dicom_seg(predictor: Predictor, case: CaseFiles, volume: CaseVolume, labels: np.ndarray,
+                         target: Target, out_dir: Path) -> Path:
+    """``<case>-seg.dcm``: ``labels`` ``uint8 (Z, H, W)`` (read by region in ``target``) as a DICOM SEG that
+    references the DICOM series of the run's first sequence (:func:`~metaseg_tf.inference.dicom_seg.write_dicom_seg`);
+    :class:`DataError` when the case did not come as DICOM."""
+    from metaseg_tf import __version__
+    from metaseg_tf.inference.dicom_seg import write_dicom_seg
+
+    sequences = resolve_sequences(predictor.config.sequences, predictor.config.channels)
+    source = next((case.sequences[name] for name in sequences if name in case.sequences), None)
+    if source is None or source.series is None or volume.reference is None:
+        raise DataError(f"case {case.case_id} did not come as a DICOM series: a DICOM SEG needs one to reference")
+    architecture = predictor.config.model + (f" ensemble of {len(predictor.members)}" if len(predictor.members) > 1 else "")
+    return write_dicom_seg(target.masks(labels), target, source.series, volume.reference.affine,
+                           out_dir / f"{case.case_id}-seg.dcm", architecture, __version__)
+
+
 def predict_cases(predictor: Predictor, cases: Sequence[CaseFiles], out_dir: Path, progress: bool = True,
-                  convention: str | None = None, part: Part | None = None) -> dict:
+                  convention: str | None = None, part: Part | None = None, dicom_seg: bool = False) -> dict:
     """Predict every case (see the module docstring); cases whose images cannot be read are skipped and listed
     with the reason in ``predictions.csv`` (one row per case, with its scores where it has labels that can be
     read; a broken segmentation only costs the scores, and the row says why). ``convention``: the label
     convention of the cases' dataset, which their labels are read in and the ``-seg`` files written in
     (default: the run's training data's). ``part``: predict only that part's cases
-    (:mod:`metaseg_tf.inference.parts`), into a shared folder."""
+    (:mod:`metaseg_tf.inference.parts`), into a shared folder. ``dicom_seg``: also ``<case>-seg.dcm`` for DICOM
+    cases (:func:`write_case_dicom_seg`)."""
     config = predictor.config
     sequences = resolve_sequences(config.sequences, config.channels)
     convention = convention or predictor.target.convention
@@ -150,6 +177,8 @@ def predict_cases(predictor: Predictor, cases: Sequence[CaseFiles], out_dir: Pat
                 continue
         prediction = predictor.predict_volume(volume, progress, convention)
         write_case_prediction(volume, prediction, out_dir)
+        if dicom_seg:
+            write_case_dicom_seg(predictor, case, volume, prediction.labels, written_target, out_dir)
         lesions = lesion_table(written_target.masks(prediction.labels), written_target.names, volume.spacing)
         lesions.insert(0, "case_id", case.case_id)
         lesions.to_csv(out_dir / f"{case.case_id}-lesions.csv", index=False)
@@ -239,9 +268,59 @@ def _output_stems(relative: Sequence[Path]) -> list[str]:
     return result
 
 
+def _unpacked(inputs: list[Path], stack: contextlib.ExitStack) -> list[Path]:
+    """``inputs`` with each ``.zip`` replaced by a temporary folder (named as the zip) holding its files
+    (:func:`~metaseg_tf.data.dicom.extract_zip`: safe names, at most 20 000 files and 20 GB)."""
+    unpacked = []
+    for path in inputs:
+        if path.is_file() and path.suffix.lower() == ".zip":
+            folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="metaseg-zip-")))
+            path = extract_zip(path, folder / path.stem, max_files=20_000, max_bytes=20 << 30)
+        unpacked.append(path)
+    return unpacked
+
+
+def _slice_inputs(files: list[Path], relative: list[Path]) -> tuple[list[tuple[Path, int | None]], list[Path]]:
+    """Each image file as ``(file, None)``, except a multi-frame DICOM image: ``(file, k)`` for each frame,
+    its output named ``<name>-frame<k>``."""
+    entries, names = [], []
+    for path, name in zip(files, relative):
+        frames = dicom_frame_count(path) if path.suffix.lower() in DICOM_EXTENSIONS else 1
+        if frames > 1:
+            entries += [(path, k) for k in range(frames)]
+            names += [name.with_name(f"{name.stem}-frame{k:03d}{name.suffix}") for k in range(frames)]
+        else:
+            entries.append((path, None))
+            names.append(name)
+    return entries, names
+
+
+def _read_slice_input(path: Path, frame: int | None, channels: int) -> np.ndarray:
+    if frame is None:
+        return read_image(path, channels)
+    from metaseg_tf.data.volumes import window_volume
+
+    pixels, _ = read_dicom_slice(path, frame)
+    return to_channels(window_volume(pixels)[0], channels)
+
+
 def predict_path(predictor: Predictor, inputs: Sequence[Path | str], out_root: Path | str,
                  progress: bool = True, convention: str | None = None, part: Part | None = None,
-                 request: dict | None = None) -> tuple[Path, dict]:
+                 request: dict | None = None, series: dict[str, str] | None = None,
+                 dicom_seg: bool = False) -> tuple[Path, dict]:
+    """:func:`_predict_path` with every ``.zip`` input unpacked into a temporary folder for the time of it."""
+    with contextlib.ExitStack() as stack:
+        inputs = [Path(p) for p in inputs]
+        missing = [str(p) for p in inputs if not p.exists()]
+        if missing:
+            raise DataError(f"input not found: {', '.join(missing)}")
+        return _predict_path(predictor, _unpacked(inputs, stack), out_root, progress, convention, part, request,
+                             series, dicom_seg, original=inputs)
+
+
+def _predict_path(predictor: Predictor, inputs: Sequence[Path], out_root: Path | str,
+                  progress: bool, convention: str | None, part: Part | None, request: dict | None,
+                  series: dict[str, str] | None, dicom_seg: bool, original: Sequence[Path]) -> tuple[Path, dict]:
     """Predict an image file, a folder of images (masks named ``*_mask.*`` are left out), NIfTI volume(s) of
     one case, or folders of a volume layout (a case folder, or a dataset of cases) into a new folder
     ``<out_root>/predictions``; returns the folder and a summary. Image outputs mirror the inputs' paths
@@ -252,27 +331,36 @@ def predict_path(predictor: Predictor, inputs: Sequence[Path | str], out_root: P
     dataset's, :func:`~metaseg_tf.data.layouts.dataset_convention`; NIfTI files alone: the run's); input
     folders of different conventions are refused. ``part``: only that part of the cases
     (:mod:`metaseg_tf.inference.parts`), into ``out_root`` itself, the folder shared by the parts of one
-    ``request`` (what the caller asks, recorded with the inputs)."""
-    inputs = [Path(p) for p in inputs]
-    missing = [str(p) for p in inputs if not p.exists()]
-    if missing:
-        raise DataError(f"input not found: {', '.join(missing)}")
+    ``request`` (what the caller asks, recorded with the inputs). ``series`` and ``dicom_seg``: DICOM inputs
+    (see the module docstring; ``series`` as :func:`~metaseg_tf.data.dicom.choose_series` takes it)."""
     if part is None:
         out_dir = new_dir(resolve(out_root), "predictions")
     else:
-        out_dir = open_shared(resolve(out_root), part, {**(request or {}), "inputs": [str(p) for p in inputs],
+        out_dir = open_shared(resolve(out_root), part, {**(request or {}), "inputs": [str(p) for p in original],
                                                          "labels_convention": convention})
     if all(is_nifti(p) for p in inputs):
+        if dicom_seg:
+            raise DataError("--dicom-seg needs DICOM input: a DICOM SEG references the DICOM series it segments")
         case = nifti_case(predictor, inputs, convention)
         return out_dir, predict_cases(predictor, [case], out_dir, progress, case.convention, part)
-    volume_reports = [discover_volumes(p, convention) for p in inputs if p.is_dir()]
+    volume_reports = [discover_volumes(p, convention, series) for p in inputs if p.is_dir()]
     if volume_reports and all(volume_reports) and len(volume_reports) == len(inputs):
+        for report in volume_reports:  # DICOM has no labels: its segs are written in the run's convention
+            if report.layout == "dicom" and convention is None:
+                report.with_convention(predictor.target.convention, "the run's (DICOM input has no labels)")
+        if dicom_seg and any(report.layout != "dicom" for report in volume_reports):
+            raise DataError("--dicom-seg needs DICOM input: a DICOM SEG references the DICOM series it segments")
         cases = [case for report in volume_reports for case in report.cases]
         conventions = {report.convention for report in volume_reports}
         if len(conventions) > 1:
             raise DataError(f"the input folders hold data of different label conventions ({', '.join(sorted(conventions))}): "
                             "predict them one convention at a time, or name one with --labels-convention")
-        return out_dir, predict_cases(predictor, cases, out_dir, progress, conventions.pop(), part)
+        if not cases:
+            reasons = "; ".join(f"{case}: {why}" for report in volume_reports for case, why in report.skipped.items())
+            raise DataError(f"no case could be predicted: {reasons or 'none found'}")
+        return out_dir, predict_cases(predictor, cases, out_dir, progress, conventions.pop(), part, dicom_seg)
+    if dicom_seg:
+        raise DataError("--dicom-seg needs a folder (or zip) of DICOM series; a slice file is predicted in 2D")
     files: list[Path] = []
     relative: list[Path] = []
     for path in inputs:
@@ -284,6 +372,8 @@ def predict_path(predictor: Predictor, inputs: Sequence[Path | str], out_root: P
         else:
             files.append(path)
             relative.append(Path(path.name))
+    entries, relative = _slice_inputs(files, relative)
+    files = [path for path, _ in entries]
     # a slice's case: its 2.5D neighbours, which one part predicts together
     units = [(str(path.parent), split_case_and_slice(path.stem)[0]) for path in files]
     if part is not None and part_done(out_dir, part):  # predicted before: only finish
@@ -292,11 +382,11 @@ def predict_path(predictor: Predictor, inputs: Sequence[Path | str], out_root: P
     chosen = part.takes(units) if part is not None else [True] * len(files)
     rows: list[tuple[tuple, dict]] = []
     images, stems = [], []
-    for index, (path, stem) in enumerate(zip(files, _output_stems(relative))):
+    for index, ((path, frame), stem) in enumerate(zip(entries, _output_stems(relative))):
         if not chosen[index]:
             continue
         try:
-            images.append(read_image(path, predictor.config.channels))
+            images.append(_read_slice_input(path, frame, predictor.config.channels))
             stems.append((index, path, stem))
         except DataError as error:
             rows.append(((0, index), {"file": str(path), "status": f"skipped: {error}"}))

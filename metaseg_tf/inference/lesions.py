@@ -84,3 +84,13 @@ def lesion_counts(table: pd.DataFrame, names: Sequence[str]) -> dict[str, float]
         summary[f"{region}_largest_lesion_diameter_mm"] = (float(own["largest_axial_diameter_mm"].max())
                                                            if len(own) else 0.0)
     return summary
+
+
+def lesion_table_text(table: pd.DataFrame, rows: int = 20) -> str:
+    """A lesion report (``lesions.csv``: a ``case_id`` column and :data:`LESION_COLUMNS`) as text for a terminal:
+    each case's ``rows`` largest lesions, sizes to 0.1."""
+    if table.empty:
+        return "lesions: none predicted"
+    shown = table.sort_values(["case_id", "voxels"], ascending=[True, False]).groupby("case_id").head(rows)
+    return (f"lesions ({len(table)} in {table['case_id'].nunique()} case(s); the {rows} largest per case shown):\n"
+            + shown.to_string(index=False, float_format=lambda value: f"{value:.1f}"))

@@ -1,0 +1,488 @@
+"""DICOM MR input: the series of a folder (or a zip), which sequence each one is, and its voxels in the
+same canonical orientation as a NIfTI volume (:mod:`metaseg_tf.data.volumes`).
+
+**Series.** Files are recognised by their content (``DICM`` at byte 128; a ``.dcm``/``.ima`` file without
+the preamble is read too) and grouped by ``SeriesInstanceUID``; only the headers are read
+(``stop_before_pixels``). Each series is mapped to a sequence name (``t1c``, ``t1n``, ``t2f``, ``t2w``) from
+the tokens of its ``SeriesDescription`` and ``ProtocolName`` (:func:`sequence_of_text`: FLAIR -> ``t2f``; T1
+with ``post``/``gd``/``+c``/``contrast``/``ce`` -> ``t1c``, other T1 (MPRAGE, SPGR) -> ``t1n``; T2 -> ``t2w``),
+or as the user names it (``--series t1c=UID_or_text``: the series whose ``SeriesInstanceUID`` is that, or whose
+description or protocol contains that text). Two series that claim one sequence are refused with their names,
+never chosen between silently. :meth:`DicomScan.lines` reports every series found and what it was used for.
+
+**Geometry** (DICOM PS3.3 C.7.6.2, the Image Plane module): each frame's ``ImagePositionPatient``,
+``ImageOrientationPatient`` and ``PixelSpacing`` (classic single-frame files, or the per-frame and shared
+functional groups of an enhanced or legacy-converted multi-frame MR file). Frames are sorted by their position
+along the slice normal ``row direction x column direction``, never by ``InstanceNumber``. The affine maps voxel
+``(column, row, slice)`` to LPS millimetres, then to NIfTI's RAS (x and y negated), so the volume goes through
+:func:`~metaseg_tf.data.volumes.to_canonical` like any NIfTI. ``RescaleSlope``/``RescaleIntercept`` are applied.
+
+**Refused with one line** (:class:`~metaseg_tf.data.discover.DataError`): no pixel data, a secondary capture or
+another non-MR object, frames of mixed sizes, orientations or pixel spacings, two frames at one position,
+frames that do not stack along their normal (gantry tilt), uneven spacing or a gap (where it is said), a
+DICOMDIR without the files it lists, a series over the voxel limit (checked from the headers, before a pixel is
+decoded). Compressed transfer syntaxes (JPEG, JPEG-LS, JPEG 2000, RLE) decode through the pylibjpeg plugins.
+
+No patient identifier (name, id, birth date) is read into a case id, a log line or a report: a case is named
+after its folder.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from metaseg_tf.data.discover import DataError
+
+logger = logging.getLogger(__name__)
+
+MR_STORAGE = {"1.2.840.10008.5.1.4.1.1.4": "MR Image Storage",
+              "1.2.840.10008.5.1.4.1.1.4.1": "Enhanced MR Image Storage",
+              "1.2.840.10008.5.1.4.1.1.4.4": "Legacy Converted Enhanced MR Image Storage"}
+DICOMDIR_CLASS = "1.2.840.10008.1.3.10"
+SECONDARY_CAPTURE_PREFIX = "1.2.840.10008.5.1.4.1.1.7"
+DICOM_EXTENSIONS = (".dcm", ".dicom", ".ima")
+ORIENTATION_TOLERANCE = 1e-3  # direction cosines of one series agree to this
+SPACING_TOLERANCE = 0.02  # slice steps may differ by this fraction of the median step (plus 0.01 mm)
+MIN_VOLUME_FRAMES = 3
+ZIP_RATIO_LIMIT = 200  # an entry that inflates more than this is treated as a zip bomb
+
+_CONTRAST_TOKENS = {"post", "postcontrast", "gd", "gad", "gado", "gadolinium", "contrast", "ce", "c", "t1c", "t1ce",
+                    "t1gd", "t1post", "t1wce", "mprage+c"}
+_PRE_TOKENS = {"pre", "precontrast", "native", "nativ", "t1n", "t1pre"}
+_T1_TOKENS = {"t1", "t1w", "t1wi", "t1n", "t1pre", "t1native", "mprage", "spgr", "bravo", "tfl", "t1c", "t1ce",
+              "t1gd", "t1post", "t1wce"}
+_FLAIR_TOKENS = {"flair", "t2f", "t2flair", "darkfluid"}
+_T2_TOKENS = {"t2", "t2w", "t2wi", "t2tse", "tse"}
+
+
+def sequence_of_text(text: str) -> str | None:
+    """The BraTS 2023 sequence name a series description or protocol name stands for (see the module
+    docstring), or None: ``"AX T1 POST GD"`` -> ``t1c``, ``"t1_mprage_sag"`` -> ``t1n``, ``"T2 FLAIR AX"`` ->
+    ``t2f``, ``"T2W TSE"`` -> ``t2w``, ``"DWI b1000"`` -> None."""
+    lower = text.lower()
+    tokens = {t for t in re.split(r"[^a-z0-9]+", lower) if t}
+    if tokens & _FLAIR_TOKENS:
+        return "t2f"
+    contrast = bool(tokens & _CONTRAST_TOKENS) or bool(re.search(r"\+\s*(c|gd|gad|contrast)\b", lower))
+    if tokens & _PRE_TOKENS:
+        contrast = False
+    if tokens & _T1_TOKENS:
+        return "t1c" if contrast else "t1n"
+    if tokens & _T2_TOKENS:
+        return "t2w"
+    return None
+
+
+# --- finding series ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class DicomSeries:
+    """One series: its ``SeriesInstanceUID``, ``StudyInstanceUID``, number, description (``SeriesDescription``,
+    else ``ProtocolName``), SOP class, its files (as found; :func:`series_geometry` sorts the frames), the
+    number of frames and the pixel size of the first file."""
+
+    uid: str
+    study: str
+    number: int | None
+    description: str
+    protocol: str
+    sop_class: str
+    files: tuple[Path, ...]
+    frames: int
+    rows: int
+    columns: int
+    localizer: bool = False
+
+    @property
+    def sequence(self) -> str | None:
+        return sequence_of_text(self.description) or sequence_of_text(self.protocol)
+
+    @property
+    def label(self) -> str:
+        number = f"#{self.number} " if self.number is not None else ""
+        return f"{number}'{self.description or self.protocol or '(no description)'}'"
+
+    def problem(self) -> str | None:
+        """Why this series cannot be a volume of an MR sequence, or None."""
+        if self.sop_class.startswith(SECONDARY_CAPTURE_PREFIX):
+            return "a secondary capture (a picture of an image, without geometry), not an MR acquisition"
+        if self.sop_class not in MR_STORAGE:
+            return f"not an MR image (SOP class {self.sop_class})"
+        if self.localizer:
+            return "a localizer"
+        return None
+
+
+@dataclass
+class DicomScan:
+    """The DICOM series under ``root`` and every file that was not used, with the reason."""
+
+    root: Path
+    series: list[DicomSeries] = field(default_factory=list)
+    ignored: dict[Path, str] = field(default_factory=dict)
+
+    def lines(self, chosen: dict[str, DicomSeries] | None = None) -> list[str]:
+        """One line per series: number, description, SOP class, frames and pixel size, what it maps to and,
+        with ``chosen`` (sequence -> series), whether it was used."""
+        used = {series.uid: name for name, series in (chosen or {}).items()}
+        lines = []
+        for series in self.series:
+            problem = series.problem()
+            kind = MR_STORAGE.get(series.sop_class, series.sop_class)
+            role = (f"used as {used[series.uid]}" if series.uid in used else f"not used: {problem}" if problem
+                    else f"looks like {series.sequence}" + (", not used" if chosen is not None else "")
+                    if series.sequence else "no sequence recognised in its description")
+            lines.append(f"series {series.label} ({kind}, {series.frames} frame(s) of {series.rows}x{series.columns}, "
+                         f"uid {series.uid}): {role}")
+        return lines
+
+
+def is_dicom_file(path: Path) -> bool:
+    """Whether ``path`` holds a DICOM Part 10 file (``DICM`` at byte 128) or is named as one."""
+    try:
+        with path.open("rb") as handle:
+            head = handle.read(132)
+    except OSError:
+        return False
+    return head[128:132] == b"DICM" or path.suffix.lower() in DICOM_EXTENSIONS
+
+
+def is_dicom_bytes(raw: bytes) -> bool:
+    return raw[128:132] == b"DICM"
+
+
+def _read_header(path: Path):
+    import pydicom
+
+    return pydicom.dcmread(str(path), stop_before_pixels=True, force=path.suffix.lower() in DICOM_EXTENSIONS)
+
+
+def scan_dicom(root: Path | str, max_files: int | None = None) -> DicomScan:
+    """Every DICOM series under ``root`` (a folder, searched recursively, or one file), headers only; files that
+    are not DICOM or not usable go to ``ignored`` with the reason. ``max_files``: refuse a folder with more DICOM
+    files than that before reading any."""
+    import pydicom
+
+    root = Path(root)
+    paths = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file()
+                                                 and not any(part.startswith(".") for part in p.relative_to(root).parts))
+    scan = DicomScan(root)
+    candidates = [p for p in paths if is_dicom_file(p)]
+    scan.ignored.update({p: "not a DICOM file" for p in paths if p not in set(candidates)})
+    if max_files is not None and len(candidates) > max_files:
+        raise DataError(f"{len(candidates)} DICOM files: more than the limit of {max_files}")
+    groups: dict[str, list[tuple[Path, object]]] = {}
+    dicomdir = False
+    for path in candidates:
+        try:
+            header = _read_header(path)
+        except (pydicom.errors.InvalidDicomError, OSError, ValueError, EOFError, AttributeError) as error:
+            scan.ignored[path] = f"not a readable DICOM file ({type(error).__name__})"
+            continue
+        sop_class = str(getattr(header, "file_meta", {}).get("MediaStorageSOPClassUID", "")
+                        or header.get("SOPClassUID", ""))
+        if sop_class == DICOMDIR_CLASS or path.name.upper() == "DICOMDIR":
+            dicomdir = True
+            scan.ignored[path] = "a DICOMDIR (an index of files; the files themselves are read)"
+            continue
+        if "SeriesInstanceUID" not in header:
+            scan.ignored[path] = "no SeriesInstanceUID"
+            continue
+        groups.setdefault(str(header.SeriesInstanceUID), []).append((path, header))
+    for uid, members in groups.items():
+        first = members[0][1]
+        image_type = [str(value).upper() for value in (first.get("ImageType") or [])]
+        number = first.get("SeriesNumber")
+        scan.series.append(DicomSeries(
+            uid=uid, study=str(first.get("StudyInstanceUID", "")),
+            number=int(number) if number not in (None, "") else None,
+            description=str(first.get("SeriesDescription", "") or ""), protocol=str(first.get("ProtocolName", "") or ""),
+            sop_class=str(first.get("SOPClassUID", "")), files=tuple(path for path, _ in members),
+            frames=sum(int(header.get("NumberOfFrames", 1) or 1) for _, header in members),
+            rows=int(first.get("Rows", 0) or 0), columns=int(first.get("Columns", 0) or 0),
+            localizer="LOCALIZER" in image_type))
+    scan.series.sort(key=lambda s: (s.study, s.number if s.number is not None else math.inf, s.uid))
+    if dicomdir and not scan.series:
+        raise DataError(f"{root} holds a DICOMDIR but none of the image files it lists: copy the whole folder "
+                        "the DICOMDIR came in")
+    return scan
+
+
+def choose_series(scan: DicomScan, named: dict[str, str] | None = None) -> dict[str, DicomSeries]:
+    """Sequence name -> series: the user's ``named`` choices (sequence -> a SeriesInstanceUID, or text that
+    one series' description or protocol contains), then every other usable series by its description
+    (:func:`sequence_of_text`). :class:`DataError` when a named choice matches no series or several, or when
+    two series claim one sequence."""
+    usable = [series for series in scan.series if series.problem() is None]
+    chosen: dict[str, DicomSeries] = {}
+    for name, wanted in (named or {}).items():
+        matches = [s for s in scan.series if s.uid == wanted] or \
+                  [s for s in scan.series if wanted.lower() in f"{s.description} {s.protocol}".lower()]
+        if len(matches) != 1:
+            found = "; ".join(series.label for series in matches) if matches else "none"
+            raise DataError(f"--series {name}={wanted}: {len(matches)} series match ({found}); give a "
+                            "SeriesInstanceUID or a text only one series description holds")
+        problem = matches[0].problem()
+        if problem:
+            raise DataError(f"--series {name}={wanted}: series {matches[0].label} is {problem}")
+        chosen[name] = matches[0]
+    taken = {series.uid for series in chosen.values()}
+    claims: dict[str, list[DicomSeries]] = {}
+    for series in usable:
+        if series.uid not in taken and series.sequence and series.sequence not in chosen:
+            claims.setdefault(series.sequence, []).append(series)
+    for name, series in claims.items():
+        if len(series) > 1:
+            raise DataError(f"{len(series)} series look like {name}: {'; '.join(s.label for s in series)}; name the "
+                            f"one to use with --series {name}=UID_or_text")
+        chosen[name] = series[0]
+    return chosen
+
+
+# --- geometry and voxels -------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Frame:
+    """One 2D frame of a series: where it comes from (file, frame index in that file) and its plane."""
+
+    path: Path
+    index: int
+    position: tuple[float, float, float]
+    orientation: tuple[float, ...]
+    spacing: tuple[float, float]
+    slope: float
+    intercept: float
+
+
+@dataclass(frozen=True)
+class SeriesGeometry:
+    """A series' frames sorted along the slice normal, its affine (voxel ``(column, row, slice)`` -> RAS mm,
+    NIfTI's convention) and its shape ``(columns, rows, slices)``."""
+
+    frames: tuple[Frame, ...]
+    affine: np.ndarray
+    shape: tuple[int, int, int]
+
+
+def _item(group, sequence: str, attribute: str):
+    """``attribute`` of the first item of ``sequence`` inside a functional-groups item, or None."""
+    if group is None or sequence not in group or not len(group[sequence]):
+        return None
+    return group[sequence][0].get(attribute)
+
+
+def _frames_of(path: Path, header) -> list[Frame]:
+    """The frames of one file with their planes: a classic image has one, an enhanced or legacy-converted
+    multi-frame image one per item of its per-frame functional groups (shared groups filling in)."""
+    count = int(header.get("NumberOfFrames", 1) or 1)
+    per_frame = header.get("PerFrameFunctionalGroupsSequence")
+    shared = header.get("SharedFunctionalGroupsSequence")
+    shared = shared[0] if shared else None
+    frames = []
+    for index in range(count):
+        item = per_frame[index] if per_frame is not None and index < len(per_frame) else None
+
+        def value(sequence: str, attribute: str, default=None):
+            found = _item(item, sequence, attribute)
+            found = _item(shared, sequence, attribute) if found is None else found
+            return header.get(attribute, default) if found is None else found
+
+        position = value("PlanePositionSequence", "ImagePositionPatient")
+        orientation = value("PlaneOrientationSequence", "ImageOrientationPatient")
+        spacing = value("PixelMeasuresSequence", "PixelSpacing")
+        if position is None or orientation is None or spacing is None:
+            raise DataError(f"{path.name}: frame {index + 1} has no ImagePositionPatient, ImageOrientationPatient "
+                            "or PixelSpacing: its place in the patient is unknown")
+        slope = value("PixelValueTransformationSequence", "RescaleSlope", 1.0)
+        intercept = value("PixelValueTransformationSequence", "RescaleIntercept", 0.0)
+        frames.append(Frame(path, index, tuple(float(v) for v in position), tuple(float(v) for v in orientation),
+                            (float(spacing[0]), float(spacing[1])), float(slope if slope not in (None, "") else 1.0),
+                            float(intercept if intercept not in (None, "") else 0.0)))
+    return frames
+
+
+def series_geometry(series: DicomSeries, max_voxels: int | None = None) -> SeriesGeometry:
+    """The frames of ``series`` sorted along the normal and its affine, from the headers alone; every check of
+    the module docstring, and ``max_voxels`` (columns x rows x frames), before any pixel is decoded."""
+    problem = series.problem()
+    if problem:
+        raise DataError(f"series {series.label} is {problem}")
+    headers = [(path, _read_header(path)) for path in series.files]
+    sizes = {(int(h.get("Rows", 0) or 0), int(h.get("Columns", 0) or 0)) for _, h in headers}
+    if len(sizes) != 1:
+        raise DataError(f"series {series.label} mixes frame sizes {sorted(sizes)}: one volume needs one size")
+    rows, columns = sizes.pop()
+    if max_voxels is not None and rows * columns * series.frames > max_voxels:
+        raise DataError(f"series {series.label} has {rows}x{columns}x{series.frames} = {rows * columns * series.frames} "
+                        f"voxels; the limit is {max_voxels}")
+    frames = [frame for path, header in headers for frame in _frames_of(path, header)]
+    if len(frames) < MIN_VOLUME_FRAMES:
+        raise DataError(f"series {series.label} has {len(frames)} frame(s); a volume needs at least {MIN_VOLUME_FRAMES}")
+    orientation = np.array(frames[0].orientation)
+    if any(not np.allclose(f.orientation, orientation, atol=ORIENTATION_TOLERANCE) for f in frames):
+        raise DataError(f"series {series.label} mixes image orientations: its frames are not one stack")
+    if any(not np.allclose(f.spacing, frames[0].spacing, rtol=1e-4, atol=1e-4) for f in frames):
+        raise DataError(f"series {series.label} mixes pixel spacings")
+    row_direction, column_direction = orientation[:3], orientation[3:]
+    normal = np.cross(row_direction, column_direction)
+    positions = np.array([f.position for f in frames])
+    along = positions @ normal
+    order = np.argsort(along, kind="stable")
+    frames = [frames[k] for k in order]
+    positions, along = positions[order], along[order]
+    steps = np.diff(along)
+    if (steps < 1e-3).any():
+        k = int(np.flatnonzero(steps < 1e-3)[0])
+        raise DataError(f"series {series.label}: two frames at one position ({along[k]:.2f} mm along the normal; "
+                        f"{frames[k].path.name} and {frames[k + 1].path.name}): several echoes or time points in one "
+                        "series, or a duplicate file")
+    step = float(np.median(steps))
+    uneven = np.abs(steps - step) > SPACING_TOLERANCE * step + 0.01
+    if uneven.any():
+        k = int(np.flatnonzero(uneven)[0])
+        raise DataError(f"series {series.label}: uneven slice spacing between frames {k + 1} and {k + 2} of "
+                        f"{len(frames)} (at {along[k]:.2f} and {along[k + 1]:.2f} mm along the normal: a step of "
+                        f"{steps[k]:.2f} mm where the others are {step:.2f} mm): a missing slice?")
+    in_plane = positions - positions[0] - np.outer(along - along[0], normal)
+    if np.abs(in_plane).max() > max(0.05 * step, 0.01):
+        raise DataError(f"series {series.label}: its frames do not stack along their normal (shifted in-plane by "
+                        f"up to {np.abs(in_plane).max():.2f} mm: a tilted gantry?); resample it first")
+    row_spacing, column_spacing = frames[0].spacing  # PixelSpacing: between rows, then between columns
+    lps = np.eye(4)
+    lps[:3, 0] = row_direction * column_spacing  # voxel axis 0: the column index, along a row
+    lps[:3, 1] = column_direction * row_spacing  # voxel axis 1: the row index, down a column
+    lps[:3, 2] = (positions[-1] - positions[0]) / (len(frames) - 1)
+    lps[:3, 3] = positions[0]
+    affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps  # DICOM's LPS -> NIfTI's RAS
+    return SeriesGeometry(tuple(frames), affine, (columns, rows, len(frames)))
+
+
+def _pixels(path: Path, cache: dict) -> np.ndarray:
+    """The decoded frames of one file ``(frames, rows, columns)`` (cached for multi-frame files)."""
+    import pydicom
+
+    if path not in cache:
+        try:
+            dataset = pydicom.dcmread(str(path), force=path.suffix.lower() in DICOM_EXTENSIONS)
+            if "PixelData" not in dataset and "FloatPixelData" not in dataset:
+                raise DataError(f"{path.name} holds no pixel data")
+            pixels = dataset.pixel_array
+        except DataError:
+            raise
+        except Exception as error:  # pydicom and its plugins raise several types for data they cannot decode
+            raise DataError(f"cannot decode the pixels of {path.name}: {error}") from error
+        if int(dataset.get("SamplesPerPixel", 1) or 1) != 1:
+            raise DataError(f"{path.name} is a colour image ({dataset.get('PhotometricInterpretation')}), not an MR "
+                            "magnitude image")
+        cache[path] = pixels[None] if pixels.ndim == 2 else pixels
+    return cache[path]
+
+
+def read_series(series: DicomSeries, max_voxels: int | None = None):
+    """``series`` as a ``nibabel.Nifti1Image``: ``float32`` voxels ``(columns, rows, slices)`` with the rescale
+    applied, and the RAS affine of :func:`series_geometry`; :class:`DataError` for what cannot be read."""
+    import nibabel as nib
+
+    geometry = series_geometry(series, max_voxels)
+    cache: dict = {}
+    data = np.empty(geometry.shape, np.float32)
+    for k, frame in enumerate(geometry.frames):
+        pixels = _pixels(frame.path, cache)
+        if frame.index >= len(pixels):
+            raise DataError(f"{frame.path.name} declares more frames than its pixel data holds")
+        data[:, :, k] = (pixels[frame.index].astype(np.float32) * frame.slope + frame.intercept).T
+    image = nib.Nifti1Image(data, geometry.affine)
+    image.header.set_xyzt_units("mm")
+    image.set_qform(geometry.affine, code=1)
+    image.set_sform(geometry.affine, code=1)
+    return image
+
+
+def read_dicom_slice(source: Path | bytes, frame: int | None = None) -> tuple[np.ndarray, int]:
+    """One 2D frame of a DICOM file (a path or its bytes) for the 2D models, and the file's frame count:
+    ``float32 (rows, columns)`` with the rescale applied (``frame``: which one, default the middle one of a
+    multi-frame file)."""
+    import io
+
+    import pydicom
+
+    name = "the uploaded DICOM file" if isinstance(source, bytes) else Path(source).name
+    try:
+        dataset = pydicom.dcmread(io.BytesIO(source) if isinstance(source, bytes) else str(source), force=True)
+    except Exception as error:  # pydicom raises several types for files it cannot parse
+        raise DataError(f"not a readable DICOM file: {name} ({type(error).__name__})") from error
+    sop_class = str(dataset.get("SOPClassUID", ""))
+    if sop_class.startswith(SECONDARY_CAPTURE_PREFIX):
+        raise DataError(f"{name} is a secondary capture (a picture of an image), not an MR acquisition")
+    if "PixelData" not in dataset:
+        raise DataError(f"{name} holds no pixel data")
+    if int(dataset.get("SamplesPerPixel", 1) or 1) != 1:
+        raise DataError(f"{name} is a colour image, not an MR magnitude image")
+    try:
+        pixels = dataset.pixel_array
+    except Exception as error:  # pydicom and its plugins raise several types for data they cannot decode
+        raise DataError(f"cannot decode the pixels of {name}: {error}") from error
+    pixels = pixels[None] if pixels.ndim == 2 else pixels
+    count = len(pixels)
+    chosen = count // 2 if frame is None else frame
+    if not 0 <= chosen < count:
+        raise DataError(f"{name} has {count} frame(s); there is no frame {chosen}")
+    planes = _frames_of(Path(name), dataset) if "ImagePositionPatient" in dataset or \
+        "PerFrameFunctionalGroupsSequence" in dataset else None
+    slope = planes[chosen].slope if planes else float(dataset.get("RescaleSlope", 1.0) or 1.0)
+    intercept = planes[chosen].intercept if planes else float(dataset.get("RescaleIntercept", 0.0) or 0.0)
+    return pixels[chosen].astype(np.float32) * slope + intercept, count
+
+
+def dicom_frame_count(path: Path) -> int:
+    """How many frames a DICOM file holds (its header's ``NumberOfFrames``; 1 when absent)."""
+    try:
+        return int(_read_header(path).get("NumberOfFrames", 1) or 1)
+    except Exception:  # an unreadable file is reported when its pixels are read
+        return 1
+
+
+# --- zip archives ------------------------------------------------------------------------------------
+def extract_zip(archive: Path | str, destination: Path, max_files: int, max_bytes: int) -> Path:
+    """Unpack a zip of DICOM files safely into ``destination`` (made here): entries are written under numbered
+    names (never the archive's paths); refused before anything is written: an entry named with an absolute
+    path or ``..``, a link, more than ``max_files`` entries, more than ``max_bytes`` declared in all, or an entry
+    that inflates more than :data:`ZIP_RATIO_LIMIT` times (a zip bomb); the sizes are enforced while writing
+    too, since a header can lie. Returns ``destination``."""
+    try:
+        handle = zipfile.ZipFile(archive)
+    except (zipfile.BadZipFile, OSError) as error:
+        raise DataError(f"not a readable zip archive: {error}") from error
+    with handle:
+        entries = [info for info in handle.infolist() if not info.is_dir()]
+        for info in entries:
+            name = info.filename.replace("\\", "/")
+            if name.startswith("/") or re.match(r"^[A-Za-z]:", name) or ".." in name.split("/"):
+                raise DataError(f"the zip holds an entry with an unsafe name ({name[:80]!r}): refused")
+            if (info.external_attr >> 16) & 0o170000 == 0o120000:
+                raise DataError(f"the zip holds a symbolic link ({name[:80]!r}): refused")
+        if len(entries) > max_files:
+            raise DataError(f"the zip holds {len(entries)} files; the limit is {max_files}")
+        declared = sum(info.file_size for info in entries)
+        if declared > max_bytes:
+            raise DataError(f"the zip unpacks to {declared} bytes; the limit is {max_bytes}")
+        for info in entries:
+            if info.file_size > ZIP_RATIO_LIMIT * max(info.compress_size, 1) and info.file_size > 1 << 20:
+                raise DataError(f"an entry of the zip inflates {info.file_size // max(info.compress_size, 1)} times "
+                                "(a zip bomb?): refused")
+        destination.mkdir(parents=True)
+        written = 0
+        for number, info in enumerate(entries):
+            suffix = ".dcm" if info.filename.lower().endswith(DICOM_EXTENSIONS) else ""
+            with handle.open(info) as source, (destination / f"{number:05d}{suffix}").open("wb") as out:
+                while chunk := source.read(1 << 20):
+                    written += len(chunk)
+                    if written > max_bytes:
+                        raise DataError(f"the zip unpacks to more than its declared size and the limit of {max_bytes} bytes")
+                    out.write(chunk)
+    return destination
