@@ -422,7 +422,7 @@ def test_a_model_with_context_refuses_a_volume_with_fewer_slices_than_it_spans(a
     the check is the same function, given such a model's settings)."""
     from fastapi import HTTPException
 
-    from metaseg_tf.serve.api import _check_readable
+    from metaseg_tf.serve.volume_requests import _check_readable
 
     served = copy.copy(app.state.models["nested_unet"])
     served.predictor = copy.copy(served.predictor)

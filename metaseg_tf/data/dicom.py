@@ -32,7 +32,6 @@ from __future__ import annotations
 import logging
 import math
 import re
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -51,7 +50,6 @@ DICOM_EXTENSIONS = (".dcm", ".dicom", ".ima")
 ORIENTATION_TOLERANCE = 1e-3  # direction cosines of one series agree to this
 SPACING_TOLERANCE = 0.02  # slice steps may differ by this fraction of the median step (plus 0.01 mm)
 MIN_VOLUME_FRAMES = 3
-ZIP_RATIO_LIMIT = 200  # an entry that inflates more than this is treated as a zip bomb
 
 _CONTRAST_TOKENS = {"post", "postcontrast", "gd", "gad", "gado", "gadolinium", "contrast", "ce", "c", "t1c", "t1ce",
                     "t1gd", "t1post", "t1wce", "mprage+c"}
@@ -445,44 +443,3 @@ def dicom_frame_count(path: Path) -> int:
         return int(_read_header(path).get("NumberOfFrames", 1) or 1)
     except Exception:  # an unreadable file is reported when its pixels are read
         return 1
-
-
-# --- zip archives ------------------------------------------------------------------------------------
-def extract_zip(archive: Path | str, destination: Path, max_files: int, max_bytes: int) -> Path:
-    """Unpack a zip of DICOM files safely into ``destination`` (made here): entries are written under numbered
-    names (never the archive's paths); refused before anything is written: an entry named with an absolute
-    path or ``..``, a link, more than ``max_files`` entries, more than ``max_bytes`` declared in all, or an entry
-    that inflates more than :data:`ZIP_RATIO_LIMIT` times (a zip bomb); the sizes are enforced while writing
-    too, since a header can lie. Returns ``destination``."""
-    try:
-        handle = zipfile.ZipFile(archive)
-    except (zipfile.BadZipFile, OSError) as error:
-        raise DataError(f"not a readable zip archive: {error}") from error
-    with handle:
-        entries = [info for info in handle.infolist() if not info.is_dir()]
-        for info in entries:
-            name = info.filename.replace("\\", "/")
-            if name.startswith("/") or re.match(r"^[A-Za-z]:", name) or ".." in name.split("/"):
-                raise DataError(f"the zip holds an entry with an unsafe name ({name[:80]!r}): refused")
-            if (info.external_attr >> 16) & 0o170000 == 0o120000:
-                raise DataError(f"the zip holds a symbolic link ({name[:80]!r}): refused")
-        if len(entries) > max_files:
-            raise DataError(f"the zip holds {len(entries)} files; the limit is {max_files}")
-        declared = sum(info.file_size for info in entries)
-        if declared > max_bytes:
-            raise DataError(f"the zip unpacks to {declared} bytes; the limit is {max_bytes}")
-        for info in entries:
-            if info.file_size > ZIP_RATIO_LIMIT * max(info.compress_size, 1) and info.file_size > 1 << 20:
-                raise DataError(f"an entry of the zip inflates {info.file_size // max(info.compress_size, 1)} times "
-                                "(a zip bomb?): refused")
-        destination.mkdir(parents=True)
-        written = 0
-        for number, info in enumerate(entries):
-            suffix = ".dcm" if info.filename.lower().endswith(DICOM_EXTENSIONS) else ""
-            with handle.open(info) as source, (destination / f"{number:05d}{suffix}").open("wb") as out:
-                while chunk := source.read(1 << 20):
-                    written += len(chunk)
-                    if written > max_bytes:
-                        raise DataError(f"the zip unpacks to more than its declared size and the limit of {max_bytes} bytes")
-                    out.write(chunk)
-    return destination

@@ -39,7 +39,8 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from metaseg_tf.data.dicom import DICOM_EXTENSIONS, dicom_frame_count, extract_zip, read_dicom_slice
+from metaseg_tf.data.archives import extract_zip
+from metaseg_tf.data.dicom import DICOM_EXTENSIONS, dicom_frame_count, read_dicom_slice
 from metaseg_tf.data.discover import IMAGE_EXTENSIONS, MASK_SUFFIX, DataError, split_case_and_slice
 from metaseg_tf.data.io import read_image, to_channels
 from metaseg_tf.data.layouts import discover_volumes, MSD_CHANNELS

@@ -1,5 +1,6 @@
 """The prediction service (FastAPI): trained runs behind ``/health``, ``/models``, ``/limits``, ``/predict``
-(one 2D slice) and ``/predict/volume`` (NIfTI volumes).
+(one 2D slice), ``/predict/volume`` (NIfTI volumes) and ``/predict/dicom`` (a DICOM MR study: its series' files
+or a zip; answered with a DICOM SEG too). The volume requests are :mod:`metaseg_tf.serve.volume_requests`.
 
 Each model is a :class:`~metaseg_tf.inference.predictor.Predictor` built from a run folder (or, for a
 cross-validation folder, from its fold runs: one ensemble per architecture), so an upload goes through exactly
@@ -37,12 +38,8 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import copy
-import dataclasses
 import logging
-import math
 import os
-import tempfile
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -54,27 +51,11 @@ from fastapi import FastAPI, File, Form, HTTPException, Request, UploadFile
 from fastapi.responses import Response
 
 from metaseg_tf.data.discover import DataError
-from metaseg_tf.data.volumes import canonical_shape, check_one_grid, resolve_sequences
-from metaseg_tf.serve.schemas import (
-    VOLUME_SCORES,
-    Lesion,
-    LesionSummary,
-    ModelPrediction,
-    PredictionResponse,
-    ProbabilitySummary,
-    RegionScores,
-    VolumeModelPrediction,
-    VolumeResponse,
-)
+from metaseg_tf.serve.schemas import LesionSummary, ModelPrediction, PredictionResponse, ProbabilitySummary, VolumeResponse
 from metaseg_tf.serve.guard import AuditLog, JobGate, TokenGate, audit_logger, default_volume_jobs, read_token
 from metaseg_tf.serve.served import SERVE_ARCHITECTURES, LoadedModel, load_models, newest_pipeline_runs
-from metaseg_tf.serve.uploads import (
-    BodyLimit,
-    ServeSettings,
-    decode_slice_upload,
-    save_volume_upload,
-    volume_grid,
-)
+from metaseg_tf.serve.uploads import BodyLimit, ServeSettings, decode_slice_upload
+from metaseg_tf.serve.volume_requests import predict_dicom_request, predict_volume_request
 
 MULTIPART_ROOM = 64 * 1024  # room for the multipart framing and the form fields of one request
 
@@ -85,6 +66,10 @@ SliceUpload = Annotated[UploadFile, File(description="one 2D MRI slice: TIFF, PN
 VolumeUploads = Annotated[list[UploadFile], File(
     description="one 3D NIfTI (.nii or .nii.gz) for every sequence, or one per sequence of the model in its "
                 "sequence order (GET /models lists it)")]
+DicomUploads = Annotated[list[UploadFile], File(
+    description="the DICOM files of a study's MR series (any number up to /limits' max_dicom_files), or one zip of them")]
+SERIES_HELP = ("optional: which series is which sequence, e.g. 't1c=AX T1 POST;t2f=1.2.840...' (description text "
+               "or SeriesInstanceUID); default: recognised from the series descriptions")
 SegUpload = Annotated[UploadFile | None, File(
     description="optional: the case's label map (NIfTI) on the same voxel grid, for per-case scores")]
 
@@ -137,130 +122,6 @@ def _predict_one(served: LoadedModel, image: np.ndarray, threshold: float | None
         latency_ms=round(latency, 2), attention_png=maps)
 
 
-# --- volumes ------------------------------------------------------------------------------------------
-
-
-def _read_volume(served: LoadedModel, paths: list[Path], seg: Path | None, folder: Path) -> Any:
-    """The uploads as one case (:func:`~metaseg_tf.inference.files.nifti_case`) read for ``served``'s sequences."""
-    from metaseg_tf.data.volumes import read_case, SequenceSource
-    from metaseg_tf.inference.files import nifti_case
-
-    config = served.predictor.config
-    try:
-        case = nifti_case(served.predictor, paths)
-        if seg is not None:
-            case = dataclasses.replace(case, labels=SequenceSource(seg))
-        return read_case(case, resolve_sequences(config.sequences, config.channels), config.fill_missing)
-    except DataError as error:  # its message names the file: shown relative to the temporary folder
-        raise HTTPException(422, str(error).replace(f"{folder}{os.sep}", "")) from None
-    except Exception:  # nibabel and numpy raise several types for voxel data that is truncated or unusable
-        raise HTTPException(422, "cannot read the voxels of the uploaded volumes: is a file truncated or "
-                                 "damaged?") from None
-
-
-def _finite(value: Any) -> float | None:
-    value = float(value)
-    return value if math.isfinite(value) else None
-
-
-def _predict_volume_one(served: LoadedModel, volume: Any, threshold: float | None,
-                        out_dir: Path) -> VolumeModelPrediction:
-    from metaseg_tf.inference.files import case_scores, write_case_prediction
-    from metaseg_tf.inference.lesions import lesion_table
-
-    predictor = copy.copy(served.predictor)  # this request's threshold, without touching the shared predictor
-    predictor.threshold = predictor.threshold if threshold is None else threshold
-    started = time.perf_counter()
-    with served.serialised():
-        prediction = predictor.predict_volume(volume)
-    latency = (time.perf_counter() - started) * 1000
-    out_dir.mkdir(parents=True)
-    seg_path = write_case_prediction(volume, prediction, out_dir, outputs=("seg",))["seg"]  # all it returns
-    scores = None
-    if volume.labels is not None:
-        scores = {region: RegionScores(**{name: _finite(values[name]) for name in VOLUME_SCORES})
-                  for region, values in case_scores(volume, prediction.labels, predictor.target).items()}
-    return VolumeModelPrediction(
-        model=served.name, threshold=predictor.threshold, shape=list(volume.reference.shape[:3]),
-        slices=len(prediction.labels), lesion_voxels=int(np.count_nonzero(prediction.labels)),
-        seg_filename=seg_path.name, seg_nii_gz=_b64(seg_path.read_bytes()), latency_ms=round(latency, 2),
-        scores=scores, lesions=_lesions(lesion_table(predictor.target.masks(prediction.labels), predictor.target.names,
-                                                     volume.spacing)))
-
-
-def _lesions(table: Any) -> list[Lesion]:
-    """The rows of a :func:`~metaseg_tf.inference.lesions.lesion_table` (NaN sizes: None)."""
-    def plain(value: Any) -> Any:
-        value = value.item() if hasattr(value, "item") else value
-        return _finite(value) if isinstance(value, float) else value
-
-    return [Lesion(**{name: plain(value) for name, value in row.items()}) for row in table.to_dict("records")]
-
-
-def _check_readable(served: LoadedModel, shape: tuple[int, ...], affine: np.ndarray) -> None:
-    """422 unless ``served`` can meaningfully read a volume on this grid: axial slices at least as large as
-    its input in-plane (it would otherwise predict on an image blown up from a few voxels), and at least as
-    many slices as its 2.5D context spans."""
-    config = served.predictor.config
-    slices, rows, columns = canonical_shape(shape, affine)
-    if min(rows, columns) < config.image_size:
-        raise HTTPException(422, f"{served.name} reads axial slices of {config.image_size}x{config.image_size} px; "
-                                 f"this volume's are {rows}x{columns} voxels, smaller than that")
-    needed = 2 * config.context_slices + 1
-    if slices < needed:
-        raise HTTPException(422, f"{served.name} reads each slice with {config.context_slices} neighbour(s) on "
-                                 f"each side: it needs at least {needed} axial slices, this volume has {slices}")
-
-
-def _non_finite_warning(non_finite: int, voxels: int) -> list[str]:
-    if non_finite and non_finite >= voxels:
-        return [f"nothing finite in the volume: all {voxels} voxels read are NaN or infinite (set to 0); the "
-                "masks were predicted from an empty image and mean nothing"]
-    return [f"{non_finite} NaN or infinite voxel(s) of {voxels} read were set to 0"] if non_finite else []
-
-
-def _predict_volume_request(models: list[LoadedModel], files: list[UploadFile], seg: UploadFile | None,
-                            threshold: float | None, settings: ServeSettings) -> VolumeResponse:
-    """One ``/predict/volume`` request, from its uploads to its answer (run in a volume job's thread)."""
-    for served in models:
-        sequences = served.info["sequences"]
-        if len(files) not in (1, len(sequences)):
-            raise HTTPException(422, f"{served.name} takes {len(sequences)} sequence(s) ({', '.join(sequences)}): "
-                                     f"send 1 volume for all of them, or {len(sequences)} in this order, "
-                                     f"not {len(files)}")
-    roles = ["volume"] if len(files) == 1 else [f"volume {k + 1} of {len(files)}" for k in range(len(files))]
-    with tempfile.TemporaryDirectory(prefix="metaseg-volume-") as temporary:
-        folder = Path(temporary)
-        paths = [save_volume_upload(upload, folder / f"volume-{k + 1}", role, settings)
-                 for k, (upload, role) in enumerate(zip(files, roles))]
-        seg_path = save_volume_upload(seg, folder / "seg", "seg", settings) if seg is not None else None
-        grids = {role: volume_grid(path, role, settings) for role, path in zip(roles, paths)}
-        if seg_path is not None:
-            grids["seg"] = volume_grid(seg_path, "seg", settings)
-        try:
-            check_one_grid(grids)  # the library's own check: co-registered uploads on one voxel grid
-        except DataError as error:
-            raise HTTPException(422, str(error)) from None
-        shape, affine = grids[roles[0]]
-        for served in models:
-            _check_readable(served, shape, affine)
-        volumes: dict[tuple, Any] = {}  # models that read the same sequences share one read
-        predictions = []
-        for k, served in enumerate(models):
-            config = served.predictor.config
-            key = (tuple(served.info["sequences"]), config.fill_missing)
-            if key not in volumes:
-                volumes[key] = _read_volume(served, paths, seg_path, folder)
-            predictions.append(_predict_volume_one(served, volumes[key], threshold, folder / f"model-{k + 1}"))
-        volume = next(iter(volumes.values()))
-    return VolumeResponse(case_id=volume.case_id, shape=list(shape),
-                          axial_slices=int(volume.images.shape[0]), canonical_shape=list(volume.images.shape[:3]),
-                          spacing_mm=list(volume.spacing) if volume.spacing is not None else None,
-                          non_finite_voxels=volume.non_finite_voxels,
-                          warnings=_non_finite_warning(volume.non_finite_voxels, math.prod(shape) * len(paths)),
-                          predictions=predictions)
-
-
 def create_app(run_dirs: list[Path] | None = None, settings: ServeSettings | None = None) -> FastAPI:
     """The FastAPI application serving ``run_dirs`` (default: the newest pipeline run's two models), with
     the access token, the job gates and the audit log of :mod:`metaseg_tf.serve.guard`."""
@@ -287,7 +148,8 @@ def create_app(run_dirs: list[Path] | None = None, settings: ServeSettings | Non
     files_per_volume_request = max(len(served.info["sequences"]) for served in models.values()) + 1
     app.add_middleware(BodyLimit, limit=settings.max_upload_bytes + MULTIPART_ROOM,
                        path_limits={"/predict/volume": settings.max_volume_bytes * files_per_volume_request
-                                    + MULTIPART_ROOM})
+                                    + MULTIPART_ROOM, "/predict/dicom": settings.max_dicom_bytes
+                                    + MULTIPART_ROOM * max(settings.max_dicom_files // 64, 1)})
     app.add_middleware(TokenGate, token=settings.token)
     app.add_middleware(AuditLog)  # outermost: refusals by the token and the body limit are logged too
     app.state.models, app.state.settings, app.state.gates = models, settings, gates
@@ -317,6 +179,7 @@ def create_app(run_dirs: list[Path] | None = None, settings: ServeSettings | Non
         and how many are admitted now."""
         return {"max_upload_bytes": settings.max_upload_bytes, "max_side_pixels": settings.max_side_pixels,
                 "max_volume_bytes": settings.max_volume_bytes, "max_voxels": settings.max_voxels,
+                "max_dicom_files": settings.max_dicom_files, "max_dicom_bytes": settings.max_dicom_bytes,
                 "jobs": {kind: {"at_once": gate.jobs, "queue": gate.queue, "timeout_s": gate.timeout_s,
                                 "admitted": gate.admitted, "refused": gate.refused} for kind, gate in gates.items()}}
 
@@ -359,7 +222,19 @@ def create_app(run_dirs: list[Path] | None = None, settings: ServeSettings | Non
         number of volumes are predicted at once; the rest wait in a short queue, or get 503 with
         ``Retry-After`` when it is full."""
         targets = chosen(model, request)
-        return await gates["volume"].run(lambda: _predict_volume_request(targets, files, seg, threshold, settings))
+        return await gates["volume"].run(lambda: predict_volume_request(targets, files, seg, threshold, settings))
+
+    @app.post("/predict/dicom", response_model=VolumeResponse)
+    async def predict_dicom(request: Request, files: DicomUploads,
+                            series: Annotated[str | None, Form(description=SERIES_HELP)] = None,
+                            model: Annotated[str, Form(description="a served model's name, or 'all'")] = "all",
+                            threshold: Threshold = None) -> VolumeResponse:
+        """Segment a DICOM MR study (files of its series, or one zip) with one or all models; each returns
+        ``<case>-seg.nii.gz`` and ``<case>-seg.dcm`` (a DICOM SEG referencing the series of the model's first
+        sequence), the lesions, the series found and the sequences read (for display). Admitted like
+        ``/predict/volume``."""
+        targets = chosen(model, request)
+        return await gates["volume"].run(lambda: predict_dicom_request(targets, files, series, threshold, settings))
 
     return app
 

@@ -73,6 +73,9 @@ class VolumeModelPrediction(BaseModel):
     seg_nii_gz: str = Field(description="base64 of <case>-seg.nii.gz: uint8 labels (a one-region model: the "
                                         "region's own label, e.g. BraTS TC 1) on the input's voxel grid, with its "
                                         "affine and header")
+    seg_dcm_filename: str | None = Field(default=None, description="<case>-seg.dcm (DICOM input)")
+    seg_dcm: str | None = Field(default=None, description="base64 of <case>-seg.dcm: a DICOM SEG (one segment per "
+                                                          "region) referencing the uploaded series (DICOM input)")
     latency_ms: float
     scores: dict[str, RegionScores] | None = Field(default=None, description="per region, when a seg was sent")
     lesions: list[Lesion] = Field(default_factory=list, description="every predicted lesion of every region")
@@ -89,4 +92,8 @@ class VolumeResponse(BaseModel):
     non_finite_voxels: int = Field(description="NaN or infinite voxels read (set to 0 before predicting)")
     warnings: list[str] = Field(default_factory=list, description="what the answer should be read with, e.g. "
                                                                    "that nothing finite was in the volume")
+    series: list[str] = Field(default_factory=list, description="DICOM input: every series found and what it "
+                                                                 "was used for")
+    images_nii_gz: list[str] | None = Field(default=None, description="DICOM input: base64 .nii.gz of each sequence "
+                                                                     "read (canonical grid, windowed), for display")
     predictions: list[VolumeModelPrediction]

@@ -1,8 +1,10 @@
 """The web front end (Streamlit): upload a slice, see both models' masks beside the image and the truth.
 
-Two input modes: a **2D slice** (TIFF, PNG, JPEG, BMP, WebP; optionally its mask) sent to ``/predict``, or a
-**NIfTI volume** (``.nii`` / ``.nii.gz``: one volume for every sequence, or one per sequence of the model in
-its order; optionally the case's label map) sent to ``/predict/volume``. A volume is shown one axial slice at
+Three input modes: a **2D slice** (TIFF, PNG, JPEG, BMP, WebP, a DICOM file; optionally its mask) sent to
+``/predict``, a **NIfTI volume** (``.nii`` / ``.nii.gz``: one volume for every sequence, or one per sequence of
+the model in its order; optionally the case's label map) sent to ``/predict/volume``, or a **DICOM series** (a
+study's files, or one zip; optionally which series is which sequence) sent to ``/predict/dicom``, whose answer
+adds the series found and each model's DICOM SEG to download. A volume is shown one axial slice at
 a time: a slider walks the slices from inferior to superior, each shown as a radiologist sees it (anterior
 at the top, the patient's right on the left: :func:`metaseg_tf.data.volumes.to_canonical`), with the truth
 and each model's mask beside it, the per-case scores when a label map was given, and each model's
@@ -38,9 +40,10 @@ from metaseg_tf.data.volumes import to_canonical, window_volume
 from metaseg_tf.evaluation.scores import overlap_scores
 
 DEFAULT_API_URL = "http://127.0.0.1:8000"
-UPLOAD_TYPES = ["tif", "tiff", "png", "jpg", "jpeg", "bmp", "webp"]
+UPLOAD_TYPES = ["tif", "tiff", "png", "jpg", "jpeg", "bmp", "webp", "dcm"]
 VOLUME_TYPES = ["nii", "gz"]  # Streamlit checks the last extension: .nii.gz is "gz" (the API checks the content)
-INPUT_MODES = ("2D slice", "NIfTI volume")
+DICOM_TYPES = ["dcm", "zip"]
+INPUT_MODES = ("2D slice", "NIfTI volume", "DICOM series")
 VOLUME_SCORE_COLUMNS = {"dice": "dice", "hd95": "HD95 (mm)", "lesion_dice": "lesion-wise dice",
                         "lesion_hd95": "lesion-wise HD95 (mm)", "truth_lesions": "truth lesions",
                         "detected_lesions": "detected", "false_positive_lesions": "false positives"}
@@ -97,6 +100,15 @@ def request_volume_prediction(api_url: str, volumes: list[tuple[str, bytes]], se
     files = [("files", volume) for volume in volumes] + ([("seg", seg)] if seg is not None else [])
     return _answer(lambda: requests.post(f"{api_url}/predict/volume", files=files, headers=auth_headers(token),
                                          data=_form(model, threshold), timeout=VOLUME_TIMEOUT_S))
+
+
+def request_dicom_prediction(api_url: str, files: list[tuple[str, bytes]], series: str, model: str,
+                             threshold: float | None, token: str | None = None) -> tuple[dict | None, str | None]:
+    """``/predict/dicom`` with a study's DICOM files (or one zip) and an optional series choice
+    (``t1c=text;t2f=UID``): ``(response JSON, None)`` or ``(None, the API's error message)``."""
+    fields = _form(model, threshold, **({"series": series} if series.strip() else {}))
+    return _answer(lambda: requests.post(f"{api_url}/predict/dicom", files=[("files", f) for f in files],
+                                         headers=auth_headers(token), data=fields, timeout=VOLUME_TIMEOUT_S))
 
 
 def _answer(send) -> tuple[dict | None, str | None]:
@@ -270,32 +282,47 @@ def _show_panels(panels: list[tuple[str, np.ndarray]]) -> None:
 
 
 def _volume_mode(api_url: str, token: str | None, models: list[dict], shown_models: list[str],
-                 threshold: float | None, mask_only: bool) -> None:
-    """Upload a NIfTI case, segment it once per change of input, model or threshold, and browse its slices."""
+                 threshold: float | None, mask_only: bool, dicom: bool = False) -> None:
+    """Upload a NIfTI case (or, ``dicom``, a DICOM study: files or a zip), segment it once per change of input,
+    model or threshold, and browse its slices."""
     order = next((m.get("sequences") for m in models if m["name"] in shown_models and m.get("sequences")), None)
     order_text = f" in the order {', '.join(order)}" if order else ""
-    uploads = st.file_uploader(f"NIfTI volume(s): one for every sequence, or one per sequence{order_text}",
-                               type=VOLUME_TYPES, accept_multiple_files=True, key="volumes")
-    seg_upload = st.file_uploader("Label map / mask NIfTI (optional, same voxel grid)", type=VOLUME_TYPES,
-                                  key="volume_seg")
+    seg_upload, series = None, ""
+    if dicom:
+        uploads = st.file_uploader("DICOM series: the files of a study's MR series (.dcm), or one .zip of them",
+                                   type=DICOM_TYPES, accept_multiple_files=True, key="dicom")
+        series = st.text_input("Series for each sequence (optional)", key="series",
+                               placeholder="t1c=AX T1 POST;t2f=FLAIR (default: from the series descriptions)")
+    else:
+        uploads = st.file_uploader(f"NIfTI volume(s): one for every sequence, or one per sequence{order_text}",
+                                   type=VOLUME_TYPES, accept_multiple_files=True, key="volumes")
+        seg_upload = st.file_uploader("Label map / mask NIfTI (optional, same voxel grid)", type=VOLUME_TYPES,
+                                      key="volume_seg")
     if not uploads:
-        st.info("Upload a NIfTI volume (.nii or .nii.gz), and optionally its label map for per-case scores.")
+        st.info("Upload a DICOM series (its files, or a zip)." if dicom else
+                "Upload a NIfTI volume (.nii or .nii.gz), and optionally its label map for per-case scores.")
         st.stop()
     if not shown_models:
         st.warning("Choose at least one model in the sidebar.")
         st.stop()
     model = shown_models[0] if len(shown_models) == 1 else "all"
-    key = (api_url, tuple(u.file_id for u in uploads), seg_upload.file_id if seg_upload else None, model, threshold)
+    key = (api_url, dicom, tuple(u.file_id for u in uploads), seg_upload.file_id if seg_upload else None, series,
+           model, threshold)
     if st.session_state.get("volume_key") != key:  # the slider reruns the script: segment once per input
         with st.spinner("Segmenting the volume ..."):
-            response, error = request_volume_prediction(
-                api_url, [(u.name, u.getvalue()) for u in uploads],
-                (seg_upload.name, seg_upload.getvalue()) if seg_upload else None, model, threshold, token)
+            if dicom:
+                response, error = request_dicom_prediction(api_url, [(u.name, u.getvalue()) for u in uploads], series,
+                                                           model, threshold, token)
+            else:
+                response, error = request_volume_prediction(
+                    api_url, [(u.name, u.getvalue()) for u in uploads],
+                    (seg_upload.name, seg_upload.getvalue()) if seg_upload else None, model, threshold, token)
         if error:
-            st.error(f"The backend refused the volume: {error}")
+            st.error(f"The backend refused the {'DICOM series' if dicom else 'volume'}: {error}")
             st.stop()
         try:
-            views = [display_volume(u.getvalue()) for u in uploads]
+            views = ([display_volume(base64.b64decode(image)) for image in response["images_nii_gz"]] if dicom
+                     else [display_volume(u.getvalue()) for u in uploads])
             truth = canonical_volume(seg_upload.getvalue()) if seg_upload else None
             segs = {p["model"]: decode_volume_seg(p["seg_nii_gz"]) for p in response["predictions"]}
         except DataError as error:
@@ -306,13 +333,17 @@ def _volume_mode(api_url: str, token: str | None, models: list[dict], shown_mode
     response, views, truth, segs = st.session_state["volume_result"]
     for warning in response.get("warnings", []):  # e.g. nothing finite in the volume
         st.warning(warning)
+    if response.get("series"):
+        with st.expander(f"DICOM series found: {len(response['series'])}"):
+            st.text("\n".join(response["series"]))
     predictions = [p for p in response["predictions"] if p["model"] in shown_models]
     segs = {name: seg for name, seg in segs.items() if name in shown_models}
 
     slices, shown = response["axial_slices"], 0
-    if len(uploads) > 1:
-        names = [f"{order[k]}: {u.name}" if order and len(order) == len(uploads) else u.name
-                 for k, u in enumerate(uploads)]
+    names = ([f"{order[k]}" if order and len(order) == len(views) else f"sequence {k + 1}" for k in range(len(views))]
+             if dicom else [f"{order[k]}: {u.name}" if order and len(order) == len(uploads) else u.name
+                            for k, u in enumerate(uploads)])
+    if len(views) > 1:
         shown = names.index(st.selectbox("Sequence shown", names))
     index = 0
     if slices > 1:  # a slider needs two values
@@ -334,6 +365,11 @@ def _volume_mode(api_url: str, token: str | None, models: list[dict], shown_mode
         column.download_button(f"{prediction['model']}: {prediction['seg_filename']}",
                                base64.b64decode(prediction["seg_nii_gz"]), file_name=prediction["seg_filename"],
                                mime="application/gzip", key=f"download-{prediction['model']}", on_click="ignore")
+        if prediction.get("seg_dcm"):
+            column.download_button(f"{prediction['model']}: {prediction['seg_dcm_filename']} (DICOM SEG)",
+                                   base64.b64decode(prediction["seg_dcm"]), file_name=prediction["seg_dcm_filename"],
+                                   mime="application/dicom", key=f"download-dcm-{prediction['model']}",
+                                   on_click="ignore")
 
 
 def main() -> None:
@@ -373,8 +409,9 @@ def main() -> None:
                                     "threshold": m.get("threshold"),
                                     "test Dice": m["test_metrics"].get("per_patient_dice")} for m in models]))
 
-    if st.radio("Input", INPUT_MODES, horizontal=True, key="mode") == INPUT_MODES[1]:
-        _volume_mode(api_url, token, models, shown_models, threshold, mask_only)
+    mode = st.radio("Input", INPUT_MODES, horizontal=True, key="mode")
+    if mode != INPUT_MODES[0]:
+        _volume_mode(api_url, token, models, shown_models, threshold, mask_only, dicom=mode == INPUT_MODES[2])
         return
     source = _source()
     if source is None:

@@ -1,9 +1,12 @@
 """Every check an upload passes before it reaches a model, and the service's limits.
 
-Slices: the file type by its content (TIFF, PNG, JPEG, BMP, WebP), the byte size, the header's pixel
+Slices: the file type by its content (TIFF, PNG, JPEG, BMP, WebP, DICOM: its middle frame), the byte size, the header's pixel
 dimensions and page count, all before a pixel is decoded. Volumes: the byte size while it is written to disk
 under a sanitised name, the NIfTI signature, the header's shape (3D, at most ``max_voxels`` voxels) and the
-affine, before a voxel is read. Request bodies: :class:`BodyLimit` refuses one over its limit before (declared
+affine, before a voxel is read. DICOM: at most ``max_dicom_files`` files (or the entries of one zip, unpacked by
+:func:`~metaseg_tf.data.archives.extract_zip`: no path of the archive is used, a bomb or a path-traversal name
+is refused) and ``max_dicom_bytes`` in all, each file starting like DICOM Part 10, before a header is parsed;
+the series' voxels are checked from their headers (:func:`~metaseg_tf.data.dicom.series_geometry`). Request bodies: :class:`BodyLimit` refuses one over its limit before (declared
 length) or while (chunked) it is received. Every refusal is an :class:`~fastapi.HTTPException` (413, 415 or 422)
 whose ``detail`` says what was wrong.
 """
@@ -22,6 +25,7 @@ import numpy as np
 from fastapi import HTTPException, UploadFile
 from fastapi.responses import JSONResponse
 
+from metaseg_tf.data.archives import ArchiveTooLarge, extract_zip
 from metaseg_tf.data.discover import DataError
 from metaseg_tf.data.io import JPEG_MAGIC, TIFF_MAGIC, read_image
 from metaseg_tf.data.volumes import is_nifti, nifti_stem
@@ -29,13 +33,14 @@ from metaseg_tf.data.volumes import is_nifti, nifti_stem
 # first bytes of each accepted format: TIFF (both byte orders, classic and BigTIFF), PNG, JPEG, BMP, WebP
 SIGNATURES = {**dict.fromkeys(TIFF_MAGIC, "tiff"), b"\x89PNG": "png", JPEG_MAGIC: "jpeg", b"BM": "bmp"}
 GZIP_MAGIC = b"\x1f\x8b"
+ZIP_MAGIC = b"PK\x03\x04"
 NIFTI_HEADER_SIZES = (348, 540)  # sizeof_hdr of NIfTI-1 and NIfTI-2, the first 4 bytes (either byte order)
 
 
 @dataclass(frozen=True)
 class ServeSettings:
     """The service's settings: its limits (defaults: 20 MB slice uploads, 4096 px per side; 200 MB and 40
-    million voxels per uploaded volume), the engine, the access token and the admission of work
+    million voxels per uploaded volume; 2000 DICOM files and 800 MB per DICOM upload), the engine, the access token and the admission of work
     (:mod:`metaseg_tf.serve.guard`: ``volume_jobs`` volume predictions at once, default from the machine's
     memory and ``max_voxels``; ``slice_jobs`` slices, default the machine's cores; ``queue`` more of each may
     wait; a volume request is answered within ``volume_timeout_s``, a slice request within
@@ -45,6 +50,8 @@ class ServeSettings:
     max_side_pixels: int = 4096
     max_volume_bytes: int = 200 * 1024 * 1024
     max_voxels: int = 40_000_000
+    max_dicom_files: int = 2000
+    max_dicom_bytes: int = 800 * 1024 * 1024
     engine: str = "keras"  # keras, onnx or openvino (metaseg_tf.inference.engines)
     level: int | None = None  # serve U-Net++ pruned to this level (other architectures whole)
     token: str | None = field(default=None, repr=False)  # None: no access control (loopback, or --no-auth)
@@ -72,6 +79,8 @@ def decode_slice_upload(data: bytes, settings: ServeSettings) -> np.ndarray:
         raise HTTPException(422, "the uploaded file is empty")
     if len(data) > settings.max_upload_bytes:
         raise HTTPException(413, f"the upload is larger than the limit of {settings.max_upload_bytes} bytes")
+    if data[128:132] == b"DICM":
+        return _decode_dicom_slice(data, settings)
     kind = file_type(data[:16])
     if kind is None:
         raise HTTPException(415, "not a supported image: send a TIFF, PNG, JPEG, BMP or WebP slice")
@@ -92,6 +101,24 @@ def decode_slice_upload(data: bytes, settings: ServeSettings) -> np.ndarray:
         return read_image(data, channels=3)
     except DataError as error:
         raise HTTPException(422, f"cannot decode the {kind.upper()} upload ({error}); is it truncated?") from None
+
+
+def _decode_dicom_slice(data: bytes, settings: ServeSettings) -> np.ndarray:
+    """A DICOM slice upload (its middle frame when it has several) as ``read_image`` reads it, after its header's
+    size was checked against ``max_side_pixels``."""
+    import pydicom
+
+    try:
+        header = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
+        rows, columns = int(header.get("Rows", 0) or 0), int(header.get("Columns", 0) or 0)
+    except Exception:  # pydicom raises several types for headers it cannot parse
+        raise HTTPException(422, "cannot read the DICOM header: the file is damaged") from None
+    if max(rows, columns) > settings.max_side_pixels:
+        raise HTTPException(413, f"the image is {columns}x{rows} px; the limit is {settings.max_side_pixels} px a side")
+    try:
+        return read_image(data, channels=3)
+    except DataError as error:
+        raise HTTPException(422, f"cannot use the DICOM upload: {error}") from None
 
 
 def upload_name(filename: str | None, gzipped: bool, fallback: str) -> str:
@@ -133,6 +160,48 @@ def save_volume_upload(upload: UploadFile, folder: Path, role: str, settings: Se
             out.write(head)
             head = upload.file.read(1024 * 1024)
     return path
+
+
+def _copy_limited(upload: UploadFile, head: bytes, path: Path, budget: int) -> int:
+    """Write ``head`` and the rest of ``upload`` to ``path``; 413 once more than ``budget`` bytes came."""
+    total = 0
+    with path.open("wb") as out:
+        while head:
+            total += len(head)
+            if total > budget:
+                raise HTTPException(413, "the DICOM upload is larger than its limit in bytes")
+            out.write(head)
+            head = upload.file.read(1024 * 1024)
+    return total
+
+
+def save_dicom_uploads(uploads: list[UploadFile], folder: Path, settings: ServeSettings) -> Path:
+    """DICOM files (several), or one zip of them, written under numbered names into ``folder/series`` (its
+    name becomes the case id) after the checks of the module docstring; returns that folder."""
+    if not uploads:
+        raise HTTPException(422, "no file uploaded")
+    if len(uploads) > settings.max_dicom_files:
+        raise HTTPException(413, f"{len(uploads)} files; the limit is {settings.max_dicom_files} per DICOM upload")
+    series = folder / "series"
+    budget = settings.max_dicom_bytes
+    heads = [upload.file.read(132) for upload in uploads]
+    if len(uploads) == 1 and heads[0].startswith(ZIP_MAGIC):
+        folder.mkdir(parents=True, exist_ok=True)
+        _copy_limited(uploads[0], heads[0], folder / "upload.zip", budget)
+        try:
+            return extract_zip(folder / "upload.zip", series, settings.max_dicom_files, budget)
+        except ArchiveTooLarge as error:
+            raise HTTPException(413, str(error)) from None
+        except DataError as error:
+            raise HTTPException(422, str(error)) from None
+    series.mkdir(parents=True)
+    for number, (upload, head) in enumerate(zip(uploads, heads), start=1):
+        if head[128:132] != b"DICM":
+            kind = "a zip (send a zip alone)" if head.startswith(ZIP_MAGIC) else "not a DICOM file"
+            raise HTTPException(415, f"upload {number} of {len(uploads)} is {kind}: send DICOM Part 10 files "
+                                     "(DICM at byte 128) or one zip of them")
+        budget -= _copy_limited(upload, head, series / f"{number:05d}.dcm", budget)
+    return series
 
 
 def volume_grid(path: Path, role: str, settings: ServeSettings) -> tuple[tuple[int, ...], np.ndarray]:
