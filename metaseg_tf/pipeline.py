@@ -272,6 +272,22 @@ def _machine_line(environment: dict) -> str:
             "on one machine give the same numbers; another machine may differ (README, Reproducibility).")
 
 
+def _lesion_lines(folder: Path, prefix: str) -> list[str]:
+    """The lesion counts per test patient and region, truth beside each model (notebook 05's
+    ``lesions_per_case.csv``), as report lines; none when the notebook wrote no lesion table."""
+    import pandas as pd
+
+    if not (folder / "lesions_per_case.csv").is_file():
+        return []
+    per_case = pd.read_csv(folder / "lesions_per_case.csv")
+    counts = per_case.pivot_table(index=["case_id", "region"], columns="source", values="lesions", fill_value=0,
+                                  sort=False).astype(int)
+    return ["## Lesions on the test patients", "",
+            "Lesions (26-connected) per patient and region, in the truth and in each model's masks; every lesion with "
+            f"its volume and largest axial diameter: [`lesions.csv`]({prefix}/lesions.csv).", "",
+            counts.reset_index().to_markdown(index=False), ""]
+
+
 def write_report(out_dir: Path | str) -> Path:
     """``report.md`` of a pipeline folder: conclusion, comparison, figures, notebooks and files, linked."""
     out_dir = Path(out_dir)
@@ -293,6 +309,7 @@ def write_report(out_dir: Path | str) -> Path:
             lines += ["## Conclusion", "", (folder / "conclusion.md").read_text(), ""]
         body = comparisons[-1].read_text().replace("# Comparison", "## Comparison", 1)
         lines += [_relative_links(body, prefix), ""]
+        lines += _lesion_lines(folder, prefix)
     ablations = sorted((out_dir / "clahe_ablation").glob("comparison-test*/comparison.md"))
     if ablations:
         prefix = ablations[-1].parent.relative_to(out_dir).as_posix()

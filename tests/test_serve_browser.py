@@ -131,3 +131,45 @@ def test_a_volume_upload_browses_its_slices_and_downloads_each_seg(served_app, b
             assert download.value.suggested_filename == f"{case.name}-seg.nii.gz"
             assert seg.shape == shape and set(np.unique(np.asarray(seg.dataobj))) <= {0, 1}
         browser.close()
+
+
+def test_a_dicom_series_upload_shows_the_series_and_downloads_a_seg_that_highdicom_reads(
+        served_app, brats_phantom_dir: Path, tmp_path: Path) -> None:
+    """A phantom case written as three DICOM MR series (the tests' pydicom writer) uploaded file by file in the
+    DICOM mode: the slices are browsed, the lesion and per-model tables shown, and each model's DICOM SEG
+    downloaded, read by highdicom and found to reference the uploaded T1c series."""
+    chromium, ui_port = served_app
+    import highdicom as hd
+    import pydicom
+    from helpers.dicom_series import write_case
+    from playwright.sync_api import expect, sync_playwright
+
+    case = sorted(brats_phantom_dir.glob("BraTS-MET-*"))[0]
+    study = write_case(case, tmp_path / "study", {"t1c": "AX T1 POST GD", "t2f": "T2 FLAIR AX", "t1n": "T1 SE pre"})
+    files = sorted(study.rglob("*.dcm"))
+    t1c_uids = {str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
+                for path in sorted((study / "series1").glob("*.dcm"))}
+    with sync_playwright() as playwright:
+        browser, page = _page(playwright, chromium, ui_port)
+        expect(page.get_by_text("Upload a slice")).to_be_visible(timeout=90_000)
+        page.get_by_text("DICOM series", exact=True).click()
+        expect(page.get_by_text("Upload a DICOM series")).to_be_visible(timeout=30_000)
+        page.locator('input[type="file"]').nth(0).set_input_files([str(path) for path in files])
+        for caption in ("original", "nested_unet", "attention_unet"):
+            expect(page.get_by_alt_text(caption, exact=True)).to_be_visible(timeout=120_000)
+        expect(page.get_by_text("DICOM series found: 3")).to_be_visible()
+        slider = page.get_by_role("slider")
+        slider.focus()
+        slider.press("Home")
+        expect(page.get_by_text("slice 1 of 8", exact=False)).to_be_visible(timeout=30_000)
+        for model in ("nested_unet", "attention_unet"):
+            with page.expect_download(timeout=30_000) as download:
+                page.get_by_role("button", name=f"{model}: dicom-case-seg.dcm (DICOM SEG)").click()
+            saved = tmp_path / f"{model}-{download.value.suggested_filename}"
+            download.value.save_as(saved)
+            seg = hd.seg.segread(str(saved))
+            assert seg.Modality == "SEG" and seg.SegmentSequence[0].SegmentLabel
+            referenced = {str(item.ReferencedSOPInstanceUID) for series in seg.ReferencedSeriesSequence
+                          for item in series.ReferencedInstanceSequence}
+            assert referenced == t1c_uids
+        browser.close()

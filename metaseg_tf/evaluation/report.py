@@ -63,7 +63,7 @@ def _native_truth(data: ExperimentData, indices: np.ndarray) -> np.ndarray | Non
         return None
     return np.minimum(np.stack(labels), 255).astype(np.uint8)
 
-def _spacing(data: ExperimentData, size: int | None) -> dict[str, tuple[float, float, float] | None]:
+def model_spacing(data: ExperimentData, size: int | None) -> dict[str, tuple[float, float, float] | None]:
     """Voxel spacing in mm per case of a volume layout (None: unknown), at the native grid or, with ``size``,
     at the model's ``size x size`` slices."""
     spacing = {}
@@ -285,7 +285,7 @@ def write_evaluation(
         resolution = f"native {labels.shape[1]} x {labels.shape[2]} px"
     elif native_resolution:
         logger.warning("slices differ in size: scoring at the model's %d px instead of native size", config.image_size)
-    spacing = _spacing(data, None if native is not None else config.image_size)
+    spacing = model_spacing(data, None if native is not None else config.image_size)
     distance_unit = "mm" if spacing and all(v is not None for v in spacing.values()) else "px"
     case_ids, slice_indices = data.dataset.case_ids[indices], data.dataset.slice_indices[indices]
     # the regions of the label map that would be written (innermost region wins), as the BraTS scripts score a file

@@ -1,5 +1,6 @@
-"""Notebook studies of trained runs: U-Net++ pruned to each level (:func:`prune_level_scores`) and the
-predictions of several runs side by side (:func:`side_by_side_overlays`). Every mask is made by a
+"""Notebook studies of trained runs: U-Net++ pruned to each level (:func:`prune_level_scores`), the
+predictions of several runs side by side (:func:`side_by_side_overlays`) and their lesion reports beside the
+truth's (:func:`lesion_tables`). Every mask is made by a
 :class:`~metaseg_tf.inference.predictor.Predictor` with the run's own inference settings (flip TTA,
 threshold, small-lesion removal), as ``metaseg predict`` makes it.
 """
@@ -16,8 +17,9 @@ from metaseg_tf import plots
 from metaseg_tf.config import ExperimentConfig
 from metaseg_tf.data.batches import ExperimentData, load_recorded_data
 from metaseg_tf.evaluation.complexity import model_complexity
-from metaseg_tf.evaluation.report import example_slices, mean_dice
+from metaseg_tf.evaluation.report import example_slices, mean_dice, model_spacing
 from metaseg_tf.evaluation.scores import dice_per_case
+from metaseg_tf.inference.lesions import lesion_table
 from metaseg_tf.inference.loading import inference_network
 from metaseg_tf.inference.predictor import Predictor
 from metaseg_tf.models.nested_unet import average_heads, head_names
@@ -93,3 +95,42 @@ def side_by_side_overlays(run_dirs: Sequence[Path | str], labels: Sequence[str],
     rows, titles = example_slices(ranked, truth, case_ids)
     return plots.overlay_grid([images[k] for k in rows], [truth[k] for k in rows],
                               {label: [pred[k] for k in rows] for label, pred in predictions.items()}, titles, path)
+
+
+def lesion_tables(run_dirs: Sequence[Path | str], labels: Sequence[str], out_dir: Path | str, split: str = "test",
+                  data: ExperimentData | None = None, progress: bool = True) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The lesion report (:func:`~metaseg_tf.inference.lesions.lesion_table`: 26-connected lesions per region,
+    volume in mm³, largest axial diameter) of the truth and of every model's masks on the ``split`` patients, at
+    the model's resolution (slices of a case stacked by slice number, spacing scaled to the model's pixels).
+
+    Returns ``(lesions, per_case)``: every lesion with ``source`` (``truth`` or a label) and ``case_id``; and per
+    case and source the lesion count, total volume and largest diameter of each region. Both are also written to
+    ``out_dir`` as ``lesions.csv`` and ``lesions_per_case.csv``. The runs must share one patient split."""
+    configs = [load_run_config(run_dir) for run_dir in run_dirs]
+    data, indices = _split_images(run_dirs[0], configs[0], split, data, progress)
+    case_ids, slice_indices = data.dataset.case_ids[indices], data.dataset.slice_indices[indices]
+    sources = {}
+    for label, run_dir, config in zip(labels, run_dirs, configs):
+        predictor = Predictor.from_run(run_dir, batch_size=config.batch_size)
+        probabilities = predictor.probabilities(data.model_inputs(config, indices))
+        sources[label] = (predictor.masks(probabilities, case_ids, slice_indices), predictor.target)
+    sources = {"truth": (data.truth(configs[0], indices), sources[labels[0]][1]), **sources}
+    spacing = model_spacing(data, configs[0].image_size)
+    tables = []
+    for case in dict.fromkeys(case_ids.tolist()):
+        rows = np.flatnonzero(case_ids == case)
+        rows = rows[np.argsort(slice_indices[rows])]
+        for source, (masks, target) in sources.items():
+            table = lesion_table(masks[rows], target.names, spacing.get(case))
+            table.insert(0, "case_id", case)
+            table.insert(0, "source", source)
+            tables.append(table)
+    lesions = pd.concat(tables, ignore_index=True)
+    per_case = (lesions.groupby(["case_id", "source", "region"], sort=False)
+                .agg(lesions=("lesion", "count"), volume_mm3=("volume_mm3", "sum"),
+                     largest_diameter_mm=("largest_axial_diameter_mm", "max")).reset_index())
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    lesions.to_csv(out_dir / "lesions.csv", index=False)
+    per_case.to_csv(out_dir / "lesions_per_case.csv", index=False)
+    return lesions, per_case
