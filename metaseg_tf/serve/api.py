@@ -241,7 +241,8 @@ def create_app(run_dirs: list[Path] | None = None, settings: ServeSettings | Non
 
 def app_from_environment() -> FastAPI:
     """App factory for uvicorn: runs from ``METASEG_SERVE_RUNS`` (``os.pathsep``-separated), limits from
-    ``METASEG_MAX_UPLOAD_MB``, ``METASEG_MAX_SIDE_PX``, ``METASEG_MAX_VOLUME_MB`` and ``METASEG_MAX_VOXELS``,
+    ``METASEG_MAX_UPLOAD_MB``, ``METASEG_MAX_SIDE_PX``, ``METASEG_MAX_VOLUME_MB``, ``METASEG_MAX_VOXELS``,
+    ``METASEG_MAX_DICOM_FILES`` and ``METASEG_MAX_DICOM_MB``,
     the inference engine from ``METASEG_ENGINE`` (keras, onnx or openvino), U-Net++'s pruning level from
     ``METASEG_LEVEL`` (empty: the whole network), the access token from ``METASEG_API_TOKEN`` or the file
     ``METASEG_API_TOKEN_FILE`` (:func:`~metaseg_tf.serve.guard.read_token`) and the admission of work from
@@ -262,6 +263,8 @@ def app_from_environment() -> FastAPI:
         max_side_pixels=int(os.environ.get("METASEG_MAX_SIDE_PX", 4096)),
         max_volume_bytes=int(float(os.environ.get("METASEG_MAX_VOLUME_MB", 200)) * 1024 * 1024),
         max_voxels=int(float(os.environ.get("METASEG_MAX_VOXELS", 40_000_000))),
+        max_dicom_files=int(os.environ.get("METASEG_MAX_DICOM_FILES", 2000)),
+        max_dicom_bytes=int(float(os.environ.get("METASEG_MAX_DICOM_MB", 800)) * 1024 * 1024),
         engine=os.environ.get("METASEG_ENGINE", "keras"),
         level=int(os.environ["METASEG_LEVEL"]) if os.environ.get("METASEG_LEVEL") else None,
         token=read_token(), **optional)
