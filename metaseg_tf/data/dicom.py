@@ -4,8 +4,9 @@ same canonical orientation as a NIfTI volume (:mod:`metaseg_tf.data.volumes`).
 **Series.** Files are recognised by their content (``DICM`` at byte 128; a ``.dcm``/``.ima`` file without
 the preamble is read too) and grouped by ``SeriesInstanceUID``; only the headers are read
 (``stop_before_pixels``). Each series is mapped to a sequence name (``t1c``, ``t1n``, ``t2f``, ``t2w``) from
-the tokens of its ``SeriesDescription`` and ``ProtocolName`` (:func:`sequence_of_text`: FLAIR -> ``t2f``; T1
-with ``post``/``gd``/``+c``/``contrast``/``ce`` -> ``t1c``, other T1 (MPRAGE, SPGR) -> ``t1n``; T2 -> ``t2w``),
+the tokens of its ``SeriesDescription`` and ``ProtocolName`` (:func:`sequence_of_text`: FLAIR -> ``t2f``, but a
+T1 FLAIR is a T1; T1 with ``post``/``gd``/``+c``/``contrast``/``ce`` -> ``t1c``, unless ``pre``, ``w/o``,
+``without``, ``non`` ... says otherwise; other T1 (MPRAGE, SPGR) -> ``t1n``; T2 -> ``t2w``),
 or as the user names it (``--series t1c=UID_or_text``: the series whose ``SeriesInstanceUID`` is that, or whose
 description or protocol contains that text). Two series that claim one sequence are refused with their names,
 never chosen between silently. :meth:`DicomScan.lines` reports every series found and what it was used for.
@@ -53,7 +54,8 @@ MIN_VOLUME_FRAMES = 3
 
 _CONTRAST_TOKENS = {"post", "postcontrast", "gd", "gad", "gado", "gadolinium", "contrast", "ce", "c", "t1c", "t1ce",
                     "t1gd", "t1post", "t1wce", "mprage+c"}
-_PRE_TOKENS = {"pre", "precontrast", "native", "nativ", "t1n", "t1pre"}
+_PRE_TOKENS = {"pre", "precontrast", "native", "nativ", "t1n", "t1pre", "wo", "without", "non", "noncontrast",
+               "before", "unenhanced", "plain"}
 _T1_TOKENS = {"t1", "t1w", "t1wi", "t1n", "t1pre", "t1native", "mprage", "spgr", "bravo", "tfl", "t1c", "t1ce",
               "t1gd", "t1post", "t1wce"}
 _FLAIR_TOKENS = {"flair", "t2f", "t2flair", "darkfluid"}
@@ -62,14 +64,14 @@ _T2_TOKENS = {"t2", "t2w", "t2wi", "t2tse", "tse"}
 
 def sequence_of_text(text: str) -> str | None:
     """The BraTS 2023 sequence name a series description or protocol name stands for (see the module
-    docstring), or None: ``"AX T1 POST GD"`` -> ``t1c``, ``"t1_mprage_sag"`` -> ``t1n``, ``"T2 FLAIR AX"`` ->
-    ``t2f``, ``"T2W TSE"`` -> ``t2w``, ``"DWI b1000"`` -> None."""
+    docstring), or None: ``"AX T1 POST GD"`` -> ``t1c``, ``"AX T1 W/O GAD"`` and ``"t1_mprage_sag"`` -> ``t1n``,
+    ``"T2 FLAIR AX"`` -> ``t2f``, ``"AX T1 FLAIR POST"`` -> ``t1c``, ``"T2W TSE"`` -> ``t2w``, ``"DWI b1000"`` -> None."""
     lower = text.lower()
     tokens = {t for t in re.split(r"[^a-z0-9]+", lower) if t}
-    if tokens & _FLAIR_TOKENS:
+    if tokens & _FLAIR_TOKENS and not tokens & _T1_TOKENS:  # a T1-weighted FLAIR is a T1
         return "t2f"
     contrast = bool(tokens & _CONTRAST_TOKENS) or bool(re.search(r"\+\s*(c|gd|gad|contrast)\b", lower))
-    if tokens & _PRE_TOKENS:
+    if tokens & _PRE_TOKENS or re.search(r"\bw\s*/\s*o\b", lower):
         contrast = False
     if tokens & _T1_TOKENS:
         return "t1c" if contrast else "t1n"
@@ -269,9 +271,8 @@ class SeriesGeometry:
 
 def _item(group, sequence: str, attribute: str):
     """``attribute`` of the first item of ``sequence`` inside a functional-groups item, or None."""
-    if group is None or sequence not in group or not len(group[sequence]):
-        return None
-    return group[sequence][0].get(attribute)
+    items = group.get(sequence) if group is not None else None
+    return items[0].get(attribute) if items else None
 
 
 def _frames_of(path: Path, header) -> list[Frame]:
