@@ -57,6 +57,24 @@ def test_folder_prediction_counts_and_lists_bad_files(trained_run: Path, phantom
         predict_path(Predictor.from_run(trained_run), [tmp_path / "nope.png"], tmp_path / "out")
 
 
+def test_slice_folders_get_a_lesion_report_per_case_from_the_masks_written(trained_run: Path, phantom_dir: Path,
+                                                                            tmp_path: Path) -> None:
+    """A kaggle_3m case's slices are stacked by slice number and its lesions counted in 3D from the written
+    masks (spacing unknown: sizes in voxels, volumes NaN), as lesions.csv does for volumes."""
+    from scipy import ndimage
+
+    case = sorted(p for p in phantom_dir.iterdir() if p.is_dir())[0]
+    out_dir, _ = predict_path(Predictor.from_run(trained_run, threshold=0.3), [case], tmp_path / "out", progress=False)
+    lesions = pd.read_csv(out_dir / "lesions.csv")
+    rows = pd.read_csv(out_dir / "predictions.csv")
+    outputs = sorted(rows["output"], key=lambda stem: int(stem.rsplit("_", 1)[1]))
+    volume = np.stack([cv2.imread(str(out_dir / f"{stem}_mask.png"), cv2.IMREAD_GRAYSCALE) > 0 for stem in outputs])
+    _, count = ndimage.label(volume, structure=np.ones((3, 3, 3), bool))
+    assert len(lesions) == count and set(lesions["case_id"]) <= {case.name}
+    assert lesions["voxels"].sum() == volume.sum() and lesions["volume_mm3"].isna().all()
+    assert (lesions["first_slice"] <= lesions["centre_slice"]).all() and (lesions["centre_slice"] <= lesions["last_slice"]).all()
+
+
 def test_nifti_prediction_keeps_shape_and_affine(trained_run: Path, tmp_path: Path) -> None:
     affine = np.array([[0, 0, 1.0, 0], [0, 1.0, 0, 0], [1.5, 0, 0, 0], [0, 0, 0, 1]])  # axis 0 is S-I
     volume = np.random.default_rng(0).normal(100, 20, (6, 40, 36)).astype(np.float32)

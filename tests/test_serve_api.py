@@ -24,7 +24,8 @@ from metaseg_tf.cli import main
 from metaseg_tf.data.io import read_image, read_mask
 from metaseg_tf.data.volumes import from_canonical, read_case
 from metaseg_tf.inference.files import nifti_case
-from metaseg_tf.serve.api import VOLUME_SCORES, ServeSettings, app_from_environment, create_app
+from metaseg_tf.serve.api import ServeSettings, app_from_environment, create_app
+from metaseg_tf.serve.schemas import VOLUME_SCORES
 from metaseg_tf.serve.served import ServeError, newest_pipeline_runs
 
 # voxel axis 0 is axial (3 mm, inferior to superior), axis 1 runs right to left, axis 2 posterior to anterior:
@@ -270,7 +271,7 @@ def test_fuzzed_requests_never_cause_a_server_error(token_app, with_token: bool)
     schema = schemathesis.openapi.from_asgi("/openapi.json", token_app, headers={"Authorization": f"Bearer {TOKEN}"})
     operations = [result.ok() for result in schema.get_all_operations()]
     assert {operation.path for operation in operations} == {"/health", "/models", "/limits", "/predict",
-                                                            "/predict/mask", "/predict/volume"}
+                                                            "/predict/mask", "/predict/volume", "/predict/dicom"}
     headers = {"Authorization": f"Bearer {TOKEN}"} if with_token else {}  # a wrong token: the route test
     statuses: set[int] = set()
     for operation in operations:

@@ -17,7 +17,8 @@ from streamlit.testing.v1 import AppTest
 
 from metaseg_tf.data.discover import DataError
 from metaseg_tf.data.io import read_image, read_mask
-from metaseg_tf.data.volumes import to_canonical, window_volume
+from metaseg_tf.data.intensity import window_volume
+from metaseg_tf.data.volumes import to_canonical
 from metaseg_tf.evaluation.scores import overlap_scores
 from metaseg_tf.serve.api import ServeSettings, create_app
 from metaseg_tf.serve.launch import UI_SCRIPT

@@ -14,7 +14,8 @@ from conftest import write_image
 from metaseg_tf.data.discover import DataError
 from metaseg_tf.data.layouts import discover_volumes
 from metaseg_tf.data.targets import LABEL_CONVENTIONS, resolve_target
-from metaseg_tf.data.volumes import axial_axis, canonical_spacing, from_canonical, read_case, read_case_labels, sequence_of, to_canonical, window_volume
+from metaseg_tf.data.volumes import axial_axis, canonical_spacing, from_canonical, read_case, read_case_labels, sequence_of, to_canonical
+from metaseg_tf.data.intensity import window_volume
 
 SHAPE = (12, 10, 6)  # file voxel order (i, j, k)
 AFFINES = {

@@ -14,7 +14,7 @@ The order, for every slice (training, evaluation and serving alike):
    between scanners; ``minmax`` maps to ``[0, 1]``; ``none`` keeps ``[0, 1]`` intensities.
 
 Volumes (:mod:`metaseg_tf.data.volumes`) are windowed per volume and per sequence instead of per slice
-(step 1 is :func:`~metaseg_tf.data.volumes.window_volume`), then cut into axial slices in the canonical
+(step 1 is :func:`~metaseg_tf.data.intensity.window_volume`), then cut into axial slices in the canonical
 orientation and go through steps 2-4 like any slice (:func:`preprocess_volume_slices`).
 
 Steps 1-3 are cached as ``uint8`` arrays (a quarter of float32's memory) in an ``.npz`` file keyed by the

@@ -2,8 +2,8 @@
 
 The published layouts and how they are found are :mod:`metaseg_tf.data.layouts`; this module holds what
 they share: sequence names, the files of a case (:class:`CaseFiles`) and its arrays (:class:`CaseVolume`),
-reading, orientation and the intensity window (part of reading a volume: every reader of a case, the web app's
-viewer included, gets the same ``[0, 1]`` intensities).
+reading and orientation; the intensity window (:mod:`metaseg_tf.data.intensity`) is part of reading a volume:
+every reader of a case, the web app's viewer included, gets the same ``[0, 1]`` intensities.
 
 Sequence names follow BraTS 2023: ``t1c`` (T1 post-contrast), ``t1n`` (T1 native), ``t2f`` (T2-FLAIR),
 ``t2w`` (T2-weighted). A case that lacks a requested sequence is skipped and reported, or, when the config
@@ -32,6 +32,7 @@ import numpy as np
 
 from metaseg_tf.data.dicom import DicomSeries, read_series
 from metaseg_tf.data.discover import DataError
+from metaseg_tf.data.intensity import window_volume
 from metaseg_tf.data.io import read_image, read_mask_labels
 from metaseg_tf.data.targets import LABEL_CONVENTIONS, REGION_LABELS, unknown_labels
 
@@ -49,8 +50,6 @@ BRATS_SUFFIXES = ("t1c", "t1n", "t2f", "t2w")
 # the label convention of each layout unless its files say otherwise (metaseg_tf.data.layouts decides per dataset)
 LAYOUT_CONVENTIONS = {"msd": "msd", "brats_mets": "brats", "brats2021": "brats2021", "brainmetshare": "binary",
                       "generic": "brats", "dicom": "brats"}
-WINDOW_PERCENTILES = (0.5, 99.5)
-WINDOW_SAMPLE = 1 << 18  # brain voxels the percentiles are taken from (every n-th of a larger brain)
 GRID_TOLERANCE_MM = 0.01  # two volumes share a grid when their shapes agree and their affines within this
 
 logger = logging.getLogger(__name__)
@@ -228,25 +227,6 @@ def canonical_spacing(affine: np.ndarray) -> tuple[float, float, float]:
 def axial_axis(affine: np.ndarray) -> int:
     """The file's voxel axis that points superior/inferior in world space."""
     return int(np.flatnonzero(_orientation_transform(affine)[:, 0] == 0)[0])
-
-
-# --- intensities ------------------------------------------------------------------------------------
-def window_volume(data: np.ndarray) -> tuple[np.ndarray, int]:
-    """``float32`` volume in ``[0, 1]``: the brain's (non-zero finite voxels) 0.5th-99.5th percentiles map
-    to 0 and 1; returns it and how many voxels were NaN or infinite (they become 0). An all-zero volume (a
-    filled sequence) stays 0."""
-    data = np.asarray(data, np.float32)
-    finite = np.isfinite(data)
-    brain = finite & (data != 0)
-    if not brain.any():
-        return np.zeros(data.shape, np.float32), int(data.size - np.count_nonzero(finite))
-    values = data[brain]
-    if values.size > WINDOW_SAMPLE:  # a regular subsample: the same percentiles to ~0.01 %, several times faster
-        values = values[:: values.size // WINDOW_SAMPLE]
-    low, high = np.percentile(values, WINDOW_PERCENTILES)
-    scaled = np.clip((np.where(finite, data, low) - low) / (high - low if high > low else 1.0), 0.0, 1.0)
-    scaled[~brain] = 0.0
-    return scaled.astype(np.float32), int(data.size - np.count_nonzero(finite))
 
 
 # --- reading ------------------------------------------------------------------------------------------

@@ -3,7 +3,7 @@
 :class:`~metaseg_tf.inference.predictor.Predictor`.
 
 Written outputs per slice: ``<stem>_mask.png`` (0/255), ``<stem>_probability.png`` (0-255) and
-``<stem>_overlay.png``.
+``<stem>_overlay.png``; ``lesions.csv`` lists the lesions of each case's slices (:func:`write_slice_lesions`).
 
 Volumes are read like training data (:mod:`metaseg_tf.data.volumes`): reoriented to the canonical axial
 orientation from the affine, windowed per volume and sequence, each axial slice predicted with its 2.5D
@@ -217,6 +217,31 @@ def write_lesions(out_dir: Path, rows: list[dict]) -> Path:
     return out_dir / "lesions.csv"
 
 
+def write_slice_lesions(out_dir: Path, rows: list[dict]) -> Path:
+    """``lesions.csv`` of predicted slices (``rows``: predictions.csv's): the written masks (``<output>_mask.png``)
+    of one case (a folder's ``<case>_<n>`` slices, by slice number; any other slice by itself) stacked into a
+    volume when they share a size, and its lesions listed as for volume cases (26-connected, largest first; the
+    spacing of slice images is unknown, so volumes and diameters are NaN and sizes are in voxels)."""
+    by_case: dict[str, list[tuple[int, str]]] = {}
+    for row in rows:
+        if row.get("status") == "ok":
+            stem = Path(row["output"])
+            case, number = split_case_and_slice(stem.name)
+            by_case.setdefault((stem.parent / case).as_posix(), []).append((number, row["output"]))
+    tables = []
+    for case, slices in by_case.items():
+        masks = [cv2.imread(str(out_dir / f"{output}_mask.png"), cv2.IMREAD_GRAYSCALE) > 0 for _, output in sorted(slices)]
+        stacks = [np.stack(masks)] if len({m.shape for m in masks}) == 1 else [m[None] for m in masks]
+        for stack in stacks:
+            table = lesion_table(stack[..., None], ["lesion"], None)
+            table.insert(0, "case_id", case)
+            tables.append(table)
+    tables = [table for table in tables if len(table)]
+    table = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=["case_id", *LESION_COLUMNS])
+    table.to_csv(out_dir / "lesions.csv", index=False)
+    return out_dir / "lesions.csv"
+
+
 def _finished(rows: list[dict] | None, unit: str) -> dict:
     """Raises :class:`DataError` when ``rows`` (every row of predictions.csv; None: not all parts are in yet)
     holds none that was predicted; else the part's summary is empty (its own counts are the caller's)."""
@@ -299,7 +324,7 @@ def _slice_inputs(files: list[Path], relative: list[Path]) -> tuple[list[tuple[P
 def _read_slice_input(path: Path, frame: int | None, channels: int) -> np.ndarray:
     if frame is None:
         return read_image(path, channels)
-    from metaseg_tf.data.volumes import window_volume
+    from metaseg_tf.data.intensity import window_volume
 
     pixels, _ = read_dicom_slice(path, frame)
     return to_channels(window_volume(pixels)[0], channels)
@@ -378,7 +403,10 @@ def _predict_path(predictor: Predictor, inputs: Sequence[Path], out_root: Path |
     # a slice's case: its 2.5D neighbours, which one part predicts together
     units = [(str(path.parent), split_case_and_slice(path.stem)[0]) for path in files]
     if part is not None and part_done(out_dir, part):  # predicted before: only finish
-        _finished(finish_part(out_dir, part, None), "image")
+        merged = finish_part(out_dir, part, None)
+        if merged is not None:
+            write_slice_lesions(out_dir, merged)
+        _finished(merged, "image")
         return out_dir, {"predicted": 0, "skipped": 0}
     chosen = part.takes(units) if part is not None else [True] * len(files)
     rows: list[tuple[tuple, dict]] = []
@@ -402,7 +430,11 @@ def _predict_path(predictor: Predictor, inputs: Sequence[Path], out_root: Path |
                                   "lesion_pixels": int(sum(prediction.lesion_areas)),
                                   "max_probability": float(prediction.probability.max()), "status": "ok"}))
     if part is not None:
-        _finished(finish_part(out_dir, part, rows), "image")
+        merged = finish_part(out_dir, part, rows)
+        if merged is not None:
+            write_slice_lesions(out_dir, merged)
+        _finished(merged, "image")
     else:
         pd.DataFrame([row for _, row in rows]).to_csv(out_dir / "predictions.csv", index=False)
+        write_slice_lesions(out_dir, [row for _, row in rows])
     return out_dir, {"predicted": len(images), "skipped": len(rows) - len(images)}

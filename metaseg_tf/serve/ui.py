@@ -36,7 +36,8 @@ from metaseg_tf import paths
 from metaseg_tf.data.discover import DataError, discover_pairs
 from metaseg_tf.data.io import read_image, read_mask
 from metaseg_tf.data.synthetic import generate_phantom
-from metaseg_tf.data.volumes import to_canonical, window_volume
+from metaseg_tf.data.intensity import window_volume
+from metaseg_tf.data.volumes import to_canonical
 from metaseg_tf.evaluation.scores import overlap_scores
 
 DEFAULT_API_URL = "http://127.0.0.1:8000"
