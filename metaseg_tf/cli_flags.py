@@ -79,6 +79,8 @@ def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
                if getattr(args, flag, None) is not None}
     if getattr(args, "data", None) is not None:
         changes["data_dir"] = str(args.data)
+    if getattr(args, "init_from", None) is not None:
+        changes["init_from"] = str(args.init_from)
     if getattr(args, "no_clahe", False):
         changes["clahe"] = False
     for key, value in getattr(args, "param", None) or []:
@@ -103,6 +105,9 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sequences", nargs="+", help="volume layouts: sequences in channel order, e.g. t1c t2f t1n")
     parser.add_argument("--target", help="any, wt, tc, et, labels:1,3 or multilabel (volume layouts' regions)")
     parser.add_argument("--context-slices", type=int, help="2.5D: neighbouring slices on each side as channels")
+    parser.add_argument("--init-from", type=typed_path, metavar="RUN",
+                        help="start from this run's trained weights (fine-tuning; input channels adapted, "
+                             "metaseg_tf.training.transfer)")
     parser.add_argument("-p", "--param", nargs=2, action="append", metavar=("KEY", "VALUE"),
                         help="any other ExperimentConfig field, e.g. -p lr_schedule cosine")
 

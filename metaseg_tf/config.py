@@ -92,6 +92,7 @@ class ExperimentConfig:
     model: str = "nested_unet"
     filters: tuple[int, ...] = (16, 32, 64, 128, 256)
     deep_supervision: bool = True
+    init_from: str = ""  # a run folder whose trained weights start this training (metaseg_tf.training.transfer)
 
     # --- training ------------------------------------------------------------------------------------
     loss: str = "bce_dice"

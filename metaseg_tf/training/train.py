@@ -33,6 +33,7 @@ from metaseg_tf.config import ConfigError, ExperimentConfig
 from metaseg_tf.data.batches import ExperimentData, SegmentationBatches, load_experiment_data, load_recorded_data
 from metaseg_tf.environment import accelerator, environment_info
 from metaseg_tf.models import build_model
+from metaseg_tf.training.transfer import initialise_from
 from metaseg_tf.runs.folders import create_run_dir, find_unfinished_run, hold_run_lock, load_run_split, read_json, write_json
 from metaseg_tf.training.callbacks import RunProgress, engine_callbacks, saving_alone, settle_backup
 from metaseg_tf.training.losses import SegmentationLoss
@@ -296,6 +297,11 @@ def _fit(config: ExperimentConfig, data: ExperimentData, run_dir: Path, state: d
     shard = (group.process_id, group.num_processes) if group is not None else (0, 1)
     with precision_policy(config) as policy, device_scope(config.devices, group):
         model = build_model(config.model, config)
+        if config.init_from and not state["epochs_done"]:  # a resumed run restores its own backup instead
+            state["initialised_from"] = initialise_from(model, config)
+            if writer:
+                print(f"initialised from {config.init_from}"
+                      + "".join(f"; {note}" for note in state["initialised_from"]["adapted"]))
         targets = len(model.outputs)
         train_batches = SegmentationBatches(data.dataset, data.split.indices(data.dataset.case_ids, "train"),
                                             config, training=True, target_copies=targets, shard=shard)
