@@ -123,7 +123,7 @@ def _predict(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     from metaseg_tf.inference.export import export_run, read_export
 
-    out_dir = export_run(args.run, args.format, args.which, args.level)
+    out_dir = export_run(args.run, args.format, args.which, args.level, args.precision)
     difference = read_export(out_dir).get("max_abs_difference_to_keras")
     print(f"{args.format} export of the {args.which} model" + (f" pruned to level {args.level}" if args.level else "")
           + (f"; largest probability difference to Keras on a check batch {difference:.2e}" if difference is not None
@@ -391,6 +391,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--format", required=True, choices=EXPORT_FORMATS)
     export.add_argument("--which", default="best", choices=("best", "last"))
     export.add_argument("--level", type=int, help=LEVEL_HELP)
+    export.add_argument("--precision", default="fp32", choices=("fp32", "int8", "bf16"),
+                        help="openvino: int8 (NNCF, calibrated on training patients) or bf16; served as --engine "
+                             "openvino-int8 / openvino-bf16")
     export.set_defaults(handler=_export)
 
     serve = commands.add_parser("serve", help="start the web app: prediction API (FastAPI) and UI (Streamlit)")

@@ -111,3 +111,47 @@ def test_a_level_that_does_not_exist_is_a_config_error(served_runs: list[Path], 
     assert main(["-q", "export", str(served_runs[1]), "--format", "onnx", "--level", "1"]) == 2
     assert "U-Net++ trained with deep supervision" in capsys.readouterr().err
     assert not list(served_runs[1].glob("export-onnx-L*")) and not list(served_runs[0].glob("export-onnx-L3*"))
+
+
+@pytest.fixture(scope="module")
+def segmenting_run(phantom_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An Attention U-Net trained long enough on the phantom (32 px, 12 epochs) that its masks mean something."""
+    from metaseg_tf.config import ExperimentConfig
+    from metaseg_tf.training.train import train
+
+    root = tmp_path_factory.mktemp("int8")
+    config = ExperimentConfig(data_dir=str(phantom_dir), cache_dir=str(root / "cache"), image_size=32,
+                              filters=(4, 8, 16), batch_size=8, epochs=12, jit_compile="off", model="attention_unet",
+                              early_stopping_patience=12, clahe=False)
+    return train(config, runs_root=root / "runs", progress=False).run_dir
+
+
+INT8_MASK_AGREEMENT = 0.95  # Dice between the int8 export's masks and float32's, all test slices pooled
+INT8_PROBABILITY_TOLERANCE = 0.02  # mean absolute probability difference to float32
+
+
+def test_an_int8_export_calibrated_on_training_patients_gives_the_float32_masks_within_tolerance(
+        segmenting_run: Path, phantom_dir: Path) -> None:
+    pytest.importorskip("nncf")
+    import numpy as np
+
+    from metaseg_tf.data import discover_pairs, read_image
+    from metaseg_tf.inference.predictor import Predictor
+    from metaseg_tf.runs.folders import load_run_split
+
+    out_dir = export_run(segmenting_run, "openvino", precision="int8")
+    record = read_export(out_dir)
+    assert out_dir.name == "export-openvino-int8" and record["precision"] == "int8"
+    assert record["calibration"] == "training patients" and 0 < record["calibration_slices"] <= 300
+    assert newest_export(segmenting_run, "openvino", precision="int8") == out_dir
+    assert newest_export(segmenting_run, "openvino") is None  # a float32 export is another folder
+    test_patients = set(load_run_split(segmenting_run).test)
+    images = [read_image(pair.image_path) for pair in discover_pairs(phantom_dir).pairs if pair.case_id in test_patients]
+    assert images
+    full = Predictor.from_run(segmenting_run).predict_slices(images, progress=False)
+    int8 = Predictor.from_run(segmenting_run, engine="openvino-int8").predict_slices(images, progress=False)
+    full_masks, int8_masks = np.stack([p.mask for p in full]) > 0, np.stack([p.mask for p in int8]) > 0
+    assert full_masks.any(), "the float32 model must predict some lesion for the comparison to mean anything"
+    agreement = 2 * (full_masks & int8_masks).sum() / (full_masks.sum() + int8_masks.sum())
+    difference = np.mean([np.abs(a.probability - b.probability).mean() for a, b in zip(full, int8)])
+    assert agreement >= INT8_MASK_AGREEMENT and difference <= INT8_PROBABILITY_TOLERANCE, (agreement, difference)

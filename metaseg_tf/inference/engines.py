@@ -28,7 +28,9 @@ import numpy as np
 
 from metaseg_tf.config import ConfigError
 
-ENGINES = ("keras", "onnx", "openvino")
+# openvino-int8 / openvino-bf16: the run's OpenVINO export quantised to int8 (NNCF) or run in bf16
+# (metaseg_tf.inference.export); the runtime is the same OpenVinoEngine
+ENGINES = ("keras", "onnx", "openvino", "openvino-int8", "openvino-bf16")
 
 
 def _runtime(package: str, engine: str):

@@ -15,8 +15,18 @@ holding
   absolute probability difference to Keras measured on a check batch (ONNX and OpenVINO, run by
   :mod:`metaseg_tf.inference.engines`).
 
-:func:`load_engine` gives a run's network as an engine: Keras, or its newest export of the engine's format
-and level, exported first if there is none.
+**Precision** (OpenVINO only, ``--precision``): ``fp32`` (default); ``int8``, post-training quantisation with
+NNCF (``nncf.quantize``, its default mixed preset: int8 weights and activations, the convolutions' inputs
+calibrated on :data:`CALIBRATION_SLICES` slices spread evenly over the run's **training** patients, never its test
+patients); ``bf16``, the float32 IR compiled with OpenVINO's ``INFERENCE_PRECISION_HINT`` bf16 (on a CPU without
+AVX512-BF16 or AMX the runtime computes in float32, and ``export.json`` records the precision it reports).
+Their folders are ``export-openvino-int8`` / ``export-openvino-bf16``; reduced precision moves probabilities by
+more than :data:`MAX_DIFFERENCE`, so ``export.json`` records the difference and only one over
+:data:`MAX_REDUCED_DIFFERENCE` (a broken quantisation) is refused; their masks are scored like any engine's
+(``metaseg evaluate RUN --engine openvino-int8``).
+
+:func:`load_engine` gives a run's network as an engine: Keras, or its newest export of the engine's format,
+precision and level, exported first if there is none.
 """
 
 from __future__ import annotations
@@ -38,6 +48,9 @@ EXPORT_FILES = {"onnx": "model.onnx", "openvino": "model.xml", "saved_model": "s
 _KERAS_FORMATS = {"onnx": "onnx", "openvino": "openvino", "saved_model": "tf_saved_model"}
 CHECK_BATCH = 4  # images of the check batch that the export is compared to Keras on
 MAX_DIFFERENCE = 1e-3  # largest probability difference to Keras an ONNX or OpenVINO export may have
+MAX_REDUCED_DIFFERENCE = 0.5  # the same for an int8 or bf16 export (beyond it the quantisation is broken)
+PRECISIONS = ("fp32", "int8", "bf16")
+CALIBRATION_SLICES = 300
 
 
 def read_export(export_dir: Path | str) -> dict:
@@ -51,25 +64,66 @@ def model_digest(run_dir: Path | str, which: str = "best") -> str:
     return hashlib.sha256(run_model_path(run_dir, which).read_bytes()).hexdigest()
 
 
-def _export_stem(format: str, level: int | None) -> str:
-    return f"export-{format}" if level is None else f"export-{format}-L{level}"
+def _export_stem(format: str, level: int | None, precision: str = "fp32") -> str:
+    stem = f"export-{format}" if precision == "fp32" else f"export-{format}-{precision}"
+    return stem if level is None else f"{stem}-L{level}"
 
 
-def newest_export(run_dir: Path | str, format: str, which: str = "best", level: int | None = None) -> Path | None:
-    """The newest export (by its ``export.json``'s modification time) of ``run_dir`` in ``format`` made from the
-    run's current ``which`` model, pruned to ``level`` (None: the whole network), or None."""
+def newest_export(run_dir: Path | str, format: str, which: str = "best", level: int | None = None,
+                  precision: str = "fp32") -> Path | None:
+    """The newest export (by its ``export.json``'s modification time) of ``run_dir`` in ``format`` and
+    ``precision`` made from the run's current ``which`` model, pruned to ``level`` (None: the whole network), or
+    None."""
     digest = model_digest(run_dir, which)
     found = []
-    for folder in Path(run_dir).glob(f"{_export_stem(format, level)}*"):
+    for folder in Path(run_dir).glob(f"{_export_stem(format, level, precision)}*"):
         record = read_export(folder) if (folder / "export.json").is_file() else {}
-        if (record.get("which"), record.get("model_sha256"), record.get("level")) == (which, digest, level):
+        if (record.get("which"), record.get("model_sha256"), record.get("level"), record.get("precision", "fp32")) \
+                == (which, digest, level, precision):
             found.append(folder)
     return max(found, key=lambda p: (p / "export.json").stat().st_mtime) if found else None
 
 
-def export_run(run_dir: Path | str, format: str, which: str = "best", level: int | None = None) -> Path:
-    """Export the run's ``which`` model, pruned to ``level`` if given (U-Net++ only), in ``format`` into a new
-    folder (see the module docstring).
+def calibration_inputs(run_dir: Path | str, count: int = CALIBRATION_SLICES) -> np.ndarray:
+    """``count`` preprocessed slices ``float32 (n, S, S, input_channels)`` spread evenly over the run's recorded
+    training patients (normalised as the network's inputs): int8 calibration data, never from test patients."""
+    from metaseg_tf.data.batches import load_recorded_data
+    from metaseg_tf.data.discover import DataError
+    from metaseg_tf.data.preprocess import normalise
+    from metaseg_tf.runs.folders import load_run_config, load_run_split
+
+    config = load_run_config(run_dir)
+    try:
+        data, _ = load_recorded_data(config, load_run_split(run_dir), ("train",), progress=False)
+    except DataError as error:
+        raise ConfigError(f"int8 calibration reads the run's training patients from {config.data_dir}: {error}") from None
+    indices = data.split.indices(data.dataset.case_ids, "train")
+    chosen = indices[np.linspace(0, len(indices) - 1, min(count, len(indices))).astype(int)]
+    return normalise(data.model_inputs(config, chosen), config.normalisation).astype(np.float32)
+
+
+def _quantise_int8(xml: Path, run_dir: Path) -> int:
+    """Quantise the OpenVINO IR at ``xml`` to int8 in place (NNCF post-training quantisation, calibrated on
+    :func:`calibration_inputs`); returns the number of calibration slices."""
+    try:
+        import nncf
+        import openvino
+    except ImportError as error:
+        raise ConfigError(f"an int8 export needs the package {error.name}; pip install nncf openvino") from None
+    inputs = calibration_inputs(run_dir)
+    model = openvino.Core().read_model(str(xml))
+    quantised = nncf.quantize(model, nncf.Dataset([inputs[k : k + 1] for k in range(len(inputs))]),
+                              subset_size=len(inputs))
+    for path in (xml, xml.with_suffix(".bin")):
+        path.unlink()
+    openvino.save_model(quantised, str(xml), compress_to_fp16=False)
+    return len(inputs)
+
+
+def export_run(run_dir: Path | str, format: str, which: str = "best", level: int | None = None,
+               precision: str = "fp32") -> Path:
+    """Export the run's ``which`` model, pruned to ``level`` if given (U-Net++ only), in ``format`` (and, for
+    OpenVINO, ``precision``: ``fp32``, ``int8`` or ``bf16``) into a new folder (see the module docstring).
 
     The export is written into a hidden scratch folder of the run and becomes ``export-<format>`` only once it
     is complete and, for ONNX and OpenVINO, gives Keras' probabilities within :data:`MAX_DIFFERENCE`; a failed
@@ -80,6 +134,8 @@ def export_run(run_dir: Path | str, format: str, which: str = "best", level: int
 
     if format not in EXPORT_FORMATS:
         raise ValueError(f"unknown export format {format!r}; choose one of {', '.join(EXPORT_FORMATS)}")
+    if precision not in PRECISIONS or (precision != "fp32" and format != "openvino"):
+        raise ConfigError(f"precision {precision!r}: fp32 for every format, int8 or bf16 for openvino")
     run_dir = Path(run_dir)
     digest = model_digest(run_dir, which)
     model = load_model(run_dir, which)
@@ -95,20 +151,29 @@ def export_run(run_dir: Path | str, format: str, which: str = "best", level: int
         for name in ("config.json", "data.json"):
             if (run_dir / name).is_file():
                 shutil.copy(run_dir / name, scratch / name)
-        record = {"format": format, "which": which, "level": level, "run": str(run_dir), "file": EXPORT_FILES[format],
+        if precision == "int8":
+            calibration = _quantise_int8(scratch / EXPORT_FILES[format], run_dir)
+        record = {"format": format, "precision": precision, "which": which, "level": level, "run": str(run_dir),
+                  "file": EXPORT_FILES[format],
                   "model_sha256": digest, "keras": keras.__version__, "backend": keras.backend.backend(),
                   "input_shape": [None, *served.inputs[0].shape[1:]],
-                  "output_shape": [None, *served.outputs[0].shape[1:]]}
+                  "output_shape": [None, *served.outputs[0].shape[1:]],
+                  **({"calibration_slices": calibration, "calibration": "training patients"} if precision == "int8" else {})}
         write_json(scratch / "export.json", record)
         if format in ("onnx", "openvino"):
             check = np.random.default_rng(0).normal(size=(CHECK_BATCH, *served.inputs[0].shape[1:])).astype(np.float32)
-            difference = float(np.abs(engine_from_export(scratch).predict(check) - KerasEngine(served).predict(check)).max())
-            if difference > MAX_DIFFERENCE:
-                raise ValueError(f"the {format} export differs from Keras by up to {difference:.3g} in probability "
-                                 f"(limit {MAX_DIFFERENCE}); it is not kept")
+            engine = engine_from_export(scratch)
+            difference = float(np.abs(engine.predict(check) - KerasEngine(served).predict(check)).max())
+            limit = MAX_DIFFERENCE if precision == "fp32" else MAX_REDUCED_DIFFERENCE
+            if difference > limit:
+                raise ValueError(f"the {format} {precision} export differs from Keras by up to {difference:.3g} in "
+                                 f"probability (limit {limit}); it is not kept")
             record["max_abs_difference_to_keras"] = difference
+            if format == "openvino":
+                hint = engine.compiled.get_property("INFERENCE_PRECISION_HINT")
+                record["runtime_precision"] = hint.get_type_name() if hasattr(hint, "get_type_name") else str(hint)
             write_json(scratch / "export.json", record)
-        out_dir = new_dir(run_dir, _export_stem(format, level))
+        out_dir = new_dir(run_dir, _export_stem(format, level, precision))
         for path in scratch.iterdir():
             path.replace(out_dir / path.name)
         return out_dir
@@ -123,7 +188,8 @@ def engine_from_export(export_dir: Path | str, threads: int | None = None) -> En
     if kind == "onnx":
         return OnnxEngine(export_dir / EXPORT_FILES["onnx"], threads=threads)
     if kind == "openvino":
-        return OpenVinoEngine(export_dir / EXPORT_FILES["openvino"], threads=threads)
+        precision = "bf16" if read_export(export_dir).get("precision") == "bf16" else "f32"
+        return OpenVinoEngine(export_dir / EXPORT_FILES["openvino"], precision=precision, threads=threads)
     raise ValueError(f"{export_dir} holds a {kind} export, which no engine here runs; use onnx or openvino")
 
 
@@ -132,10 +198,14 @@ def load_engine(run_dir: Path | str, engine: str, which: str = "best", model=Non
     """The run's ``which`` model, pruned to ``level`` if given (U-Net++ only,
     :func:`~metaseg_tf.inference.loading.inference_network`), as ``engine``: Keras (``model`` if given, else
     loaded), or the newest export of that format and level (written first if there is none), using at most
-    ``threads`` threads (ONNX Runtime, OpenVINO; None: the runtime's default, every core)."""
+    ``threads`` threads (ONNX Runtime, OpenVINO; None: the runtime's default, every core); ``openvino-int8`` and
+    ``openvino-bf16`` are the OpenVINO exports of that precision."""
     if engine not in ENGINES:
         raise ValueError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
     if engine == "keras":
         return KerasEngine(inference_network(model if model is not None else load_model(run_dir, which), level))
-    export_dir = newest_export(run_dir, engine, which, level) or export_run(run_dir, engine, which, level)
+    format, _, precision = engine.partition("-")
+    precision = precision or "fp32"
+    export_dir = newest_export(run_dir, format, which, level, precision) or export_run(run_dir, format, which, level,
+                                                                                       precision)
     return engine_from_export(export_dir, threads)
