@@ -300,7 +300,7 @@ def test_a_dangerous_zip_is_refused_and_nothing_is_written(case: str, tmp_path: 
             match = r"unsafe name \('../evil.dcm'\)"
         elif case == "too many files":
             handle.writestr("b.dcm", b"b")
-            max_files, match = 1, "holds 2 files; the limit is 1"
+            max_files, match = 1, "holds 2 entries; the limit is 1"
         elif case == "too many bytes":
             handle.writestr("b.dcm", np.random.default_rng(0).bytes(1000))
             max_bytes, match = 500, "unpacks to 1100 bytes; the limit is 500"
@@ -341,3 +341,65 @@ def test_the_series_are_logged_without_any_patient_identifier(dicom_case: Path, 
         assert any(f"'{description}'" in message and f"used as {name}" in message for message in messages)
     assert not [message for message in messages if any(identifier in message for identifier in IDENTIFIERS)]
     assert not any(identifier in caplog.text for identifier in IDENTIFIERS)
+
+
+# --- series of one frame of reference on other grids, studies with extra series, malformed headers ----------
+def test_a_series_on_another_grid_of_the_same_frame_of_reference_is_resampled_onto_the_first(
+        case_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from pydicom.uid import generate_uid
+
+    from metaseg_tf.data.volumes import read_case
+
+    t2f = nib.load(case_dir / f"{CASE}-t2f.nii.gz")
+    coarse = nib.Nifti1Image(np.asarray(t2f.dataobj)[::2, ::2, :], t2f.affine @ np.diag([2.0, 2.0, 1.0, 1.0]))
+    nib.save(coarse, tmp_path / "coarse-t2f.nii.gz")
+    study = generate_uid()
+    write_series(case_dir / f"{CASE}-t1c.nii.gz", tmp_path / "study" / "a", "AX T1 POST GD", study, 1)
+    write_series(tmp_path / "coarse-t2f.nii.gz", tmp_path / "study" / "b", "T2 FLAIR", study, 2)
+    (case,) = discover_volumes(tmp_path / "study").cases
+    with caplog.at_level(logging.WARNING):
+        volume = read_case(case, ("t1c", "t2f"))
+    fine = _voxels(t2f)
+    assert volume.images.shape[:3] == fine.shape and "resampled" in caplog.text
+    resampled = volume.images[..., 1]
+    assert np.corrcoef(resampled.ravel(), fine.ravel())[0, 1] > 0.8
+
+
+def test_two_series_of_a_sequence_the_model_does_not_read_do_not_stop_the_case(dicom_case: Path, tmp_path: Path) -> None:
+    study = tmp_path / "study"
+    shutil.copytree(dicom_case, study)
+    uid = str(pydicom.dcmread(next((study / "series1").glob("*.dcm"))).StudyInstanceUID)
+    for number, description in ((7, "AX T2 TSE"), (8, "COR T2 TSE")):
+        write_series(_t2w(dicom_case, tmp_path), study / f"t2-{number}",
+                     description, uid, number)
+    scan = scan_dicom(study)
+    with pytest.raises(DataError, match="2 series look like t2w"):
+        choose_series(scan)
+    assert set(choose_series(scan, needed=("t1c", "t2f", "t1n"))) == {"t1c", "t2f", "t1n"}
+    (case,) = discover_volumes(study, sequences=("t1c", "t2f", "t1n")).cases
+    assert set(case.sequences) == {"t1c", "t2f", "t1n"}
+
+
+def _t2w(dicom_case: Path, tmp_path: Path) -> Path:
+    """A T2W volume on the case's grid (its t1c voxels will do: only the description matters here)."""
+    path = tmp_path / "t2w.nii.gz"
+    if not path.exists():
+        image = read_series(choose_series(scan_dicom(dicom_case))["t1c"])
+        nib.save(nib.Nifti1Image(np.asarray(image.dataobj).astype(np.int16), image.affine), path)
+    return path
+
+
+@pytest.mark.parametrize(("attribute", "value", "match"), [
+    ("PixelSpacing", [0.9], "PixelSpacing"), ("PixelSpacing", [0.0, 0.9], "not a valid image plane"),
+    ("ImageOrientationPatient", [1, 0, 0, 1, 0, 0], "not a valid image plane"),
+    ("ImagePositionPatient", ["nan", 0, 0], "ImagePositionPatient")])
+def test_malformed_geometry_is_a_one_line_error(dicom_case: Path, tmp_path: Path, attribute: str, value: list,
+                                                 match: str) -> None:
+    series = tmp_path / "series"
+    shutil.copytree(dicom_case / "series1", series)
+    first = sorted(series.glob("*.dcm"))[0]
+    dataset = pydicom.dcmread(first)
+    setattr(dataset, attribute, value)
+    dataset.save_as(first)
+    with pytest.raises(DataError, match=match):
+        read_series(scan_dicom(series).series[0])

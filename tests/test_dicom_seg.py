@@ -189,9 +189,9 @@ def test_each_frame_of_a_multiframe_dicom_file_is_predicted_in_2d(slice_run: Pat
     out_dir, summary = predict_path(predictor, [enhanced_file], tmp_path, progress=False)
     assert summary == {"predicted": 8, "skipped": 0}
     table = pd.read_csv(out_dir / "predictions.csv")
-    assert table["output"].tolist() == [f"t1c-enhanced-frame{k:03d}" for k in range(8)]
+    assert table["output"].tolist() == [f"t1c-enhanced-frame_{k:03d}" for k in range(8)]
     assert (table["status"] == "ok").all()
-    assert all((out_dir / f"t1c-enhanced-frame{k:03d}_mask.png").is_file() for k in range(8))
+    assert all((out_dir / f"t1c-enhanced-frame_{k:03d}_mask.png").is_file() for k in range(8))
 
 
 def test_a_case_with_a_multiframe_t1c_predicts_the_same_seg_and_its_dicom_seg_references_the_frames(

@@ -46,7 +46,7 @@ MR_STORAGE = {"1.2.840.10008.5.1.4.1.1.4": "MR Image Storage",
               "1.2.840.10008.5.1.4.1.1.4.1": "Enhanced MR Image Storage",
               "1.2.840.10008.5.1.4.1.1.4.4": "Legacy Converted Enhanced MR Image Storage"}
 DICOMDIR_CLASS = "1.2.840.10008.1.3.10"
-SECONDARY_CAPTURE_PREFIX = "1.2.840.10008.5.1.4.1.1.7"
+SECONDARY_CAPTURE = re.compile(r"1\.2\.840\.10008\.5\.1\.4\.1\.1\.7(\.[1-4])?")  # SC, and its multi-frame kinds
 DICOM_EXTENSIONS = (".dcm", ".dicom", ".ima")
 ORIENTATION_TOLERANCE = 1e-3  # direction cosines of one series agree to this
 SPACING_TOLERANCE = 0.02  # slice steps may differ by this fraction of the median step (plus 0.01 mm)
@@ -98,6 +98,7 @@ class DicomSeries:
     rows: int
     columns: int
     localizer: bool = False
+    frame_of_reference: str = ""
 
     @property
     def sequence(self) -> str | None:
@@ -110,7 +111,7 @@ class DicomSeries:
 
     def problem(self) -> str | None:
         """Why this series cannot be a volume of an MR sequence, or None."""
-        if self.sop_class.startswith(SECONDARY_CAPTURE_PREFIX):
+        if SECONDARY_CAPTURE.fullmatch(self.sop_class):
             return "a secondary capture (a picture of an image, without geometry), not an MR acquisition"
         if self.sop_class not in MR_STORAGE:
             return f"not an MR image (SOP class {self.sop_class})"
@@ -163,63 +164,80 @@ def _read_header(path: Path):
     return pydicom.dcmread(str(path), stop_before_pixels=True, force=path.suffix.lower() in DICOM_EXTENSIONS)
 
 
+def _whole(value, default: int) -> int:
+    """An IS header value as an int (``default`` when absent); :class:`ValueError` for anything malformed."""
+    return default if value in (None, "") else int(float(str(value)))
+
+
+def _file_summary(path: Path) -> tuple[str, dict] | str:
+    """``(SeriesInstanceUID, what the series needs of this file)``, or why the file is not used."""
+    header = _read_header(path)
+    sop_class = str(getattr(header, "file_meta", {}).get("MediaStorageSOPClassUID", "") or header.get("SOPClassUID", ""))
+    if sop_class == DICOMDIR_CLASS or path.name.upper() == "DICOMDIR":
+        return "a DICOMDIR (an index of files; the files themselves are read)"
+    if "SeriesInstanceUID" not in header:
+        return "no SeriesInstanceUID"
+    frames = _whole(header.get("NumberOfFrames"), 1)
+    if frames < 1:
+        return f"NumberOfFrames {frames}"
+    image_type = header.get("ImageType") or []
+    image_type = [image_type] if isinstance(image_type, str) else list(image_type)
+    return str(header.SeriesInstanceUID), {
+        "study": str(header.get("StudyInstanceUID", "")), "number": _whole(header.get("SeriesNumber"), -1),
+        "description": str(header.get("SeriesDescription", "") or ""), "protocol": str(header.get("ProtocolName", "") or ""),
+        "sop_class": str(header.get("SOPClassUID", "")), "frames": frames, "rows": _whole(header.get("Rows"), 0),
+        "columns": _whole(header.get("Columns"), 0), "localizer": "LOCALIZER" in [str(v).upper() for v in image_type],
+        "frame_of_reference": str(header.get("FrameOfReferenceUID", ""))}
+
+
 def scan_dicom(root: Path | str, max_files: int | None = None) -> DicomScan:
     """Every DICOM series under ``root`` (a folder, searched recursively, or one file), headers only; files that
-    are not DICOM or not usable go to ``ignored`` with the reason. ``max_files``: refuse a folder with more DICOM
-    files than that before reading any."""
-    import pydicom
-
+    are not DICOM or not usable (unreadable, malformed header values) go to ``ignored`` with the reason.
+    ``max_files``: refuse a folder with more DICOM files than that before reading any."""
     root = Path(root)
     paths = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file()
                                                  and not any(part.startswith(".") for part in p.relative_to(root).parts))
     scan = DicomScan(root)
     candidates = [p for p in paths if is_dicom_file(p)]
-    scan.ignored.update({p: "not a DICOM file" for p in paths if p not in set(candidates)})
+    chosen = set(candidates)
+    scan.ignored.update({p: "not a DICOM file" for p in paths if p not in chosen})
     if max_files is not None and len(candidates) > max_files:
         raise DataError(f"{len(candidates)} DICOM files: more than the limit of {max_files}")
-    groups: dict[str, list[tuple[Path, object]]] = {}
+    groups: dict[str, list[tuple[Path, dict]]] = {}
     dicomdir = False
     for path in candidates:
         try:
-            header = _read_header(path)
-        except (pydicom.errors.InvalidDicomError, OSError, ValueError, EOFError, AttributeError) as error:
+            summary = _file_summary(path)
+        except Exception as error:  # pydicom raises many types for damaged files and malformed values
             scan.ignored[path] = f"not a readable DICOM file ({type(error).__name__})"
             continue
-        sop_class = str(getattr(header, "file_meta", {}).get("MediaStorageSOPClassUID", "")
-                        or header.get("SOPClassUID", ""))
-        if sop_class == DICOMDIR_CLASS or path.name.upper() == "DICOMDIR":
-            dicomdir = True
-            scan.ignored[path] = "a DICOMDIR (an index of files; the files themselves are read)"
+        if isinstance(summary, str):
+            dicomdir = dicomdir or summary.startswith("a DICOMDIR")
+            scan.ignored[path] = summary
             continue
-        if "SeriesInstanceUID" not in header:
-            scan.ignored[path] = "no SeriesInstanceUID"
-            continue
-        groups.setdefault(str(header.SeriesInstanceUID), []).append((path, header))
+        groups.setdefault(summary[0], []).append((path, summary[1]))
     for uid, members in groups.items():
         first = members[0][1]
-        image_type = [str(value).upper() for value in (first.get("ImageType") or [])]
-        number = first.get("SeriesNumber")
         scan.series.append(DicomSeries(
-            uid=uid, study=str(first.get("StudyInstanceUID", "")),
-            number=int(number) if number not in (None, "") else None,
-            description=str(first.get("SeriesDescription", "") or ""), protocol=str(first.get("ProtocolName", "") or ""),
-            sop_class=str(first.get("SOPClassUID", "")), files=tuple(path for path, _ in members),
-            frames=sum(int(header.get("NumberOfFrames", 1) or 1) for _, header in members),
-            rows=int(first.get("Rows", 0) or 0), columns=int(first.get("Columns", 0) or 0),
-            localizer="LOCALIZER" in image_type))
+            uid=uid, study=first["study"], number=first["number"] if first["number"] >= 0 else None,
+            description=first["description"], protocol=first["protocol"], sop_class=first["sop_class"],
+            files=tuple(path for path, _ in members), frames=sum(summary["frames"] for _, summary in members),
+            rows=first["rows"], columns=first["columns"], localizer=first["localizer"],
+            frame_of_reference=first["frame_of_reference"]))
     scan.series.sort(key=lambda s: (s.study, s.number if s.number is not None else math.inf, s.uid))
     if dicomdir and not scan.series:
-        raise DataError(f"{root} holds a DICOMDIR but none of the image files it lists: copy the whole folder "
+        raise DataError(f"{root.name} holds a DICOMDIR but none of the image files it lists: copy the whole folder "
                         "the DICOMDIR came in")
     return scan
 
 
-def choose_series(scan: DicomScan, named: dict[str, str] | None = None) -> dict[str, DicomSeries]:
+def choose_series(scan: DicomScan, named: dict[str, str] | None = None,
+                  needed: tuple[str, ...] | None = None) -> dict[str, DicomSeries]:
     """Sequence name -> series: the user's ``named`` choices (sequence -> a SeriesInstanceUID, or text that
     one series' description or protocol contains), then every other usable series by its description
-    (:func:`sequence_of_text`). :class:`DataError` when a named choice matches no series or several, or when
-    two series claim one sequence."""
-    usable = [series for series in scan.series if series.problem() is None]
+    (:func:`sequence_of_text`). ``needed``: the sequences a model reads (None: all); only those are returned,
+    and only two series claiming one of them is refused (two T2 series do not stop a model that reads no T2).
+    :class:`DataError` when a named choice matches no series or several, or for such a conflict."""
     chosen: dict[str, DicomSeries] = {}
     for name, wanted in (named or {}).items():
         matches = [s for s in scan.series if s.uid == wanted] or \
@@ -234,15 +252,17 @@ def choose_series(scan: DicomScan, named: dict[str, str] | None = None) -> dict[
         chosen[name] = matches[0]
     taken = {series.uid for series in chosen.values()}
     claims: dict[str, list[DicomSeries]] = {}
-    for series in usable:
-        if series.uid not in taken and series.sequence and series.sequence not in chosen:
+    for series in scan.series:
+        if series.problem() is None and series.uid not in taken and series.sequence and series.sequence not in chosen:
             claims.setdefault(series.sequence, []).append(series)
     for name, series in claims.items():
         if len(series) > 1:
-            raise DataError(f"{len(series)} series look like {name}: {'; '.join(s.label for s in series)}; name the "
-                            f"one to use with --series {name}=UID_or_text")
+            if needed is None or name in needed:
+                raise DataError(f"{len(series)} series look like {name}: {'; '.join(s.label for s in series)}; name "
+                                f"the one to use with --series {name}=UID_or_text")
+            continue
         chosen[name] = series[0]
-    return chosen
+    return chosen if needed is None else {name: chosen[name] for name in needed if name in chosen}
 
 
 # --- geometry and voxels -------------------------------------------------------------------------------
@@ -275,10 +295,23 @@ def _item(group, sequence: str, attribute: str):
     return items[0].get(attribute) if items else None
 
 
+def _numbers(value, count: int, what: str) -> tuple[float, ...]:
+    """A multi-valued DS header value as ``count`` finite floats; :class:`DataError` otherwise."""
+    try:
+        numbers = tuple(float(v) for v in ([value] if isinstance(value, (str, bytes, int, float)) else list(value)))
+    except (TypeError, ValueError):
+        numbers = ()
+    if len(numbers) != count or not all(math.isfinite(v) for v in numbers):
+        raise DataError(f"{what} is {value!r}: {count} finite numbers are expected")
+    return numbers
+
+
 def _frames_of(path: Path, header) -> list[Frame]:
     """The frames of one file with their planes: a classic image has one, an enhanced or legacy-converted
-    multi-frame image one per item of its per-frame functional groups (shared groups filling in)."""
-    count = int(header.get("NumberOfFrames", 1) or 1)
+    multi-frame image one per item of its per-frame functional groups (shared groups filling in); malformed
+    or non-finite geometry, a pixel spacing not above 0 and direction cosines that are not two orthogonal unit
+    vectors are a :class:`DataError`."""
+    count = _whole(header.get("NumberOfFrames"), 1)
     per_frame = header.get("PerFrameFunctionalGroupsSequence")
     shared = header.get("SharedFunctionalGroupsSequence")
     shared = shared[0] if shared else None
@@ -291,17 +324,26 @@ def _frames_of(path: Path, header) -> list[Frame]:
             found = _item(shared, sequence, attribute) if found is None else found
             return header.get(attribute, default) if found is None else found
 
-        position = value("PlanePositionSequence", "ImagePositionPatient")
-        orientation = value("PlaneOrientationSequence", "ImageOrientationPatient")
+        where = f"{path.name}, frame {index + 1}"
+        position, orientation = value("PlanePositionSequence", "ImagePositionPatient"), \
+            value("PlaneOrientationSequence", "ImageOrientationPatient")
         spacing = value("PixelMeasuresSequence", "PixelSpacing")
         if position is None or orientation is None or spacing is None:
-            raise DataError(f"{path.name}: frame {index + 1} has no ImagePositionPatient, ImageOrientationPatient "
-                            "or PixelSpacing: its place in the patient is unknown")
+            raise DataError(f"{where} has no ImagePositionPatient, ImageOrientationPatient or PixelSpacing: its place "
+                            "in the patient is unknown")
+        position = _numbers(position, 3, f"{where}: ImagePositionPatient")
+        orientation = _numbers(orientation, 6, f"{where}: ImageOrientationPatient")
+        spacing = _numbers(spacing, 2, f"{where}: PixelSpacing")
+        row, column = np.array(orientation[:3]), np.array(orientation[3:])
+        if min(spacing) <= 0 or abs(np.linalg.norm(row) - 1) > ORIENTATION_TOLERANCE or \
+                abs(np.linalg.norm(column) - 1) > ORIENTATION_TOLERANCE or abs(row @ column) > ORIENTATION_TOLERANCE:
+            raise DataError(f"{where}: PixelSpacing {spacing} or ImageOrientationPatient {orientation} is not a valid "
+                            "image plane (spacings above 0, two orthogonal unit directions)")
         slope = value("PixelValueTransformationSequence", "RescaleSlope", 1.0)
         intercept = value("PixelValueTransformationSequence", "RescaleIntercept", 0.0)
-        frames.append(Frame(path, index, tuple(float(v) for v in position), tuple(float(v) for v in orientation),
-                            (float(spacing[0]), float(spacing[1])), float(slope if slope not in (None, "") else 1.0),
-                            float(intercept if intercept not in (None, "") else 0.0)))
+        slope = 1.0 if slope in (None, "") else _numbers(slope, 1, f"{where}: RescaleSlope")[0]
+        intercept = 0.0 if intercept in (None, "") else _numbers(intercept, 1, f"{where}: RescaleIntercept")[0]
+        frames.append(Frame(path, index, position, orientation, (spacing[0], spacing[1]), slope, intercept))
     return frames
 
 
@@ -311,15 +353,25 @@ def series_geometry(series: DicomSeries, max_voxels: int | None = None) -> Serie
     problem = series.problem()
     if problem:
         raise DataError(f"series {series.label} is {problem}")
-    headers = [(path, _read_header(path)) for path in series.files]
-    sizes = {(int(h.get("Rows", 0) or 0), int(h.get("Columns", 0) or 0)) for _, h in headers}
+    try:
+        headers = [(path, _read_header(path)) for path in series.files]
+        sizes = {(_whole(h.get("Rows"), 0), _whole(h.get("Columns"), 0)) for _, h in headers}
+    except Exception as error:  # pydicom raises many types for damaged files and malformed values
+        raise DataError(f"series {series.label}: a file cannot be read again ({type(error).__name__})") from error
     if len(sizes) != 1:
         raise DataError(f"series {series.label} mixes frame sizes {sorted(sizes)}: one volume needs one size")
     rows, columns = sizes.pop()
     if max_voxels is not None and rows * columns * series.frames > max_voxels:
         raise DataError(f"series {series.label} has {rows}x{columns}x{series.frames} = {rows * columns * series.frames} "
                         f"voxels; the limit is {max_voxels}")
-    frames = [frame for path, header in headers for frame in _frames_of(path, header)]
+    try:
+        frames = [frame for path, header in headers for frame in _frames_of(path, header)]
+    except DataError:
+        raise
+    except Exception as error:  # malformed functional groups or values: pydicom raises many types
+        raise DataError(f"series {series.label}: malformed image-plane attributes ({type(error).__name__})") from error
+    if max_voxels is not None and rows * columns * len(frames) > max_voxels:
+        raise DataError(f"series {series.label} has {rows}x{columns}x{len(frames)} voxels; the limit is {max_voxels}")
     if len(frames) < MIN_VOLUME_FRAMES:
         raise DataError(f"series {series.label} has {len(frames)} frame(s); a volume needs at least {MIN_VOLUME_FRAMES}")
     orientation = np.array(frames[0].orientation)
@@ -402,45 +454,61 @@ def read_series(series: DicomSeries, max_voxels: int | None = None):
     return image
 
 
+def _rescale(dataset, index: int) -> tuple[float, float]:
+    """Frame ``index``'s rescale slope and intercept: its functional groups' (multi-frame), else the dataset's."""
+    per_frame = dataset.get("PerFrameFunctionalGroupsSequence")
+    shared = dataset.get("SharedFunctionalGroupsSequence")
+    item = per_frame[index] if per_frame is not None and index < len(per_frame) else None
+    values = []
+    for attribute, default in (("RescaleSlope", 1.0), ("RescaleIntercept", 0.0)):
+        found = _item(item, "PixelValueTransformationSequence", attribute)
+        found = _item(shared[0] if shared else None, "PixelValueTransformationSequence", attribute) \
+            if found is None else found
+        found = dataset.get(attribute) if found is None else found
+        values.append(default if found in (None, "") else _numbers(found, 1, attribute)[0])
+    return values[0], values[1]
+
+
 def read_dicom_slice(source: Path | bytes, frame: int | None = None) -> tuple[np.ndarray, int]:
     """One 2D frame of a DICOM file (a path or its bytes) for the 2D models, and the file's frame count:
     ``float32 (rows, columns)`` with the rescale applied (``frame``: which one, default the middle one of a
-    multi-frame file)."""
+    multi-frame file; only that frame is decoded)."""
     import io
 
     import pydicom
+    from pydicom.pixels import pixel_array
 
     name = "the uploaded DICOM file" if isinstance(source, bytes) else Path(source).name
     try:
         dataset = pydicom.dcmread(io.BytesIO(source) if isinstance(source, bytes) else str(source), force=True)
+        count = _whole(dataset.get("NumberOfFrames"), 1)
+        samples = _whole(dataset.get("SamplesPerPixel"), 1)
     except Exception as error:  # pydicom raises several types for files it cannot parse
         raise DataError(f"not a readable DICOM file: {name} ({type(error).__name__})") from error
-    sop_class = str(dataset.get("SOPClassUID", ""))
-    if sop_class.startswith(SECONDARY_CAPTURE_PREFIX):
+    if SECONDARY_CAPTURE.fullmatch(str(dataset.get("SOPClassUID", ""))):
         raise DataError(f"{name} is a secondary capture (a picture of an image), not an MR acquisition")
-    if "PixelData" not in dataset:
+    if "PixelData" not in dataset and "FloatPixelData" not in dataset:
         raise DataError(f"{name} holds no pixel data")
-    if int(dataset.get("SamplesPerPixel", 1) or 1) != 1:
+    if samples != 1:
         raise DataError(f"{name} is a colour image, not an MR magnitude image")
+    chosen = count // 2 if frame is None else frame
+    if not 0 <= chosen < max(count, 1):
+        raise DataError(f"{name} has {count} frame(s); there is no frame {chosen}")
     try:
-        pixels = dataset.pixel_array
+        pixels = pixel_array(dataset, index=chosen if count > 1 else None)
+        slope, intercept = _rescale(dataset, chosen)
+    except DataError:
+        raise
     except Exception as error:  # pydicom and its plugins raise several types for data they cannot decode
         raise DataError(f"cannot decode the pixels of {name}: {error}") from error
-    pixels = pixels[None] if pixels.ndim == 2 else pixels
-    count = len(pixels)
-    chosen = count // 2 if frame is None else frame
-    if not 0 <= chosen < count:
-        raise DataError(f"{name} has {count} frame(s); there is no frame {chosen}")
-    planes = _frames_of(Path(name), dataset) if "ImagePositionPatient" in dataset or \
-        "PerFrameFunctionalGroupsSequence" in dataset else None
-    slope = planes[chosen].slope if planes else float(dataset.get("RescaleSlope", 1.0) or 1.0)
-    intercept = planes[chosen].intercept if planes else float(dataset.get("RescaleIntercept", 0.0) or 0.0)
-    return pixels[chosen].astype(np.float32) * slope + intercept, count
+    if pixels.ndim != 2:
+        raise DataError(f"{name}: frame {chosen} has shape {pixels.shape}, not a 2D image")
+    return pixels.astype(np.float32) * slope + intercept, count
 
 
 def dicom_frame_count(path: Path) -> int:
     """How many frames a DICOM file holds (its header's ``NumberOfFrames``; 1 when absent)."""
     try:
-        return int(_read_header(path).get("NumberOfFrames", 1) or 1)
+        return max(_whole(_read_header(path).get("NumberOfFrames"), 1), 1)
     except Exception:  # an unreadable file is reported when its pixels are read
         return 1

@@ -46,12 +46,13 @@ patient in every split (:func:`~metaseg_tf.data.split.patient_of`; any other lay
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import re
 from pathlib import Path
 
-from metaseg_tf.data.dicom import DicomScan, choose_series, is_dicom_file, scan_dicom
+from metaseg_tf.data.dicom import MIN_VOLUME_FRAMES, DicomScan, choose_series, is_dicom_file, scan_dicom
 from metaseg_tf.data.discover import IMAGE_EXTENSIONS, DataError
 from metaseg_tf.data.split import BRATS_CASE_ID
 from metaseg_tf.data.volumes import CaseFiles, is_nifti, load_nifti, name_tokens, nifti_stem, NIFTI_SUFFIXES, sequence_of, SequenceSource, VolumeReport
@@ -284,15 +285,20 @@ def _discover_generic(root: Path) -> VolumeReport | None:
 def _study_case_id(root: Path, files: list[Path]) -> str:
     """A study's case id: the name of the deepest folder holding all its files (``root``'s own name when that
     is ``root``)."""
-    common = Path(*[parts[0] for parts in zip(*(f.relative_to(root).parent.parts for f in files))
-                    if len(set(parts)) == 1]) if files else Path()
-    return (root / common).name if common.parts else root.name
+    common = [parts[0] for parts in itertools.takewhile(lambda parts: len(set(parts)) == 1,
+                                                        zip(*(f.relative_to(root).parent.parts for f in files)))]
+    return common[-1] if common else root.name
 
 
-def _discover_dicom(root: Path, series: dict[str, str] | None = None) -> VolumeReport | None:
+def _discover_dicom(root: Path, series: dict[str, str] | None = None,
+                    needed: tuple[str, ...] | None = None) -> VolumeReport | None:
+    """DICOM studies (see the module docstring); None when ``root`` holds no MR series of at least
+    :data:`~metaseg_tf.data.dicom.MIN_VOLUME_FRAMES` frames (a folder of 2D DICOM slices is a slice layout)."""
     if not any(is_dicom_file(path) for path in root.rglob("*") if path.is_file()):
         return None
     scan = scan_dicom(root)
+    if not any(found.problem() is None and found.frames >= MIN_VOLUME_FRAMES for found in scan.series):
+        return None
     report = VolumeReport(root, "dicom", [])
     report.ignored_files += sorted(scan.ignored)
     studies: dict[str, list] = {}
@@ -304,7 +310,7 @@ def _discover_dicom(root: Path, series: dict[str, str] | None = None) -> VolumeR
             case_id = f"{root.name}-study{number}"
         study_scan = DicomScan(root, members)
         try:
-            chosen = choose_series(study_scan, series)
+            chosen = choose_series(study_scan, series, needed)
         except DataError as error:
             report.skipped[case_id] = str(error)
             chosen = {}
@@ -375,17 +381,18 @@ def dataset_convention(report: VolumeReport, named: str | None = None) -> tuple[
     return report.convention, "layout"
 
 
-def discover_volumes(root: str | Path, convention: str | None = None,
-                     series: dict[str, str] | None = None) -> VolumeReport | None:
+def discover_volumes(root: str | Path, convention: str | None = None, series: dict[str, str] | None = None,
+                     sequences: tuple[str, ...] | None = None) -> VolumeReport | None:
     """The volume layout of ``root`` and its cases (sorted by id) in the dataset's label convention
     (:func:`dataset_convention`; ``convention`` names it), or None when ``root`` holds none (it may then
     hold a 2D slice layout, :func:`~metaseg_tf.data.discover.discover_pairs`). ``series``: DICOM series chosen
-    by the user (sequence -> SeriesInstanceUID or description text, :func:`~metaseg_tf.data.dicom.choose_series`)."""
+    by the user (sequence -> SeriesInstanceUID or description text, :func:`~metaseg_tf.data.dicom.choose_series`);
+    ``sequences``: the ones a model reads (DICOM: only a conflict among those stops a case)."""
     root = Path(root)
     if not root.is_dir():
         return None
     for layout in VOLUME_LAYOUTS:
-        report = _discover_dicom(root, series) if layout == "dicom" else _FINDERS[layout](root)
+        report = _discover_dicom(root, series, sequences) if layout == "dicom" else _FINDERS[layout](root)
         if report is not None:
             report.cases.sort(key=lambda case: case.case_id)
             report.with_convention(*dataset_convention(report, convention))

@@ -263,12 +263,22 @@ def _read_slice_stack(files: tuple[Path, ...], labels: bool) -> np.ndarray:
     return np.stack(slices)
 
 
-def _read_source(source: SequenceSource, labels: bool = False) -> tuple[np.ndarray, object | None]:
+def _read_source(source: SequenceSource, labels: bool = False, onto: object | None = None
+                 ) -> tuple[np.ndarray, object | None]:
     """The source's voxels in canonical orientation ``(Z, H, W)`` and its NIfTI image (None: slice files; a DICOM
-    series as the NIfTI image of its voxels and geometry, :func:`~metaseg_tf.data.dicom.read_series`)."""
+    series as the NIfTI image of its voxels and geometry, :func:`~metaseg_tf.data.dicom.read_series`). ``onto``:
+    a NIfTI image whose grid a DICOM series of the same frame of reference is resampled onto (trilinear), when
+    its own grid differs."""
     if source.slice_files:
         return _read_slice_stack(source.slice_files, labels), None
     image = read_series(source.series) if source.series is not None else load_nifti(source.path)
+    if onto is not None and (image.shape[:3] != onto.shape[:3] or
+                             not np.allclose(image.affine, onto.affine, rtol=0, atol=GRID_TOLERANCE_MM)):
+        from nibabel.processing import resample_from_to
+
+        logger.warning("series %s resampled (trilinear) onto the first sequence's grid %s", source.series.label,
+                       "x".join(map(str, onto.shape[:3])))
+        image = resample_from_to(image, (onto.shape[:3], onto.affine), order=1)
     data = np.asarray(image.dataobj) if labels else image.get_fdata(dtype=np.float32)
     if source.channel is not None:
         if data.ndim != 4 or source.channel >= data.shape[3]:
@@ -304,9 +314,12 @@ def _label_map(data: np.ndarray, name: str, convention: str) -> np.ndarray:
 def read_case(case: CaseFiles, sequences: tuple[str, ...], fill_missing: str = "skip",
               with_labels: bool = True) -> CaseVolume:
     """Read ``sequences`` of ``case`` (and its labels) into a :class:`CaseVolume`; every volume must share
-    one voxel grid. Raises :class:`DataError` naming the file and the reason."""
+    one voxel grid, except DICOM series of one frame of reference (``FrameOfReferenceUID``: one scanner session's
+    coordinates), which are resampled onto the first sequence's grid (trilinear, with a warning), as they come
+    from PACS. Raises :class:`DataError` naming the file and the reason."""
     channels: list[np.ndarray | None] = []
     reference, non_finite, filled, read, grids = None, 0, [], {}, {}
+    first_series = None
     for name in sequences:
         source = case.sequences.get(name)
         if source is None:
@@ -316,7 +329,13 @@ def read_case(case: CaseFiles, sequences: tuple[str, ...], fill_missing: str = "
             filled.append(name)
             continue
         if source not in read:  # one file may fill several channels: read (and count) it once
-            data, image = _read_source(source)
+            onto = None
+            if source.series is not None and first_series is not None and reference is not None and \
+                    source.series.frame_of_reference and \
+                    source.series.frame_of_reference == first_series.frame_of_reference:
+                onto = reference
+            data, image = _read_source(source, onto=onto)
+            first_series = first_series or source.series
             windowed, bad = window_volume(data)
             read[source] = windowed
             non_finite += bad

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from metaseg_tf.data.dicom import DicomSeries, series_geometry
+from metaseg_tf.data.discover import DataError
 from metaseg_tf.data.targets import Target
 from metaseg_tf.data.volumes import from_canonical
 
@@ -64,7 +65,7 @@ def seg_frames(masks: np.ndarray, series: DicomSeries, affine: np.ndarray) -> tu
     one file and its frames in file order for a multi-frame image)."""
     geometry = series_geometry(series)
     if not np.allclose(geometry.affine, affine, atol=1e-3):
-        raise ValueError("the mask's grid is not the grid of the series it is to reference")
+        raise DataError(f"the mask's grid is not the grid of series {series.label}, which it is to reference")
     in_file_order = from_canonical(masks, affine)  # (columns, rows, slices, R)
     files = sorted({frame.path for frame in geometry.frames}, key=lambda p: series.files.index(p))
     if len(files) == 1 and len(geometry.frames) > 1:  # one multi-frame image: its frames in their own order
@@ -80,13 +81,31 @@ def write_dicom_seg(masks: np.ndarray, target: Target, series: DicomSeries, affi
                     algorithm: str, version: str, series_number: int = 300) -> Path:
     """``masks`` ``uint8 (Z, H, W, R)`` (canonical orientation, one channel per output of ``target``) as a
     binary DICOM SEG referencing ``series`` (whose voxel grid, ``affine``, the masks are on) at ``out_path``;
-    read back and compared with the masks before it returns (:class:`RuntimeError` if they differ)."""
-    import highdicom as hd
+    read back and compared with the masks before it returns (:class:`RuntimeError` if they differ); a series
+    highdicom cannot reference (several files of multi-frame images, inconsistent planes or frame of reference)
+    is a :class:`~metaseg_tf.data.discover.DataError`."""
     import pydicom
 
     files, frames = seg_frames(masks, series, affine)
+    if len(set(files)) != len(files):
+        raise DataError(f"series {series.label} spreads multi-frame images over several files: a DICOM SEG of it is "
+                        "not written here")
     sources = [pydicom.dcmread(str(path)) for path in files]
-    segmentation = hd.seg.Segmentation(
+    try:
+        segmentation = _segmentation(sources, frames, target, algorithm, version, series_number)
+    except ValueError as error:  # highdicom's checks of the source images (frame of reference, planes, ...)
+        raise DataError(f"a DICOM SEG of series {series.label} cannot be written: {error}") from error
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    segmentation.save_as(str(out_path))
+    check_dicom_seg(out_path, sources, frames)
+    return out_path
+
+
+def _segmentation(sources: list, frames: np.ndarray, target: Target, algorithm: str, version: str,
+                  series_number: int):
+    import highdicom as hd
+
+    return hd.seg.Segmentation(
         source_images=sources, pixel_array=frames.astype(np.uint8),
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=_segment_descriptions(target, algorithm, version),
@@ -94,10 +113,6 @@ def write_dicom_seg(masks: np.ndarray, target: Target, series: DicomSeries, affi
         manufacturer="metaseg-tf", manufacturer_model_name=algorithm[:64], software_versions=version[:64],
         device_serial_number="none", series_description=f"metaseg-tf {algorithm}"[:64],
         content_description="automatic lesion segmentation", content_creator_name=None)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    segmentation.save_as(str(out_path))
-    check_dicom_seg(out_path, sources, frames)
-    return out_path
 
 
 def check_dicom_seg(path: Path, sources: list, frames: np.ndarray) -> None:

@@ -98,6 +98,8 @@ def calibration_inputs(run_dir: Path | str, count: int = CALIBRATION_SLICES) -> 
     except DataError as error:
         raise ConfigError(f"int8 calibration reads the run's training patients from {config.data_dir}: {error}") from None
     indices = data.split.indices(data.dataset.case_ids, "train")
+    if len(indices) == 0:
+        raise ConfigError(f"{run_dir} has no training slices to calibrate an int8 export on")
     chosen = indices[np.linspace(0, len(indices) - 1, min(count, len(indices))).astype(int)]
     return normalise(data.model_inputs(config, chosen), config.normalisation).astype(np.float32)
 
@@ -161,7 +163,8 @@ def export_run(run_dir: Path | str, format: str, which: str = "best", level: int
                   **({"calibration_slices": calibration, "calibration": "training patients"} if precision == "int8" else {})}
         write_json(scratch / "export.json", record)
         if format in ("onnx", "openvino"):
-            check = np.random.default_rng(0).normal(size=(CHECK_BATCH, *served.inputs[0].shape[1:])).astype(np.float32)
+            check = (np.random.default_rng(0).normal(size=(CHECK_BATCH, *served.inputs[0].shape[1:])).astype(np.float32)
+                     if precision == "fp32" else calibration_inputs(run_dir, 4 * CHECK_BATCH))  # in range, for int8
             engine = engine_from_export(scratch)
             difference = float(np.abs(engine.predict(check) - KerasEngine(served).predict(check)).max())
             limit = MAX_DIFFERENCE if precision == "fp32" else MAX_REDUCED_DIFFERENCE

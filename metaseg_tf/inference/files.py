@@ -22,7 +22,7 @@ order (or the run's, when it has as many), or one co-registered volume per seque
 into a temporary folder) is a volume case per study; ``dicom_seg`` writes ``<case>-seg.dcm`` beside the NIfTI
 seg, a DICOM SEG referencing the series of the run's first sequence (:mod:`metaseg_tf.inference.dicom_seg`).
 A DICOM file given by itself is predicted in 2D: its one frame, or each frame of a multi-frame image
-(``<name>-frame<k>``).
+(``<name>-frame_<k>``).
 
 Unreadable files in a folder are skipped, counted and listed with the reason in ``predictions.csv``.
 """
@@ -178,12 +178,17 @@ def predict_cases(predictor: Predictor, cases: Sequence[CaseFiles], out_dir: Pat
                 continue
         prediction = predictor.predict_volume(volume, progress, convention)
         write_case_prediction(volume, prediction, out_dir)
+        seg_note = ""
         if dicom_seg:
-            write_case_dicom_seg(predictor, case, volume, prediction.labels, written_target, out_dir)
+            try:
+                write_case_dicom_seg(predictor, case, volume, prediction.labels, written_target, out_dir)
+            except DataError as error:  # the NIfTI seg is written; the row says why the SEG is not
+                seg_note = f"no DICOM SEG: {error}"
         lesions = lesion_table(written_target.masks(prediction.labels), written_target.names, volume.spacing)
         lesions.insert(0, "case_id", case.case_id)
         lesions.to_csv(out_dir / f"{case.case_id}-lesions.csv", index=False)
         row = {"case_id": case.case_id, "status": "ok", "label_convention": convention, "scores": labels_note,
+               **({"dicom_seg": seg_note or f"{case.case_id}-seg.dcm"} if dicom_seg else {}),
                "slices": len(prediction.labels),
                "lesion_voxels": int((prediction.labels > 0).sum()), "non_finite_voxels": volume.non_finite_voxels,
                "filled_sequences": " ".join(volume.filled), **lesion_counts(lesions, written_target.names)}
@@ -296,7 +301,7 @@ def _output_stems(relative: Sequence[Path]) -> list[str]:
 
 def _unpacked(inputs: list[Path], stack: contextlib.ExitStack) -> list[Path]:
     """``inputs`` with each ``.zip`` replaced by a temporary folder (named as the zip) holding its files
-    (:func:`~metaseg_tf.data.dicom.extract_zip`: safe names, at most 20 000 files and 20 GB)."""
+    (:func:`~metaseg_tf.data.archives.extract_zip`: safe names, at most 20 000 files and 20 GB)."""
     unpacked = []
     for path in inputs:
         if path.is_file() and path.suffix.lower() == ".zip":
@@ -308,13 +313,13 @@ def _unpacked(inputs: list[Path], stack: contextlib.ExitStack) -> list[Path]:
 
 def _slice_inputs(files: list[Path], relative: list[Path]) -> tuple[list[tuple[Path, int | None]], list[Path]]:
     """Each image file as ``(file, None)``, except a multi-frame DICOM image: ``(file, k)`` for each frame,
-    its output named ``<name>-frame<k>``."""
+    its output named ``<name>-frame_<k>`` (the frames of one file are one case, numbered as slices)."""
     entries, names = [], []
     for path, name in zip(files, relative):
         frames = dicom_frame_count(path) if path.suffix.lower() in DICOM_EXTENSIONS else 1
         if frames > 1:
             entries += [(path, k) for k in range(frames)]
-            names += [name.with_name(f"{name.stem}-frame{k:03d}{name.suffix}") for k in range(frames)]
+            names += [name.with_name(f"{name.stem}-frame_{k:03d}{name.suffix}") for k in range(frames)]
         else:
             entries.append((path, None))
             names.append(name)
@@ -369,7 +374,8 @@ def _predict_path(predictor: Predictor, inputs: Sequence[Path], out_root: Path |
             raise DataError("--dicom-seg needs DICOM input: a DICOM SEG references the DICOM series it segments")
         case = nifti_case(predictor, inputs, convention)
         return out_dir, predict_cases(predictor, [case], out_dir, progress, case.convention, part)
-    volume_reports = [discover_volumes(p, convention, series) for p in inputs if p.is_dir()]
+    needed = resolve_sequences(predictor.config.sequences, predictor.config.channels)
+    volume_reports = [discover_volumes(p, convention, series, needed) for p in inputs if p.is_dir()]
     if volume_reports and all(volume_reports) and len(volume_reports) == len(inputs):
         for report in volume_reports:  # DICOM has no labels: its segs are written in the run's convention
             if report.layout == "dicom" and convention is None:

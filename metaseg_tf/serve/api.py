@@ -263,7 +263,7 @@ def app_from_environment() -> FastAPI:
         max_side_pixels=int(os.environ.get("METASEG_MAX_SIDE_PX", 4096)),
         max_volume_bytes=int(float(os.environ.get("METASEG_MAX_VOLUME_MB", 200)) * 1024 * 1024),
         max_voxels=int(float(os.environ.get("METASEG_MAX_VOXELS", 40_000_000))),
-        max_dicom_files=int(os.environ.get("METASEG_MAX_DICOM_FILES", 2000)),
+        max_dicom_files=int(os.environ.get("METASEG_MAX_DICOM_FILES", 1000)),
         max_dicom_bytes=int(float(os.environ.get("METASEG_MAX_DICOM_MB", 800)) * 1024 * 1024),
         engine=os.environ.get("METASEG_ENGINE", "keras"),
         level=int(os.environ["METASEG_LEVEL"]) if os.environ.get("METASEG_LEVEL") else None,

@@ -40,7 +40,7 @@ NIFTI_HEADER_SIZES = (348, 540)  # sizeof_hdr of NIfTI-1 and NIfTI-2, the first 
 @dataclass(frozen=True)
 class ServeSettings:
     """The service's settings: its limits (defaults: 20 MB slice uploads, 4096 px per side; 200 MB and 40
-    million voxels per uploaded volume; 2000 DICOM files and 800 MB per DICOM upload), the engine, the access token and the admission of work
+    million voxels per uploaded volume; 1000 DICOM files, Starlette's own limit, and 800 MB per DICOM upload), the engine, the access token and the admission of work
     (:mod:`metaseg_tf.serve.guard`: ``volume_jobs`` volume predictions at once, default from the machine's
     memory and ``max_voxels``; ``slice_jobs`` slices, default the machine's cores; ``queue`` more of each may
     wait; a volume request is answered within ``volume_timeout_s``, a slice request within
@@ -50,7 +50,7 @@ class ServeSettings:
     max_side_pixels: int = 4096
     max_volume_bytes: int = 200 * 1024 * 1024
     max_voxels: int = 40_000_000
-    max_dicom_files: int = 2000
+    max_dicom_files: int = 1000  # Starlette parses at most 1000 files per multipart request
     max_dicom_bytes: int = 800 * 1024 * 1024
     engine: str = "keras"  # keras, onnx or openvino (metaseg_tf.inference.engines)
     level: int | None = None  # serve U-Net++ pruned to this level (other architectures whole)
@@ -111,10 +111,12 @@ def _decode_dicom_slice(data: bytes, settings: ServeSettings) -> np.ndarray:
     try:
         header = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
         rows, columns = int(header.get("Rows", 0) or 0), int(header.get("Columns", 0) or 0)
+        frames = int(header.get("NumberOfFrames", 1) or 1)
     except Exception:  # pydicom raises several types for headers it cannot parse
         raise HTTPException(422, "cannot read the DICOM header: the file is damaged") from None
-    if max(rows, columns) > settings.max_side_pixels:
-        raise HTTPException(413, f"the image is {columns}x{rows} px; the limit is {settings.max_side_pixels} px a side")
+    if max(rows, columns) > settings.max_side_pixels or rows * columns * frames > settings.max_side_pixels ** 2:
+        raise HTTPException(413, f"the image is {columns}x{rows} px x {frames} frame(s); the limit is "
+                                 f"{settings.max_side_pixels} px a side and as many pixels in all frames together")
     try:
         return read_image(data, channels=3)
     except DataError as error:

@@ -186,9 +186,10 @@ def parse_series(text: str | None) -> dict[str, str]:
 def _dicom_case(scan: DicomScan, named: dict[str, str], needed: tuple[str, ...],
                 fill_missing: str) -> tuple[CaseFiles, list[str]]:
     """The case a model of sequences ``needed`` reads from ``scan`` and what the answer should say about it:
-    the series mapped to sequences; a study with one usable MR series fills every sequence with it."""
+    the series mapped to those sequences (others are not read); a study with one usable MR series fills every
+    sequence with it."""
     try:
-        chosen = choose_series(scan, named)
+        chosen = choose_series(scan, named, needed)
     except DataError as error:
         raise HTTPException(422, str(error)) from None
     usable = [series for series in scan.series if series.problem() is None]
@@ -228,7 +229,7 @@ def predict_dicom_request(models: list[LoadedModel], files: list[UploadFile], se
         try:
             scan = scan_dicom(root, settings.max_dicom_files)
         except DataError as error:
-            raise HTTPException(422, str(error).replace(f"{root}{os.sep}", "")) from None
+            raise HTTPException(422, str(error).replace(str(root), "upload")) from None
         volumes: dict[tuple, Any] = {}
         predictions, warnings, used = [], [], {}
         for k, served in enumerate(models):
@@ -246,20 +247,23 @@ def predict_dicom_request(models: list[LoadedModel], files: list[UploadFile], se
                 try:
                     geometry = series_geometry(source.series, settings.max_voxels)
                 except DataError as error:
-                    raise HTTPException(422, str(error)) from None
-                grids[name] = (geometry.shape, geometry.affine)
-            try:
-                check_one_grid(grids)
+                    raise HTTPException(422, str(error).replace(str(root), "upload")) from None
+                grids[name] = (geometry.shape, geometry.affine, source.series.frame_of_reference)
+            first = next(iter(grids.values()))
+            others = {name: grid for name, grid in grids.items() if not grid[2] or grid[2] != first[2]}
+            try:  # series of the first one's frame of reference are resampled onto its grid (read_case)
+                check_one_grid({name: grid[:2] for name, grid in [next(iter(grids.items())), *others.items()]})
             except DataError as error:
-                raise HTTPException(422, str(error)) from None
-            shape, affine = next(iter(grids.values()))
+                raise HTTPException(422, f"{error} (series of one FrameOfReferenceUID are resampled onto the first "
+                                         "one's grid; these are not)") from None
+            shape, affine = first[:2]
             _check_readable(served, shape, affine)
             key = (tuple(needed), tuple(source.series.uid for source in case.sequences.values()), config.fill_missing)
             if key not in volumes:
                 try:
                     volumes[key] = read_case(case, needed, config.fill_missing)
                 except DataError as error:
-                    raise HTTPException(422, str(error).replace(f"{root}{os.sep}", "")) from None
+                    raise HTTPException(422, str(error).replace(str(root), "upload")) from None
             predictions.append(_predict_volume_one(served, volumes[key], threshold, folder / f"model-{k + 1}", case))
         volume = next(iter(volumes.values()))
     voxels = math.prod(volume.images.shape[:3]) * volume.images.shape[-1]

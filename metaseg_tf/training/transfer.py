@@ -3,8 +3,8 @@ fine-tuning a model trained on one dataset (the LGG gliomas) on another (metasta
 
 **Rule.** The parent run's ``best.keras`` is loaded and its weights are copied into the new network in order,
 weight for weight. The two must be one architecture: the same model, filters, deep supervision and outputs
-(target regions); anything else is a :class:`~metaseg_tf.config.ConfigError` that names the first weight that
-differs. Only the input convolution may differ, in its number of input channels (another number of sequences,
+(the same target, and sequences in the same order); anything else is a :class:`~metaseg_tf.config.ConfigError`
+that names what differs. Only the input convolution may differ, in its number of input channels (another number of sequences,
 or of 2.5D context slices): a kernel ``(kh, kw, C_parent, F)`` becomes ``(kh, kw, C_child, F)`` with every new
 input channel the mean of the parent's input-channel kernels times ``C_parent / C_child``, so that an input
 whose channels are all equal (a grey slice given as 3 channels, one sequence repeated) meets the parent's
@@ -47,11 +47,18 @@ def initialise_from(model: keras.Model, config: ExperimentConfig) -> dict[str, A
     try:
         parent_config = load_run_config(parent_dir)
         parent = keras.saving.load_model(run_model_path(parent_dir, "best"), compile=False)
-    except (OSError, ValueError) as error:
+    except Exception as error:  # a missing folder or file, a damaged .keras archive: several types
         raise ConfigError(f"init_from {parent_dir}: not a finished run folder with best.keras ({error})") from error
     if parent_config.model != config.model:
         raise ConfigError(f"init_from {parent_dir}: its model is {parent_config.model}; this training builds "
                           f"{config.model}")
+    if parent_config.target != config.target:
+        raise ConfigError(f"init_from {parent_dir} segments {parent_config.target}; this training {config.target}: "
+                          "the outputs would mean something else")
+    if parent_config.sequences and config.sequences and parent_config.sequences != config.sequences and \
+            len(parent_config.sequences) == len(config.sequences):
+        raise ConfigError(f"init_from {parent_dir} reads {', '.join(parent_config.sequences)}; this training "
+                          f"{', '.join(config.sequences)}: the channels would be swapped (give them in the parent's order)")
     theirs, ours = parent.weights, model.weights
     if len(theirs) != len(ours):
         raise ConfigError(f"init_from {parent_dir}: {len(theirs)} weights against this network's {len(ours)}: "
