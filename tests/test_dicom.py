@@ -22,8 +22,8 @@ from pydicom.uid import generate_uid
 
 from helpers.dicom_series import write_case, write_series
 from metaseg_tf.data.archives import extract_zip
-from metaseg_tf.data.dicom import (DicomSeries, choose_series, read_dicom_slice, read_series, scan_dicom,
-                                   sequence_of_text, series_geometry)
+from metaseg_tf.data.dicom import DicomSeries, choose_series, scan_dicom, sequence_of_text
+from metaseg_tf.data.dicom_planes import read_dicom_slice, read_series, series_geometry
 from metaseg_tf.data.discover import DataError
 from metaseg_tf.data.io import read_image
 from metaseg_tf.data.layouts import discover_volumes

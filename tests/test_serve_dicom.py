@@ -132,7 +132,7 @@ def test_a_series_over_the_voxel_limit_is_refused_before_it_is_decoded(served_ru
     def decode_nothing(*args, **kwargs):
         raise AssertionError("pixels were decoded")
 
-    monkeypatch.setattr("metaseg_tf.data.dicom._pixels", decode_nothing)
+    monkeypatch.setattr("metaseg_tf.data.dicom_planes._pixels", decode_nothing)
     small = TestClient(create_app(served_runs, ServeSettings(max_voxels=64 * 64 * 7)))
     answer = small.post("/predict/dicom", files=_files(study[1]))
     assert answer.status_code == 413 and "voxels" in answer.json()["detail"]

@@ -89,9 +89,9 @@ def _decode(source: ImageSource) -> tuple[np.ndarray, str, bool]:
 
 
 def _decode_dicom(source: Path | bytes) -> np.ndarray:
-    """A DICOM file's middle frame (:func:`~metaseg_tf.data.dicom.read_dicom_slice`), windowed as volumes are
+    """A DICOM file's middle frame (:func:`~metaseg_tf.data.dicom_planes.read_dicom_slice`), windowed as volumes are
     (the 0.5th-99.5th percentile of its non-zero pixels to ``[0, 1]``, :func:`~metaseg_tf.data.intensity.window_volume`)."""
-    from metaseg_tf.data.dicom import read_dicom_slice
+    from metaseg_tf.data.dicom_planes import read_dicom_slice
     from metaseg_tf.data.intensity import window_volume
 
     return window_volume(read_dicom_slice(source)[0])[0]

@@ -30,7 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
-from metaseg_tf.data.dicom import DicomSeries, read_series
+from metaseg_tf.data.dicom import DicomSeries
+from metaseg_tf.data.dicom_planes import read_series
 from metaseg_tf.data.discover import DataError
 from metaseg_tf.data.intensity import window_volume
 from metaseg_tf.data.io import read_image, read_mask_labels

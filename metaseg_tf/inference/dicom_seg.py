@@ -22,7 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from metaseg_tf.data.dicom import DicomSeries, series_geometry
+from metaseg_tf.data.dicom import DicomSeries
+from metaseg_tf.data.dicom_planes import series_geometry
 from metaseg_tf.data.discover import DataError
 from metaseg_tf.data.targets import Target
 from metaseg_tf.data.volumes import from_canonical

@@ -40,7 +40,8 @@ import numpy as np
 import pandas as pd
 
 from metaseg_tf.data.archives import extract_zip
-from metaseg_tf.data.dicom import DICOM_EXTENSIONS, dicom_frame_count, read_dicom_slice
+from metaseg_tf.data.dicom import DICOM_EXTENSIONS, dicom_frame_count
+from metaseg_tf.data.dicom_planes import read_dicom_slice
 from metaseg_tf.data.discover import IMAGE_EXTENSIONS, MASK_SUFFIX, DataError, split_case_and_slice
 from metaseg_tf.data.io import read_image, to_channels
 from metaseg_tf.data.layouts import discover_volumes, MSD_CHANNELS

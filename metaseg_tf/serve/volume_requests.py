@@ -25,7 +25,8 @@ from typing import Any
 import numpy as np
 from fastapi import HTTPException, UploadFile
 
-from metaseg_tf.data.dicom import DicomScan, choose_series, scan_dicom, series_geometry
+from metaseg_tf.data.dicom import DicomScan, choose_series, scan_dicom
+from metaseg_tf.data.dicom_planes import series_geometry
 from metaseg_tf.data.discover import DataError
 from metaseg_tf.data.volumes import CaseFiles, SequenceSource, canonical_shape, check_one_grid, read_case, resolve_sequences
 from metaseg_tf.serve.schemas import VOLUME_SCORES, Lesion, RegionScores, VolumeModelPrediction, VolumeResponse
