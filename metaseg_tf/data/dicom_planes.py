@@ -167,7 +167,8 @@ def series_geometry(series: DicomSeries, max_voxels: int | None = None) -> Serie
 
 
 def _pixels(path: Path, cache: dict) -> np.ndarray:
-    """The decoded frames of one file ``(frames, rows, columns)`` (cached for multi-frame files)."""
+    """The decoded frames of one file ``(frames, rows, columns)``; a multi-frame file's are kept in ``cache``
+    for its next frames (a single frame is not: the series is not held twice in memory)."""
     import pydicom
 
     if path not in cache:
@@ -183,7 +184,9 @@ def _pixels(path: Path, cache: dict) -> np.ndarray:
         if int(dataset.get("SamplesPerPixel", 1) or 1) != 1:
             raise DataError(f"{path.name} is a colour image ({dataset.get('PhotometricInterpretation')}), not an MR "
                             "magnitude image")
-        cache[path] = pixels[None] if pixels.ndim == 2 else pixels
+        if pixels.ndim == 2:
+            return pixels[None]
+        cache[path] = pixels
     return cache[path]
 
 
