@@ -428,7 +428,9 @@ def _predict_path(predictor: Predictor, inputs: Sequence[Path], out_root: Path |
             rows.append(((0, index), {"file": str(path), "status": f"skipped: {error}"}))
     if not images and part is None:
         raise DataError(f"no readable image among {len(files)} file(s): {rows[0][1]['status'] if rows else 'none found'}")
-    cases = [(str(path.parent), *split_case_and_slice(path.stem)) for _, path, _ in stems]
+    # a multi-frame file is one case whose slices are its frames
+    cases = [(str(path.parent), *(split_case_and_slice(path.stem) if entries[index][1] is None
+                                  else (f"{path.stem}-frame", entries[index][1]))) for index, path, _ in stems]
     predictions = predictor.predict_slices(images, progress, case_ids=[f"{folder}/{case}" for folder, case, _ in cases],
                                            slice_indices=[number for _, _, number in cases]) if images else []
     for (index, path, stem), image, prediction in zip(stems, images, predictions):
