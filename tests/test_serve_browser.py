@@ -82,6 +82,8 @@ def test_upload_shows_four_panels_and_metrics(served_app, phantom_slice: tuple[P
         assert page.get_by_text("Deploy", exact=True).count() == 0, "no cloud deploy offered to a radiologist"
         uploads = page.locator('input[type="file"]')
         uploads.nth(0).set_input_files(str(image_path))
+        # the rerun the image starts must end before the mask is given, or a busy machine can drop the mask
+        expect(page.get_by_alt_text("original", exact=True)).to_be_visible(timeout=90_000)
         uploads.nth(1).set_input_files(str(mask_path))
         for caption in ("original", "ground truth", "nested_unet", "attention_unet"):
             expect(page.get_by_alt_text(caption, exact=True)).to_be_visible(timeout=90_000)
