@@ -9,11 +9,12 @@ the tokens of its ``SeriesDescription`` and ``ProtocolName`` (:func:`sequence_of
 T1 FLAIR is a T1; T1 with ``post``/``gd``/``+c``/``contrast``/``ce`` -> ``t1c``, unless ``pre``, ``w/o``,
 ``without``, ``non`` ... says otherwise; other T1 (MPRAGE, SPGR) -> ``t1n``; T2 -> ``t2w``),
 or as the user names it (``--series t1c=UID_or_text``: the series whose ``SeriesInstanceUID`` is that, or whose
-description or protocol contains that text). Two series that claim one sequence are refused with their names,
-never chosen between silently. :meth:`DicomScan.lines` reports every series found and what it was used for.
+description or protocol contains that text). Two series that claim a sequence the model reads are refused with
+their names, never chosen between silently (two series of a sequence it does not read are left unused).
+:meth:`DicomScan.lines` reports every series found and what it was used for.
 
-**Geometry** (:mod:`metaseg_tf.data.dicom_planes`; DICOM PS3.3 C.7.6.2, the Image Plane module): each frame's ``ImagePositionPatient``,
-``ImageOrientationPatient`` and ``PixelSpacing`` (classic single-frame files, or the per-frame and shared
+**Geometry** (:mod:`metaseg_tf.data.dicom_planes`; DICOM PS3.3 C.7.6.2, the Image Plane module): each frame's
+``ImagePositionPatient``, ``ImageOrientationPatient`` and ``PixelSpacing`` (classic single-frame files, or the per-frame and shared
 functional groups of an enhanced or legacy-converted multi-frame MR file). Frames are sorted by their position
 along the slice normal ``row direction x column direction``, never by ``InstanceNumber``. The affine maps voxel
 ``(column, row, slice)`` to LPS millimetres, then to NIfTI's RAS (x and y negated), so the volume goes through
@@ -25,8 +26,9 @@ frames that do not stack along their normal (gantry tilt), uneven spacing or a g
 DICOMDIR without the files it lists, a series over the voxel limit (checked from the headers, before a pixel is
 decoded). Compressed transfer syntaxes (JPEG, JPEG-LS, JPEG 2000, RLE) decode through the pylibjpeg plugins.
 
-No patient identifier (name, id, birth date) is read into a case id, a log line or a report: a case is named
-after its folder.
+Series of one ``FrameOfReferenceUID`` on different grids are resampled onto the first sequence's when a case is
+read (:func:`~metaseg_tf.data.volumes.read_case`). No patient identifier (name, id, birth date) is read into a
+case id, a log line or a report: a case is named after its folder.
 """
 
 from __future__ import annotations
