@@ -70,6 +70,19 @@ def _page(playwright, chromium: str, ui_port: int):
     return browser, page
 
 
+def _upload_in_mode(page, mode: str, prompt: str, paths: list[Path]) -> None:
+    """Choose the input ``mode``, upload ``paths`` once its ``prompt`` shows, wait for the original and both
+    models' panels."""
+    from playwright.sync_api import expect
+
+    expect(page.get_by_text("Upload a slice")).to_be_visible(timeout=90_000)
+    page.get_by_text(mode, exact=True).click()
+    expect(page.get_by_text(prompt)).to_be_visible(timeout=30_000)
+    page.locator('input[type="file"]').nth(0).set_input_files([str(path) for path in paths])
+    for caption in ("original", "nested_unet", "attention_unet"):
+        expect(page.get_by_alt_text(caption, exact=True)).to_be_visible(timeout=120_000)
+
+
 def test_upload_shows_four_panels_and_metrics(served_app, phantom_slice: tuple[Path, Path], tmp_path: Path) -> None:
     chromium, ui_port = served_app
     from playwright.sync_api import expect, sync_playwright
@@ -110,12 +123,7 @@ def test_a_volume_upload_browses_its_slices_and_downloads_each_seg(served_app, b
     slices = canonical_shape(shape, nib.load(sequences[0]).affine)[0]
     with sync_playwright() as playwright:
         browser, page = _page(playwright, chromium, ui_port)
-        expect(page.get_by_text("Upload a slice")).to_be_visible(timeout=90_000)
-        page.get_by_text("NIfTI volume", exact=True).click()
-        expect(page.get_by_text("Upload a NIfTI volume")).to_be_visible(timeout=30_000)
-        page.locator('input[type="file"]').nth(0).set_input_files([str(path) for path in sequences])
-        for caption in ("original", "nested_unet", "attention_unet"):
-            expect(page.get_by_alt_text(caption, exact=True)).to_be_visible(timeout=120_000)
+        _upload_in_mode(page, "NIfTI volume", "Upload a NIfTI volume", sequences)
         caption = page.get_by_text(f"{case.name}: {'x'.join(map(str, shape))} voxels")
         expect(caption).to_be_visible()
         slider = page.get_by_role("slider")
@@ -153,12 +161,7 @@ def test_a_dicom_series_upload_shows_the_series_and_downloads_a_seg_that_highdic
                 for path in sorted((study / "series1").glob("*.dcm"))}
     with sync_playwright() as playwright:
         browser, page = _page(playwright, chromium, ui_port)
-        expect(page.get_by_text("Upload a slice")).to_be_visible(timeout=90_000)
-        page.get_by_text("DICOM series", exact=True).click()
-        expect(page.get_by_text("Upload a DICOM series")).to_be_visible(timeout=30_000)
-        page.locator('input[type="file"]').nth(0).set_input_files([str(path) for path in files])
-        for caption in ("original", "nested_unet", "attention_unet"):
-            expect(page.get_by_alt_text(caption, exact=True)).to_be_visible(timeout=120_000)
+        _upload_in_mode(page, "DICOM series", "Upload a DICOM series", files)
         expect(page.get_by_text("DICOM series found: 3")).to_be_visible()
         slider = page.get_by_role("slider")
         slider.focus()

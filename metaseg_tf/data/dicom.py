@@ -152,10 +152,11 @@ def is_dicom_file(path: Path) -> bool:
             head = handle.read(132)
     except OSError:
         return False
-    return head[128:132] == b"DICM" or path.suffix.lower() in DICOM_EXTENSIONS
+    return is_dicom_bytes(head) or path.suffix.lower() in DICOM_EXTENSIONS
 
 
 def is_dicom_bytes(raw: bytes) -> bool:
+    """Whether ``raw`` (a file's first 132 bytes or more) starts a DICOM Part 10 file: ``DICM`` at byte 128."""
     return raw[128:132] == b"DICM"
 
 

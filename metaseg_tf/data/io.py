@@ -29,6 +29,7 @@ import cv2
 import numpy as np
 import tifffile
 
+from metaseg_tf.data.dicom import DICOM_EXTENSIONS, is_dicom_bytes
 from metaseg_tf.data.discover import DataError, SlicePair
 
 # Decoding failures are reported by our own DataError; OpenCV's console warnings would only add noise.
@@ -71,7 +72,7 @@ def _decode(source: ImageSource) -> tuple[np.ndarray, str, bool]:
     raw, name = _raw_bytes(source)
     if len(raw) == 0:
         raise DataError(f"empty file: {name}")
-    if raw[128:132] == b"DICM" or name.lower().endswith((".dcm", ".dicom", ".ima")):
+    if is_dicom_bytes(raw) or name.lower().endswith(DICOM_EXTENSIONS):
         return _decode_dicom(source if isinstance(source, bytes) else Path(source)), name, False
     pixels = _decode_tiff(raw, name) if raw[:4] in TIFF_MAGIC else None
     if pixels is None:

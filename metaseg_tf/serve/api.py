@@ -51,7 +51,7 @@ from fastapi import FastAPI, File, Form, HTTPException, Request, UploadFile
 from fastapi.responses import Response
 
 from metaseg_tf.data.discover import DataError
-from metaseg_tf.serve.schemas import LesionSummary, ModelPrediction, PredictionResponse, ProbabilitySummary, VolumeResponse
+from metaseg_tf.serve.schemas import b64_text, LesionSummary, ModelPrediction, PredictionResponse, ProbabilitySummary, VolumeResponse
 from metaseg_tf.serve.guard import AuditLog, JobGate, TokenGate, audit_logger, default_volume_jobs, read_token
 from metaseg_tf.serve.served import SERVE_ARCHITECTURES, LoadedModel, load_models, newest_pipeline_runs
 from metaseg_tf.serve.uploads import BodyLimit, ServeSettings, decode_slice_upload
@@ -81,9 +81,6 @@ def _png(array: np.ndarray) -> bytes:
     return encoded.tobytes()
 
 
-def _b64(data: bytes) -> str:
-    return base64.b64encode(data).decode("ascii")
-
 
 def _attention_pngs(served: LoadedModel, image: np.ndarray) -> list[str]:
     from metaseg_tf.data.preprocess import normalise
@@ -95,7 +92,7 @@ def _attention_pngs(served: LoadedModel, image: np.ndarray) -> list[str]:
     pngs = []
     for coefficients in maps.values():
         heat = cv2.resize(coefficients[0, ..., 0].astype(np.float32), (width, height), interpolation=cv2.INTER_LINEAR)
-        pngs.append(_b64(_png(cv2.applyColorMap(np.round(heat * 255).astype(np.uint8), cv2.COLORMAP_JET))))
+        pngs.append(b64_text(_png(cv2.applyColorMap(np.round(heat * 255).astype(np.uint8), cv2.COLORMAP_JET))))
     return pngs
 
 
@@ -115,7 +112,7 @@ def _predict_one(served: LoadedModel, image: np.ndarray, threshold: float | None
     latency = (time.perf_counter() - started) * 1000
     probability = result.probability
     return ModelPrediction(
-        model=served.name, threshold=used, mask_png=_b64(_png(result.mask * 255)),
+        model=served.name, threshold=used, mask_png=b64_text(_png(result.mask * 255)),
         probability=ProbabilitySummary(max=float(probability.max()), mean=float(probability.mean()),
                                        fraction_above_threshold=float(np.mean(probability >= used))),
         lesions=LesionSummary(count=result.lesion_count, areas_px=result.lesion_areas, total_px=int(result.mask.sum())),

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import base64
+
 from pydantic import BaseModel, Field
 
 # per-case scores returned by /predict/volume, per region (see metaseg_tf.inference.files.case_scores)
 VOLUME_SCORES = ("dice", "hd95", "lesion_dice", "lesion_hd95", "truth_lesions", "detected_lesions",
                  "false_positive_lesions")
+
+
+def b64_text(data: bytes) -> str:
+    """Bytes (a PNG, a .nii.gz, a DICOM SEG) as the base64 text the JSON answers carry."""
+    return base64.b64encode(data).decode("ascii")
 
 
 class LesionSummary(BaseModel):

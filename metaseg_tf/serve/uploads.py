@@ -26,6 +26,7 @@ from fastapi import HTTPException, UploadFile
 from fastapi.responses import JSONResponse
 
 from metaseg_tf.data.archives import ArchiveTooLarge, extract_zip
+from metaseg_tf.data.dicom import is_dicom_bytes
 from metaseg_tf.data.discover import DataError
 from metaseg_tf.data.io import JPEG_MAGIC, TIFF_MAGIC, read_image
 from metaseg_tf.data.volumes import is_nifti, nifti_stem
@@ -79,7 +80,7 @@ def decode_slice_upload(data: bytes, settings: ServeSettings) -> np.ndarray:
         raise HTTPException(422, "the uploaded file is empty")
     if len(data) > settings.max_upload_bytes:
         raise HTTPException(413, f"the upload is larger than the limit of {settings.max_upload_bytes} bytes")
-    if data[128:132] == b"DICM":
+    if is_dicom_bytes(data):
         return _decode_dicom_slice(data, settings)
     kind = file_type(data[:16])
     if kind is None:
@@ -198,7 +199,7 @@ def save_dicom_uploads(uploads: list[UploadFile], folder: Path, settings: ServeS
             raise HTTPException(422, str(error)) from None
     series.mkdir(parents=True)
     for number, (upload, head) in enumerate(zip(uploads, heads), start=1):
-        if head[128:132] != b"DICM":
+        if not is_dicom_bytes(head):
             kind = "a zip (send a zip alone)" if head.startswith(ZIP_MAGIC) else "not a DICOM file"
             raise HTTPException(415, f"upload {number} of {len(uploads)} is {kind}: send DICOM Part 10 files "
                                      "(DICM at byte 128) or one zip of them")

@@ -11,7 +11,6 @@ or put in the answer outside the SEG itself; the case is called ``dicom-case``.
 
 from __future__ import annotations
 
-import base64
 import copy
 import dataclasses
 import gzip
@@ -29,15 +28,12 @@ from metaseg_tf.data.dicom import DicomScan, choose_series, scan_dicom
 from metaseg_tf.data.dicom_planes import series_geometry
 from metaseg_tf.data.discover import DataError
 from metaseg_tf.data.volumes import CaseFiles, SequenceSource, canonical_shape, check_one_grid, read_case, resolve_sequences
-from metaseg_tf.serve.schemas import VOLUME_SCORES, Lesion, RegionScores, VolumeModelPrediction, VolumeResponse
+from metaseg_tf.serve.schemas import b64_text, VOLUME_SCORES, Lesion, RegionScores, VolumeModelPrediction, VolumeResponse
 from metaseg_tf.serve.served import LoadedModel
 from metaseg_tf.serve.uploads import ServeSettings, save_dicom_uploads, save_volume_upload, volume_grid
 
 DICOM_CASE_ID = "dicom-case"
 
-
-def _b64(data: bytes) -> str:
-    return base64.b64encode(data).decode("ascii")
 
 
 def _read_volume(served: LoadedModel, paths: list[Path], seg: Path | None, folder: Path) -> Any:
@@ -89,8 +85,8 @@ def _predict_volume_one(served: LoadedModel, volume: Any, threshold: float | Non
     return VolumeModelPrediction(
         model=served.name, threshold=predictor.threshold, shape=list(volume.reference.shape[:3]),
         slices=len(prediction.labels), lesion_voxels=int(np.count_nonzero(prediction.labels)),
-        seg_filename=seg_path.name, seg_nii_gz=_b64(seg_path.read_bytes()), latency_ms=round(latency, 2),
-        seg_dcm_filename=dicom_seg.name if dicom_seg else None, seg_dcm=_b64(dicom_seg.read_bytes()) if dicom_seg else None,
+        seg_filename=seg_path.name, seg_nii_gz=b64_text(seg_path.read_bytes()), latency_ms=round(latency, 2),
+        seg_dcm_filename=dicom_seg.name if dicom_seg else None, seg_dcm=b64_text(dicom_seg.read_bytes()) if dicom_seg else None,
         scores=scores, lesions=_lesions(lesion_table(predictor.target.masks(prediction.labels), predictor.target.names,
                                                      volume.spacing)))
 
@@ -215,7 +211,7 @@ def _display_images(volume: Any) -> list[str]:
 
     from metaseg_tf.inference.files import CANONICAL_AFFINE
 
-    return [_b64(gzip.compress(nib.Nifti1Image(np.ascontiguousarray(volume.images[..., c]), CANONICAL_AFFINE)
+    return [b64_text(gzip.compress(nib.Nifti1Image(np.ascontiguousarray(volume.images[..., c]), CANONICAL_AFFINE)
                                .to_bytes(), compresslevel=1)) for c in range(volume.images.shape[-1])]
 
 
