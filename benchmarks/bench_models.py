@@ -10,7 +10,10 @@ Adam (lr 1e-3) and binary cross-entropy, on this machine's CPU with the same num
   and for inference the ONNX Runtime and OpenVINO (float32) engines of :mod:`metaseg_tf.inference.engines` on
   exports made by Keras 3's ``model.export``;
 * MONAI (PyTorch): ``BasicUNetPlusPlus`` (features 16-256, up-sampling 16, ``upsample="deconv"``, no deep
-  supervision) and ``AttentionUnet`` (channels 16-256, strides 2): faithful U-Net++ and Attention U-Net;
+  supervision) and ``AttentionUnet`` (channels 16-256, strides 2): faithful U-Net++ and Attention U-Net; each
+  also under ``torch.autocast("cpu", torch.bfloat16)`` (training and inference: the peer of our bf16 rows) and
+  exported with ``torch.onnx.export`` to ONNX Runtime (run by the same :class:`OnnxEngine` as ours: the peer of
+  our engine rows);
 * keras-unet-collection: ``att_unet_2d`` (additive attention, batch norm, max pooling, transposed
   convolutions), and ``unet_plus_2d`` only for the record: it passes ``concat=False`` to every decoder call
   and so drops U-Net++'s skip connections; it is never a ratio's reference.
@@ -18,8 +21,11 @@ Adam (lr 1e-3) and binary cross-entropy, on this machine's CPU with the same num
 ``--rounds`` rounds; in each every model runs ``--steps`` training steps and ``--steps`` inference batches
 (after warm-up steps in round 0: compilation excluded), the order rotating every round so machine drift
 cancels. Printed: img/s (median and min-max over rounds) per row, and per architecture the ratio ours /
-best faithful peer, computed per round, as median (min-max). Optional peers that are not installed are
-listed with the reason: ``pip install "torch==2.13.0+cpu" monai keras-unet-collection``.
+best faithful peer *of the same precision class* (float32: eager or exported to a runtime; bf16: Keras
+``mixed_bfloat16`` against ``torch.autocast``), computed per round, as median (min-max). The bf16 rows are
+measured where the CPU computes bf16 natively (AVX512-BF16 or AMX; ``--bf16 on`` measures them anyway: both
+frameworks then emulate it, far slower than float32). Optional peers that
+are not installed are listed with the reason: ``pip install torch==2.13.0 monai onnxscript keras-unet-collection``.
 
 Usage: ``python benchmarks/bench_models.py [--size 128 --batch 8 --steps 5 --rounds 3]``.
 """
@@ -39,11 +45,12 @@ import pandas as pd
 from timing import images_per_second
 
 from metaseg_tf.config import ExperimentConfig
-from metaseg_tf.environment import machine_description
+from metaseg_tf.environment import cpu_has_bf16, machine_description
 from metaseg_tf.inference.engines import OnnxEngine, OpenVinoEngine
 from metaseg_tf.models import build_model
 
 FILTERS = (16, 32, 64, 128, 256)
+BF16_SKIPPED = "no AVX512-BF16 / AMX: bf16 emulated (--bf16 on)"
 FAITHFUL_PEERS = {"nested_unet": ("MONAI BasicUNetPlusPlus",),
                   "attention_unet": ("MONAI AttentionUnet", "keras-unet-collection att_unet_2d")}
 
@@ -57,6 +64,7 @@ class Candidate:
     train: Callable[[], object] | None = None
     infer: Callable[[], object] | None = None
     skipped: str = ""
+    precision: str = "float32"  # the class a ratio compares within: float32 or bf16
 
 
 def _data(size: int, batch: int) -> tuple[np.ndarray, np.ndarray]:
@@ -67,14 +75,14 @@ def _data(size: int, batch: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _keras_candidate(name: str, architecture: str, model: keras.Model, x: np.ndarray, y: np.ndarray,
-                     jit_compile: bool | str = "auto") -> Candidate:
+                     jit_compile: bool | str = "auto", precision: str = "float32") -> Candidate:
     targets = y if len(model.outputs) == 1 else [y] * len(model.outputs)
     model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="binary_crossentropy", jit_compile=jit_compile)
     return Candidate(name, architecture, lambda: model.train_on_batch(x, targets),
-                     lambda: keras.tree.map_structure(np.asarray, model.predict_on_batch(x)))
+                     lambda: keras.tree.map_structure(np.asarray, model.predict_on_batch(x)), precision=precision)
 
 
-def _ours(size: int, x: np.ndarray, y: np.ndarray, export_root: Path) -> list[Candidate]:
+def _ours(size: int, x: np.ndarray, y: np.ndarray, export_root: Path, bf16: bool) -> list[Candidate]:
     candidates = []
     for architecture in ("nested_unet", "attention_unet"):
         config = ExperimentConfig(image_size=size, filters=FILTERS, model=architecture, deep_supervision=False)
@@ -84,13 +92,17 @@ def _ours(size: int, x: np.ndarray, y: np.ndarray, export_root: Path) -> list[Ca
         keras.utils.set_random_seed(0)
         candidates.append(_keras_candidate(f"ours {architecture}, XLA", architecture,
                                            build_model(architecture, config), x, y, jit_compile=True))
-        keras.mixed_precision.set_global_policy("mixed_bfloat16")
-        try:
-            keras.utils.set_random_seed(0)
-            candidates.append(_keras_candidate(f"ours {architecture}, bf16", architecture,
-                                               build_model(architecture, config), x, y))
-        finally:
-            keras.mixed_precision.set_global_policy("float32")
+        if bf16:
+            keras.mixed_precision.set_global_policy("mixed_bfloat16")
+            try:
+                keras.utils.set_random_seed(0)
+                candidates.append(_keras_candidate(f"ours {architecture}, bf16", architecture,
+                                                   build_model(architecture, config), x, y, precision="bf16"))
+            finally:
+                keras.mixed_precision.set_global_policy("float32")
+        else:
+            candidates.append(Candidate(f"ours {architecture}, bf16", architecture, skipped=BF16_SKIPPED,
+                                        precision="bf16"))
         model.predict_on_batch(x)  # traced before export
         for engine, kind, file in (("onnx", "onnx", "model.onnx"), ("openvino f32", "openvino", "model.xml")):
             path = export_root / f"{architecture}-{kind}" / file
@@ -102,7 +114,7 @@ def _ours(size: int, x: np.ndarray, y: np.ndarray, export_root: Path) -> list[Ca
     return candidates
 
 
-def _monai(size: int, x: np.ndarray, y: np.ndarray) -> list[Candidate]:
+def _monai(size: int, x: np.ndarray, y: np.ndarray, export_root: Path, bf16: bool) -> list[Candidate]:
     try:
         import torch
         from monai.networks.nets import AttentionUnet, BasicUNetPlusPlus
@@ -140,8 +152,44 @@ def _monai(size: int, x: np.ndarray, y: np.ndarray) -> list[Candidate]:
             with torch.inference_mode():
                 return torch.sigmoid(output()).numpy()
 
+        def train_bf16(train=train) -> None:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                train()
+
+        def infer_bf16(network=network, output=output) -> np.ndarray:
+            network.eval()
+            with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+                return torch.sigmoid(output()).float().numpy()
+
         candidates.append(Candidate(f"MONAI {name}", architecture, train, infer))
+        candidates.append(Candidate(f"MONAI {name}, autocast bf16", architecture, train_bf16, infer_bf16,
+                                    precision="bf16") if bf16 else
+                          Candidate(f"MONAI {name}, autocast bf16", architecture, skipped=BF16_SKIPPED, precision="bf16"))
+        candidates.append(_monai_onnx(name, architecture, network, xt, export_root))
     return candidates
+
+
+def _monai_onnx(name: str, architecture: str, network, xt, export_root: Path) -> Candidate:
+    """The MONAI network exported by ``torch.onnx.export`` (sigmoid included), run by our :class:`OnnxEngine`."""
+    import torch
+
+    class Probabilities(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.network = network
+
+        def forward(self, images):
+            result = self.network(images)
+            return torch.sigmoid(result[-1] if isinstance(result, (list, tuple)) else result)
+
+    path = export_root / f"monai-{name}" / "model.onnx"
+    path.parent.mkdir(parents=True)
+    try:
+        torch.onnx.export(Probabilities().eval(), (xt,), str(path), input_names=["images"], output_names=["mask"])
+    except Exception as error:  # an exporter that cannot trace the network is a row with its reason
+        return Candidate(f"MONAI {name}, onnx runtime", architecture, skipped=f"export failed ({error})"[:120])
+    runner, images = OnnxEngine(path), xt.numpy()
+    return Candidate(f"MONAI {name}, onnx runtime", architecture, infer=lambda: runner.predict(images))
 
 
 def _keras_unet_collection(size: int, x: np.ndarray, y: np.ndarray) -> list[Candidate]:
@@ -166,10 +214,13 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--steps", type=int, default=5, help="timed steps per model, per round and mode")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--bf16", choices=("auto", "on", "off"), default="auto",
+                        help="the bf16 rows: auto measures them where the CPU has AVX512-BF16 or AMX")
     args = parser.parse_args()
+    bf16 = args.bf16 == "on" or (args.bf16 == "auto" and cpu_has_bf16())
     x, y = _data(args.size, args.batch)
     with tempfile.TemporaryDirectory() as temporary:
-        candidates = (_ours(args.size, x, y, Path(temporary)) + _monai(args.size, x, y)
+        candidates = (_ours(args.size, x, y, Path(temporary), bf16) + _monai(args.size, x, y, Path(temporary), bf16)
                       + _keras_unet_collection(args.size, x, y))
         measured = [c for c in candidates if not c.skipped]
         for candidate in measured:  # warm-up: graph tracing, XLA compilation, kernel selection
@@ -185,7 +236,7 @@ def main() -> None:
                         rates[(candidate.name, mode)].append(images_per_second(step, args.steps, args.batch))
     rows = []
     for candidate in candidates:
-        row = {"model": candidate.name}
+        row = {"model": candidate.name, "precision": candidate.precision}
         for mode in ("train", "infer"):
             values = rates.get((candidate.name, mode), [])
             row[f"{mode} img/s"] = (f"{np.median(values):.1f} ({min(values):.1f}-{max(values):.1f})" if values
@@ -193,7 +244,8 @@ def main() -> None:
         rows.append(row)
     ratios = []
     for candidate in (c for c in measured if c.name.startswith("ours")):
-        peers = [c for c in measured if c.name in FAITHFUL_PEERS[candidate.architecture]]
+        peers = [c for c in measured if c.name.split(",")[0] in FAITHFUL_PEERS[candidate.architecture]
+                 and c.precision == candidate.precision]
         for mode in ("train", "infer"):
             ours = rates[(candidate.name, mode)]
             peer_rates = [rates[(peer.name, mode)] for peer in peers if rates[(peer.name, mode)]]
@@ -201,7 +253,8 @@ def main() -> None:
                 continue
             per_round = [value / max(peer[k] for peer in peer_rates) for k, value in enumerate(ours)]
             best = max(peers, key=lambda peer: np.median(rates[(peer.name, mode)]) if rates[(peer.name, mode)] else 0)
-            ratios.append({"ours": candidate.name, "mode": mode, "best faithful peer": best.name,
+            ratios.append({"ours": candidate.name, "mode": mode, "precision": candidate.precision,
+                           "best faithful peer": best.name,
                            "ratio median (min-max)": f"{np.median(per_round):.2f} ({min(per_round):.2f}-"
                                                      f"{max(per_round):.2f})"})
     print(f"machine: {machine_description()}; Keras {keras.__version__} on {keras.backend.backend()}; input "

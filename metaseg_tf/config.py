@@ -65,6 +65,7 @@ class ExperimentConfig:
     patient_pattern: str = ""
     context_slices: int = 0  # 2.5D: k neighbouring slices on each side of every sequence as extra channels
     empty_slice_fraction: float = 1.0  # fraction of lesion-free training slices drawn each epoch
+    lesion_slice_repeats: int = 1  # each training epoch shows every slice with a lesion this many times (Buda et al.: 2)
 
     # --- preprocessing (every field here changes the preprocessing cache key) ---------------------
     image_size: int = 128
@@ -160,6 +161,8 @@ class ExperimentConfig:
             raise ConfigError(f"context_slices must lie in [0, 8], got {self.context_slices}")
         if not 0 < self.empty_slice_fraction <= 1:
             raise ConfigError(f"empty_slice_fraction must lie in (0, 1], got {self.empty_slice_fraction}")
+        if not 1 <= self.lesion_slice_repeats <= 8:
+            raise ConfigError(f"lesion_slice_repeats must lie in [1, 8], got {self.lesion_slice_repeats}")
         if self.image_size < 16 or self.image_size % 16:
             raise ConfigError(f"image_size must be a multiple of 16 and >= 16, got {self.image_size}")
         if self.clahe_clip_limit <= 0 or self.clahe_tile_grid < 1:

@@ -44,6 +44,13 @@ BASELINE = {"image_size": 128, "filters": (8, 16, 32, 64, 128), "batch_size": 16
             "learning_rate": 1e-3, "lr_schedule": "plateau", "seed": 0, "split_seed": 42,
             "early_stopping_patience": 10}
 
+# The cross-validated recipe (results/lgg_recipe/recipe.yml) on top of BASELINE, and what issue 26 changes in it.
+RECIPE = {"lr_schedule": "cosine", "warmup_epochs": 1, "flip_tta": True}
+RECIPE_CHANGES = [
+    ("dice_loss", "soft Dice loss only (Buda et al.'s loss)", {"loss": "dice"}),
+    ("lesion_x2", "every slice with a lesion twice per epoch (Buda et al.)", {"lesion_slice_repeats": 2}),
+]
+
 
 @dataclass(frozen=True)
 class Variant:
@@ -80,6 +87,10 @@ VARIANTS = [
                                                             "flip_tta": True, "seed": 1}),
     Variant("recipe+bf16_seed1", "the recipe in bf16 mixed precision, training seed 1",
             {"lr_schedule": "cosine", "warmup_epochs": 1, "flip_tta": True, "mixed_precision": "on", "seed": 1}),
+    # Issue 26: changes to the recipe, each with training seeds 0 and 1 (paired with recipe / recipe_seed1)
+    *[Variant(f"recipe+{change}{suffix}", f"the recipe, {text}{seed_text}", {**RECIPE, **config, "seed": seed})
+      for change, text, config in RECIPE_CHANGES
+      for seed, suffix, seed_text in ((0, "", ""), (1, "_seed1", ", training seed 1"))],
     Variant("baseline+tta", "baseline, flip TTA at inference", scores="baseline", evaluation={"flip_tta": True}),
     Variant("baseline+min_lesion", "baseline, predicted 3D lesions under 100 voxels removed", scores="baseline",
             evaluation={"min_lesion_voxels": 100}),

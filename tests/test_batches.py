@@ -123,6 +123,14 @@ def test_volume_batches_carry_context_channels_and_multilabel_targets(brats_phan
     epochs = [set(halved._epoch_order().tolist()) for halved.epoch in range(10)]
     assert all(set(train[lesion]) <= drawn and len(drawn) == halved.slices_per_epoch for drawn in epochs)
     assert set().union(*epochs) == set(train)  # each epoch draws other lesion-free slices
+    doubled = SegmentationBatches(data.dataset, train, config.replace(lesion_slice_repeats=2, empty_slice_fraction=0.5),
+                                  training=True)  # Buda et al.'s "tumour slices twice"
+    order = doubled._epoch_order()
+    counts = np.bincount(order, minlength=int(train.max()) + 1)
+    assert len(order) == doubled.slices_per_epoch == 2 * lesion.sum() + round(0.5 * (~lesion).sum())
+    assert (counts[train[lesion]] == 2).all() and set(np.unique(counts[train[~lesion]])) <= {0, 1}
+    assert len(SegmentationBatches(data.dataset, train, config.replace(lesion_slice_repeats=2))) == \
+        len(SegmentationBatches(data.dataset, train, config))  # evaluation batches see each slice once
     enhancing = SegmentationBatches(data.dataset, train, config.replace(target="et", empty_slice_fraction=0.5),
                                     training=True)  # "lesion" is the target region: oedema-only slices are empty
     assert set(enhancing.lesion_indices) == set(train[(data.dataset.masks[train] == 3).reshape(len(train), -1).any(1)])

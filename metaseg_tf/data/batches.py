@@ -54,7 +54,9 @@ class SegmentationBatches(keras.utils.PyDataset):
 
     With ``training=True`` the order is reshuffled every epoch and, if ``config.augment``, each slice is
     augmented jointly with its mask. With ``config.empty_slice_fraction < 1`` each training epoch draws
-    that fraction of the slices without lesion (and every slice with one). The random draws depend only on
+    that fraction of the slices without lesion (and every slice with one); with ``config.lesion_slice_repeats =
+    k > 1`` every slice with a lesion appears ``k`` times in each training epoch (Buda et al., Comput. Biol. Med.
+    2019: tumour slices shown twice), each copy augmented on its own. The random draws depend only on
     ``(seed, epoch, batch index, position in the batch)``, so batches are reproducible whether or not workers
     fetch them out of order, and a slice is augmented alike whichever process reads it.
 
@@ -94,6 +96,7 @@ class SegmentationBatches(keras.utils.PyDataset):
         self.lesion_indices, self.empty_indices = self.indices[lesion], self.indices[~lesion]
         self.empty_per_epoch = (round(config.empty_slice_fraction * len(self.empty_indices))
                                 if training else len(self.empty_indices))
+        self.lesion_repeats = config.lesion_slice_repeats if training else 1
         self.batch_size = config.batch_size
         self.normalisation = config.normalisation
         self.training = training
@@ -120,15 +123,15 @@ class SegmentationBatches(keras.utils.PyDataset):
 
     @property
     def slices_per_epoch(self) -> int:
-        return len(self.lesion_indices) + self.empty_per_epoch
+        return self.lesion_repeats * len(self.lesion_indices) + self.empty_per_epoch
 
     def _epoch_order(self) -> np.ndarray:
         if not self.training:
             return self.indices
         rng = np.random.default_rng([self.seed, self.epoch])
-        if self.empty_per_epoch < len(self.empty_indices):
+        if self.empty_per_epoch < len(self.empty_indices) or self.lesion_repeats > 1:
             empty = rng.choice(self.empty_indices, self.empty_per_epoch, replace=False)
-            return rng.permutation(np.concatenate([self.lesion_indices, empty]))
+            return rng.permutation(np.concatenate([np.tile(self.lesion_indices, self.lesion_repeats), empty]))
         return rng.permutation(self.indices)
 
     def model_inputs(self, chosen: np.ndarray) -> np.ndarray:
