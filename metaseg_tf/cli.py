@@ -35,7 +35,7 @@ from metaseg_tf.cli_flags import (
     series_choice,
     typed_path,
 )
-from metaseg_tf.config import ConfigError, LABEL_CONVENTION_NAMES
+from metaseg_tf.config import KEEP_LESIONS, LABEL_CONVENTION_NAMES, ConfigError
 from metaseg_tf.data.discover import DataError, discover_pairs
 from metaseg_tf.data.layouts import discover_volumes
 from metaseg_tf.data.summary import summarise_dataset, summarise_volumes
@@ -44,12 +44,16 @@ from metaseg_tf.inference.export import EXPORT_FORMATS
 from metaseg_tf.pipeline import PROFILES, PipelineError
 
 DEFAULT_PHANTOM = PhantomSettings()
+KEEP_LESIONS_HELP = ("after --min-lesion-voxels keep all predicted lesions, the largest alone (Buda et al.'s 3D "
+                     "largest connected component) or those over >= 2 neighbouring slices (default: the run's "
+                     "keep_lesions)")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up chatter, before it loads
 
 def _evaluate(args: argparse.Namespace) -> int:
     from metaseg_tf.evaluation.report import evaluate_run
 
     inference = {name: value for name, value in (("flip_tta", args.tta), ("min_lesion_voxels", args.min_lesion_voxels),
+                                                 ("keep_lesions", args.keep_lesions),
                                                  ("threshold_from_validation", args.threshold_from_validation))
                  if value is not None}
     result = evaluate_run(args.run, split=args.split, which=args.which, threshold=args.threshold,
@@ -97,7 +101,8 @@ def _predict(args: argparse.Namespace) -> int:
         if args.min_lesion_voxels is None:
             args.min_lesion_voxels = args.min_component
     predictor = Predictor.from_run(args.run or args.model, which=args.which, threshold=args.threshold, flip_tta=args.tta,
-                                   min_lesion_voxels=args.min_lesion_voxels, engine=args.engine, level=args.level,
+                                   min_lesion_voxels=args.min_lesion_voxels, keep_lesions=args.keep_lesions,
+                                   engine=args.engine, level=args.level,
                                    models=args.models)
     part, request = None, None
     if (args.num_parts is None) != (args.part_id is None):
@@ -107,7 +112,8 @@ def _predict(args: argparse.Namespace) -> int:
             raise ConfigError("with --num-parts, name the predictions folder the parts share with --out")
         part = Part(args.num_parts, args.part_id)
         request = {name: str(value) if isinstance(value, Path) else value for name, value in vars(args).items()
-                   if name in ("run", "model", "models", "which", "threshold", "tta", "min_lesion_voxels", "engine", "level")}
+                   if name in ("run", "model", "models", "which", "threshold", "tta", "min_lesion_voxels", "keep_lesions",
+                               "engine", "level")}
     series = dict(args.series or [])
     out_dir, summary = predict_path(predictor, args.input, paths.resolve(paths.RESULTS_DIR) if args.out is None else args.out,
                                     progress=not args.quiet, convention=args.labels_convention, part=part, request=request,
@@ -309,6 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--tta", action=argparse.BooleanOptionalAction, help="flip TTA (default: the run's flip_tta)")
     evaluate.add_argument("--min-lesion-voxels", type=int,
                           help="drop predicted 3D lesions smaller than this (default: the run's min_lesion_voxels)")
+    evaluate.add_argument("--keep-lesions", choices=KEEP_LESIONS, help=KEEP_LESIONS_HELP)
     evaluate.add_argument("--threshold-from-validation", action=argparse.BooleanOptionalAction,
                           help="the threshold that scores best on the run's validation patients (default: the run's "
                                "threshold_from_validation)")
@@ -372,6 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--min-lesion-voxels", type=int,
                          help="drop predicted lesions smaller than this (default: the run's min_lesion_voxels): 3D "
                               "per case for volumes and for slices named <case>_<n>, else pixels of a slice")
+    predict.add_argument("--keep-lesions", choices=KEEP_LESIONS, help=KEEP_LESIONS_HELP)
     predict.add_argument("--min-component", type=int, help=argparse.SUPPRESS)  # deprecated: --min-lesion-voxels
     predict.add_argument("--labels-convention", choices=LABEL_CONVENTION_NAMES,
                          help="the label convention of the volumes predicted, which their segs are read and the "

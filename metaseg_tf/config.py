@@ -31,7 +31,8 @@ REGION_TARGETS = ("any", "wt", "tc", "et", "multilabel")  # or "labels:1,3" (any
 LABEL_CONVENTION_NAMES = ("brats", "brats_post", "brats2021", "msd", "binary")
 FILL_RULES = ("skip", "zeros", "repeat")
 # settings of how a trained model's probabilities become masks: evaluation and prediction, never training
-INFERENCE_FIELDS = ("flip_tta", "min_lesion_voxels", "threshold_from_validation")
+INFERENCE_FIELDS = ("flip_tta", "min_lesion_voxels", "keep_lesions", "threshold_from_validation")
+KEEP_LESIONS = ("all", "largest", "persistent")  # metaseg_tf.inference.postprocess says what each keeps
 
 
 class ConfigError(ValueError):
@@ -115,6 +116,7 @@ class ExperimentConfig:
     threshold: float = 0.5
     flip_tta: bool = False  # average the probabilities with those of the horizontally flipped slice
     min_lesion_voxels: int = 0  # drop predicted lesions (3D components per case) smaller than this
+    keep_lesions: str = "all"  # then keep all, the largest, or those over >= 2 neighbouring slices (persistent)
     threshold_from_validation: bool = False  # evaluation: the threshold that scores best on the validation patients
 
     extra: dict[str, Any] = field(default_factory=dict)
@@ -161,6 +163,8 @@ class ExperimentConfig:
             raise ConfigError(f"context_slices must lie in [0, 8], got {self.context_slices}")
         if not 0 < self.empty_slice_fraction <= 1:
             raise ConfigError(f"empty_slice_fraction must lie in (0, 1], got {self.empty_slice_fraction}")
+        if self.keep_lesions not in KEEP_LESIONS:
+            raise ConfigError(f"keep_lesions must be one of {', '.join(KEEP_LESIONS)}, got {self.keep_lesions!r}")
         if not 1 <= self.lesion_slice_repeats <= 8:
             raise ConfigError(f"lesion_slice_repeats must lie in [1, 8], got {self.lesion_slice_repeats}")
         if self.image_size < 16 or self.image_size % 16:

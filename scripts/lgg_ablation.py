@@ -91,6 +91,11 @@ VARIANTS = [
     *[Variant(f"recipe+{change}{suffix}", f"the recipe, {text}{seed_text}", {**RECIPE, **config, "seed": seed})
       for change, text, config in RECIPE_CHANGES
       for seed, suffix, seed_text in ((0, "", ""), (1, "_seed1", ", training seed 1"))],
+    *[Variant(f"{trained}+{keep}", f"{trained.replace('_seed1', ', training seed 1')}, {text}", scores=trained,
+              evaluation={"keep_lesions": keep})
+      for trained in ("recipe", "recipe_seed1")
+      for keep, text in (("largest", "the largest predicted 3D lesion kept alone (Buda et al.)"),
+                         ("persistent", "predicted lesions on one slice only removed"))],
     Variant("baseline+tta", "baseline, flip TTA at inference", scores="baseline", evaluation={"flip_tta": True}),
     Variant("baseline+min_lesion", "baseline, predicted 3D lesions under 100 voxels removed", scores="baseline",
             evaluation={"min_lesion_voxels": 100}),

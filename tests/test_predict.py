@@ -11,10 +11,11 @@ import pandas as pd
 import pytest
 
 from metaseg_tf.cli import main
+from metaseg_tf.config import ConfigError
 from metaseg_tf.data.discover import DataError
 from metaseg_tf.data.volumes import axial_axis
 from metaseg_tf.inference.files import predict_path
-from metaseg_tf.inference.postprocess import remove_small_components
+from metaseg_tf.inference.postprocess import select_components
 from metaseg_tf.inference.predictor import Predictor
 
 
@@ -38,7 +39,7 @@ def test_small_components_are_removed_and_areas_reported() -> None:
     mask = np.zeros((20, 20), bool)
     mask[2:6, 2:6] = True  # 16 px
     mask[15, 15] = True  # 1 px
-    kept, areas = remove_small_components(mask, 5)
+    kept, areas = select_components(mask, 5)
     assert areas == [16] and kept.sum() == 16
 
 
@@ -306,7 +307,7 @@ def test_a_context_model_reads_the_neighbouring_slices_of_a_folder_by_case_and_n
 
 
 def test_small_lesions_are_removed_in_3d_per_case_with_slices_placed_by_number() -> None:
-    from metaseg_tf.inference.postprocess import remove_small_lesions
+    from metaseg_tf.inference.postprocess import select_lesions
 
     masks = np.zeros((5, 8, 8), np.uint8)
     masks[0, 1:3, 1:3] = 1  # case a, slice 3: 4 voxels, joined with slice 4 below into one lesion of 8
@@ -314,18 +315,44 @@ def test_small_lesions_are_removed_in_3d_per_case_with_slices_placed_by_number()
     masks[2, 1:3, 1:3] = 1  # case a, slice 6: 4 voxels; slice 5 is missing, so it stays a lesion of its own
     masks[3, 5:7, 5:7] = 1  # case b, slice 4: 4 voxels
     masks[4, 5:7, 5:7] = 1  # case b, slice 3
-    kept = remove_small_lesions(masks, ["a", "a", "a", "b", "b"], [3, 4, 6, 4, 3], min_voxels=5)
+    kept = select_lesions(masks, ["a", "a", "a", "b", "b"], [3, 4, 6, 4, 3], min_voxels=5)
     np.testing.assert_array_equal(kept[[0, 1, 3, 4]], masks[[0, 1, 3, 4]])
     assert kept[2].sum() == 0
-    np.testing.assert_array_equal(remove_small_lesions(masks, list("aaabb"), [3, 4, 6, 4, 3], 0), masks)
+    np.testing.assert_array_equal(select_lesions(masks, list("aaabb"), [3, 4, 6, 4, 3], 0), masks)
+
+    # the largest lesion alone (Buda et al.'s 3D LCC), or the lesions over >= 2 neighbouring slices, per case
+    cases, numbers = ["a", "a", "a", "b", "b"], [3, 4, 6, 4, 3]
+    largest = select_lesions(masks, cases, numbers, 0, keep="largest")
+    np.testing.assert_array_equal(largest[[0, 1, 3, 4]], masks[[0, 1, 3, 4]])  # a's 8-voxel lesion, b's only one
+    assert largest[2].sum() == 0
+    persistent = select_lesions(masks, cases, numbers, 0, keep="persistent")
+    np.testing.assert_array_equal(persistent, largest)  # a's slice 6 stands alone: its neighbour 5 is missing
+    with pytest.raises(ValueError, match="keep must be one of"):
+        select_lesions(masks, cases, numbers, 0, keep="biggest")
+
+
+def test_keep_lesions_in_2d_and_through_the_predictor(trained_run: Path) -> None:
+    mask = np.zeros((20, 20), np.uint8)
+    mask[2:6, 2:6], mask[10:12, 10:12] = 1, 1  # 16 and 4 px
+    assert select_components(mask, 0, "largest")[1] == [16]
+    assert select_components(mask, 0, "persistent")[1] == [16, 4], "a slice by itself has no neighbours"
+    assert select_components(np.zeros((4, 4), np.uint8), 0, "largest")[1] == []
+    predictor = Predictor.from_run(trained_run, keep_lesions="largest")
+    probabilities = np.zeros((3, 20, 20, 1), np.float32)
+    probabilities[0, 2:6, 2:6], probabilities[2, 10:12, 10:12] = 0.9, 0.9  # slices 0 and 2 of one case
+    kept = predictor.masks(probabilities, ["c"] * 3, [0, 1, 2])
+    assert kept[0].sum() == 16 and kept[2].sum() == 0
+    assert predictor.inference_record()["keep_lesions"] == "largest"
+    with pytest.raises(ConfigError, match="keep_lesions"):
+        Predictor.from_run(trained_run, keep_lesions="biggest")
 
 
 def test_small_lesion_removal_places_sparse_slice_numbers_as_the_evaluation_does() -> None:
-    from metaseg_tf.inference.postprocess import remove_small_lesions
+    from metaseg_tf.inference.postprocess import select_lesions
 
     masks = np.zeros((2, 8, 8), np.uint8)
     masks[:, 2:4, 2:4] = 1  # two slices numbered like dates: a volume spanning the numbers would not fit in memory
-    kept = remove_small_lesions(masks, ["a", "a"], [20010101, 20030101], min_voxels=5)
+    kept = select_lesions(masks, ["a", "a"], [20010101, 20030101], min_voxels=5)
     assert kept.sum() == 0, "far-apart slices are separate 4-voxel lesions, both below 5"
 
 

@@ -192,6 +192,12 @@ def test_inference_settings_are_evaluations_of_their_own(served_runs: list[Path]
     at_threshold = [row for row in pruned.summary["threshold_sweep"] if row["threshold"] == pytest.approx(0.5)][0]
     assert at_threshold["patient_dice"] == pytest.approx(pd.read_csv(pruned.out_dir / "per_patient.csv")["dice"].mean()), \
         "the threshold sweep makes its masks as the evaluation does, small-lesion removal included"
+    largest = evaluate_run(run, "test", threshold=0.01, progress=False, inference={"keep_lesions": "largest"})
+    assert largest.out_dir.name == "evaluation-test-t0.01-largest" and largest.summary["inference"]["keep_lesions"] == "largest"
+    per_case = pd.read_csv(largest.out_dir / "per_patient.csv")
+    assert ((per_case["detected_lesions"] > 0) + per_case["false_positive_lesions"] <= 1).all(), \
+        "one predicted lesion per patient is left: it finds truth or is a false positive"
+    assert (per_case["pred_voxels"] > 0).any()
     with pytest.raises(ValueError, match="not inference settings: epochs"):
         evaluate_run(run, "test", progress=False, inference={"epochs": 3})
 

@@ -448,6 +448,8 @@ def _inference_line(summaries: dict[tuple[int, str], dict]) -> str:
         return (f"checkpoint `{summary.get('which', 'best')}`; flip TTA {'on' if inference.get('flip_tta') else 'off'}; "
                 f"threshold {summary['threshold']} ({summary.get('threshold_source', 'config')}); "
                 + (f"predicted 3D lesions under {voxels} voxels removed" if voxels else "no small-lesion removal")
+                + {"largest": ", the largest lesion kept alone", "persistent": ", lesions over one slice removed"}.get(
+                    inference.get("keep_lesions", "all"), "")
                 + f"; scored at {'native' if summary.get('native_resolution', True) else 'input'} resolution")
 
     return "Inference: " + " | ".join(sorted({described(summary) for summary in summaries.values()})) + "."

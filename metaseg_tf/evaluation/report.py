@@ -148,7 +148,7 @@ def evaluate_run(
     The masks are the :class:`~metaseg_tf.inference.predictor.Predictor`'s of the run
     (:meth:`~metaseg_tf.inference.predictor.Predictor.from_run`): run by ``engine`` (``keras``, ``onnx``,
     ``openvino``: the run's newest export, made first if needed), of U-Net++ pruned to ``level`` if given, with
-    the run's inference settings (``flip_tta``, ``min_lesion_voxels``, ``threshold_from_validation``;
+    the run's inference settings (``flip_tta``, ``min_lesion_voxels``, ``keep_lesions``, ``threshold_from_validation``;
     :data:`~metaseg_tf.config.INFERENCE_FIELDS`) overridden by ``inference`` (e.g. ``{"flip_tta": True}``: an
     inference ablation without retraining). With ``threshold_from_validation`` and no ``threshold`` given, the
     threshold is the one of :data:`SWEEP_THRESHOLDS` with the best mean per-patient Dice on the run's
@@ -162,7 +162,7 @@ def evaluate_run(
     set, e.g. a different modality, never split), preprocessed with the run's settings; the folder is
     ``evaluation-external-<its name>``. Folders of other settings than the defaults (best model, the run's
     threshold and inference settings, native resolution, Keras, the whole network) carry them in their name,
-    e.g. ``evaluation-test-last-t0.3``, ``evaluation-test-tta-min50-tval`` or ``evaluation-test-openvino-L2``.
+    e.g. ``evaluation-test-last-t0.3``, ``evaluation-test-tta-min50-largest-tval`` or ``evaluation-test-openvino-L2``.
     """
     run_dir = Path(run_dir)
     run_config = load_run_config(run_dir)
@@ -182,6 +182,7 @@ def evaluate_run(
         raise ValueError(f"the {split} part of {run_dir} has no slices")
     predictor = Predictor.from_run(run_dir, which, engine, level, threshold=config.threshold if threshold is None
                                    else threshold, flip_tta=config.flip_tta, min_lesion_voxels=config.min_lesion_voxels,
+                                   keep_lesions=config.keep_lesions,
                                    batch_size=config.batch_size)
     if choose_threshold:
         validation = data if data_dir is None else load_recorded_data(
@@ -217,7 +218,8 @@ def _inference_key(config: ExperimentConfig, run_config: ExperimentConfig) -> st
     if config.inference_settings() == run_config.inference_settings():
         return ""
     return "".join(["-tta" if config.flip_tta else "", f"-min{config.min_lesion_voxels}" if config.min_lesion_voxels
-                    else "", "-tval" if config.threshold_from_validation else ""]) or "-plain"
+                    else "", "" if config.keep_lesions == "all" else f"-{config.keep_lesions}",
+                    "-tval" if config.threshold_from_validation else ""]) or "-plain"
 
 
 def validation_threshold(predictor: Predictor, data: ExperimentData, progress: bool = False) -> float:

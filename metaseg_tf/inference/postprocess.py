@@ -1,8 +1,15 @@
-"""Post-processing of thresholded masks: removing predicted lesions below a size.
+"""Post-processing of thresholded masks: which predicted lesions to keep.
 
-A lesion is a connected component of a mask: 8-connected within a 2D slice, 26-connected in 3D. The size limit
-has one name everywhere, ``min_lesion_voxels`` (:class:`~metaseg_tf.config.ExperimentConfig`); on a slice given by
-itself a voxel is a pixel.
+A lesion is a connected component of a mask: 8-connected within a 2D slice, 26-connected in 3D. Two settings
+of :class:`~metaseg_tf.config.ExperimentConfig`, one name each everywhere:
+
+* ``min_lesion_voxels``: lesions below this size are dropped (on a slice given by itself a voxel is a pixel);
+* ``keep_lesions`` (:data:`KEEP_LESIONS`): ``all`` of those left; ``largest``, the largest one alone (the 3D
+  largest-connected-component filter of Buda et al., "Association of genomic subtypes of lower-grade gliomas
+  with shape features automatically extracted by a deep learning algorithm", Comput. Biol. Med. 2019, their
+  PyTorch repository's post-processing); or ``persistent``, the lesions that span at least two neighbouring
+  slices (a one-slice component in a stack of 2D predictions is most often a false positive; a slice given by
+  itself has no neighbours, so there it keeps every lesion).
 """
 
 from __future__ import annotations
@@ -12,31 +19,40 @@ from collections.abc import Sequence
 import numpy as np
 from scipy import ndimage
 
+from metaseg_tf.config import KEEP_LESIONS
 from metaseg_tf.evaluation.scores import slice_offsets, stack_slices
 
 
-def remove_small_components(mask: np.ndarray, min_voxels: int) -> tuple[np.ndarray, list[int]]:
-    """Drop the components (8-connected in 2D, 26-connected in 3D) of ``mask`` below ``min_voxels``; return the
-    mask, ``uint8`` of ``mask``'s shape, and the kept components' sizes."""
+def select_components(mask: np.ndarray, min_voxels: int, keep: str = "all") -> tuple[np.ndarray, list[int]]:
+    """The components (8-connected in 2D, 26-connected in 3D, slices along axis 0) of ``mask`` of at least
+    ``min_voxels`` that ``keep`` (:data:`KEEP_LESIONS`) keeps; return the mask, ``uint8`` of ``mask``'s shape,
+    and the kept components' sizes, in label order."""
+    if keep not in KEEP_LESIONS:
+        raise ValueError(f"keep must be one of {', '.join(KEEP_LESIONS)}, got {keep!r}")
     labels, count = ndimage.label(mask, structure=np.ones((3,) * mask.ndim, bool))
     areas = np.bincount(labels.ravel(), minlength=count + 1)[1:]
-    keep = np.flatnonzero(areas >= max(min_voxels, 1)) + 1
-    return np.isin(labels, keep).astype(np.uint8), [int(areas[k - 1]) for k in keep]
+    kept = areas >= max(min_voxels, 1)
+    if keep == "persistent" and mask.ndim == 3:
+        kept &= np.array([box[0].stop - box[0].start >= 2 for box in ndimage.find_objects(labels)], bool)
+    if keep == "largest" and kept.any():
+        kept = np.arange(count) == np.argmax(np.where(kept, areas, -1))
+    labels_kept = np.flatnonzero(kept) + 1
+    return np.isin(labels, labels_kept).astype(np.uint8), [int(areas[k - 1]) for k in labels_kept]
 
 
-def remove_small_lesions(masks: np.ndarray, case_ids: Sequence[str], slice_indices: Sequence[int],
-                         min_voxels: int) -> np.ndarray:
+def select_lesions(masks: np.ndarray, case_ids: Sequence[str], slice_indices: Sequence[int], min_voxels: int,
+                   keep: str = "all") -> np.ndarray:
     """Post-processing per case in 3D: the slices ``(N, H, W)`` of each case are placed by their slice numbers
     as the evaluation places them (:func:`~metaseg_tf.evaluation.scores.stack_slices`: a gap in the numbers is
-    empty, so components never bridge it), components (26-connected) below ``min_voxels`` are dropped, and the
-    masks come back in their input order, ``uint8 (N, H, W)``."""
+    empty, so components never bridge it), the lesions :func:`select_components` keeps are kept, and the masks
+    come back in their input order, ``uint8 (N, H, W)``."""
     masks = np.asarray(masks).astype(np.uint8)
-    if min_voxels <= 0 or len(masks) == 0:
+    if (min_voxels <= 0 and keep == "all") or len(masks) == 0:
         return masks
     case_ids, slice_indices = np.asarray(case_ids), np.asarray(slice_indices, int)
     kept = np.zeros_like(masks)
     for case in np.unique(case_ids):
         rows = np.flatnonzero(case_ids == case)
         volume = stack_slices(masks[rows], slice_indices[rows], str(case))
-        kept[rows] = remove_small_components(volume, min_voxels)[0][slice_offsets(slice_indices[rows], str(case))]
+        kept[rows] = select_components(volume, min_voxels, keep)[0][slice_offsets(slice_indices[rows], str(case))]
     return kept

@@ -26,7 +26,7 @@ import cv2
 import numpy as np
 from tqdm.auto import tqdm
 
-from metaseg_tf.config import INFERENCE_FIELDS, ConfigError, ExperimentConfig
+from metaseg_tf.config import INFERENCE_FIELDS, KEEP_LESIONS, ConfigError, ExperimentConfig
 from metaseg_tf.data.context import context_rows, stack_context, volume_context
 from metaseg_tf.data.discover import DataError
 from metaseg_tf.data.io import to_channels
@@ -36,7 +36,7 @@ from metaseg_tf.data.volumes import CaseVolume
 from metaseg_tf.inference.engines import Engine, KerasEngine
 from metaseg_tf.inference.export import load_engine
 from metaseg_tf.inference.loading import load_model
-from metaseg_tf.inference.postprocess import remove_small_components, remove_small_lesions
+from metaseg_tf.inference.postprocess import select_components, select_lesions
 from metaseg_tf.runs.folders import load_run_config, read_json
 from metaseg_tf.runs.records import chosen_threshold, crossval_runs, is_crossval_dir
 
@@ -106,11 +106,12 @@ class Predictor:
     :meth:`predict_slices` on ``(H, W, C)`` images, :meth:`predict_volume` on a case read with
     :func:`~metaseg_tf.data.volumes.read_case`, or :meth:`probabilities` and :meth:`masks` on preprocessed
     slices (what the evaluation does). ``label_convention`` is the training data's (a run's ``data.json``
-    records it). ``threshold``, ``flip_tta`` and ``min_lesion_voxels`` default to the config's; ``engine``
+    records it). ``threshold``, ``flip_tta``, ``min_lesion_voxels`` and ``keep_lesions`` default to the config's; ``engine``
     defaults to Keras on ``model``; ``level`` records which pruned U-Net++ level the engine runs."""
 
     def __init__(self, model: Any, config: ExperimentConfig, threshold: float | None = None,
-                 flip_tta: bool | None = None, min_lesion_voxels: int | None = None, batch_size: int = 16,
+                 flip_tta: bool | None = None, min_lesion_voxels: int | None = None, keep_lesions: str | None = None,
+                 batch_size: int = 16,
                  label_convention: str = "binary", engine: Engine | None = None, level: int | None = None,
                  members: Sequence[Member] | None = None) -> None:
         self.members = list(members) if members else [Member(config, engine or KerasEngine(model), model)]
@@ -121,6 +122,9 @@ class Predictor:
         self.threshold_source = "config" if threshold is None else "given"
         self.flip_tta = config.flip_tta if flip_tta is None else flip_tta
         self.min_lesion_voxels = config.min_lesion_voxels if min_lesion_voxels is None else min_lesion_voxels
+        self.keep_lesions = config.keep_lesions if keep_lesions is None else keep_lesions
+        if self.keep_lesions not in KEEP_LESIONS:
+            raise ConfigError(f"keep_lesions must be one of {', '.join(KEEP_LESIONS)}, got {self.keep_lesions!r}")
         self.batch_size = batch_size
         self.target: Target = resolve_target(config.target, label_convention)
 
@@ -137,7 +141,8 @@ class Predictor:
         """How this predictor makes masks, as an evaluation's ``summary.json`` records it."""
         return {"engine": self.engine_name, "level": self.level, "flip_tta": self.flip_tta,
                 "threshold": self.threshold, "threshold_source": self.threshold_source,
-                "min_lesion_voxels": self.min_lesion_voxels, "members": len(self.members)}
+                "min_lesion_voxels": self.min_lesion_voxels, "keep_lesions": self.keep_lesions,
+                "members": len(self.members)}
 
     @classmethod
     def from_run(cls, run_dir: Path | str, which: str = "best", engine: str = "keras", level: int | None = None,
@@ -254,18 +259,19 @@ class Predictor:
     def masks(self, probabilities: np.ndarray, case_ids: Sequence[str] | None = None,
               slice_indices: Sequence[int] | None = None, threshold: float | None = None) -> np.ndarray:
         """Masks ``uint8 (N, H, W, R)`` of probabilities ``(N, H, W, R)``: thresholded (``threshold``, default
-        the predictor's), then without predicted lesions below ``min_lesion_voxels``, per region: 3D components
-        of each case, its slices placed by number (:func:`~metaseg_tf.inference.postprocess.remove_small_lesions`)
-        where ``case_ids`` and ``slice_indices`` are given, else 2D components of each slice."""
+        the predictor's), then with the predicted lesions ``min_lesion_voxels`` and ``keep_lesions`` keep
+        (:mod:`~metaseg_tf.inference.postprocess`), per region: 3D components of each case, its slices placed by
+        number (:func:`~metaseg_tf.inference.postprocess.select_lesions`) where ``case_ids`` and
+        ``slice_indices`` are given, else 2D components of each slice."""
         threshold = self.threshold if threshold is None else threshold
         masks = (np.asarray(probabilities) >= threshold).astype(np.uint8)
-        if not self.min_lesion_voxels or len(masks) == 0:
+        if (not self.min_lesion_voxels and self.keep_lesions == "all") or len(masks) == 0:
             return masks
         if case_ids is None:
-            return np.stack([np.stack([remove_small_components(m[..., r], self.min_lesion_voxels)[0]
+            return np.stack([np.stack([select_components(m[..., r], self.min_lesion_voxels, self.keep_lesions)[0]
                                        for r in range(m.shape[-1])], axis=-1) for m in masks])
-        return np.stack([remove_small_lesions(masks[..., r], case_ids, slice_indices, self.min_lesion_voxels)
-                         for r in range(masks.shape[-1])], axis=-1)
+        return np.stack([select_lesions(masks[..., r], case_ids, slice_indices, self.min_lesion_voxels,
+                                        self.keep_lesions) for r in range(masks.shape[-1])], axis=-1)
 
     # --- inputs ------------------------------------------------------------------------------------------
     def prepare_slice(self, image: np.ndarray, alone: bool = True, config: ExperimentConfig | None = None) -> np.ndarray:
@@ -321,7 +327,7 @@ class Predictor:
         probabilities = self.probabilities(self._slice_inputs(images, case_ids, slice_indices), progress)[..., :1]
         resized = [_resized(p, *np.asarray(image).shape[:2]) for p, image in zip(probabilities, images)]
         masks: list[np.ndarray | None] = [None] * len(images)
-        if case_ids is not None and self.min_lesion_voxels:
+        if case_ids is not None and (self.min_lesion_voxels or self.keep_lesions != "all"):
             case_array = np.asarray(case_ids)
             for case in dict.fromkeys(case_ids):
                 rows = np.flatnonzero(case_array == case)
@@ -333,6 +339,6 @@ class Predictor:
         results = []
         for k, probability in enumerate(resized):
             mask = masks[k] if masks[k] is not None else self.masks(probability[None], threshold=threshold)[0]
-            mask, areas = remove_small_components(mask[..., 0], 1)
+            mask, areas = select_components(mask[..., 0], 1)
             results.append(SlicePrediction(probability[..., 0], mask, areas))
         return results
