@@ -65,6 +65,24 @@ def test_config_overrides_are_merged_into_the_profiles_own() -> None:
     assert pipeline_parameters("smoke")["config_overrides"] == PROFILES["smoke"].parameters["config_overrides"]
 
 
+
+def test_cpu_profile_trains_the_lgg_recipe_on_a_real_data_folder(tmp_path: Path) -> None:
+    import yaml
+
+    phantom = pipeline_parameters("cpu")
+    assert (phantom["image_size"], phantom["epochs"]) == (64, 30) and "lr_schedule" not in phantom["config_overrides"]
+    real = pipeline_parameters("cpu", data_dir=tmp_path, overrides={"config_overrides": {"loss": "dice"}})
+    recipe = yaml.safe_load((Path(__file__).resolve().parents[1] / "results/lgg_recipe/recipe.yml").read_text())
+    settings = {**{name: real[name] for name in ("image_size", "epochs", "batch_size", "filters", "seed")},
+                **real["config_overrides"]}
+    assert {name: settings[name] for name in ("image_size", "epochs", "batch_size", "filters", "seed", "lr_schedule",
+                                              "warmup_epochs", "flip_tta")} == \
+        {name: recipe[name] for name in ("image_size", "epochs", "batch_size", "filters", "seed", "lr_schedule",
+                                         "warmup_epochs", "flip_tta")}
+    assert settings["loss"] == "dice", "the user's overrides still come last"
+    assert pipeline_parameters("cpu", overrides={"data_dir": str(tmp_path)})["image_size"] == 128
+    assert pipeline_parameters("smoke", data_dir=tmp_path)["image_size"] == 32
+
 def test_cli_rejects_a_bad_parameter_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert main(["pipeline", "--profile", "smoke", "--out", str(tmp_path), "-p", "epochs", "-1"]) == 2
     error = capsys.readouterr().err.strip()
