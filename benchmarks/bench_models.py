@@ -107,6 +107,10 @@ def _ours(size: int, x: np.ndarray, y: np.ndarray, export_root: Path, bf16: bool
         for engine, kind, file in (("onnx", "onnx", "model.onnx"), ("openvino f32", "openvino", "model.xml")):
             path = export_root / f"{architecture}-{kind}" / file
             path.parent.mkdir(parents=True)
+            if keras.backend.backend() != "tensorflow":  # the JAX graph exports neither format (jax2onnx, XlaCallModule)
+                candidates.append(Candidate(f"ours {architecture}, {engine} engine", architecture,
+                                            skipped="exported from the TensorFlow backend: see its run"))
+                continue
             model.export(str(path), format=kind, verbose=False)
             runner = OnnxEngine(path) if kind == "onnx" else OpenVinoEngine(path)
             candidates.append(Candidate(f"ours {architecture}, {engine} engine", architecture,

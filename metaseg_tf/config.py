@@ -89,6 +89,10 @@ class ExperimentConfig:
     horizontal_flip: bool = True
     vertical_flip: bool = False
     intensity_jitter: float = 0.1
+    # missing-sequence fill: a training slice's sequences all become sequence `sequence_fill_channel` (e.g. 1, the
+    # FLAIR of the Kaggle LGG set) with this probability (metaseg_tf.data.augment.fill_sequences)
+    sequence_fill_probability: float = 0.0
+    sequence_fill_channel: int = 1
 
     # --- model ---------------------------------------------------------------------------------------
     model: str = "nested_unet"
@@ -163,6 +167,11 @@ class ExperimentConfig:
             raise ConfigError(f"context_slices must lie in [0, 8], got {self.context_slices}")
         if not 0 < self.empty_slice_fraction <= 1:
             raise ConfigError(f"empty_slice_fraction must lie in (0, 1], got {self.empty_slice_fraction}")
+        if not 0 <= self.sequence_fill_probability <= 1:
+            raise ConfigError(f"sequence_fill_probability must lie in [0, 1], got {self.sequence_fill_probability}")
+        if self.sequence_fill_probability and not 0 <= self.sequence_fill_channel < self.channels:
+            raise ConfigError(f"sequence_fill_channel must name one of the {self.channels} sequences (0 to "
+                              f"{self.channels - 1}), got {self.sequence_fill_channel}")
         if self.keep_lesions not in KEEP_LESIONS:
             raise ConfigError(f"keep_lesions must be one of {', '.join(KEEP_LESIONS)}, got {self.keep_lesions!r}")
         if not 1 <= self.lesion_slice_repeats <= 8:

@@ -47,6 +47,8 @@ BASELINE = {"image_size": 128, "filters": (8, 16, 32, 64, 128), "batch_size": 16
 # The cross-validated recipe (results/lgg_recipe/recipe.yml) on top of BASELINE, and what issue 26 changes in it.
 RECIPE = {"lr_schedule": "cosine", "warmup_epochs": 1, "flip_tta": True}
 RECIPE_CHANGES = [
+    ("flair_fill", "a training slice's three sequences all its FLAIR with probability 0.2 (the dataset's fill of a "
+     "missing sequence: scripts/lgg_missed.py)", {"sequence_fill_probability": 0.2, "sequence_fill_channel": 1}),
     ("dice_loss", "soft Dice loss only (Buda et al.'s loss)", {"loss": "dice"}),
     ("lesion_x2", "every slice with a lesion twice per epoch (Buda et al.)", {"lesion_slice_repeats": 2}),
 ]

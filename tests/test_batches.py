@@ -56,6 +56,32 @@ def test_augmentation_changes_something_and_can_be_switched_off() -> None:
     assert x_on.dtype == np.float32 and x_on.shape == (8, 32, 32, 3) and y_on.shape == (8, 32, 32, 1)
 
 
+def test_missing_sequence_fill_copies_one_sequence_into_all_and_leaves_other_runs_as_they_were() -> None:
+    from metaseg_tf.config import ConfigError
+    from metaseg_tf.data.augment import fill_sequences
+
+    dataset = _square_dataset(n=16)
+    dataset.images[..., 0], dataset.images[..., 2] = 10, 250  # three different sequences
+    plain = ExperimentConfig(batch_size=16, rotation_degrees=0, zoom_range=0, horizontal_flip=False,
+                             intensity_jitter=0, normalisation="none")
+    x = SegmentationBatches(dataset, np.arange(16), plain.replace(sequence_fill_probability=0.5), training=True)[0][0]
+    filled = np.all(x == x[..., 1:2], axis=(1, 2, 3))
+    assert 0 < filled.sum() < 16, "about half of the slices are all FLAIR, the others keep their three sequences"
+    np.testing.assert_allclose(x[~filled][..., 0], 10 / 255, rtol=1e-6)
+    np.testing.assert_allclose(x[filled][..., 0], x[filled][..., 1])
+    # no random number is drawn without the fill: batches of runs that predate it do not change
+    before = SegmentationBatches(dataset, np.arange(16), ExperimentConfig(batch_size=16), training=True)[0][0]
+    after = SegmentationBatches(dataset, np.arange(16), ExperimentConfig(batch_size=16, sequence_fill_probability=0),
+                                training=True)[0][0]
+    np.testing.assert_array_equal(before, after)
+    # 2.5D blocks: each block takes its own FLAIR
+    image = np.arange(2 * 2 * 6).reshape(2, 2, 6)
+    settings = AugmentationSettings(sequence_fill_probability=1.0, sequence_fill_channel=1, sequences=3)
+    np.testing.assert_array_equal(fill_sequences(image, np.random.default_rng(0), settings),
+                                  np.repeat(image[..., [1, 4]], 3, axis=-1))
+    with pytest.raises(ConfigError, match="sequence_fill_channel"):
+        ExperimentConfig(sequence_fill_probability=0.2, sequence_fill_channel=3)
+
 def test_batches_are_reproducible_and_reshuffled_per_epoch() -> None:
     dataset = _square_dataset()
     config = ExperimentConfig(batch_size=3)

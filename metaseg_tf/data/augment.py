@@ -4,7 +4,10 @@ Geometric changes (rotation, zoom, flips) are one affine warp applied to the ima
 the mask with nearest-neighbour interpolation, so the mask stays binary and aligned with the image.
 Intensity changes touch the image only: a per-channel gamma on ``[0, 1]`` intensities before
 normalisation, then a per-channel gain and offset after it. (A gain or offset before a z-score would be
-undone by the z-score itself; a gamma is not.)
+undone by the z-score itself; a gamma is not.) A missing-sequence fill (off by default) first replaces every
+sequence of a slice by one of them, as datasets fill a sequence that was not acquired: the Kaggle LGG set
+puts the FLAIR in place of a missing pre- or post-contrast T1 (Buda et al., Comput. Biol. Med. 2019), and
+models trained without seeing it miss those patients (``results/lgg_recipe/README.md``).
 """
 
 from __future__ import annotations
@@ -26,11 +29,29 @@ class AugmentationSettings:
     horizontal_flip: bool = True
     vertical_flip: bool = False
     intensity_jitter: float = 0.1
+    sequence_fill_probability: float = 0.0
+    sequence_fill_channel: int = 1
+    sequences: int = 3  # channels per 2.5D block: the fill works within each block
 
     @classmethod
     def from_config(cls, config: ExperimentConfig) -> AugmentationSettings:
         return cls(config.rotation_degrees, config.zoom_range, config.horizontal_flip, config.vertical_flip,
-                   config.intensity_jitter)
+                   config.intensity_jitter, config.sequence_fill_probability, config.sequence_fill_channel,
+                   config.channels)
+
+
+def fill_sequences(image: np.ndarray, rng: np.random.Generator, settings: AugmentationSettings) -> np.ndarray:
+    """``image (H, W, B * C)`` of ``B`` 2.5D blocks of ``C = settings.sequences`` sequences; with probability
+    ``settings.sequence_fill_probability`` every sequence of every block becomes sequence
+    ``settings.sequence_fill_channel`` of its block. No random number is drawn when the probability is 0, so
+    runs without the fill augment as they did before it existed."""
+    if settings.sequence_fill_probability <= 0 or rng.random() >= settings.sequence_fill_probability:
+        return image
+    height, width, channels = image.shape
+    blocks = image.reshape(height, width, channels // settings.sequences, settings.sequences)
+    filled = np.repeat(blocks[..., settings.sequence_fill_channel : settings.sequence_fill_channel + 1],
+                       settings.sequences, axis=-1)
+    return filled.reshape(image.shape)
 
 
 def random_affine(rng: np.random.Generator, settings: AugmentationSettings, size: int) -> np.ndarray:

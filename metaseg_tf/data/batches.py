@@ -26,6 +26,7 @@ import numpy as np
 from metaseg_tf.config import ExperimentConfig
 from metaseg_tf.data.augment import (
     AugmentationSettings,
+    fill_sequences,
     random_affine,
     random_gain_offset,
     random_gamma,
@@ -170,6 +171,7 @@ class SegmentationBatches(keras.utils.PyDataset):
         for k in range(len(chosen)):
             rng = np.random.default_rng([self.seed, self.epoch, batch_index, first_position + k])
             image, warped_labels[k] = warp_pair(images[k], labels[k], random_affine(rng, self.augmentation, size))
+            image = fill_sequences(image, rng, self.augmentation)
             image = random_gamma(image.astype(np.float32) / 255.0, rng, self.augmentation.intensity_jitter)
             image = normalise(image, self.normalisation)
             x[k] = random_gain_offset(image, rng, self.augmentation.intensity_jitter)
