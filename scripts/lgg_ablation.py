@@ -191,6 +191,61 @@ def report(model: str, work: Path, out: Path) -> pd.DataFrame:
     return table
 
 
+def _scores(work: Path, model: str, name: str) -> pd.DataFrame | None:
+    """Per-patient scores of variant ``name``, or None where it is not trained and scored yet."""
+    variant = BY_NAME[name]
+    run = _finished_run(work, model, variant.scores or variant.name)
+    evaluation = _evaluation(run, variant) if run is not None else None
+    return None if evaluation is None else pd.read_csv(evaluation / "per_patient.csv")
+
+
+def recipe_report(model: str, work: Path, out: Path) -> pd.DataFrame:
+    """Issue 26's table: each change of the recipe against the recipe of the same training seed (0 and 1), the
+    Wilcoxon test over the (seed, patient) pairs of the seeds both have; written as ``ablation-<model>-recipe``."""
+    recipe = {0: _scores(work, model, "recipe"), 1: _scores(work, model, "recipe_seed1")}
+    changes = [(f"recipe+{change}", text) for change, text, _ in RECIPE_CHANGES] + [
+        (f"recipe+{keep}", text) for keep, text in (("largest", "the largest predicted 3D lesion kept alone"),
+                                                    ("persistent", "predicted lesions on one slice only removed"))]
+    rows = [{"variant": "recipe", "change": "cosine decay after a warm-up epoch, flip TTA (recipe.yml)",
+             **{f"seed {seed}": scores["dice"].mean() for seed, scores in recipe.items() if scores is not None}}]
+    for name, text in changes:
+        seeds = {0: _scores(work, model, name), 1: _scores(work, model, name.replace("recipe+", "recipe_seed1+")
+                                                           if name.endswith(("largest", "persistent"))
+                                                           else f"{name}_seed1")}
+        paired = [seed for seed, scores in seeds.items() if scores is not None and recipe[seed] is not None]
+        if not paired:
+            continue
+        pooled = {label: pd.concat([frame.assign(case_id=f"{seed}:" + frame["case_id"])
+                                    for seed in paired for frame in [source[seed]]])
+                  for label, source in (("change", seeds), ("recipe", recipe))}
+        test = paired_wilcoxon(pooled).iloc[0]
+        rows.append({"variant": name, "change": text,
+                     **{f"seed {seed}": seeds[seed]["dice"].mean() for seed in paired},
+                     "pairs": int(test["patients"]), "Δ vs recipe, same seeds": test["mean_difference"],
+                     "Wilcoxon p": test["p_value"]})
+    table = pd.DataFrame(rows)
+    out.mkdir(parents=True, exist_ok=True)
+    table.to_csv(out / f"ablation-{model}-recipe.csv", index=False)
+    shown = table.copy()
+    for column in ("seed 0", "seed 1", "Δ vs recipe, same seeds"):
+        if column in shown:
+            shown[column] = shown[column].map(lambda v: "" if pd.isna(v) else
+                                              (f"{v:+.3f}" if column.startswith("Δ") else f"{v:.3f}"))
+    if "Wilcoxon p" in shown:
+        shown["Wilcoxon p"] = shown["Wilcoxon p"].map(lambda p: "" if pd.isna(p) else f"{p:.3g}")
+        shown["pairs"] = shown["pairs"].map(lambda n: "" if pd.isna(n) else f"{int(n)}")
+    (out / f"ablation-{model}-recipe.md").write_text("\n".join([
+        f"# Changes of the recipe, {model}, real LGG MRI (the fixed split of ablation-{model}.md), two seeds", "",
+        "Mean per-patient Dice on the 18 test patients for training seeds 0 and 1. Each change is compared with the "
+        "recipe trained with the same seed; the Wilcoxon signed-rank test runs over the (seed, patient) pairs; "
+        "the two seeds share their patients, so those pairs are not independent and p is optimistic; no correction "
+        "for the several comparisons. Inference variants re-score the recipe's models.", "",
+        f"Command: `python scripts/lgg_ablation.py run DATA/lgg_kaggle_3m --variants recipe recipe_seed1 ...`, then "
+        f"`python scripts/lgg_ablation.py report --recipe`.", "",
+        shown.to_markdown(index=False, disable_numparse=True), ""]))
+    return table
+
+
 def _markdown(table: pd.DataFrame, model: str) -> str:
     """The ablation table as markdown, with what it is and what it is not."""
     def interval(values: list[float]) -> str:
@@ -235,12 +290,15 @@ def main() -> None:
     run.add_argument("--epochs", type=int, default=15, help="training epochs per variant")
     summary = commands.add_parser("report")
     summary.add_argument("--out", type=Path, default=OUT_DIR)
+    summary.add_argument("--recipe", action="store_true", help="issue 26's table: changes of the recipe, two seeds")
     for command in (run, summary):
         command.add_argument("--model", default="attention_unet", choices=("nested_unet", "attention_unet"))
         command.add_argument("--work", type=Path, default=WORK_DIR)
     args = parser.parse_args()
     if args.command == "run":
         run_variants(args.data_dir, args.model, args.variants, args.epochs, args.work)
+    elif args.recipe:
+        print(recipe_report(args.model, args.work, args.out).to_markdown(index=False, floatfmt=".3f"))
     else:
         print(report(args.model, args.work, args.out).to_markdown(index=False, floatfmt=".3f"))
 

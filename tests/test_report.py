@@ -184,6 +184,10 @@ def test_inference_settings_are_evaluations_of_their_own(served_runs: list[Path]
     assert tta.out_dir.name.startswith("evaluation-test-tta") and tta.summary["inference"]["flip_tta"] is True
     assert newest_evaluation(run, "test", inference={"flip_tta": True}) == tta.out_dir
     assert newest_evaluation(run, "test") == plain.out_dir
+    summary = json.loads((plain.out_dir / "summary.json").read_text())
+    del summary["inference"]["keep_lesions"]  # as written before that setting existed: its default, still found
+    (plain.out_dir / "summary.json").write_text(json.dumps(summary))
+    assert newest_evaluation(run, "test") == plain.out_dir
     nothing_kept = evaluate_run(run, "test", threshold=0.01, progress=False, inference={"min_lesion_voxels": 10**7})
     assert (pd.read_csv(nothing_kept.out_dir / "per_patient.csv")["pred_voxels"] == 0).all()
     assert (pd.read_csv(evaluate_run(run, "test", threshold=0.01, progress=False).out_dir / "per_patient.csv")

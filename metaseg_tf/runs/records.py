@@ -64,10 +64,11 @@ def newest_evaluation(run_dir: Path | str, split: str = "test", which: str = "be
     found = []
     for folder in run_dir.glob("evaluation-*"):
         summary = current_summary(folder)
-        # summaries written before engines and levels were recorded: Keras, the whole network
+        # summaries written before engines and levels were recorded: Keras, the whole network; before an
+        # inference setting existed (e.g. keep_lesions): its default
         if summary is not None and (summary.get("split"), summary.get("which"), summary.get("native_resolution"),
                                     summary.get("engine", "keras"), summary.get("level")) == wanted and \
-                summary.get("inference", before_inference_settings) == settings and same_threshold(summary):
+                {**before_inference_settings, **summary.get("inference", {})} == settings and same_threshold(summary):
             found.append(folder)
     return max(found, key=lambda p: (p / "summary.json").stat().st_mtime) if found else None
 
