@@ -64,9 +64,9 @@ NOTEBOOK_PARAMETERS: dict[str, Any] = {
 }
 
 # From the recipe ablations on the real LGG MRI (results/lgg_recipe/): flip TTA at inference helped there and
-# costs one more prediction. Their cosine learning-rate decay is not a profile default: on the phantom of the
-# main job it cost U-Net++ 0.895 -> 0.779 per-patient Dice (same seed; results/lgg_recipe/README.md), so it
-# stays in results/lgg_recipe/recipe.yml for real data.
+# costs one more prediction. Their cosine learning-rate decay is the cpu profile's for a real data folder only
+# (REAL_DATA_RECIPE): on the phantom of the main job it cost U-Net++ 0.895 -> 0.779 per-patient Dice (same seed;
+# results/lgg_recipe/README.md).
 RECIPE: dict[str, Any] = {"flip_tta": True}
 # The cross-validated LGG recipe (results/lgg_recipe/recipe.yml; a test keeps the two equal): the cpu profile's
 # settings for a real data folder, where 64 px and a plateau schedule waste what a 2-core CPU can learn.

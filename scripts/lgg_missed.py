@@ -11,8 +11,9 @@ reads the three channels (pre-contrast T1, FLAIR, post-contrast T1) of every sli
 * ``lesion_z``: the lesion's mean FLAIR in standard deviations of the rest of the head on those slices (how a
   per-slice z-score, our normalisation, sees it);
 * ``truth_voxels``, ``lesion_slices``, ``largest_slice_area`` and ``head_pixels`` (of the 256 x 256 frame);
-* ``flair_copies``: whether the pre- and post-contrast channels are the FLAIR again (mean absolute difference
-  under one grey level over the head): the dataset fills a missing sequence with FLAIR (Buda et al. 2019);
+* ``pre_is_flair``, ``post_is_flair``: whether the pre- or post-contrast channel is the FLAIR again (mean
+  absolute difference under one grey level over the head): the dataset fills a missing sequence with FLAIR
+  (Buda et al. 2019); ``flair_copies``: both are;
 
 joins the out-of-fold scores of a ``metaseg crossval`` (``per_patient.csv``: the ensemble rows, else the
 first model's) and prints the table sorted by Dice with the Spearman correlation of each measure with Dice.
@@ -62,8 +63,8 @@ def patient_measures(folder: Path) -> dict[str, float]:
     inside, outside = volume[lesion], volume[rest]
     contrasts = {f"contrast_{name}": float(images[..., k][lesion].mean() / images[..., k][rest].mean())
                  if lesion.any() else float("nan") for k, name in enumerate(("pre", "flair", "post"))}
-    copies = all(np.abs(images[..., k] - volume)[head].mean() < 1 for k in (0, 2))
-    return {"flair_copies": copies, **contrasts, "truth_voxels": int(lesion.sum()), "lesion_slices": int(on_lesion_slices.sum()),
+    pre, post = (bool(np.abs(images[..., k] - volume)[head].mean() < 1) for k in (0, 2))
+    return {"flair_copies": pre and post, "pre_is_flair": pre, "post_is_flair": post, **contrasts, "truth_voxels": int(lesion.sum()), "lesion_slices": int(on_lesion_slices.sum()),
             "largest_slice_area": int(lesion.sum(axis=(1, 2)).max()) if lesion.any() else 0,
             "head_pixels": float(head[on_lesion_slices].sum(axis=(1, 2)).mean()) if lesion.any() else float("nan"),
             "lesion_z": float((inside.mean() - outside.mean()) / outside.std()) if lesion.any() else float("nan")}
@@ -91,11 +92,15 @@ def main() -> None:
     print(f"{len(table)} patients with a lesion, scored by the {model} of {args.scores}")
     print(table.to_markdown(index=False, floatfmt=".3f"))
     print()
-    copies = table["flair_copies"]
-    print(f"FLAIR in all three channels: {copies.sum()} patients, mean Dice {table['dice'][copies].mean():.3f} "
-          f"(median {table['dice'][copies].median():.3f}); the other {(~copies).sum()}: mean "
-          f"{table['dice'][~copies].mean():.3f} (median {table['dice'][~copies].median():.3f}); Mann-Whitney p "
-          f"{mannwhitneyu(table['dice'][copies], table['dice'][~copies]).pvalue:.2g}")
+    copies, one = table["flair_copies"], table["pre_is_flair"] ^ table["post_is_flair"]
+    acquired = ~copies & ~one
+    for label, rows in (("FLAIR in all three channels", copies), ("FLAIR in one other channel", one),
+                        ("three sequences", acquired)):
+        dice = table["dice"][rows]
+        print(f"{label}: {rows.sum()} patients ({', '.join(table['patient'][rows]) if rows.sum() < 8 else '...'}), "
+              f"mean Dice {dice.mean():.3f}, median {dice.median():.3f}")
+    print(f"FLAIR copies against three sequences: Mann-Whitney p "
+          f"{mannwhitneyu(table['dice'][copies], table['dice'][acquired]).pvalue:.2g}")
     for column in ("contrast_pre", "contrast_flair", "contrast_post", "lesion_z", "truth_voxels", "lesion_slices", "largest_slice_area", "head_pixels"):
         rho, p = spearmanr(table[column], table["dice"], nan_policy="omit")
         rank = table[column].rank(pct=True)

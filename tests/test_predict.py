@@ -327,6 +327,14 @@ def test_small_lesions_are_removed_in_3d_per_case_with_slices_placed_by_number()
     assert largest[2].sum() == 0
     persistent = select_lesions(masks, cases, numbers, 0, keep="persistent")
     np.testing.assert_array_equal(persistent, largest)  # a's slice 6 stands alone: its neighbour 5 is missing
+    two = np.zeros((3, 8, 8), np.uint8)
+    two[0:2, 1:3, 1:3] = 1  # 8 voxels over two slices
+    two[0:3, 5:6, 5:6] = 1  # 3 voxels over three slices
+    two[2, 6:8, 0:2] = 1  # 4 voxels on slice 2 only
+    assert select_lesions(two, ["c"] * 3, [0, 1, 2], 0, keep="largest").sum() == 8
+    assert select_lesions(two, ["c"] * 3, [0, 1, 2], 0, keep="persistent").sum() == 8 + 3
+    # a case of one slice has no neighbours: every lesion stays (as for a slice given by itself)
+    np.testing.assert_array_equal(select_lesions(two[2:], ["d"], [7], 0, keep="persistent"), two[2:])
     with pytest.raises(ValueError, match="keep must be one of"):
         select_lesions(masks, cases, numbers, 0, keep="biggest")
 
@@ -449,6 +457,10 @@ def test_parts_finishing_at_once_write_predictions_csv_exactly_once(tmp_path: Pa
     count, written, errors = 8, [], []
     for index in range(count):
         open_shared(tmp_path / "shared", Part(count, index), {"run": "r"})
+    # an option the first parts did not know yet (unset: None) still joins; one set otherwise does not
+    open_shared(tmp_path / "shared", Part(count, 0), {"run": "r", "keep_lesions": None})
+    with pytest.raises(ConfigError, match="keep_lesions differ"):
+        open_shared(tmp_path / "shared", Part(count, 0), {"run": "r", "keep_lesions": "largest"})
     barrier = threading.Barrier(count)
 
     def finish(index: int) -> None:

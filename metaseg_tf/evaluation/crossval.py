@@ -440,7 +440,7 @@ def _per_fold_rows(summaries: dict[tuple[int, str], dict], unit: str) -> pd.Data
 
 def _inference_line(summaries: dict[tuple[int, str], dict]) -> str:
     """How the folds' probabilities became masks, from their evaluations' ``summary.json``: checkpoint, flip
-    TTA, threshold and where it came from, small-lesion removal, scoring resolution (each distinct combination
+    TTA, threshold and where it came from, small-lesion removal, which lesions are kept, scoring resolution (each distinct combination
     of the evaluations, separated by ``|``)."""
     def described(summary: dict) -> str:
         inference = summary.get("inference", {})
@@ -448,7 +448,7 @@ def _inference_line(summaries: dict[tuple[int, str], dict]) -> str:
         return (f"checkpoint `{summary.get('which', 'best')}`; flip TTA {'on' if inference.get('flip_tta') else 'off'}; "
                 f"threshold {summary['threshold']} ({summary.get('threshold_source', 'config')}); "
                 + (f"predicted 3D lesions under {voxels} voxels removed" if voxels else "no small-lesion removal")
-                + {"largest": ", the largest lesion kept alone", "persistent": ", lesions over one slice removed"}.get(
+                + {"largest": ", the largest lesion kept alone", "persistent": ", lesions on a single slice removed"}.get(
                     inference.get("keep_lesions", "all"), "")
                 + f"; scored at {'native' if summary.get('native_resolution', True) else 'input'} resolution")
 

@@ -62,8 +62,9 @@ def open_shared(out_dir: Path, part: Part, request: dict[str, Any]) -> Path:
         recorded_path = out_dir / "parts.json"
         if recorded_path.is_file():
             recorded = json.loads(recorded_path.read_text())
-            if recorded != record:
-                differing = sorted(key for key in {*record, *recorded} if record.get(key) != recorded.get(key))
+            # a key one side lacks counts as unset (None): parts.json written before an option existed still joins
+            differing = sorted(key for key in {*record, *recorded} if record.get(key) != recorded.get(key))
+            if differing:
                 raise ConfigError(f"{out_dir} holds the parts of another prediction ({', '.join(differing)} differ): "
                                   "choose another --out")
         elif any(path.name != "parts" and not path.name.endswith(".lock") for path in out_dir.iterdir()):

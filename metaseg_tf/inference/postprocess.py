@@ -9,7 +9,11 @@ of :class:`~metaseg_tf.config.ExperimentConfig`, one name each everywhere:
   with shape features automatically extracted by a deep learning algorithm", Comput. Biol. Med. 2019, their
   PyTorch repository's post-processing); or ``persistent``, the lesions that span at least two neighbouring
   slices (a one-slice component in a stack of 2D predictions is most often a false positive; a slice given by
-  itself has no neighbours, so there it keeps every lesion).
+  itself, or the only slice of its case, has no neighbours, so there it keeps every lesion).
+
+With several regions (``target="multilabel"``: WT, TC, ET) each region is selected on its own; a label map
+made from the nested regions afterwards (:meth:`~metaseg_tf.data.targets.Target.to_labels`) can bring an inner
+region's lesion back into WT where WT's selection dropped it.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ def select_components(mask: np.ndarray, min_voxels: int, keep: str = "all") -> t
     labels, count = ndimage.label(mask, structure=np.ones((3,) * mask.ndim, bool))
     areas = np.bincount(labels.ravel(), minlength=count + 1)[1:]
     kept = areas >= max(min_voxels, 1)
-    if keep == "persistent" and mask.ndim == 3:
+    if keep == "persistent" and mask.ndim == 3 and mask.shape[0] > 1:
         kept &= np.array([box[0].stop - box[0].start >= 2 for box in ndimage.find_objects(labels)], bool)
     if keep == "largest" and kept.any():
         kept = np.arange(count) == np.argmax(np.where(kept, areas, -1))

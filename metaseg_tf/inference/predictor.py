@@ -6,9 +6,10 @@ with its run's config) and the inference settings. Each slice goes through its m
 (window, CLAHE, resize, 2.5D context, normalisation), the engine (optionally with horizontal-flip test-time
 augmentation: the mean of the image's and its mirror's probabilities), the members' mean (an ensemble:
 nnU-Net's way to predict with the models of a cross-validation's folds), back to the slice's original size
-(bilinear), is thresholded, and loses predicted lesions below ``min_lesion_voxels``
-(:mod:`metaseg_tf.inference.postprocess`: 3D components per case where the slices' case and slice numbers are
-known, as the evaluation scores them; 2D components of a slice given by itself).
+(bilinear), is thresholded, loses predicted lesions below ``min_lesion_voxels`` and keeps those ``keep_lesions``
+names (:mod:`metaseg_tf.inference.postprocess`: all, the largest, those over two or more slices; 3D components
+per case where the slices' case and slice numbers are known, as the evaluation scores them; 2D components of a
+slice given by itself, where ``persistent`` keeps every lesion).
 
 :meth:`Predictor.from_run` builds one from a run folder (any engine, a pruned U-Net++ level) or from a
 cross-validation folder (its fold models as one ensemble); :meth:`Predictor.from_runs` from several runs.
@@ -302,7 +303,7 @@ class Predictor:
     def predict_volume(self, volume: CaseVolume, progress: bool = False,
                        convention: str | None = None) -> VolumePrediction:
         """Every axial slice of ``volume`` with its 2.5D context, back at the volume's in-plane size
-        (bilinear), thresholded; 3D lesions below ``min_lesion_voxels`` removed; ``labels`` in the label
+        (bilinear), thresholded; 3D lesions selected (``min_lesion_voxels``, ``keep_lesions``); ``labels`` in the label
         ``convention`` of the volume's data (default: the training data's)."""
         probabilities = self.probabilities(
             lambda config: volume_context(preprocess_volume_slices(volume.images, config), config.context_slices),
@@ -318,8 +319,8 @@ class Predictor:
                        slice_indices: Sequence[int] | None = None) -> list[SlicePrediction]:
         """``images``: ``float (H, W)`` or ``(H, W, C)`` in ``[0, 1]``, any size; one prediction each, of the
         run's first region. ``case_ids`` and ``slice_indices`` say which slices are neighbours (as at training:
-        by slice number within a case): a model trained with 2.5D context reads them, and lesions below
-        ``min_lesion_voxels`` are removed in 3D per case as the evaluation removes them (where a case's slices
+        by slice number within a case): a model trained with 2.5D context reads them, and lesions are selected
+        (``min_lesion_voxels``, ``keep_lesions``) in 3D per case as the evaluation selects them (where a case's slices
         share one size; else, and without them, per slice in 2D). ``threshold`` overrides the predictor's own
         for this call."""
         if len(images) == 0:
