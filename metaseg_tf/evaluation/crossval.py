@@ -440,8 +440,8 @@ def _per_fold_rows(summaries: dict[tuple[int, str], dict], unit: str) -> pd.Data
 
 def _inference_line(summaries: dict[tuple[int, str], dict]) -> str:
     """How the folds' probabilities became masks, from their evaluations' ``summary.json``: checkpoint, flip
-    TTA, threshold and where it came from, small-lesion removal, which lesions are kept, scoring resolution (each distinct combination
-    of the evaluations, separated by ``|``)."""
+    TTA, threshold and where it came from, small-lesion removal, which lesions are kept, scoring resolution
+    (each distinct combination of the evaluations, separated by ``|``)."""
     def described(summary: dict) -> str:
         inference = summary.get("inference", {})
         voxels = inference.get("min_lesion_voxels")
