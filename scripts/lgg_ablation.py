@@ -52,6 +52,9 @@ RECIPE_CHANGES = [
     ("dice_loss", "soft Dice loss only (Buda et al.'s loss)", {"loss": "dice"}),
     ("lesion_x2", "every slice with a lesion twice per epoch (Buda et al.)", {"lesion_slice_repeats": 2}),
 ]
+# inference variants that re-score the recipe's models: which predicted lesions are kept (keep_lesions)
+KEPT_LESIONS = [("largest", "the largest predicted 3D lesion kept alone (Buda et al.)"),
+                ("persistent", "predicted lesions on one slice only removed")]
 
 
 @dataclass(frozen=True)
@@ -95,9 +98,7 @@ VARIANTS = [
       for seed, suffix, seed_text in ((0, "", ""), (1, "_seed1", ", training seed 1"))],
     *[Variant(f"{trained}+{keep}", f"{trained.replace('_seed1', ', training seed 1')}, {text}", scores=trained,
               evaluation={"keep_lesions": keep})
-      for trained in ("recipe", "recipe_seed1")
-      for keep, text in (("largest", "the largest predicted 3D lesion kept alone (Buda et al.)"),
-                         ("persistent", "predicted lesions on one slice only removed"))],
+      for trained in ("recipe", "recipe_seed1") for keep, text in KEPT_LESIONS],
     Variant("baseline+tta", "baseline, flip TTA at inference", scores="baseline", evaluation={"flip_tta": True}),
     Variant("baseline+min_lesion", "baseline, predicted 3D lesions under 100 voxels removed", scores="baseline",
             evaluation={"min_lesion_voxels": 100}),
@@ -203,15 +204,12 @@ def recipe_report(model: str, work: Path, out: Path) -> pd.DataFrame:
     """Issue 26's table: each change of the recipe against the recipe of the same training seed (0 and 1), the
     Wilcoxon test over the (seed, patient) pairs of the seeds both have; written as ``ablation-<model>-recipe``."""
     recipe = {0: _scores(work, model, "recipe"), 1: _scores(work, model, "recipe_seed1")}
-    changes = [(f"recipe+{change}", text) for change, text, _ in RECIPE_CHANGES] + [
-        (f"recipe+{keep}", text) for keep, text in (("largest", "the largest predicted 3D lesion kept alone"),
-                                                    ("persistent", "predicted lesions on one slice only removed"))]
+    changes = ([(f"recipe+{change}", f"recipe+{change}_seed1", text) for change, text, _ in RECIPE_CHANGES]
+               + [(f"recipe+{keep}", f"recipe_seed1+{keep}", text) for keep, text in KEPT_LESIONS])
     rows = [{"variant": "recipe", "change": "cosine decay after a warm-up epoch, flip TTA (recipe.yml)",
              **{f"seed {seed}": scores["dice"].mean() for seed, scores in recipe.items() if scores is not None}}]
-    for name, text in changes:
-        seeds = {0: _scores(work, model, name), 1: _scores(work, model, name.replace("recipe+", "recipe_seed1+")
-                                                           if name.endswith(("largest", "persistent"))
-                                                           else f"{name}_seed1")}
+    for name, name_seed1, text in changes:
+        seeds = {0: _scores(work, model, name), 1: _scores(work, model, name_seed1)}
         paired = [seed for seed, scores in seeds.items() if scores is not None and recipe[seed] is not None]
         if not paired:
             continue

@@ -64,7 +64,8 @@ def patient_measures(folder: Path) -> dict[str, float]:
     contrasts = {f"contrast_{name}": float(images[..., k][lesion].mean() / images[..., k][rest].mean())
                  if lesion.any() else float("nan") for k, name in enumerate(("pre", "flair", "post"))}
     pre, post = (bool(np.abs(images[..., k] - volume)[head].mean() < 1) for k in (0, 2))
-    return {"flair_copies": pre and post, "pre_is_flair": pre, "post_is_flair": post, **contrasts, "truth_voxels": int(lesion.sum()), "lesion_slices": int(on_lesion_slices.sum()),
+    return {"flair_copies": pre and post, "pre_is_flair": pre, "post_is_flair": post, **contrasts,
+            "truth_voxels": int(lesion.sum()), "lesion_slices": int(on_lesion_slices.sum()),
             "largest_slice_area": int(lesion.sum(axis=(1, 2)).max()) if lesion.any() else 0,
             "head_pixels": float(head[on_lesion_slices].sum(axis=(1, 2)).mean()) if lesion.any() else float("nan"),
             "lesion_z": float((inside.mean() - outside.mean()) / outside.std()) if lesion.any() else float("nan")}
@@ -101,7 +102,8 @@ def main() -> None:
               f"mean Dice {dice.mean():.3f}, median {dice.median():.3f}")
     print(f"FLAIR copies against three sequences: Mann-Whitney p "
           f"{mannwhitneyu(table['dice'][copies], table['dice'][acquired]).pvalue:.2g}")
-    for column in ("contrast_pre", "contrast_flair", "contrast_post", "lesion_z", "truth_voxels", "lesion_slices", "largest_slice_area", "head_pixels"):
+    for column in ("contrast_pre", "contrast_flair", "contrast_post", "lesion_z", "truth_voxels", "lesion_slices",
+                   "largest_slice_area", "head_pixels"):
         rho, p = spearmanr(table[column], table["dice"], nan_policy="omit")
         rank = table[column].rank(pct=True)
         worst = ", ".join(f"{patient} at {100 * r:.0f} %" for patient, r in zip(table["patient"][:2], rank[:2]))

@@ -40,6 +40,7 @@ from pathlib import Path
 import numpy as np
 
 from metaseg_tf.config import ConfigError
+from metaseg_tf.evaluation.scores import overlap_scores
 from metaseg_tf.inference.engines import ENGINES, Engine, KerasEngine, OnnxEngine, OpenVinoEngine
 from metaseg_tf.inference.loading import inference_network, load_model
 from metaseg_tf.runs.folders import new_dir, read_json, run_model_path, write_json
@@ -174,8 +175,8 @@ def export_run(run_dir: Path | str, format: str, which: str = "best", level: int
                                  f"(limit {MAX_DIFFERENCE}); it is not kept")
             record["max_abs_difference_to_keras"] = difference
             if precision != "fp32":  # a few boundary pixels may swing: the masks are what must agree
-                ours, theirs = exported >= 0.5, reference >= 0.5
-                agreement = float(2 * (ours & theirs).sum() / max(ours.sum() + theirs.sum(), 1)) if theirs.any() else 1.0
+                theirs = reference >= 0.5
+                agreement = overlap_scores(theirs, exported >= 0.5)["dice"] if theirs.any() else 1.0
                 record.update(mean_abs_difference_to_keras=float(np.abs(exported - reference).mean()),
                               mask_dice_to_keras=agreement)
                 if agreement < MIN_REDUCED_MASK_DICE:

@@ -51,7 +51,14 @@ from fastapi import FastAPI, File, Form, HTTPException, Request, UploadFile
 from fastapi.responses import Response
 
 from metaseg_tf.data.discover import DataError
-from metaseg_tf.serve.schemas import b64_text, LesionSummary, ModelPrediction, PredictionResponse, ProbabilitySummary, VolumeResponse
+from metaseg_tf.serve.schemas import (
+    LesionSummary,
+    ModelPrediction,
+    PredictionResponse,
+    ProbabilitySummary,
+    VolumeResponse,
+    b64_text,
+)
 from metaseg_tf.serve.guard import AuditLog, JobGate, TokenGate, audit_logger, default_volume_jobs, read_token
 from metaseg_tf.serve.served import SERVE_ARCHITECTURES, LoadedModel, load_models, newest_pipeline_runs
 from metaseg_tf.serve.uploads import BodyLimit, ServeSettings, decode_slice_upload
@@ -79,7 +86,6 @@ def _png(array: np.ndarray) -> bytes:
     if not ok:
         raise RuntimeError("PNG encoding failed")
     return encoded.tobytes()
-
 
 
 def _attention_pngs(served: LoadedModel, image: np.ndarray) -> list[str]:

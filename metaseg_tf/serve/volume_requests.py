@@ -28,12 +28,18 @@ from metaseg_tf.data.dicom import DicomScan, choose_series, scan_dicom
 from metaseg_tf.data.dicom_planes import series_geometry
 from metaseg_tf.data.discover import DataError
 from metaseg_tf.data.volumes import CaseFiles, SequenceSource, canonical_shape, check_one_grid, read_case, resolve_sequences
-from metaseg_tf.serve.schemas import b64_text, VOLUME_SCORES, Lesion, RegionScores, VolumeModelPrediction, VolumeResponse
+from metaseg_tf.serve.schemas import (
+    VOLUME_SCORES,
+    Lesion,
+    RegionScores,
+    VolumeModelPrediction,
+    VolumeResponse,
+    b64_text,
+)
 from metaseg_tf.serve.served import LoadedModel
 from metaseg_tf.serve.uploads import ServeSettings, save_dicom_uploads, save_volume_upload, volume_grid
 
 DICOM_CASE_ID = "dicom-case"
-
 
 
 def _read_volume(served: LoadedModel, paths: list[Path], seg: Path | None, folder: Path) -> Any:
@@ -162,8 +168,6 @@ def predict_volume_request(models: list[LoadedModel], files: list[UploadFile], s
                           non_finite_voxels=volume.non_finite_voxels,
                           warnings=_non_finite_warning(volume.non_finite_voxels, math.prod(shape) * len(paths)),
                           predictions=predictions)
-
-
 
 
 def parse_series(text: str | None) -> dict[str, str]:
