@@ -33,6 +33,7 @@ FILL_RULES = ("skip", "zeros", "repeat")
 # settings of how a trained model's probabilities become masks: evaluation and prediction, never training
 INFERENCE_FIELDS = ("flip_tta", "min_lesion_voxels", "keep_lesions", "threshold_from_validation")
 KEEP_LESIONS = ("all", "largest", "persistent")  # metaseg_tf.inference.postprocess says what each keeps
+LESION_SLICE_SAMPLING = ("uniform", "area")  # metaseg_tf.data.batches.SegmentationBatches says what each draws
 
 
 class ConfigError(ValueError):
@@ -67,6 +68,7 @@ class ExperimentConfig:
     context_slices: int = 0  # 2.5D: k neighbouring slices on each side of every sequence as extra channels
     empty_slice_fraction: float = 1.0  # fraction of lesion-free training slices drawn each epoch
     lesion_slice_repeats: int = 1  # each training epoch shows every slice with a lesion this many times (Buda et al.: 2)
+    lesion_slice_sampling: str = "uniform"  # or "area": those copies drawn in proportion to the lesion's area
 
     # --- preprocessing (every field here changes the preprocessing cache key) ---------------------
     image_size: int = 128
@@ -176,6 +178,9 @@ class ExperimentConfig:
             raise ConfigError(f"keep_lesions must be one of {', '.join(KEEP_LESIONS)}, got {self.keep_lesions!r}")
         if not 1 <= self.lesion_slice_repeats <= 8:
             raise ConfigError(f"lesion_slice_repeats must lie in [1, 8], got {self.lesion_slice_repeats}")
+        if self.lesion_slice_sampling not in LESION_SLICE_SAMPLING:
+            raise ConfigError(f"lesion_slice_sampling must be one of {', '.join(LESION_SLICE_SAMPLING)}, got "
+                              f"{self.lesion_slice_sampling!r}")
         if self.image_size < 16 or self.image_size % 16:
             raise ConfigError(f"image_size must be a multiple of 16 and >= 16, got {self.image_size}")
         if self.clahe_clip_limit <= 0 or self.clahe_tile_grid < 1:

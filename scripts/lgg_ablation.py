@@ -51,6 +51,8 @@ RECIPE_CHANGES = [
      "missing sequence: scripts/lgg_missed.py)", {"sequence_fill_probability": 0.2, "sequence_fill_channel": 1}),
     ("dice_loss", "soft Dice loss only (Buda et al.'s loss)", {"loss": "dice"}),
     ("lesion_x2", "every slice with a lesion twice per epoch (Buda et al.)", {"lesion_slice_repeats": 2}),
+    ("lesion_area", "twice as many lesion-slice draws per epoch, in proportion to the lesion's area (Buda et al.'s "
+     "PyTorch sampler)", {"lesion_slice_repeats": 2, "lesion_slice_sampling": "area"}),
 ]
 # inference variants that re-score the recipe's models: which predicted lesions are kept (keep_lesions)
 KEPT_LESIONS = [("largest", "the largest predicted 3D lesion kept alone (Buda et al.)"),

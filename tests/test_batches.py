@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from metaseg_tf.config import ExperimentConfig
+from metaseg_tf.config import ConfigError, ExperimentConfig
 from metaseg_tf.data.augment import AugmentationSettings, random_affine, warp_pair
 from metaseg_tf.data.batches import SegmentationBatches, split_batches
 from metaseg_tf.data.discover import discover_pairs
@@ -168,6 +168,33 @@ def test_volume_batches_carry_context_channels_and_multilabel_targets(brats_phan
     enhancing = SegmentationBatches(data.dataset, train, config.replace(target="et", empty_slice_fraction=0.5),
                                     training=True)  # "lesion" is the target region: oedema-only slices are empty
     assert set(enhancing.lesion_indices) == set(train[(data.dataset.masks[train] == 3).reshape(len(train), -1).any(1)])
+
+
+def test_area_sampling_draws_lesion_slices_in_proportion_to_their_area() -> None:
+    """lesion_slice_sampling="area": k n lesion-slice draws per epoch with replacement, slice i with probability
+    (a_i + 0.1 mean a) / (1.1 sum a) (Buda et al.'s PyTorch sampler); empty slices as before; reproducible."""
+    dataset = _square_dataset(n=6)
+    dataset.masks[0] = 0  # an empty slice
+    dataset.masks[1, :, :] = 0
+    dataset.masks[1, 2:4, 2:4] = 1  # a 4-pixel lesion beside the 100-pixel squares of slices 2-5
+    config = ExperimentConfig(batch_size=4, lesion_slice_repeats=2, lesion_slice_sampling="area")
+    batches = SegmentationBatches(dataset, np.arange(6), config, training=True, seed=3)
+    areas = np.array([4, 100, 100, 100, 100], float)
+    np.testing.assert_allclose(batches.lesion_weights, (areas + 0.1 * areas.mean()) / (1.1 * areas.sum()))
+    assert batches.lesion_weights.sum() == pytest.approx(1.0)
+    counts = np.zeros(6)
+    for batches.epoch in range(400):
+        order = batches._epoch_order()
+        assert len(order) == batches.slices_per_epoch == 2 * 5 + 1 and (order == 0).sum() == 1
+        counts += np.bincount(order, minlength=6)
+    np.testing.assert_allclose(counts[1:] / counts[1:].sum(), batches.lesion_weights, atol=0.02)
+    assert counts[1] < counts[2] / 5, "the small lesion's slice is drawn far less often than a large one's"
+    np.testing.assert_array_equal(batches._epoch_order(), batches._epoch_order())  # (seed, epoch) decide
+    uniform = SegmentationBatches(dataset, np.arange(6), config.replace(lesion_slice_sampling="uniform"),
+                                  training=True, seed=3)
+    assert uniform.lesion_weights is None and (np.bincount(uniform._epoch_order())[1:] == 2).all()
+    with pytest.raises(ConfigError, match="lesion_slice_sampling"):
+        config.replace(lesion_slice_sampling="volume")
 
 
 def test_shards_side_by_side_are_the_one_process_batch() -> None:

@@ -57,7 +57,12 @@ class SegmentationBatches(keras.utils.PyDataset):
     augmented jointly with its mask. With ``config.empty_slice_fraction < 1`` each training epoch draws
     that fraction of the slices without lesion (and every slice with one); with ``config.lesion_slice_repeats =
     k > 1`` every slice with a lesion appears ``k`` times in each training epoch (Buda et al., Comput. Biol. Med.
-    2019: tumour slices shown twice), each copy augmented on its own. The random draws depend only on
+    2019: tumour slices shown twice), each copy augmented on its own; with ``config.lesion_slice_sampling =
+    "area"`` those ``k n`` copies of the ``n`` lesion slices are instead drawn with replacement, slice ``i`` with
+    probability ``(a_i + 0.1 mean(a)) / (1.1 sum(a))``, ``a_i`` its lesion area in pixels at model resolution:
+    the area-proportional slice sampler of Buda et al.'s PyTorch version (``brain-segmentation-pytorch``,
+    there over every slice of a volume; here over the lesion slices of the training split, the empty slices
+    drawn as above). The random draws depend only on
     ``(seed, epoch, batch index, position in the batch)``, so batches are reproducible whether or not workers
     fetch them out of order, and a slice is augmented alike whichever process reads it.
 
@@ -93,8 +98,13 @@ class SegmentationBatches(keras.utils.PyDataset):
         self.target = resolve_target(config.target, dataset.convention)
         self.rows = (context_rows(dataset.case_ids, dataset.slice_indices, config.context_slices)
                      if config.context_slices else None)
-        lesion = self.target.masks(dataset.masks[self.indices]).reshape(len(self.indices), -1).any(axis=1)
+        masks = self.target.masks(dataset.masks[self.indices])  # (n, S, S, R)
+        truth = masks.reshape(len(self.indices), masks.shape[1] * masks.shape[2], -1).any(axis=2)  # (n, S S)
+        lesion = truth.any(axis=1)
         self.lesion_indices, self.empty_indices = self.indices[lesion], self.indices[~lesion]
+        areas = truth[lesion].sum(axis=1, dtype=np.float64)  # pixels with any region of the target
+        self.lesion_weights = (None if config.lesion_slice_sampling == "uniform" or not len(areas) else
+                               (areas + 0.1 * areas.mean()) / (1.1 * areas.sum()))
         self.empty_per_epoch = (round(config.empty_slice_fraction * len(self.empty_indices))
                                 if training else len(self.empty_indices))
         self.lesion_repeats = config.lesion_slice_repeats if training else 1
@@ -130,6 +140,11 @@ class SegmentationBatches(keras.utils.PyDataset):
         if not self.training:
             return self.indices
         rng = np.random.default_rng([self.seed, self.epoch])
+        if self.lesion_weights is not None:
+            lesion = rng.choice(self.lesion_indices, self.lesion_repeats * len(self.lesion_indices),
+                                p=self.lesion_weights)
+            empty = rng.choice(self.empty_indices, self.empty_per_epoch, replace=False)
+            return rng.permutation(np.concatenate([lesion, empty]))
         if self.empty_per_epoch < len(self.empty_indices) or self.lesion_repeats > 1:
             empty = rng.choice(self.empty_indices, self.empty_per_epoch, replace=False)
             return rng.permutation(np.concatenate([np.tile(self.lesion_indices, self.lesion_repeats), empty]))
