@@ -11,6 +11,10 @@ reads the three channels (pre-contrast T1, FLAIR, post-contrast T1) of every sli
 * ``lesion_z``: the lesion's mean FLAIR in standard deviations of the rest of the head on those slices (how a
   per-slice z-score, our normalisation, sees it);
 * ``truth_voxels``, ``lesion_slices``, ``largest_slice_area`` and ``head_pixels`` (of the 256 x 256 frame);
+* ``brain_box_side``: the side of the square around the patient's brain over all its slices (the bounding box
+  of FLAIR above a tenth of the patient's maximum, made square: Buda et al.'s PyTorch ``crop_sample``), and
+  ``box_area_gain``: ``(frame side / brain_box_side)^2``, how much larger every lesion would be in pixels if
+  the slices were cropped to that box before resizing, as their cropping does;
 * ``pre_is_flair``, ``post_is_flair``: whether the pre- or post-contrast channel is the FLAIR again (mean
   absolute difference under one grey level over the head): the dataset fills a missing sequence with FLAIR
   (Buda et al. 2019); ``flair_copies``: both are;
@@ -64,10 +68,15 @@ def patient_measures(folder: Path) -> dict[str, float]:
     contrasts = {f"contrast_{name}": float(images[..., k][lesion].mean() / images[..., k][rest].mean())
                  if lesion.any() else float("nan") for k, name in enumerate(("pre", "flair", "post"))}
     pre, post = (bool(np.abs(images[..., k] - volume)[head].mean() < 1) for k in (0, 2))
+    brain = volume > 0.1 * volume.max()
+    extent = [np.flatnonzero(brain.any(axis=axes)) for axes in ((0, 2), (0, 1))]  # rows, columns
+    box_side = max(int(found[-1] - found[0] + 1) for found in extent)
     return {"flair_copies": pre and post, "pre_is_flair": pre, "post_is_flair": post, **contrasts,
             "truth_voxels": int(lesion.sum()), "lesion_slices": int(on_lesion_slices.sum()),
             "largest_slice_area": int(lesion.sum(axis=(1, 2)).max()) if lesion.any() else 0,
             "head_pixels": float(head[on_lesion_slices].sum(axis=(1, 2)).mean()) if lesion.any() else float("nan"),
+            "frame_side": max(volume.shape[1:]), "brain_box_side": box_side,
+            "box_area_gain": (max(volume.shape[1:]) / box_side) ** 2,
             "lesion_z": float((inside.mean() - outside.mean()) / outside.std()) if lesion.any() else float("nan")}
 
 
@@ -103,11 +112,15 @@ def main() -> None:
     print(f"FLAIR copies against three sequences: Mann-Whitney p "
           f"{mannwhitneyu(table['dice'][copies], table['dice'][acquired]).pvalue:.2g}")
     for column in ("contrast_pre", "contrast_flair", "contrast_post", "lesion_z", "truth_voxels", "lesion_slices",
-                   "largest_slice_area", "head_pixels"):
+                   "largest_slice_area", "head_pixels", "box_area_gain"):
         rho, p = spearmanr(table[column], table["dice"], nan_policy="omit")
         rank = table[column].rank(pct=True)
         worst = ", ".join(f"{patient} at {100 * r:.0f} %" for patient, r in zip(table["patient"][:2], rank[:2]))
         print(f"{column}: Spearman with Dice {rho:+.2f} (p {p:.2g}); percentile of the two worst: {worst}")
+    gain = table["box_area_gain"]
+    print(f"cropping to the brain box would enlarge lesions (in pixels) by a median {gain.median():.2f}x "
+          f"(range {gain.min():.2f}-{gain.max():.2f}; box side {table['brain_box_side'].min()}-"
+          f"{table['brain_box_side'].max()} px of a {table['frame_side'].max()} px frame)")
     if args.run is not None:
         tested = flair_copies_test(args.run)
         tested["flair_copies_in_data"] = [bool(table.set_index("patient")["flair_copies"].get(c, False))
