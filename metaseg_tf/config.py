@@ -100,6 +100,9 @@ class ExperimentConfig:
     model: str = "nested_unet"
     filters: tuple[int, ...] = (16, 32, 64, 128, 256)
     deep_supervision: bool = True
+    # U-Net++ deep supervision: the loss weights of heads head_1 .. head_depth (shallowest first), normalised to
+    # sum 1; () weighs them equally, as Zhou et al. (2018) average the heads' losses
+    deep_supervision_weights: tuple[float, ...] = ()
     init_from: str = ""  # a run folder whose trained weights start this training (metaseg_tf.training.transfer)
 
     # --- training ------------------------------------------------------------------------------------
@@ -129,6 +132,7 @@ class ExperimentConfig:
 
     def __post_init__(self) -> None:
         self.filters = tuple(int(f) for f in self.filters)
+        self.deep_supervision_weights = tuple(float(w) for w in self.deep_supervision_weights)
         self.sequences = tuple(str(s).lower() for s in self.sequences)
         if self.sequences:
             self.channels = len(self.sequences)
@@ -178,6 +182,11 @@ class ExperimentConfig:
             raise ConfigError(f"keep_lesions must be one of {', '.join(KEEP_LESIONS)}, got {self.keep_lesions!r}")
         if not 1 <= self.lesion_slice_repeats <= 8:
             raise ConfigError(f"lesion_slice_repeats must lie in [1, 8], got {self.lesion_slice_repeats}")
+        weights = self.deep_supervision_weights
+        if weights and (len(weights) != len(self.filters) - 1 or min(weights) < 0 or not sum(weights) > 0):
+            raise ConfigError(f"deep_supervision_weights must give one weight >= 0 per U-Net++ head "
+                              f"({len(self.filters) - 1} for {len(self.filters)} filter levels), not all 0, "
+                              f"got {list(weights)}")
         if self.lesion_slice_sampling not in LESION_SLICE_SAMPLING:
             raise ConfigError(f"lesion_slice_sampling must be one of {', '.join(LESION_SLICE_SAMPLING)}, got "
                               f"{self.lesion_slice_sampling!r}")
@@ -221,6 +230,7 @@ class ExperimentConfig:
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         data["filters"] = list(self.filters)
+        data["deep_supervision_weights"] = list(self.deep_supervision_weights)
         data["sequences"] = list(self.sequences)
         return data
 

@@ -53,6 +53,10 @@ RECIPE_CHANGES = [
     ("lesion_x2", "every slice with a lesion twice per epoch (Buda et al.)", {"lesion_slice_repeats": 2}),
     ("lesion_area", "twice as many lesion-slice draws per epoch, in proportion to the lesion's area (Buda et al.'s "
      "PyTorch sampler)", {"lesion_slice_repeats": 2, "lesion_slice_sampling": "area"}),
+    # U-Net++ only (--model nested_unet; one output elsewhere): how its four heads share the loss
+    ("ds_deeper", "U-Net++ heads' loss weighted 1:2:3:4, shallowest to deepest",
+     {"deep_supervision_weights": (1.0, 2.0, 3.0, 4.0)}),
+    ("ds_off", "U-Net++ without deep supervision (the deepest head alone)", {"deep_supervision": False}),
 ]
 # inference variants that re-score the recipe's models: which predicted lesions are kept (keep_lesions)
 KEPT_LESIONS = [("largest", "the largest predicted 3D lesion kept alone (Buda et al.)"),

@@ -206,3 +206,31 @@ def test_mixed_precision_is_bfloat16_on_a_cpu_and_float32_by_default_there() -> 
     with precision_policy(ExperimentConfig(mixed_precision="auto")) as policy:
         assert policy == "float32"
     assert keras.config.dtype_policy().name == before
+
+
+def test_deep_supervision_weights_set_each_head_s_share_of_the_loss() -> None:
+    """The compiled U-Net++ loss is the heads' losses weighted by ``deep_supervision_weights`` (normalised),
+    equal weights by default (Zhou et al. 2018); a wrong number of weights is refused."""
+    from metaseg_tf.config import ConfigError
+    from metaseg_tf.models.registry import build_model
+    from metaseg_tf.training.train import compile_model, head_loss_weights
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(4, 32, 32, 3)).astype("float32")
+    y = (rng.random((4, 32, 32, 1)) > 0.7).astype("float32")
+    for weights in ((), (0.0, 0.0, 3.0), (1.0, 2.0, 1.0)):
+        config = ExperimentConfig(model="nested_unet", filters=(4, 8, 16, 32), image_size=32,
+                                  deep_supervision_weights=weights)
+        keras.utils.set_random_seed(0)
+        model = compile_model(build_model("nested_unet", config), config)
+        scores = model.evaluate(x, (y,) * 3, verbose=0, return_dict=True)
+        heads = np.array([scores[f"head_{k}_loss"] for k in (1, 2, 3)])
+        expected = np.asarray(weights or (1.0, 1.0, 1.0)) / sum(weights or (1.0, 1.0, 1.0))
+        np.testing.assert_allclose(head_loss_weights(config, 3), expected)
+        assert scores["loss"] == pytest.approx(float(heads @ expected), rel=1e-4)
+    with pytest.raises(ConfigError, match="deep_supervision_weights"):
+        ExperimentConfig(filters=(4, 8, 16, 32), deep_supervision_weights=(1.0, 1.0))
+    with pytest.raises(ConfigError, match="deep_supervision_weights"):
+        ExperimentConfig(filters=(4, 8, 16, 32), deep_supervision_weights=(0.0, 0.0, 0.0))
+    assert ExperimentConfig.from_dict(ExperimentConfig(filters=(4, 8, 16, 32), deep_supervision_weights=(
+        1, 2, 3)).to_dict()).deep_supervision_weights == (1.0, 2.0, 3.0)

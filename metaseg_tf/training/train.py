@@ -92,15 +92,26 @@ def _jit_compile(config: ExperimentConfig) -> bool | str:
     return "auto" if keras.backend.backend() in ("jax", "tensorflow") else False
 
 
+def head_loss_weights(config: ExperimentConfig, heads: int) -> list[float]:
+    """The loss weights of a deeply supervised U-Net++'s ``heads`` outputs (``head_1 .. head_depth``):
+    ``config.deep_supervision_weights`` normalised to sum 1, or equal weights where it is empty (Zhou et al.
+    2018, "UNet++", average the heads' losses)."""
+    weights = config.deep_supervision_weights or (1.0,) * heads
+    if len(weights) != heads:
+        raise ConfigError(f"deep_supervision_weights gives {len(weights)} weights for a model of {heads} outputs")
+    return [weight / sum(weights) for weight in weights]
+
+
 def compile_model(model: keras.Model, config: ExperimentConfig, steps_per_epoch: int = 1) -> keras.Model:
-    """Compile ``model`` with the config's loss on every output (averaged), the optimiser and schedule,
-    and Dice/IoU/precision/recall on the (deepest) output."""
+    """Compile ``model`` with the config's loss on every output (their weighted mean:
+    :func:`head_loss_weights`), the optimiser and schedule, and Dice/IoU/precision/recall on the (deepest)
+    output."""
     names = model.output_names
     metrics = segmentation_metrics(config.threshold)
     model.compile(
         optimizer=make_optimizer(config, steps_per_epoch),
         loss=[SegmentationLoss(config.loss) for _ in names] if len(names) > 1 else SegmentationLoss(config.loss),
-        loss_weights=[1.0 / len(names)] * len(names) if len(names) > 1 else None,
+        loss_weights=head_loss_weights(config, len(names)) if len(names) > 1 else None,
         # weighted: the padding slices of sharded evaluation batches (sample weight 0) must not count
         weighted_metrics={names[-1]: metrics} if len(names) > 1 else metrics,
         jit_compile=_jit_compile(config),
