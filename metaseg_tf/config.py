@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -131,8 +132,12 @@ class ExperimentConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.filters = tuple(int(f) for f in self.filters)
-        self.deep_supervision_weights = tuple(float(w) for w in self.deep_supervision_weights)
+        try:
+            self.filters = tuple(int(f) for f in self.filters)
+            self.deep_supervision_weights = tuple(float(w) for w in self.deep_supervision_weights)
+        except (TypeError, ValueError):
+            raise ConfigError(f"filters and deep_supervision_weights take lists of numbers, got {self.filters!r} "
+                              f"and {self.deep_supervision_weights!r}") from None
         self.sequences = tuple(str(s).lower() for s in self.sequences)
         if self.sequences:
             self.channels = len(self.sequences)
@@ -183,7 +188,8 @@ class ExperimentConfig:
         if not 1 <= self.lesion_slice_repeats <= 8:
             raise ConfigError(f"lesion_slice_repeats must lie in [1, 8], got {self.lesion_slice_repeats}")
         weights = self.deep_supervision_weights
-        if weights and (len(weights) != len(self.filters) - 1 or min(weights) < 0 or not sum(weights) > 0):
+        if weights and (len(weights) != len(self.filters) - 1 or min(weights) < 0 or not sum(weights) > 0
+                        or not all(math.isfinite(weight) for weight in weights)):
             raise ConfigError(f"deep_supervision_weights must give one weight >= 0 per U-Net++ head "
                               f"({len(self.filters) - 1} for {len(self.filters)} filter levels), not all 0, "
                               f"got {list(weights)}")

@@ -139,9 +139,19 @@ def _evaluation(run: Path, variant: Variant) -> Path | None:
     return newest_evaluation(run, "test", inference=variant.evaluation)
 
 
+def applies(variant: Variant, model: str) -> bool:
+    """Whether ``variant`` changes anything for ``model``: U-Net++'s deep-supervision settings do nothing to a
+    model of one output (its training would be the recipe's again)."""
+    trained = BY_NAME[variant.scores or variant.name]
+    return model == "nested_unet" or not any(key.startswith("deep_supervision") for key in trained.config)
+
+
 def run_variants(data_dir: str, model: str, names: list[str], epochs: int, work: Path) -> None:
     """Train and score each named variant that is not done yet; print one line per step."""
     started = time.monotonic()
+    wasted = [name for name in names if not applies(BY_NAME[name], model)]
+    if wasted:
+        raise SystemExit(f"{', '.join(wasted)}: U-Net++ only (--model nested_unet)")
     for name in names:
         variant = BY_NAME[name]
         trained = variant.scores or variant.name
@@ -215,6 +225,8 @@ def recipe_report(model: str, work: Path, out: Path) -> pd.DataFrame:
     rows = [{"variant": "recipe", "change": "cosine decay after a warm-up epoch, flip TTA (recipe.yml)",
              **{f"seed {seed}": scores["dice"].mean() for seed, scores in recipe.items() if scores is not None}}]
     for name, name_seed1, text in changes:
+        if not applies(BY_NAME[name], model):
+            continue
         seeds = {0: _scores(work, model, name), 1: _scores(work, model, name_seed1)}
         paired = [seed for seed, scores in seeds.items() if scores is not None and recipe[seed] is not None]
         if not paired:
@@ -290,7 +302,8 @@ def main() -> None:
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run")
     run.add_argument("data_dir", help="the lgg_kaggle_3m folder")
-    run.add_argument("--variants", nargs="+", default=[v.name for v in VARIANTS], choices=list(BY_NAME))
+    run.add_argument("--variants", nargs="+", choices=list(BY_NAME),
+                     help="default: every variant that applies to --model")
     run.add_argument("--epochs", type=int, default=15, help="training epochs per variant")
     summary = commands.add_parser("report")
     summary.add_argument("--out", type=Path, default=OUT_DIR)
@@ -300,7 +313,8 @@ def main() -> None:
         command.add_argument("--work", type=Path, default=WORK_DIR)
     args = parser.parse_args()
     if args.command == "run":
-        run_variants(args.data_dir, args.model, args.variants, args.epochs, args.work)
+        names = args.variants or [variant.name for variant in VARIANTS if applies(variant, args.model)]
+        run_variants(args.data_dir, args.model, names, args.epochs, args.work)
     elif args.recipe:
         print(recipe_report(args.model, args.work, args.out).to_markdown(index=False, floatfmt=".3f"))
     else:

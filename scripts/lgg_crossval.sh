@@ -8,7 +8,7 @@
 # last epoch). MAX_FOLDS (optional) stops after that many folds, e.g. one per session. The work goes into
 # results/lgg_recipe_work (git-ignored); the numbers-only summary is copied to results/lgg_recipe/crossval/.
 # RECIPE (optional, default recipe) names a file results/lgg_recipe/RECIPE.yml; another recipe than the default
-# is cross-validated into its own folders, crossval-RECIPE (e.g. recipe-lgg: README section 6).
+# is cross-validated into its own folders, crossval-RECIPE (e.g. recipe-lgg, results/lgg_recipe/recipe-lgg.yml).
 set -euo pipefail
 DATA="$(cd "${1:?usage: lgg_crossval.sh SHARED_DATA_DIR [MAX_FOLDS] [RECIPE]}" && pwd)"
 RECIPE_NAME="${3:-recipe}"

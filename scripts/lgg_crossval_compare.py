@@ -44,7 +44,10 @@ def rescored(work_crossval: Path, keep_lesions: str) -> pd.DataFrame:
             if evaluation is None:
                 print(f"fold {fold} {model}: scoring with keep_lesions {keep_lesions}", flush=True)
                 evaluation = evaluate_run(run, "test", inference=inference, progress=False).out_dir
-            frames.append(pd.read_csv(evaluation / "per_patient.csv").assign(model=model, fold=int(fold)))
+            frames.append(pd.read_csv(evaluation / "per_patient.csv", dtype={"case_id": str})
+                          .assign(model=model, fold=int(fold)))
+    if not frames:
+        raise SystemExit(f"{work_crossval / 'crossval.json'} records no trained fold model yet")
     return pd.concat(frames, ignore_index=True)
 
 
@@ -53,6 +56,8 @@ def compare(base: pd.DataFrame, new: pd.DataFrame) -> pd.DataFrame:
     shared patients, paired; ``Δ mean`` is new - base."""
     folds = base[["case_id", "fold"]].drop_duplicates().merge(new[["case_id", "fold"]].drop_duplicates(),
                                                                 on="case_id")
+    if folds.empty:
+        raise SystemExit("the two cross-validations share no scored patient (is one of them not started?)")
     if (folds["fold_x"] != folds["fold_y"]).any():
         raise SystemExit("the two cross-validations put patients in different folds: not paired")
     rows = []
@@ -65,8 +70,10 @@ def compare(base: pd.DataFrame, new: pd.DataFrame) -> pd.DataFrame:
                      "base median": merged["dice_a"].median(), "new median": merged["dice_b"].median(),
                      "Δ mean": test["mean_difference"], "better": int((merged["dice_b"] > merged["dice_a"]).sum()),
                      "worse": int((merged["dice_b"] < merged["dice_a"]).sum()), "Wilcoxon p": test["p_value"]})
+    if not rows:
+        raise SystemExit("the two cross-validations share no model")
     table = pd.DataFrame(rows)
-    return table.assign(**{"p Holm": holm_adjusted(table["Wilcoxon p"])}) if len(table) else table
+    return table.assign(**{"p Holm": holm_adjusted(table["Wilcoxon p"])})
 
 
 def _markdown(table: pd.DataFrame) -> str:
@@ -89,7 +96,7 @@ def main() -> None:
     parser.add_argument("--work-crossval", type=Path, help="NEW's working folder (crossval.json and the runs)")
     parser.add_argument("--out", type=Path, help="also write the tables to this markdown file")
     args = parser.parse_args()
-    base, new = (pd.read_csv(folder / "per_patient.csv") for folder in (args.base, args.new))
+    base, new = (pd.read_csv(folder / "per_patient.csv", dtype={"case_id": str}) for folder in (args.base, args.new))
     sections = [f"New: `{args.new}`; base: `{args.base}`; out-of-fold per-patient Dice:", "",
                 _markdown(compare(base, new))]
     if args.rescore_keep_lesions:

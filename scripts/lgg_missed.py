@@ -12,7 +12,8 @@ reads the three channels (pre-contrast T1, FLAIR, post-contrast T1) of every sli
   per-slice z-score, our normalisation, sees it);
 * ``truth_voxels``, ``lesion_slices``, ``largest_slice_area`` and ``head_pixels`` (of the 256 x 256 frame);
 * ``brain_box_side``: the side of the square around the patient's brain over all its slices (the bounding box
-  of FLAIR above a tenth of the patient's maximum, made square: Buda et al.'s PyTorch ``crop_sample``), and
+  of the voxels where any sequence exceeds a tenth of the patient's maximum, made square: after Buda et al.'s
+  PyTorch ``crop_sample`` and ``pad_sample``), and
   ``box_area_gain``: ``(frame side / brain_box_side)^2``, how much larger every lesion would be in pixels if
   the slices were cropped to that box before resizing, as their cropping does;
 * ``pre_is_flair``, ``post_is_flair``: whether the pre- or post-contrast channel is the FLAIR again (mean
@@ -68,7 +69,7 @@ def patient_measures(folder: Path) -> dict[str, float]:
     contrasts = {f"contrast_{name}": float(images[..., k][lesion].mean() / images[..., k][rest].mean())
                  if lesion.any() else float("nan") for k, name in enumerate(("pre", "flair", "post"))}
     pre, post = (bool(np.abs(images[..., k] - volume)[head].mean() < 1) for k in (0, 2))
-    brain = volume > 0.1 * volume.max()
+    brain = (images > 0.1 * images.max()).any(axis=3)
     extent = [np.flatnonzero(brain.any(axis=axes)) for axes in ((0, 2), (0, 1))]  # rows, columns
     box_side = max(int(found[-1] - found[0] + 1) for found in extent)
     return {"flair_copies": pre and post, "pre_is_flair": pre, "post_is_flair": post, **contrasts,
@@ -119,7 +120,8 @@ def main() -> None:
         print(f"{column}: Spearman with Dice {rho:+.2f} (p {p:.2g}); percentile of the two worst: {worst}")
     gain = table["box_area_gain"]
     print(f"cropping to the brain box would enlarge lesions (in pixels) by a median {gain.median():.2f}x "
-          f"(range {gain.min():.2f}-{gain.max():.2f}; box side {table['brain_box_side'].min()}-"
+          f"(quartiles {gain.quantile(0.25):.2f} and {gain.quantile(0.75):.2f}, range {gain.min():.2f}-"
+          f"{gain.max():.2f}, {(gain > 1.3).sum()} patients over 1.3x; box side {table['brain_box_side'].min()}-"
           f"{table['brain_box_side'].max()} px of a {table['frame_side'].max()} px frame)")
     if args.run is not None:
         tested = flair_copies_test(args.run)

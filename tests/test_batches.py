@@ -146,6 +146,14 @@ def test_volume_batches_carry_context_channels_and_multilabel_targets(brats_phan
     train = data.split.indices(data.dataset.case_ids, "train")
     x, y = SegmentationBatches(data.dataset, train, config)[0]
     assert x.shape == (4, 32, 32, 6) and y.shape == (4, 32, 32, 3)
+    sampled = SegmentationBatches(data.dataset, train, config.replace(lesion_slice_repeats=2,
+                                                                      lesion_slice_sampling="area"), training=True)
+    area = (data.dataset.masks[sampled.lesion_indices] > 0).reshape(len(sampled.lesion_indices), -1).sum(axis=1)
+    cases = data.dataset.case_ids[sampled.lesion_indices]  # a slice's area: its pixels of any region (WT here)
+    for case in set(cases):
+        mine = area[cases == case]
+        np.testing.assert_allclose(sampled.lesion_weights[cases == case] * len(set(cases)),
+                                   (mine + 0.1 * mine.mean()) / (1.1 * mine.sum()))
     np.testing.assert_array_equal(y[..., 0] >= y[..., 1], True)  # WT contains TC
     # the centre block of the context is the slice itself; its neighbour block is the previous slice
     first = SegmentationBatches(data.dataset, train[:2], config.replace(normalisation="none"))[0][0]
@@ -170,29 +178,32 @@ def test_volume_batches_carry_context_channels_and_multilabel_targets(brats_phan
     assert set(enhancing.lesion_indices) == set(train[(data.dataset.masks[train] == 3).reshape(len(train), -1).any(1)])
 
 
-def test_area_sampling_draws_lesion_slices_in_proportion_to_their_area() -> None:
-    """lesion_slice_sampling="area": k n lesion-slice draws per epoch with replacement, slice i with probability
-    (a_i + 0.1 mean a) / (1.1 sum a) (Buda et al.'s PyTorch sampler); empty slices as before; reproducible."""
-    dataset = _square_dataset(n=6)
-    dataset.masks[0] = 0  # an empty slice
-    dataset.masks[1, :, :] = 0
-    dataset.masks[1, 2:4, 2:4] = 1  # a 4-pixel lesion beside the 100-pixel squares of slices 2-5
+def test_area_sampling_draws_a_patient_then_its_lesion_slices_by_area() -> None:
+    """lesion_slice_sampling="area": k n lesion-slice draws per epoch with replacement, a patient uniformly,
+    then its slice i with probability (a_i + 0.1 mean a) / (1.1 sum a) over its lesion slices (Buda et al.'s
+    PyTorch sampler); empty slices as before; reproducible from (seed, epoch)."""
+    dataset = _square_dataset(n=6)  # cases c0 (slices 0, 1), c1 (2, 3), c2 (4, 5); 100-pixel squares
+    dataset.masks[0] = 0
+    dataset.masks[0, 2:4, 2:4] = 1  # c0: a 4-pixel lesion beside a 100-pixel one
+    dataset.masks[4] = 0  # c2: one empty slice, one lesion slice
     config = ExperimentConfig(batch_size=4, lesion_slice_repeats=2, lesion_slice_sampling="area")
     batches = SegmentationBatches(dataset, np.arange(6), config, training=True, seed=3)
-    areas = np.array([4, 100, 100, 100, 100], float)
-    np.testing.assert_allclose(batches.lesion_weights, (areas + 0.1 * areas.mean()) / (1.1 * areas.sum()))
-    assert batches.lesion_weights.sum() == pytest.approx(1.0)
+    c0 = (np.array([4.0, 100.0]) + 0.1 * 52.0) / (1.1 * 104.0)
+    expected = np.concatenate([c0, [0.5, 0.5], [1.0]]) / 3
+    np.testing.assert_array_equal(batches.lesion_indices, [0, 1, 2, 3, 5])
+    np.testing.assert_allclose(batches.lesion_weights, expected)
     counts = np.zeros(6)
     for batches.epoch in range(400):
         order = batches._epoch_order()
-        assert len(order) == batches.slices_per_epoch == 2 * 5 + 1 and (order == 0).sum() == 1
+        assert len(order) == batches.slices_per_epoch == 2 * 5 + 1 and (order == 4).sum() == 1
         counts += np.bincount(order, minlength=6)
-    np.testing.assert_allclose(counts[1:] / counts[1:].sum(), batches.lesion_weights, atol=0.02)
-    assert counts[1] < counts[2] / 5, "the small lesion's slice is drawn far less often than a large one's"
+    np.testing.assert_allclose(counts[[0, 1, 2, 3, 5]] / counts[[0, 1, 2, 3, 5]].sum(), expected, atol=0.02)
+    assert counts[0] < counts[1] / 5, "the small lesion's slice is drawn far less often than its neighbour's"
+    assert counts[5] > 1.5 * counts[2], "a patient with one lesion slice gets a patient's share of the draws"
     np.testing.assert_array_equal(batches._epoch_order(), batches._epoch_order())  # (seed, epoch) decide
     uniform = SegmentationBatches(dataset, np.arange(6), config.replace(lesion_slice_sampling="uniform"),
                                   training=True, seed=3)
-    assert uniform.lesion_weights is None and (np.bincount(uniform._epoch_order())[1:] == 2).all()
+    assert uniform.lesion_weights is None and (np.bincount(uniform._epoch_order())[[0, 1, 2, 3, 5]] == 2).all()
     with pytest.raises(ConfigError, match="lesion_slice_sampling"):
         config.replace(lesion_slice_sampling="volume")
 

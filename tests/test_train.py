@@ -208,7 +208,7 @@ def test_mixed_precision_is_bfloat16_on_a_cpu_and_float32_by_default_there() -> 
     assert keras.config.dtype_policy().name == before
 
 
-def test_deep_supervision_weights_set_each_head_s_share_of_the_loss() -> None:
+def test_deep_supervision_weights_set_each_head_s_share_of_the_loss(tmp_path: Path) -> None:
     """The compiled U-Net++ loss is the heads' losses weighted by ``deep_supervision_weights`` (normalised),
     equal weights by default (Zhou et al. 2018); a wrong number of weights is refused."""
     from metaseg_tf.config import ConfigError
@@ -230,7 +230,9 @@ def test_deep_supervision_weights_set_each_head_s_share_of_the_loss() -> None:
         assert scores["loss"] == pytest.approx(float(heads @ expected), rel=1e-4)
     with pytest.raises(ConfigError, match="deep_supervision_weights"):
         ExperimentConfig(filters=(4, 8, 16, 32), deep_supervision_weights=(1.0, 1.0))
-    with pytest.raises(ConfigError, match="deep_supervision_weights"):
-        ExperimentConfig(filters=(4, 8, 16, 32), deep_supervision_weights=(0.0, 0.0, 0.0))
-    assert ExperimentConfig.from_dict(ExperimentConfig(filters=(4, 8, 16, 32), deep_supervision_weights=(
-        1, 2, 3)).to_dict()).deep_supervision_weights == (1.0, 2.0, 3.0)
+    for wrong in ((0.0, 0.0, 0.0), (1.0, float("inf"), 1.0), 3):
+        with pytest.raises(ConfigError, match="deep_supervision_weights"):
+            ExperimentConfig(filters=(4, 8, 16, 32), deep_supervision_weights=wrong)
+    weighted = ExperimentConfig(filters=(4, 8, 16, 32), deep_supervision_weights=(1, 2, 3))
+    assert ExperimentConfig.from_dict(weighted.to_dict()).deep_supervision_weights == (1.0, 2.0, 3.0)
+    assert ExperimentConfig.load(weighted.save(tmp_path / "config.yml")) == weighted

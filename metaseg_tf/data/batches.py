@@ -50,6 +50,18 @@ from metaseg_tf.paths import resolve
 logger = logging.getLogger(__name__)
 
 
+def _area_weights(areas: np.ndarray, case_ids: np.ndarray) -> np.ndarray:
+    """``(n,)`` probabilities of ``n`` lesion slices with lesion ``areas`` ``(n,)`` of cases ``case_ids``
+    ``(n,)``: each case ``1 / cases``, shared by its slices as ``(a_i + 0.1 mean(a)) / (1.1 sum(a))`` over the
+    case's slices (Buda et al.'s PyTorch sampler; see :class:`SegmentationBatches`)."""
+    weights = np.empty(len(areas))
+    cases = np.unique(case_ids)
+    for case in cases:
+        rows = case_ids == case
+        weights[rows] = (areas[rows] + 0.1 * areas[rows].mean()) / (1.1 * areas[rows].sum()) / len(cases)
+    return weights
+
+
 class SegmentationBatches(keras.utils.PyDataset):
     """Batches of the slices at ``indices`` of ``dataset``.
 
@@ -58,11 +70,12 @@ class SegmentationBatches(keras.utils.PyDataset):
     that fraction of the slices without lesion (and every slice with one); with ``config.lesion_slice_repeats =
     k > 1`` every slice with a lesion appears ``k`` times in each training epoch (Buda et al., Comput. Biol. Med.
     2019: tumour slices shown twice), each copy augmented on its own; with ``config.lesion_slice_sampling =
-    "area"`` those ``k n`` copies of the ``n`` lesion slices are instead drawn with replacement, slice ``i`` with
-    probability ``(a_i + 0.1 mean(a)) / (1.1 sum(a))``, ``a_i`` its lesion area in pixels at model resolution:
-    the area-proportional slice sampler of Buda et al.'s PyTorch version (``brain-segmentation-pytorch``,
-    there over every slice of a volume; here over the lesion slices of the training split, the empty slices
-    drawn as above). The random draws depend only on
+    "area"`` those ``k n`` copies of the ``n`` lesion slices are instead drawn with replacement, after the
+    area-proportional sampler of Buda et al.'s PyTorch version (``brain-segmentation-pytorch``): a patient
+    uniformly, then one of its lesion slices ``i`` with probability ``(a_i + 0.1 mean(a)) / (1.1 sum(a))`` over
+    that patient's lesion slices, ``a_i`` the slice's lesion area in pixels at model resolution (any region of
+    the target). Buda et al. weigh every slice of the patient so; here the lesion-free slices are drawn as
+    above. The random draws depend only on
     ``(seed, epoch, batch index, position in the batch)``, so batches are reproducible whether or not workers
     fetch them out of order, and a slice is augmented alike whichever process reads it.
 
@@ -102,9 +115,9 @@ class SegmentationBatches(keras.utils.PyDataset):
         truth = masks.reshape(len(self.indices), masks.shape[1] * masks.shape[2], -1).any(axis=2)  # (n, S S)
         lesion = truth.any(axis=1)
         self.lesion_indices, self.empty_indices = self.indices[lesion], self.indices[~lesion]
-        areas = truth[lesion].sum(axis=1, dtype=np.float64)  # pixels with any region of the target
-        self.lesion_weights = (None if config.lesion_slice_sampling == "uniform" or not len(areas) else
-                               (areas + 0.1 * areas.mean()) / (1.1 * areas.sum()))
+        self.lesion_weights = (None if config.lesion_slice_sampling == "uniform" or not lesion.any() else
+                               _area_weights(truth[lesion].sum(axis=1, dtype=np.float64),
+                                             dataset.case_ids[self.lesion_indices]))
         self.empty_per_epoch = (round(config.empty_slice_fraction * len(self.empty_indices))
                                 if training else len(self.empty_indices))
         self.lesion_repeats = config.lesion_slice_repeats if training else 1
