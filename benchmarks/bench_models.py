@@ -1,7 +1,7 @@
 """Benchmark: our U-Net++ and Attention U-Net against faithful peers, training and inference, in one run.
 
 Every model gets the same input (128 x 128 x 3, channels last for Keras, channels first for PyTorch), filters
-16-256 over five levels, batch norm + ReLU, transposed-convolution up-sampling, one sigmoid output, batch 8,
+16-256 over five levels (``--filters``: the LGG recipe's are 8-128), batch norm + ReLU, transposed-convolution up-sampling, one sigmoid output, batch 8,
 Adam (lr 1e-3) and binary cross-entropy, on this machine's CPU with the same number of threads (PyTorch's
 ``set_num_threads`` = the CPU count, TensorFlow's default pools = the CPU count):
 
@@ -27,7 +27,7 @@ measured where the CPU computes bf16 natively (AVX512-BF16 or AMX; ``--bf16 on``
 frameworks then emulate it, far slower than float32). Optional peers that
 are not installed are listed with the reason: ``pip install torch==2.13.0 monai onnxscript keras-unet-collection``.
 
-Usage: ``python benchmarks/bench_models.py [--size 128 --batch 8 --steps 5 --rounds 3]``.
+Usage: ``python benchmarks/bench_models.py [--size 128 --batch 8 --steps 5 --rounds 3 --filters 16 32 64 128 256]``.
 """
 
 from __future__ import annotations
@@ -82,10 +82,11 @@ def _keras_candidate(name: str, architecture: str, model: keras.Model, x: np.nda
                      lambda: keras.tree.map_structure(np.asarray, model.predict_on_batch(x)), precision=precision)
 
 
-def _ours(size: int, x: np.ndarray, y: np.ndarray, export_root: Path, bf16: bool) -> list[Candidate]:
+def _ours(size: int, x: np.ndarray, y: np.ndarray, export_root: Path, bf16: bool,
+          filters: tuple[int, ...] = FILTERS) -> list[Candidate]:
     candidates = []
     for architecture in ("nested_unet", "attention_unet"):
-        config = ExperimentConfig(image_size=size, filters=FILTERS, model=architecture, deep_supervision=False)
+        config = ExperimentConfig(image_size=size, filters=filters, model=architecture, deep_supervision=False)
         keras.utils.set_random_seed(0)
         model = build_model(architecture, config)
         candidates.append(_keras_candidate(f"ours {architecture}", architecture, model, x, y))
@@ -118,7 +119,8 @@ def _ours(size: int, x: np.ndarray, y: np.ndarray, export_root: Path, bf16: bool
     return candidates
 
 
-def _monai(size: int, x: np.ndarray, y: np.ndarray, export_root: Path, bf16: bool) -> list[Candidate]:
+def _monai(size: int, x: np.ndarray, y: np.ndarray, export_root: Path, bf16: bool,
+           filters: tuple[int, ...] = FILTERS) -> list[Candidate]:
     try:
         import torch
         from monai.networks.nets import AttentionUnet, BasicUNetPlusPlus
@@ -131,10 +133,10 @@ def _monai(size: int, x: np.ndarray, y: np.ndarray, export_root: Path, bf16: boo
     yt = torch.from_numpy(np.ascontiguousarray(y.transpose(0, 3, 1, 2)))
     networks = {
         "BasicUNetPlusPlus": ("nested_unet", BasicUNetPlusPlus(
-            spatial_dims=2, in_channels=3, out_channels=1, features=(*FILTERS, FILTERS[0]), deep_supervision=False,
+            spatial_dims=2, in_channels=3, out_channels=1, features=(*filters, filters[0]), deep_supervision=False,
             act="relu", norm="batch", upsample="deconv")),
         "AttentionUnet": ("attention_unet", AttentionUnet(
-            spatial_dims=2, in_channels=3, out_channels=1, channels=FILTERS, strides=(2, 2, 2, 2))),
+            spatial_dims=2, in_channels=3, out_channels=1, channels=filters, strides=(2,) * (len(filters) - 1))),
     }
     candidates = []
     for name, (architecture, network) in networks.items():
@@ -196,12 +198,13 @@ def _monai_onnx(name: str, architecture: str, network, xt, export_root: Path) ->
     return Candidate(f"MONAI {name}, onnx runtime", architecture, infer=lambda: runner.predict(images))
 
 
-def _keras_unet_collection(size: int, x: np.ndarray, y: np.ndarray) -> list[Candidate]:
+def _keras_unet_collection(size: int, x: np.ndarray, y: np.ndarray,
+                           filters: tuple[int, ...] = FILTERS) -> list[Candidate]:
     try:
         from keras_unet_collection import models
     except ImportError as error:
         return [Candidate("keras-unet-collection att_unet_2d", "attention_unet", skipped=f"not installed ({error.name})")]
-    options = dict(filter_num=list(FILTERS), n_labels=1, stack_num_down=2, stack_num_up=2, activation="ReLU",
+    options = dict(filter_num=list(filters), n_labels=1, stack_num_down=2, stack_num_up=2, activation="ReLU",
                    output_activation="Sigmoid", batch_norm=True, pool="max", unpool=False)
     keras.utils.set_random_seed(0)
     attention = models.att_unet_2d((size, size, 3), atten_activation="ReLU", attention="add", **options)
@@ -218,14 +221,17 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--steps", type=int, default=5, help="timed steps per model, per round and mode")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--filters", type=int, nargs=5, default=FILTERS, help="filters of the five levels")
     parser.add_argument("--bf16", choices=("auto", "on", "off"), default="auto",
                         help="the bf16 rows: auto measures them where the CPU has AVX512-BF16 or AMX")
     args = parser.parse_args()
     bf16 = args.bf16 == "on" or (args.bf16 == "auto" and cpu_has_bf16())
     x, y = _data(args.size, args.batch)
     with tempfile.TemporaryDirectory() as temporary:
-        candidates = (_ours(args.size, x, y, Path(temporary), bf16) + _monai(args.size, x, y, Path(temporary), bf16)
-                      + _keras_unet_collection(args.size, x, y))
+        filters = tuple(args.filters)
+        candidates = (_ours(args.size, x, y, Path(temporary), bf16, filters)
+                      + _monai(args.size, x, y, Path(temporary), bf16, filters)
+                      + _keras_unet_collection(args.size, x, y, filters))
         measured = [c for c in candidates if not c.skipped]
         for candidate in measured:  # warm-up: graph tracing, XLA compilation, kernel selection
             for step in (candidate.train, candidate.infer):
@@ -262,7 +268,7 @@ def main() -> None:
                            "ratio median (min-max)": f"{np.median(per_round):.2f} ({min(per_round):.2f}-"
                                                      f"{max(per_round):.2f})"})
     print(f"machine: {machine_description()}; Keras {keras.__version__} on {keras.backend.backend()}; input "
-          f"{args.size}x{args.size}x3, filters {FILTERS}, batch {args.batch}, {args.rounds} rounds x {args.steps} steps")
+          f"{args.size}x{args.size}x3, filters {tuple(args.filters)}, batch {args.batch}, {args.rounds} rounds x {args.steps} steps")
     print(pd.DataFrame(rows).to_markdown(index=False))
     print()
     print(pd.DataFrame(ratios).to_markdown(index=False))

@@ -53,15 +53,15 @@ def test_a_config_file_from_before_a_field_existed_is_the_same_config(tmp_path: 
     assert not same_config(tmp_path / "config.json", config)
 
 
-def test_the_lgg_recipes_load_and_recipe_lgg_adds_only_its_three_settings() -> None:
-    """results/lgg_recipe/recipe-lgg.yml is recipe.yml plus the missing-sequence fill and the largest lesion
-    (its header says so): a change of one without the other fails here."""
+def test_the_lgg_recipes_load_and_recipe_lgg_adds_only_its_own_settings() -> None:
+    """results/lgg_recipe/recipe-lgg.yml is recipe.yml plus the missing-sequence fill, the largest lesion and
+    XLA (its header says so): a change of one without the other fails here."""
     import yaml
 
     folder = Path(__file__).resolve().parents[1] / "results/lgg_recipe"
     recipe, recipe_lgg = (yaml.safe_load((folder / name).read_text()) for name in ("recipe.yml", "recipe-lgg.yml"))
     assert recipe_lgg == {**recipe, "sequence_fill_probability": 0.2, "sequence_fill_channel": 1,
-                          "keep_lesions": "largest"}
+                          "keep_lesions": "largest", "jit_compile": "on"}
     for name in ("recipe.yml", "recipe-lgg.yml"):
         config = ExperimentConfig.load(folder / name)
         assert config.image_size == 128 and config.flip_tta
