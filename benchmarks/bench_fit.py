@@ -12,7 +12,8 @@ alternate per model, off first. Printed per model and setting: training images p
 of the recipe's real split (``--epoch-slices``, 2022: the 56 training patients of the LGG ablation split) and
 minutes for its 15 epochs (validation and checkpoints not included), and XLA's speed-up.
 
-Usage: ``python benchmarks/bench_fit.py [--slices 320 --epochs 2 --epoch-slices 2022]``.
+Usage: ``python benchmarks/bench_fit.py [--slices 320 --epochs 2 --epoch-slices 2022 --size 128 --train-epochs 15]``
+(``--size 64 --slices 288 --epoch-slices 288 --train-epochs 30``: about the main job's trainings on the phantom).
 """
 
 from __future__ import annotations
@@ -46,17 +47,20 @@ def _dataset(slices: int, size: int) -> PreprocessedDataset:
     return PreprocessedDataset(images, masks, np.asarray([f"p{k // 20}" for k in range(slices)]), np.arange(slices))
 
 
-def fit_rate(config: ExperimentConfig, dataset: PreprocessedDataset, epochs: int) -> float:
-    """Training images per second of ``model.fit`` over ``epochs`` epochs after a warm-up epoch."""
+def fit_rate(config: ExperimentConfig, dataset: PreprocessedDataset, epochs: int) -> tuple[float, float]:
+    """Training images per second of ``model.fit`` over ``epochs`` epochs after a warm-up epoch, and the
+    warm-up epoch's seconds (tracing and, with XLA, compilation included)."""
     keras.utils.set_random_seed(0)
     model = build_model(config.model, config)
     batches = SegmentationBatches(dataset, np.arange(len(dataset)), config, training=True,
                                   target_copies=len(model.outputs))
     compile_model(model, config, steps_per_epoch=len(batches))
+    start = time.perf_counter()
     model.fit(batches, epochs=1, verbose=0)
+    warm_up = time.perf_counter() - start
     start = time.perf_counter()
     model.fit(batches, epochs=epochs, verbose=0)
-    return epochs * batches.slices_per_epoch / (time.perf_counter() - start)
+    return epochs * batches.slices_per_epoch / (time.perf_counter() - start), warm_up
 
 
 def main() -> None:
@@ -64,21 +68,26 @@ def main() -> None:
     parser.add_argument("--slices", type=int, default=320, help="slices per timed epoch")
     parser.add_argument("--epochs", type=int, default=2, help="timed epochs per setting")
     parser.add_argument("--epoch-slices", type=int, default=2022, help="slices of the real epoch to project to")
+    parser.add_argument("--size", type=int, default=RECIPE["image_size"],
+                        help="input size (64: the cpu profile's main job on the phantom)")
+    parser.add_argument("--train-epochs", type=int, default=RECIPE["epochs"], help="epochs to project to")
     args = parser.parse_args()
-    dataset = _dataset(args.slices, RECIPE["image_size"])
+    dataset = _dataset(args.slices, args.size)
     rows = []
     for model in ("nested_unet", "attention_unet"):
         rates = {}
         for jit in ("off", "on"):
-            config = ExperimentConfig(model=model, jit_compile=jit, **RECIPE)
-            rates[jit] = fit_rate(config, dataset, args.epochs)
+            config = ExperimentConfig(model=model, jit_compile=jit, **{**RECIPE, "image_size": args.size})
+            rates[jit], warm_up = fit_rate(config, dataset, args.epochs)
             seconds = args.epoch_slices / rates[jit]
             rows.append({"model": model, "XLA": jit, "train img/s": f"{rates[jit]:.1f}",
+                         "warm-up epoch, s": f"{warm_up:.0f}",
                          f"s per epoch of {args.epoch_slices}": f"{seconds:.0f}",
-                         f"min for {RECIPE['epochs']} epochs": f"{seconds * RECIPE['epochs'] / 60:.1f}",
+                         f"min for {args.train_epochs} epochs": f"{seconds * args.train_epochs / 60:.1f}",
                          "XLA speed-up": "" if jit == "off" else f"{rates['on'] / rates['off']:.2f}x"})
     print(f"machine: {machine_description()}; Keras {keras.__version__} on {keras.backend.backend()}; the LGG "
-          f"recipe (128 px, filters 8-128, batch 16) in model.fit, {args.slices} slices x {args.epochs} epochs")
+          f"recipe (filters 8-128, batch 16) at {args.size} px in model.fit, {args.slices} slices x {args.epochs} "
+          "epochs after a warm-up epoch")
     print(pd.DataFrame(rows).to_markdown(index=False))
 
 

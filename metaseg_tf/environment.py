@@ -1,4 +1,5 @@
-"""What a run ran on: library versions, Keras backend and device (recorded in every run folder)."""
+"""What a run ran on: library versions, Keras backend and device (recorded in every run folder); the CPU's
+features (read without importing Keras, so that the pipeline can choose settings before its notebooks start)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,6 @@ import os
 import platform
 import sys
 from pathlib import Path
-
-import keras
 
 
 def _version(package: str) -> str | None:
@@ -20,6 +19,8 @@ def _version(package: str) -> str | None:
 
 def accelerator() -> str:
     """``"gpu"`` when the active Keras backend sees a GPU, else ``"cpu"``."""
+    import keras
+
     backend = keras.backend.backend()
     if backend == "jax":
         import jax
@@ -50,6 +51,15 @@ def cpu_has_bf16() -> bool:
     return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
 
 
+def cpu_prefers_xla() -> bool:
+    """Whether TensorFlow trains faster with XLA on this CPU: an x86 CPU with AVX2 and without AVX512. On the
+    2-core AMD EPYC (AVX2) XLA doubled the LGG recipe's training in ``model.fit`` at 64 and 128 px
+    (``benchmarks/bench_fit.py``, results/benchmarks.md); on an Intel Xeon with AVX512 and AMX bare XLA train
+    steps ran 15-30 % slower, so there (and where the flags are unknown) Keras' rule, no XLA on a CPU, stays."""
+    flags = cpu_flags()
+    return "avx2" in flags and "avx512f" not in flags
+
+
 def cpu_model() -> str:
     """The CPU's model name: from ``/proc/cpuinfo`` where ``platform.processor()`` says nothing (Linux)."""
     model = platform.processor()
@@ -69,6 +79,8 @@ def machine_description() -> str:
 def environment_info() -> dict[str, object]:
     """Versions, backend, device, CPU model and count, and the settings that change float results between
     machines (oneDNN's reordered kernels in TensorFlow), as a JSON-serialisable dict."""
+    import keras
+
     packages = ("keras", "tensorflow", "jax", "jaxlib", "torch", "numpy", "opencv-python-headless",
                 "scikit-image", "scipy", "metaseg-tf")
     return {
@@ -80,5 +92,6 @@ def environment_info() -> dict[str, object]:
         "keras_backend": keras.backend.backend(),
         "device": accelerator(),
         "cpu_bf16": cpu_has_bf16(),
+        "cpu_prefers_xla": cpu_prefers_xla(),
         "packages": {name: version for name in packages if (version := _version(name))},
     }

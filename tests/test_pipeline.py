@@ -14,6 +14,7 @@ import pytest
 
 from metaseg_tf.cli import main
 from metaseg_tf.config import ConfigError
+from metaseg_tf.environment import cpu_prefers_xla
 from metaseg_tf.pipeline import (
     NOTEBOOK_PARAMETERS,
     PROFILES,
@@ -58,11 +59,29 @@ def test_parameters_are_checked_before_any_notebook_runs() -> None:
 
 def test_config_overrides_are_merged_into_the_profiles_own() -> None:
     assert PROFILES["cpu"].parameters["config_overrides"]["flip_tta"] is True
+    xla = {"jit_compile": "on"} if cpu_prefers_xla() else {}
     merged = pipeline_parameters("cpu", overrides={"config_overrides": {"loss": "dice"}})["config_overrides"]
-    assert merged == {**PROFILES["cpu"].parameters["config_overrides"], "loss": "dice"}
+    assert merged == {**PROFILES["cpu"].parameters["config_overrides"], **xla, "loss": "dice"}
     replaced = pipeline_parameters("cpu", overrides={"config_overrides": {"flip_tta": False}})["config_overrides"]
     assert replaced["flip_tta"] is False
     assert pipeline_parameters("smoke")["config_overrides"] == PROFILES["smoke"].parameters["config_overrides"]
+
+
+def test_the_cpu_profile_trains_with_xla_where_the_cpu_prefers_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """XLA doubled training in model.fit on an AVX2 CPU (benchmarks/bench_fit.py); with AVX512 (or unknown
+    flags) Keras' own rule stays; the user's jit_compile wins; other profiles are left alone."""
+    import metaseg_tf.environment as environment
+
+    for flags, expected in (({"avx2", "fma"}, "on"), ({"avx2", "avx512f", "amx_bf16"}, None), (set(), None)):
+        monkeypatch.setattr(environment, "cpu_flags", lambda flags=flags: flags)
+        assert environment.cpu_prefers_xla() is (expected == "on")
+        for data_dir in (None, "/data/lgg"):
+            chosen = pipeline_parameters("cpu", overrides={"data_dir": data_dir} if data_dir else None)
+            assert chosen["config_overrides"].get("jit_compile") == expected
+        assert "jit_compile" not in pipeline_parameters("gpu")["config_overrides"]
+        assert pipeline_parameters("smoke")["config_overrides"]["jit_compile"] == "off"
+        mine = pipeline_parameters("cpu", overrides={"config_overrides": {"jit_compile": "off"}})
+        assert mine["config_overrides"]["jit_compile"] == "off"
 
 
 

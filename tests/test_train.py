@@ -134,10 +134,12 @@ def test_same_seed_gives_same_split_and_initial_weights(phantom_dir: Path, tmp_p
     assert not all(np.array_equal(a, b) for a, b in zip(weights[0], different))
 
 
-def test_two_trainings_on_one_machine_agree_exactly(phantom_dir: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("jit_compile", ["auto", "on"])
+def test_two_trainings_on_one_machine_agree_exactly(jit_compile: str, phantom_dir: Path, tmp_path: Path) -> None:
     """The main job's reproducibility on one machine, small: two trainings of one config (augmentation,
-    shuffling and dropout included) end with the same weights, bit for bit, and so the same scores."""
-    config = tiny_config(phantom_dir, tmp_path, epochs=2)
+    shuffling and dropout included) end with the same weights, bit for bit, and so the same scores; with XLA
+    too (the cpu profile's choice on an AVX2 CPU)."""
+    config = tiny_config(phantom_dir, tmp_path, epochs=2, jit_compile=jit_compile)
     runs = [train(config, runs_root=tmp_path / "runs", progress=False, resume=False) for _ in range(2)]
     weights = [keras.saving.load_model(run.run_dir / "last.keras", compile=False).get_weights() for run in runs]
     assert all(np.array_equal(a, b) for a, b in zip(*weights))
