@@ -22,7 +22,7 @@ import yaml
 from metaseg_tf import paths
 
 MODEL_NAMES = ("unet", "nested_unet", "attention_unet")
-LOSS_NAMES = ("bce", "dice", "bce_dice", "focal", "tversky", "focal_tversky")
+LOSS_NAMES = ("bce", "dice", "dice_batch", "bce_dice", "focal", "tversky", "focal_tversky")
 NORMALISATIONS = ("zscore", "minmax", "none")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 LR_SCHEDULES = ("constant", "plateau", "cosine")

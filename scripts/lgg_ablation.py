@@ -49,7 +49,8 @@ RECIPE = {"lr_schedule": "cosine", "warmup_epochs": 1, "flip_tta": True}
 RECIPE_CHANGES = [
     ("flair_fill", "a training slice's three sequences all its FLAIR with probability 0.2 (the dataset's fill of a "
      "missing sequence: scripts/lgg_missed.py)", {"sequence_fill_probability": 0.2, "sequence_fill_channel": 1}),
-    ("dice_loss", "soft Dice loss only (Buda et al.'s loss)", {"loss": "dice"}),
+    ("dice_loss", "soft Dice loss only, per image", {"loss": "dice"}),
+    ("dice_batch_loss", "soft Dice loss only, over the batch (Buda et al.'s Keras loss)", {"loss": "dice_batch"}),
     ("lesion_x2", "every slice with a lesion twice per epoch (Buda et al.)", {"lesion_slice_repeats": 2}),
     ("lesion_area", "twice as many lesion-slice draws per epoch, in proportion to the lesion's area (Buda et al.'s "
      "PyTorch sampler)", {"lesion_slice_repeats": 2, "lesion_slice_sampling": "area"}),

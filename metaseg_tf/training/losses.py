@@ -11,6 +11,13 @@ slices have no lesion, so this case is the common one, not an edge case.
 
 * ``bce`` -- binary cross-entropy.
 * ``dice`` -- soft Dice loss ``1 - (2 sum(yp) + s) / (sum(y) + sum(p) + s)`` (Milletari et al., V-Net, 2016).
+  Per image, an empty slice's false positives saturate it: with ``P = sum(p)`` its loss is ``P / (P + s)``,
+  whose gradient ``s / (P + s)^2`` vanishes once ``P >> s``, so nothing pulls a spurious blob back (on the
+  LGG set Dice alone trained to a per-patient Dice of 0.29; results/lgg_recipe/README.md).
+* ``dice_batch`` -- the same soft Dice over every pixel of the batch at once, one value for the batch (returned
+  for each of its images), as Buda et al.'s Keras repository trains (``dice_coef`` on the flattened batch):
+  an empty slice's false positives then weigh against the batch's lesions instead of saturating. With
+  ``sample_weight`` (sharded evaluation batches) padding images still enter the overlap.
 * ``bce_dice`` -- ``bce + dice``, the U-Net++ paper's loss (Zhou et al. 2018).
 * ``focal`` -- binary focal loss ``-alpha_t (1 - p_t)^gamma log p_t`` (Lin et al., ICCV 2017).
 * ``tversky`` -- ``1 - TI``, ``TI = (TP + s) / (TP + alpha FN + beta FP + s)`` (Salehi et al., 2017);
@@ -25,7 +32,8 @@ from keras import ops
 
 from metaseg_tf.config import LOSS_NAMES
 
-__all__ = ["LOSS_NAMES", "SegmentationLoss", "binary_crossentropy", "binary_focal", "soft_dice", "tversky_index"]
+__all__ = ["LOSS_NAMES", "SegmentationLoss", "batch_soft_dice", "binary_crossentropy", "binary_focal", "soft_dice",
+           "tversky_index"]
 _EPSILON = 1e-7
 
 
@@ -50,6 +58,13 @@ def soft_dice(y_true, y_pred, smooth: float = 1.0):
     intersection = ops.sum(y_true * y_pred, axis=-1)
     total = ops.sum(y_true, axis=-1) + ops.sum(y_pred, axis=-1)
     return (2.0 * intersection + smooth) / (total + smooth)
+
+
+def batch_soft_dice(y_true, y_pred, smooth: float = 1.0):
+    """Soft Dice coefficient over all pixels of the batch: ``(B, H, W, 1)`` -> a scalar in ``(0, 1]``."""
+    y_true, y_pred = _flatten(y_true, y_pred)
+    intersection = ops.sum(y_true * y_pred)
+    return (2.0 * intersection + smooth) / (ops.sum(y_true) + ops.sum(y_pred) + smooth)
 
 
 def tversky_index(y_true, y_pred, alpha: float = 0.7, beta: float = 0.3, smooth: float = 1.0):
@@ -101,6 +116,9 @@ class SegmentationLoss(keras.losses.Loss):
             return binary_crossentropy(y_true, y_pred)
         if kind == "dice":
             return 1.0 - soft_dice(y_true, y_pred, self.smooth)
+        if kind == "dice_batch":  # one value for the batch, repeated per image: (B,)
+            return ops.zeros_like(soft_dice(y_true, y_pred, self.smooth)) + 1.0 - batch_soft_dice(
+                y_true, y_pred, self.smooth)
         if kind == "bce_dice":
             return binary_crossentropy(y_true, y_pred) + 1.0 - soft_dice(y_true, y_pred, self.smooth)
         if kind == "focal":
