@@ -278,14 +278,17 @@ def _relative_links(markdown: str, prefix: str) -> str:
     return markdown.replace("](", f"]({prefix}/").replace(f"]({prefix}/http", "](http")
 
 
-def _machine_line(environment: dict) -> str:
-    """Which machine and libraries made the numbers: float results differ in their last digits between CPUs
-    and library builds, and a few hundredths of Dice after training (README, "Reproducibility")."""
+def _machine_line(environment: dict, parameters: dict) -> str:
+    """Which machine, libraries and compilation made the numbers: float results differ in their last digits
+    between CPUs, library builds and XLA, and a few hundredths of Dice after training (README,
+    "Reproducibility")."""
     packages = environment.get("packages", {})
     versions = ", ".join(f"{name} {packages[name]}" for name in ("keras", "tensorflow", "jax", "numpy") if name in packages)
+    xla = parameters.get("config_overrides", {}).get("jit_compile", "auto")
     return (f"Made on {environment.get('cpu_count', '?')} CPUs, {environment.get('cpu_model', 'CPU not recorded')}; "
-            f"{versions}; oneDNN optimisations {environment.get('tf_enable_onednn_opts', 'not recorded')}. Two runs "
-            "on one machine give the same numbers; another machine may differ (README, Reproducibility).")
+            f"{versions}; oneDNN optimisations {environment.get('tf_enable_onednn_opts', 'not recorded')}; XLA "
+            f"(jit_compile) {xla}. Two runs on one machine give the same numbers; another machine may differ (README, "
+            "Reproducibility).")
 
 
 def _lesion_lines(folder: Path, prefix: str) -> list[str]:
@@ -313,7 +316,7 @@ def write_report(out_dir: Path | str) -> Path:
              f"Profile **{record['profile']}** ({record['description']}); data `{parameters['data_dir']}`; "
              f"Keras backend {record['environment'].get('keras_backend', '?')}; started {record['started']}, "
              f"status {record['status']}.", "",
-             _machine_line(record["environment"]), "",
+             _machine_line(record["environment"], parameters), "",
              "| notebook | seconds |", "|---|---|",
              *(f"| [{name}](notebooks/{name}.ipynb) | {seconds} |" for name, seconds in record["seconds"].items()),
              ""]
