@@ -1,8 +1,8 @@
 """Benchmark: our U-Net++ and Attention U-Net against faithful peers, training and inference, in one run.
 
 Every model gets the same input (128 x 128 x 3, channels last for Keras, channels first for PyTorch), filters
-16-256 over five levels (``--filters``: the LGG recipe's are 8-128), batch norm + ReLU, transposed-convolution up-sampling, one sigmoid output, batch 8,
-Adam (lr 1e-3) and binary cross-entropy, on this machine's CPU with the same number of threads (PyTorch's
+16-256 over five levels (``--filters``: the LGG recipe's are 8-128), batch norm + ReLU, transposed-convolution
+up-sampling, one sigmoid output, batch 8, Adam (lr 1e-3) and binary cross-entropy, on this machine's CPU with the same number of threads (PyTorch's
 ``set_num_threads`` = the CPU count, TensorFlow's default pools = the CPU count):
 
 * ours: ``metaseg_tf.models.build_model`` (Keras 3, the configured backend, ``jit_compile="auto"``), in float32;
@@ -268,7 +268,8 @@ def main() -> None:
                            "ratio median (min-max)": f"{np.median(per_round):.2f} ({min(per_round):.2f}-"
                                                      f"{max(per_round):.2f})"})
     print(f"machine: {machine_description()}; Keras {keras.__version__} on {keras.backend.backend()}; input "
-          f"{args.size}x{args.size}x3, filters {tuple(args.filters)}, batch {args.batch}, {args.rounds} rounds x {args.steps} steps")
+          f"{args.size}x{args.size}x3, filters {tuple(args.filters)}, batch {args.batch}, {args.rounds} rounds x "
+          f"{args.steps} steps")
     print(pd.DataFrame(rows).to_markdown(index=False))
     print()
     print(pd.DataFrame(ratios).to_markdown(index=False))
