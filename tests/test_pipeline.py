@@ -177,6 +177,7 @@ def test_smoke_pipeline_runs_all_five_notebooks_and_writes_the_report(tmp_path: 
     assert summary["regions"]["tc"]["labels"] == [1, 3]
     report = run.report.read_text()
     assert "Per region and lesion-wise" in report and "hd95_mm" in report
+    assert "XLA (jit_compile) off" in report  # the smoke profile's; the report says what made the numbers
     (ablation,) = (run.out_dir / "clahe_ablation").glob("comparison-test*")
     assert tuple(pd.read_csv(ablation / "comparison.csv")["model"]) == ("clahe", "no_clahe")
     assert "CLAHE ablation" in run.report.read_text()
