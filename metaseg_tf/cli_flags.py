@@ -96,7 +96,7 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--image-size", type=int, help="side in pixels, a multiple of 16")
     parser.add_argument("--filters", type=int, nargs="+", help="filters per level, e.g. 16 32 64 128 256")
-    parser.add_argument("--loss", help="bce, dice, bce_dice, focal, tversky or focal_tversky")
+    parser.add_argument("--loss", help="bce, dice, dice_batch, bce_dice, focal, tversky or focal_tversky")
     parser.add_argument("--lr", type=float, help="learning rate")
     parser.add_argument("--seed", type=int)
     parser.add_argument("--devices", type=int, help="data-parallel devices (MirroredStrategy / DataParallel)")

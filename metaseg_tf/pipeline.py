@@ -15,8 +15,8 @@ a pipeline holds ``pipeline.lock`` in its folder, so two processes never work in
 Profiles (presets of the notebooks' parameters):
 
 * ``smoke`` - a tiny phantom, 32 px, two epochs: seconds per notebook, for CI;
-* ``cpu`` (default) - the default (BraTS-layout) phantom at 64 px: the whole run takes about five minutes on two cores
-  and the masks are meaningful;
+* ``cpu`` (default) - the default (BraTS-layout) phantom at 64 px: the whole run takes 5-10 minutes on two cores
+  and the masks are meaningful; TensorFlow compiles with XLA on a CPU where that trains twice as fast;
 * ``gpu`` - 256 px, wide filters, up to 100 epochs, mixed precision and XLA where they help, the CLAHE
   ablation included. On a host with JAX but no TensorFlow run it with ``KERAS_BACKEND=jax``.
 """
@@ -81,7 +81,7 @@ PROFILES: dict[str, PipelineProfile] = {
         {"image_size": 32, "epochs": 2, "batch_size": 8, "filters": [4, 8, 16, 32, 64], "clahe_ablation": True,
          "config_overrides": {"jit_compile": "off", "test_fraction": 0.25}}, smoke=True),
     "cpu": PipelineProfile(
-        "the default: about five minutes on a 2-core laptop, meaningful masks on the phantom; with --data, the "
+        "the default: 5-10 minutes on a 2-core laptop, meaningful masks on the phantom; with --data, the "
         "LGG recipe (128 px, 15 epochs, cosine decay)",
         {"image_size": 64, "epochs": 30, "batch_size": 16, "filters": [8, 16, 32, 64, 128],
          "config_overrides": dict(RECIPE)}, real_data=REAL_DATA_RECIPE, xla_where_faster=True),
@@ -129,7 +129,11 @@ def pipeline_parameters(profile: str = "cpu", data_dir: str | Path | None = None
     if real and (data_dir is not None or overrides.get("data_dir")):
         preset = {**preset, **real, "config_overrides": {**preset.get("config_overrides", {}),
                                                          **real.get("config_overrides", {})}}
-    if PROFILES[profile].xla_where_faster and cpu_prefers_xla():
+    backend = overrides.get("backend") or preset.get("backend") or os.environ.get("KERAS_BACKEND") or "tensorflow"
+    devices = {**preset.get("config_overrides", {}), **overrides.get("config_overrides", {})}.get("devices", 1)
+    if PROFILES[profile].xla_where_faster and backend == "tensorflow" and devices == 1 and cpu_prefers_xla():
+        # measured with TensorFlow on one device only (under JAX Keras compiles anyway; torch would mean
+        # torch.compile; several devices mean MirroredStrategy, where Keras keeps XLA off)
         preset = {**preset, "config_overrides": {**preset.get("config_overrides", {}), "jit_compile": "on"}}
     parameters = {**NOTEBOOK_PARAMETERS, **preset, **overrides, "progress": False}
     parameters["config_overrides"] = {**preset.get("config_overrides", {}), **overrides.get("config_overrides", {})}

@@ -57,7 +57,8 @@ def test_parameters_are_checked_before_any_notebook_runs() -> None:
         pipeline_parameters("cpu", overrides={"config_overrides": {"learning_rat": 0.1}})
 
 
-def test_config_overrides_are_merged_into_the_profiles_own() -> None:
+def test_config_overrides_are_merged_into_the_profiles_own(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("KERAS_BACKEND", raising=False)  # TensorFlow: the cpu profile's XLA choice applies
     assert PROFILES["cpu"].parameters["config_overrides"]["flip_tta"] is True
     xla = {"jit_compile": "on"} if cpu_prefers_xla() else {}
     merged = pipeline_parameters("cpu", overrides={"config_overrides": {"loss": "dice"}})["config_overrides"]
@@ -68,10 +69,12 @@ def test_config_overrides_are_merged_into_the_profiles_own() -> None:
 
 
 def test_the_cpu_profile_trains_with_xla_where_the_cpu_prefers_it(monkeypatch: pytest.MonkeyPatch) -> None:
-    """XLA doubled training in model.fit on an AVX2 CPU (benchmarks/bench_fit.py); with AVX512 (or unknown
-    flags) Keras' own rule stays; the user's jit_compile wins; other profiles are left alone."""
+    """XLA doubled TensorFlow's training in model.fit on an AVX2 CPU (benchmarks/bench_fit.py); with AVX512 (or
+    unknown flags), another backend or several devices Keras' own rule stays; the user's jit_compile wins;
+    other profiles are left alone."""
     import metaseg_tf.environment as environment
 
+    monkeypatch.delenv("KERAS_BACKEND", raising=False)
     for flags, expected in (({"avx2", "fma"}, "on"), ({"avx2", "avx512f", "amx_bf16"}, None), (set(), None)):
         monkeypatch.setattr(environment, "cpu_flags", lambda flags=flags: flags)
         assert environment.cpu_prefers_xla() is (expected == "on")
@@ -82,6 +85,8 @@ def test_the_cpu_profile_trains_with_xla_where_the_cpu_prefers_it(monkeypatch: p
         assert pipeline_parameters("smoke")["config_overrides"]["jit_compile"] == "off"
         mine = pipeline_parameters("cpu", overrides={"config_overrides": {"jit_compile": "off"}})
         assert mine["config_overrides"]["jit_compile"] == "off"
+        for elsewhere in ({"backend": "jax"}, {"config_overrides": {"devices": 2}}):  # measured: TensorFlow, 1 device
+            assert "jit_compile" not in pipeline_parameters("cpu", overrides=elsewhere)["config_overrides"]
 
 
 

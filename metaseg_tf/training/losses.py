@@ -17,7 +17,8 @@ slices have no lesion, so this case is the common one, not an edge case.
 * ``dice_batch`` -- the same soft Dice over every pixel of the batch at once, one value for the batch (returned
   for each of its images), as Buda et al.'s Keras repository trains (``dice_coef`` on the flattened batch):
   an empty slice's false positives then weigh against the batch's lesions instead of saturating. With
-  ``sample_weight`` (sharded evaluation batches) padding images still enter the overlap.
+  ``sample_weight`` (sharded evaluation batches) padding images still enter the overlap; under
+  ``MirroredStrategy`` each replica's batch is its shard.
 * ``bce_dice`` -- ``bce + dice``, the U-Net++ paper's loss (Zhou et al. 2018).
 * ``focal`` -- binary focal loss ``-alpha_t (1 - p_t)^gamma log p_t`` (Lin et al., ICCV 2017).
 * ``tversky`` -- ``1 - TI``, ``TI = (TP + s) / (TP + alpha FN + beta FP + s)`` (Salehi et al., 2017);
@@ -117,7 +118,7 @@ class SegmentationLoss(keras.losses.Loss):
         if kind == "dice":
             return 1.0 - soft_dice(y_true, y_pred, self.smooth)
         if kind == "dice_batch":  # one value for the batch, repeated per image: (B,)
-            return ops.zeros_like(soft_dice(y_true, y_pred, self.smooth)) + 1.0 - batch_soft_dice(
+            return ops.zeros_like(ops.cast(y_pred[:, 0, 0, 0], "float32")) + 1.0 - batch_soft_dice(
                 y_true, y_pred, self.smooth)
         if kind == "bce_dice":
             return binary_crossentropy(y_true, y_pred) + 1.0 - soft_dice(y_true, y_pred, self.smooth)

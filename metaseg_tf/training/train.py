@@ -5,10 +5,11 @@ Keras callbacks and writes everything a later step needs into a new run folder (
 :mod:`metaseg_tf.runs.folders`). A run that is killed is resumed by running the same command again
 (``keras.callbacks.BackupAndRestore`` restores weights, optimiser state and epoch).
 
-U-Net++ with deep supervision is trained on all its heads with equal weights ``1 / depth`` (the mean of
-the heads' losses, Zhou et al. 2018); validation Dice, which selects the best epoch, is that of the
-deepest head. Mixed precision is used on GPUs only (``auto``); XLA wherever the backend can compile (it
-made TensorFlow's CPU training step 1.35x faster, see :func:`_jit_compile`).
+U-Net++ with deep supervision is trained on all its heads, by default with equal weights ``1 / depth`` (the
+mean of the heads' losses, Zhou et al. 2018; ``deep_supervision_weights``: :func:`head_loss_weights`);
+validation Dice, which selects the best epoch, is that of the deepest head. Mixed precision is used on GPUs
+only (``auto``); XLA as Keras decides (``auto``: not for TensorFlow on a CPU; the ``cpu`` pipeline profile
+turns it on where it measured faster, see :func:`_jit_compile`).
 
 Several processes (hosts) train one run together under JAX (:mod:`metaseg_tf.training.processes`): process 0
 runs :func:`train` as one process would and announces the run; the others join it with :func:`follow_run`,
