@@ -9,7 +9,7 @@ random square lesions (speed does not depend on the content), ``--slices`` of th
 
 Each setting fits one warm-up epoch (tracing, XLA compilation), then ``--epochs`` timed epochs; the settings
 alternate per model, off first. Printed per model and setting: training images per second, seconds per epoch
-of the recipe's real split (``--epoch-slices``, 2022: the 56 training patients of the LGG ablation split) and
+of the recipe's real split (``--epoch-slices``, 2022: the 56 training patients of fold 0 of the LGG cross-validation) and
 minutes for its 15 epochs (validation and checkpoints not included), and XLA's speed-up.
 
 Usage: ``python benchmarks/bench_fit.py [--slices 320 --epochs 2 --epoch-slices 2022 --size 128 --train-epochs 15]``

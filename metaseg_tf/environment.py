@@ -55,7 +55,7 @@ def cpu_prefers_xla() -> bool:
     """Whether TensorFlow trains faster with XLA on this CPU: an x86 CPU with AVX2 and without AVX512. On the
     2-core AMD EPYC (AVX2) XLA doubled the LGG recipe's training in ``model.fit`` at 64 and 128 px
     (``benchmarks/bench_fit.py``, results/benchmarks.md); on an Intel Xeon with AVX512 and AMX bare XLA train
-    steps ran 15-30 % slower, so there (and where the flags are unknown) Keras' rule, no XLA on a CPU, stays."""
+    steps ran 24-30 % slower, so there (and where the flags are unknown) Keras' rule, no XLA on a CPU, stays."""
     flags = cpu_flags()
     return "avx2" in flags and "avx512f" not in flags
 

@@ -87,7 +87,7 @@ def make_optimizer(config: ExperimentConfig, steps_per_epoch: int) -> keras.opti
 def _jit_compile(config: ExperimentConfig) -> bool | str:
     """XLA: ``auto`` passes Keras' own ``"auto"``: JAX always; TensorFlow only where there is an accelerator
     (Keras turns XLA off on CPU-only machines; ``benchmarks/bench_models.py`` measured bare XLA steps at
-    0.70-0.85x on an Intel Xeon with AMX, while ``benchmarks/bench_fit.py`` measured 2x in ``fit`` on an AVX2
+    0.70-0.76x on an Intel Xeon with AMX, while ``benchmarks/bench_fit.py`` measured 2x in ``fit`` on an AVX2
     AMD EPYC, where the ``cpu`` pipeline profile sets ``on``: :func:`~metaseg_tf.environment.cpu_prefers_xla`);
     PyTorch off."""
     if config.jit_compile != "auto":
