@@ -20,10 +20,12 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 import keras
 import numpy as np
 import pandas as pd
+import yaml
 
 from metaseg_tf.config import ExperimentConfig
 from metaseg_tf.data.batches import SegmentationBatches
@@ -32,8 +34,11 @@ from metaseg_tf.environment import machine_description
 from metaseg_tf.models import build_model
 from metaseg_tf.training.train import compile_model
 
-RECIPE = {"image_size": 128, "filters": (8, 16, 32, 64, 128), "batch_size": 16, "loss": "bce_dice",
-          "lr_schedule": "cosine", "warmup_epochs": 1, "epochs": 15}  # results/lgg_recipe/recipe.yml
+# the training fields of the LGG recipe itself (flip TTA and the seeds do not change a training's speed)
+RECIPE = {name: value for name, value in yaml.safe_load((Path(__file__).resolve().parents[1]
+                                                         / "results/lgg_recipe/recipe.yml").read_text()).items()
+          if name in ("image_size", "filters", "batch_size", "loss", "learning_rate", "lr_schedule", "warmup_epochs",
+                      "epochs")}
 
 
 def _dataset(slices: int, size: int) -> PreprocessedDataset:
