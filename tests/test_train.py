@@ -134,6 +134,20 @@ def test_same_seed_gives_same_split_and_initial_weights(phantom_dir: Path, tmp_p
     assert not all(np.array_equal(a, b) for a, b in zip(weights[0], different))
 
 
+@pytest.mark.parametrize(("setting", "expected"), [("on", True), ("off", False)])
+def test_jit_compile_setting_reaches_keras(setting: str, expected: bool) -> None:
+    """``jit_compile: on`` (the cpu profile's choice on an AVX2 CPU) compiles the train step with XLA and
+    ``off`` without: the compiled model carries the setting Keras traces its step functions with."""
+    if keras.backend.backend() not in ("tensorflow", "jax"):
+        pytest.skip("XLA is TensorFlow's and JAX's; under torch jit_compile means torch.compile")
+    from metaseg_tf.models.registry import build_model
+    from metaseg_tf.training.train import compile_model
+
+    config = ExperimentConfig(model="unet", filters=(4, 8), image_size=16, jit_compile=setting)
+    model = compile_model(build_model("unet", config), config)
+    assert model.jit_compile is expected
+
+
 @pytest.mark.parametrize("jit_compile", ["auto", "on"])
 def test_two_trainings_on_one_machine_agree_exactly(jit_compile: str, phantom_dir: Path, tmp_path: Path) -> None:
     """The main job's reproducibility on one machine, small: two trainings of one config (augmentation,
