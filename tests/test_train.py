@@ -134,17 +134,28 @@ def test_same_seed_gives_same_split_and_initial_weights(phantom_dir: Path, tmp_p
     assert not all(np.array_equal(a, b) for a, b in zip(weights[0], different))
 
 
-@pytest.mark.parametrize(("setting", "expected"), [("on", True), ("off", False)])
-def test_jit_compile_setting_reaches_keras(setting: str, expected: bool) -> None:
-    """``jit_compile: on`` (the cpu profile's choice on an AVX2 CPU) compiles the train step with XLA and
-    ``off`` without: the compiled model carries the setting Keras traces its step functions with."""
-    if keras.backend.backend() not in ("tensorflow", "jax"):
+@pytest.mark.parametrize("setting", ["on", "off", "auto"])
+@pytest.mark.parametrize("name", ["nested_unet", "attention_unet"])
+def test_jit_compile_setting_reaches_keras(name: str, setting: str) -> None:
+    """``jit_compile: on`` (the cpu profile's choice on an AVX2 CPU) compiles the train step of both models with
+    XLA, ``off`` without, and ``auto`` as Keras decides (JAX always, TensorFlow only with an accelerator): the
+    compiled model carries the setting Keras traces its step functions with (Keras turns ``True`` back to
+    ``False``, with a warning only, where a layer cannot run under XLA)."""
+    backend = keras.backend.backend()
+    if backend not in ("tensorflow", "jax"):
         pytest.skip("XLA is TensorFlow's and JAX's; under torch jit_compile means torch.compile")
     from metaseg_tf.models.registry import build_model
     from metaseg_tf.training.train import compile_model
 
-    config = ExperimentConfig(model="unet", filters=(4, 8), image_size=16, jit_compile=setting)
-    model = compile_model(build_model("unet", config), config)
+    config = ExperimentConfig(model=name, filters=(4, 8, 16), image_size=16, jit_compile=setting)
+    model = compile_model(build_model(name, config), config)
+    if setting != "auto":
+        expected = setting == "on"
+    elif backend == "jax":
+        expected = True
+    else:
+        import tensorflow as tf
+        expected = any(device.device_type != "CPU" for device in tf.config.list_physical_devices())
     assert model.jit_compile is expected
 
 
