@@ -25,7 +25,6 @@ from pathlib import Path
 import keras
 import numpy as np
 import pandas as pd
-import yaml
 
 from metaseg_tf.config import ExperimentConfig
 from metaseg_tf.data.batches import SegmentationBatches
@@ -34,11 +33,8 @@ from metaseg_tf.environment import machine_description
 from metaseg_tf.models import build_model
 from metaseg_tf.training.train import compile_model
 
-# the training fields of the LGG recipe itself (flip TTA and the seeds do not change a training's speed)
-RECIPE = {name: value for name, value in yaml.safe_load((Path(__file__).resolve().parents[1]
-                                                         / "results/lgg_recipe/recipe.yml").read_text()).items()
-          if name in ("image_size", "filters", "batch_size", "loss", "learning_rate", "lr_schedule", "warmup_epochs",
-                      "epochs")}
+# the LGG recipe itself (its flip TTA, seeds and early stopping do not change a training's speed)
+RECIPE = ExperimentConfig.load(Path(__file__).resolve().parents[1] / "results/lgg_recipe/recipe.yml")
 
 
 def _dataset(slices: int, size: int) -> PreprocessedDataset:
@@ -73,16 +69,16 @@ def main() -> None:
     parser.add_argument("--slices", type=int, default=320, help="slices per timed epoch")
     parser.add_argument("--epochs", type=int, default=2, help="timed epochs per setting")
     parser.add_argument("--epoch-slices", type=int, default=2022, help="slices of the real epoch to project to")
-    parser.add_argument("--size", type=int, default=RECIPE["image_size"],
+    parser.add_argument("--size", type=int, default=RECIPE.image_size,
                         help="input size (64: the cpu profile's main job on the phantom)")
-    parser.add_argument("--train-epochs", type=int, default=RECIPE["epochs"], help="epochs to project to")
+    parser.add_argument("--train-epochs", type=int, default=RECIPE.epochs, help="epochs to project to")
     args = parser.parse_args()
     dataset = _dataset(args.slices, args.size)
     rows = []
     for model in ("nested_unet", "attention_unet"):
         rates = {}
         for jit in ("off", "on"):
-            config = ExperimentConfig(model=model, jit_compile=jit, **{**RECIPE, "image_size": args.size})
+            config = RECIPE.replace(model=model, jit_compile=jit, image_size=args.size)
             rates[jit], warm_up = fit_rate(config, dataset, args.epochs)
             seconds = args.epoch_slices / rates[jit]
             rows.append({"model": model, "XLA": jit, "train img/s": f"{rates[jit]:.1f}",

@@ -129,14 +129,14 @@ def pipeline_parameters(profile: str = "cpu", data_dir: str | Path | None = None
     if real and (data_dir is not None or overrides.get("data_dir")):
         preset = {**preset, **real, "config_overrides": {**preset.get("config_overrides", {}),
                                                          **real.get("config_overrides", {})}}
+    config_overrides = {**preset.get("config_overrides", {}), **overrides.get("config_overrides", {})}
     backend = overrides.get("backend") or preset.get("backend") or os.environ.get("KERAS_BACKEND") or "tensorflow"
-    devices = {**preset.get("config_overrides", {}), **overrides.get("config_overrides", {})}.get("devices", 1)
-    if PROFILES[profile].xla_where_faster and backend == "tensorflow" and devices == 1 and cpu_prefers_xla():
+    if PROFILES[profile].xla_where_faster and backend == "tensorflow" and config_overrides.get("devices", 1) == 1 \
+            and cpu_prefers_xla():
         # measured with TensorFlow on one device only (under JAX Keras compiles anyway; torch would mean
-        # torch.compile; several devices mean MirroredStrategy, where Keras keeps XLA off)
-        preset = {**preset, "config_overrides": {**preset.get("config_overrides", {}), "jit_compile": "on"}}
-    parameters = {**NOTEBOOK_PARAMETERS, **preset, **overrides, "progress": False}
-    parameters["config_overrides"] = {**preset.get("config_overrides", {}), **overrides.get("config_overrides", {})}
+        # torch.compile; several devices mean MirroredStrategy, where Keras keeps XLA off); the user's own wins
+        config_overrides.setdefault("jit_compile", "on")
+    parameters = {**NOTEBOOK_PARAMETERS, **preset, **overrides, "progress": False, "config_overrides": config_overrides}
     if data_dir is not None:
         parameters["data_dir"] = str(resolve(data_dir))
     fields = {name: parameters[name] for name in ("image_size", "epochs", "batch_size", "filters", "seed",
