@@ -9,6 +9,7 @@ any command: the CLI makes them absolute before they reach the library.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -34,3 +35,16 @@ def resolve(path: str | Path) -> Path:
     """``path`` as an absolute path; a relative path is taken from the project root."""
     path = Path(path).expanduser()
     return path if path.is_absolute() else PROJECT_ROOT / path
+
+
+def shown(path: str | Path) -> str:
+    """``path`` as a report shows it: relative to the project root where it lies in the project
+    (``results/runs/...``) or beside it (``../shared/data/...``, as the README's commands name the data),
+    else absolute; so a committed report does not carry the folder one machine kept its checkout in."""
+    path = Path(os.path.normpath(resolve(path)))
+    bases = [(PROJECT_ROOT, "")] + ([(PROJECT_ROOT.parent, "../")] if PROJECT_ROOT.parent.parent != PROJECT_ROOT.parent
+                                    else [])  # not beside a checkout at the file system's root: that is everything
+    for base, prefix in bases:
+        if path.is_relative_to(base):
+            return os.path.normpath(prefix + path.relative_to(base).as_posix())
+    return str(path)

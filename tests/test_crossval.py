@@ -13,7 +13,8 @@ from conftest import tiny_config
 
 from metaseg_tf.cli import main
 from metaseg_tf.config import ConfigError, ExperimentConfig
-from metaseg_tf.evaluation.crossval import STATE_FILE, CrossValidation, crossval, write_summary
+from metaseg_tf.evaluation.crossval import STATE_FILE, crossval
+from metaseg_tf.evaluation.crossval_summary import CrossValidation, write_summary
 from metaseg_tf.evaluation.ensemble import ensemble_probabilities, evaluate_ensemble
 from metaseg_tf.runs.folders import load_run_split
 from metaseg_tf.runs.records import newest_evaluation

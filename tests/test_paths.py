@@ -18,6 +18,16 @@ def test_relative_paths_resolve_from_the_project_root() -> None:
     assert ExperimentConfig().data_dir == paths.PHANTOM_DIR and ExperimentConfig().cache_dir == paths.CACHE_DIR
 
 
+def test_reports_show_paths_in_and_beside_the_project_relative_and_others_absolute(tmp_path: Path) -> None:
+    root = paths.PROJECT_ROOT
+    assert paths.shown(root / "results" / "runs" / "a") == "results/runs/a" == paths.shown("results/runs/a")
+    assert paths.shown(f"{root}/../shared/data/lgg") == "../shared/data/lgg"  # as a run records `../shared`
+    assert paths.shown(root.parent / "shared" / "data") == "../shared/data"
+    assert paths.shown(root / "results" / ".." / "data") == "data" and paths.shown(root) == "."
+    outside = Path("/") / "metaseg-tf-not-beside-the-project" / "data"
+    assert paths.shown(outside) == str(outside)
+
+
 def test_cli_defaults_live_in_the_project_and_typed_paths_in_the_working_directory(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
