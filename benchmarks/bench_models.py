@@ -18,6 +18,13 @@ up-sampling, one sigmoid output, batch 8, Adam (lr 1e-3) and binary cross-entrop
   convolutions), and ``unet_plus_2d`` only for the record: it passes ``concat=False`` to every decoder call
   and so drops U-Net++'s skip connections; it is never a ratio's reference.
 
+Every row also gives the network's convolution GFLOPs per image, counted alike for both frameworks (2 per
+multiply-add of every convolution, from the layer shapes: :func:`~metaseg_tf.evaluation.complexity.convolution_flops`
+for Keras, ``torch.utils.flop_counter.FlopCounterMode`` for PyTorch), and the ratios also per FLOP, since
+"faithful" peers need not do the same work (MONAI's ``AttentionUnet`` has one convolution per decoder stage
+where Oktay et al.'s, ours and keras-unet-collection's have two). ``--flops-only`` prints the counts alone,
+without timing (they do not depend on the load of the machine).
+
 ``--rounds`` rounds; in each every model runs ``--steps`` training steps and ``--steps`` inference batches
 (after warm-up steps in round 0: compilation excluded), the order rotating every round so machine drift
 cancels. Printed: img/s (median and min-max over rounds) per row, and per architecture the ratio ours /
@@ -27,7 +34,8 @@ measured where the CPU computes bf16 natively (AVX512-BF16 or AMX; ``--bf16 on``
 frameworks then emulate it, far slower than float32). Optional peers that
 are not installed are listed with the reason: ``pip install torch==2.13.0 monai onnxscript keras-unet-collection``.
 
-Usage: ``python benchmarks/bench_models.py [--size 128 --batch 8 --steps 5 --rounds 3 --filters 16 32 64 128 256]``.
+Usage: ``python benchmarks/bench_models.py [--size 128 --batch 8 --steps 5 --rounds 3 --filters 16 32 64 128 256]
+[--flops-only]``.
 """
 
 from __future__ import annotations
@@ -46,6 +54,7 @@ from timing import images_per_second
 
 from metaseg_tf.config import ExperimentConfig
 from metaseg_tf.environment import cpu_has_bf16, machine_description
+from metaseg_tf.evaluation.complexity import convolution_flops
 from metaseg_tf.inference.engines import OnnxEngine, OpenVinoEngine
 from metaseg_tf.models import build_model
 
@@ -65,6 +74,7 @@ class Candidate:
     infer: Callable[[], object] | None = None
     skipped: str = ""
     precision: str = "float32"  # the class a ratio compares within: float32 or bf16
+    conv_flops: int | None = None  # per image, counted alike for Keras and PyTorch (module docstring)
 
 
 def _data(size: int, batch: int) -> tuple[np.ndarray, np.ndarray]:
@@ -79,7 +89,8 @@ def _keras_candidate(name: str, architecture: str, model: keras.Model, x: np.nda
     targets = y if len(model.outputs) == 1 else [y] * len(model.outputs)
     model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="binary_crossentropy", jit_compile=jit_compile)
     return Candidate(name, architecture, lambda: model.train_on_batch(x, targets),
-                     lambda: keras.tree.map_structure(np.asarray, model.predict_on_batch(x)), precision=precision)
+                     lambda: keras.tree.map_structure(np.asarray, model.predict_on_batch(x)), precision=precision,
+                     conv_flops=convolution_flops(model))
 
 
 def _ours(size: int, x: np.ndarray, y: np.ndarray, export_root: Path, bf16: bool,
@@ -115,7 +126,8 @@ def _ours(size: int, x: np.ndarray, y: np.ndarray, export_root: Path, bf16: bool
             model.export(str(path), format=kind, verbose=False)
             runner = OnnxEngine(path) if kind == "onnx" else OpenVinoEngine(path)
             candidates.append(Candidate(f"ours {architecture}, {engine} engine", architecture,
-                                        infer=lambda runner=runner: runner.predict(x)))
+                                        infer=lambda runner=runner: runner.predict(x),
+                                        conv_flops=convolution_flops(model)))
     return candidates
 
 
@@ -124,6 +136,7 @@ def _monai(size: int, x: np.ndarray, y: np.ndarray, export_root: Path, bf16: boo
     try:
         import torch
         from monai.networks.nets import AttentionUnet, BasicUNetPlusPlus
+        from torch.utils.flop_counter import FlopCounterMode
     except ImportError as error:
         return [Candidate(f"MONAI {name}", architecture, skipped=f"not installed ({error.name})")
                 for name, architecture in (("BasicUNetPlusPlus", "nested_unet"), ("AttentionUnet", "attention_unet"))]
@@ -142,6 +155,9 @@ def _monai(size: int, x: np.ndarray, y: np.ndarray, export_root: Path, bf16: boo
     for name, (architecture, network) in networks.items():
         optimizer = torch.optim.Adam(network.parameters(), lr=1e-3)
         loss = torch.nn.BCEWithLogitsLoss()  # the sigmoid inside the loss, as PyTorch users write it
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            network.eval()(xt[:1])
+        flops = int(counter.get_total_flops())
 
         def output(network=network):
             result = network(xt)
@@ -167,15 +183,15 @@ def _monai(size: int, x: np.ndarray, y: np.ndarray, export_root: Path, bf16: boo
             with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
                 return torch.sigmoid(output()).float().numpy()
 
-        candidates.append(Candidate(f"MONAI {name}", architecture, train, infer))
+        candidates.append(Candidate(f"MONAI {name}", architecture, train, infer, conv_flops=flops))
         candidates.append(Candidate(f"MONAI {name}, autocast bf16", architecture, train_bf16, infer_bf16,
-                                    precision="bf16") if bf16 else
+                                    precision="bf16", conv_flops=flops) if bf16 else
                           Candidate(f"MONAI {name}, autocast bf16", architecture, skipped=BF16_SKIPPED, precision="bf16"))
-        candidates.append(_monai_onnx(name, architecture, network, xt, export_root))
+        candidates.append(_monai_onnx(name, architecture, network, xt, export_root, flops))
     return candidates
 
 
-def _monai_onnx(name: str, architecture: str, network, xt, export_root: Path) -> Candidate:
+def _monai_onnx(name: str, architecture: str, network, xt, export_root: Path, flops: int) -> Candidate:
     """The MONAI network exported by ``torch.onnx.export`` (sigmoid included), run by our :class:`OnnxEngine`."""
     import torch
 
@@ -195,7 +211,7 @@ def _monai_onnx(name: str, architecture: str, network, xt, export_root: Path) ->
     except Exception as error:  # an exporter that cannot trace the network is a row with its reason
         return Candidate(f"MONAI {name}, onnx runtime", architecture, skipped=f"export failed ({error})"[:120])
     runner, images = OnnxEngine(path), xt.numpy()
-    return Candidate(f"MONAI {name}, onnx runtime", architecture, infer=lambda: runner.predict(images))
+    return Candidate(f"MONAI {name}, onnx runtime", architecture, infer=lambda: runner.predict(images), conv_flops=flops)
 
 
 def _keras_unet_collection(size: int, x: np.ndarray, y: np.ndarray,
@@ -224,6 +240,7 @@ def main() -> None:
     parser.add_argument("--filters", type=int, nargs=5, default=FILTERS, help="filters of the five levels")
     parser.add_argument("--bf16", choices=("auto", "on", "off"), default="auto",
                         help="the bf16 rows: auto measures them where the CPU has AVX512-BF16 or AMX")
+    parser.add_argument("--flops-only", action="store_true", help="count each row's convolution GFLOPs, time nothing")
     args = parser.parse_args()
     bf16 = args.bf16 == "on" or (args.bf16 == "auto" and cpu_has_bf16())
     x, y = _data(args.size, args.batch)
@@ -232,13 +249,13 @@ def main() -> None:
         candidates = (_ours(args.size, x, y, Path(temporary), bf16, filters)
                       + _monai(args.size, x, y, Path(temporary), bf16, filters)
                       + _keras_unet_collection(args.size, x, y, filters))
-        measured = [c for c in candidates if not c.skipped]
+        measured = [c for c in candidates if not c.skipped] if not args.flops_only else []
         for candidate in measured:  # warm-up: graph tracing, XLA compilation, kernel selection
             for step in (candidate.train, candidate.infer):
                 if step is not None:
                     step(), step()
         rates = {(c.name, mode): [] for c in measured for mode in ("train", "infer")}
-        for round_index in range(args.rounds):
+        for round_index in range(args.rounds if measured else 0):
             shift = round_index % len(measured)
             for candidate in measured[shift:] + measured[:shift]:
                 for mode, step in (("train", candidate.train), ("infer", candidate.infer)):
@@ -246,8 +263,9 @@ def main() -> None:
                         rates[(candidate.name, mode)].append(images_per_second(step, args.steps, args.batch))
     rows = []
     for candidate in candidates:
-        row = {"model": candidate.name, "precision": candidate.precision}
-        for mode in ("train", "infer"):
+        row = {"model": candidate.name, "precision": candidate.precision,
+               "conv GFLOPs / image": f"{candidate.conv_flops / 1e9:.2f}" if candidate.conv_flops else "-"}
+        for mode in ("train", "infer") if not args.flops_only else ():
             values = rates.get((candidate.name, mode), [])
             row[f"{mode} img/s"] = (f"{np.median(values):.1f} ({min(values):.1f}-{max(values):.1f})" if values
                                     else candidate.skipped or "-")
@@ -258,21 +276,27 @@ def main() -> None:
                  and c.precision == candidate.precision]
         for mode in ("train", "infer"):
             ours = rates[(candidate.name, mode)]
-            peer_rates = [rates[(peer.name, mode)] for peer in peers if rates[(peer.name, mode)]]
-            if not ours or not peer_rates:
+            timed = [peer for peer in peers if rates[(peer.name, mode)]]
+            if not ours or not timed:
                 continue
-            per_round = [value / max(peer[k] for peer in peer_rates) for k, value in enumerate(ours)]
-            best = max(peers, key=lambda peer: np.median(rates[(peer.name, mode)]) if rates[(peer.name, mode)] else 0)
+            per_round = [value / max(rates[(peer.name, mode)][k] for peer in timed) for k, value in enumerate(ours)]
+            # per FLOP: convolution GFLOP/s against the peer with the most of them in that round
+            per_flop = [value * candidate.conv_flops / max(rates[(peer.name, mode)][k] * peer.conv_flops
+                                                           for peer in timed) for k, value in enumerate(ours)]
+            best = max(timed, key=lambda peer: np.median(rates[(peer.name, mode)]))
             ratios.append({"ours": candidate.name, "mode": mode, "precision": candidate.precision,
                            "best faithful peer": best.name,
                            "ratio median (min-max)": f"{np.median(per_round):.2f} ({min(per_round):.2f}-"
-                                                     f"{max(per_round):.2f})"})
+                                                     f"{max(per_round):.2f})",
+                           "per conv FLOP": f"{np.median(per_flop):.2f} ({min(per_flop):.2f}-{max(per_flop):.2f})"})
     print(f"machine: {machine_description()}; Keras {keras.__version__} on {keras.backend.backend()}; input "
-          f"{args.size}x{args.size}x3, filters {tuple(args.filters)}, batch {args.batch}, {args.rounds} rounds x "
-          f"{args.steps} steps")
+          f"{args.size}x{args.size}x3, filters {tuple(args.filters)}, "
+          + ("convolution FLOPs counted, nothing timed" if args.flops_only else
+             f"batch {args.batch}, {args.rounds} rounds x {args.steps} steps"))
     print(pd.DataFrame(rows).to_markdown(index=False))
-    print()
-    print(pd.DataFrame(ratios).to_markdown(index=False))
+    if not args.flops_only:
+        print()
+        print(pd.DataFrame(ratios).to_markdown(index=False))
 
 
 if __name__ == "__main__":

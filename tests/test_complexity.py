@@ -1,4 +1,5 @@
-"""Complexity: FLOPs measured by the backend match a hand count on a known layer; pruning saves FLOPs."""
+"""Complexity: FLOPs measured by the backend and counted from the layer shapes match hand counts; pruning saves
+FLOPs."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import keras
 import pytest
 
 from metaseg_tf.config import ExperimentConfig
-from metaseg_tf.evaluation.complexity import count_flops, model_complexity
+from metaseg_tf.evaluation.complexity import convolution_flops, count_flops, model_complexity
 from metaseg_tf.models import build_model, prune_nested_unet
 
 
@@ -15,6 +16,22 @@ def test_flops_of_one_convolution_match_the_hand_count() -> None:
     """Valid padding: XLA skips the zero-padded taps of "same" convolutions, the TF profiler does not."""
     model = keras.Sequential([keras.Input((8, 8, 2)), keras.layers.Conv2D(4, 3, use_bias=False)])
     assert count_flops(model) == 2 * 6 * 6 * 2 * 4 * 9
+
+
+def test_convolution_flops_count_every_convolution_as_pytorch_does() -> None:
+    """Same padding counts the padded taps; a transposed convolution counts over its input grid; a layer of a
+    nested sub-model counts; only convolutions count (no bias, normalisation, activation)."""
+    inner = keras.Sequential([keras.Input((8, 8, 4)), keras.layers.Conv2D(2, 1)], name="inner")
+    inputs = keras.Input((8, 8, 2))
+    x = keras.layers.Conv2D(4, 3, padding="same")(inputs)
+    x = keras.layers.BatchNormalization()(keras.layers.ReLU()(x))
+    x = inner(x)
+    outputs = keras.layers.Conv2DTranspose(3, 2, strides=2)(x)
+    model = keras.Model(inputs, outputs)
+    assert model.output_shape == (None, 16, 16, 3)
+    assert convolution_flops(model) == 2 * (8 * 8 * 3 * 3 * 2 * 4 + 8 * 8 * 4 * 2 + 8 * 8 * 2 * 2 * 2 * 3)
+    config = ExperimentConfig(image_size=32, filters=(4, 8, 16))
+    assert convolution_flops(build_model("nested_unet", config)) > convolution_flops(build_model("unet", config))
 
 
 def test_complexity_of_models_and_prune_levels() -> None:

@@ -5,6 +5,10 @@ analysis of the jitted forward pass, under TensorFlow by the TF profiler over th
 Both count a multiply-add as 2 FLOPs; XLA leaves out the multiplications with the zero padding of
 "same" convolutions and the TF profiler does not, so TensorFlow's figures are a few percent higher
 (1.58 vs 1.52 GFLOPs for Attention U-Net at 128 x 128 x 3). Under the PyTorch backend FLOPs are not measured (``None``).
+
+To compare with a network of another framework, :func:`convolution_flops` counts the convolutions alone from
+the layer shapes, as ``torch.utils.flop_counter.FlopCounterMode`` counts a PyTorch network: 2 FLOPs per
+multiply-add, zero-padded taps included, no bias, normalisation or activation.
 """
 
 from __future__ import annotations
@@ -75,6 +79,24 @@ def count_flops(model: keras.Model) -> float | None:
     if backend == "tensorflow":
         return _flops_tensorflow(model, image)
     return None
+
+
+def convolution_flops(model: keras.Model) -> int:
+    """FLOPs of the convolutions of one forward pass of one image: ``2 H W k_h k_w C_in C_out / groups`` for
+    every ``Conv2D`` (``H, W``: its output), the same over the *input* grid for every ``Conv2DTranspose``
+    (each input pixel meets the whole kernel), as ``torch.utils.flop_counter`` counts ``conv2d`` and
+    ``conv_transpose2d``; any backend, no compilation. Layers nested in sub-models are counted; a layer
+    called more than once is refused (its grid is ambiguous)."""
+    total = 0
+    for layer in model._flatten_layers(include_self=False):
+        kind = type(layer).__name__
+        if kind not in ("Conv2D", "Conv2DTranspose"):
+            continue
+        if len(layer._inbound_nodes) != 1:
+            raise ValueError(f"{layer.name} is called {len(layer._inbound_nodes)} times: its FLOPs are ambiguous")
+        grid = (layer.output if kind == "Conv2D" else layer.input).shape[1:3]
+        total += 2 * int(np.prod(grid)) * int(np.prod(layer.kernel.shape))  # (k_h, k_w, C_in / groups, C_out)
+    return total
 
 
 def measure_latency(model: keras.Model, batch_size: int = 1, repeats: int = 10, warmup: int = 2) -> float:
