@@ -94,13 +94,30 @@ def test_unknown_loss_and_config_round_trip() -> None:
     assert (clone.kind, clone.alpha, clone.beta, clone.smooth) == ("tversky", 0.6, 0.4, 0.5)
 
 
-def test_batch_mean_leaves_out_images_of_weight_zero() -> None:
+@pytest.mark.parametrize("kind", ["bce_dice", "dice_batch"])
+def test_batch_loss_leaves_out_images_of_weight_zero(kind: str) -> None:
     """``mean_with_sample_weight``: the loss of a batch with a padding image (weight 0) is the mean of the
-    others, as in a batch without it."""
+    others, as in a batch without it; ``dice_batch`` leaves its pixels out of the batch's overlap."""
     rng = np.random.default_rng(1)
     truth = (rng.random((3, 8, 8, 1)) < 0.3).astype(np.float32)
     pred = rng.random((3, 8, 8, 1)).astype(np.float32)
-    loss = SegmentationLoss("bce_dice")
+    loss = SegmentationLoss(kind)
     alone = float(keras.ops.convert_to_numpy(loss(truth[:2], pred[:2])))
     padded = float(keras.ops.convert_to_numpy(loss(truth, pred, sample_weight=np.array([1, 1, 0], np.float32))))
     assert padded == pytest.approx(alone, rel=1e-6)
+    with_it = float(keras.ops.convert_to_numpy(loss(truth, pred)))
+    assert with_it != pytest.approx(alone, rel=1e-3)  # the third image does change the loss when it counts
+
+
+def test_dice_batch_in_evaluate_leaves_out_padding_images() -> None:
+    """Through ``model.evaluate`` (Keras' compiled loss passes the batches' ``sample_weight`` on): a sharded
+    evaluation batch padded with a weight-0 image scores as the batch without it."""
+    rng = np.random.default_rng(2)
+    images = rng.normal(size=(3, 8, 8, 1)).astype(np.float32)
+    truth = (rng.random((3, 8, 8, 1)) < 0.3).astype(np.float32)
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Conv2D(1, 3, padding="same", activation="sigmoid")])
+    model.compile(loss=SegmentationLoss("dice_batch"))
+    alone = model.evaluate(images[:2], truth[:2], batch_size=3, verbose=0)
+    padded = model.evaluate(images, truth, sample_weight=np.array([1, 1, 0], np.float32), batch_size=3, verbose=0)
+    assert padded == pytest.approx(alone, rel=1e-5)
