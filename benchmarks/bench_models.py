@@ -264,7 +264,8 @@ def main() -> None:
     rows = []
     for candidate in candidates:
         row = {"model": candidate.name, "precision": candidate.precision,
-               "conv GFLOPs / image": f"{candidate.conv_flops / 1e9:.2f}" if candidate.conv_flops else "-"}
+               "conv GFLOPs / image": f"{candidate.conv_flops / 1e9:.2f}" if candidate.conv_flops else
+               (candidate.skipped if args.flops_only else "") or "-"}
         for mode in ("train", "infer") if not args.flops_only else ():
             values = rates.get((candidate.name, mode), [])
             row[f"{mode} img/s"] = (f"{np.median(values):.1f} ({min(values):.1f}-{max(values):.1f})" if values
@@ -280,10 +281,10 @@ def main() -> None:
             if not ours or not timed:
                 continue
             per_round = [value / max(rates[(peer.name, mode)][k] for peer in timed) for k, value in enumerate(ours)]
-            # per FLOP: convolution GFLOP/s against the peer with the most of them in that round
-            per_flop = [value * candidate.conv_flops / max(rates[(peer.name, mode)][k] * peer.conv_flops
-                                                           for peer in timed) for k, value in enumerate(ours)]
             best = max(timed, key=lambda peer: np.median(rates[(peer.name, mode)]))
+            # per FLOP: convolution GFLOP/s against those of the same (fastest) peer, round by round
+            per_flop = [value * candidate.conv_flops / (rates[(best.name, mode)][k] * best.conv_flops)
+                        for k, value in enumerate(ours)]
             ratios.append({"ours": candidate.name, "mode": mode, "precision": candidate.precision,
                            "best faithful peer": best.name,
                            "ratio median (min-max)": f"{np.median(per_round):.2f} ({min(per_round):.2f}-"

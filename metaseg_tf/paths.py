@@ -44,7 +44,8 @@ def shown(path: str | Path) -> str:
     path = Path(os.path.normpath(resolve(path)))
     bases = [(PROJECT_ROOT, "")] + ([(PROJECT_ROOT.parent, "../")] if PROJECT_ROOT.parent.parent != PROJECT_ROOT.parent
                                     else [])  # not beside a checkout at the file system's root: that is everything
-    for base, prefix in bases:
-        if path.is_relative_to(base):
-            return os.path.normpath(prefix + path.relative_to(base).as_posix())
+    for candidate in (path, path.resolve()):  # PROJECT_ROOT has its links resolved; a typed path may not
+        for base, prefix in bases:
+            if candidate.is_relative_to(base):
+                return os.path.normpath(prefix + candidate.relative_to(base).as_posix())
     return str(path)

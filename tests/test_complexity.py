@@ -34,6 +34,18 @@ def test_convolution_flops_count_every_convolution_as_pytorch_does() -> None:
     assert convolution_flops(build_model("nested_unet", config)) > convolution_flops(build_model("unet", config))
 
 
+def test_convolution_flops_refuse_what_they_would_miscount() -> None:
+    depthwise = keras.Sequential([keras.Input((8, 8, 2)), keras.layers.DepthwiseConv2D(3)])
+    with pytest.raises(ValueError, match="not counted"):
+        convolution_flops(depthwise)
+    inputs = keras.Input((8, 8, 2))
+    shared = keras.layers.Conv2D(2, 3, padding="same")
+    with pytest.raises(ValueError, match="called 2 times"):
+        convolution_flops(keras.Model(inputs, shared(shared(inputs))))
+    with pytest.raises(ValueError, match="unknown"):
+        convolution_flops(keras.Sequential([keras.Input((None, None, 2)), keras.layers.Conv2D(2, 3)]))
+
+
 def test_complexity_of_models_and_prune_levels() -> None:
     config = ExperimentConfig(image_size=32, filters=(4, 8, 16))
     nested = build_model("nested_unet", config)

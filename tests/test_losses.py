@@ -107,6 +107,15 @@ def test_batch_loss_leaves_out_images_of_weight_zero(kind: str) -> None:
     assert padded == pytest.approx(alone, rel=1e-6)
     with_it = float(keras.ops.convert_to_numpy(loss(truth, pred)))
     assert with_it != pytest.approx(alone, rel=1e-3)  # the third image does change the loss when it counts
+    column = float(keras.ops.convert_to_numpy(loss(truth, pred, sample_weight=[[1.0], [1.0], [0.0]])))
+    assert column == pytest.approx(alone, rel=1e-6)
+
+
+def test_dice_batch_refuses_pixel_weights() -> None:
+    """One weight per image: a per-pixel weight map would be read as many images' flags."""
+    truth, pred = np.ones((1, 4, 4, 1), np.float32), np.full((1, 4, 4, 1), 0.5, np.float32)
+    with pytest.raises(ValueError, match="one sample weight per image"):
+        SegmentationLoss("dice_batch")(truth, pred, sample_weight=np.ones((1, 4, 4), np.float32))
 
 
 def test_dice_batch_in_evaluate_leaves_out_padding_images() -> None:

@@ -18,7 +18,7 @@ def test_relative_paths_resolve_from_the_project_root() -> None:
     assert ExperimentConfig().data_dir == paths.PHANTOM_DIR and ExperimentConfig().cache_dir == paths.CACHE_DIR
 
 
-def test_reports_show_paths_in_and_beside_the_project_relative_and_others_absolute(tmp_path: Path) -> None:
+def test_reports_show_paths_in_and_beside_the_project_relative_and_others_absolute() -> None:
     root = paths.PROJECT_ROOT
     assert paths.shown(root / "results" / "runs" / "a") == "results/runs/a" == paths.shown("results/runs/a")
     assert paths.shown(f"{root}/../shared/data/lgg") == "../shared/data/lgg"  # as a run records `../shared`

@@ -85,16 +85,24 @@ def convolution_flops(model: keras.Model) -> int:
     """FLOPs of the convolutions of one forward pass of one image: ``2 H W k_h k_w C_in C_out / groups`` for
     every ``Conv2D`` (``H, W``: its output), the same over the *input* grid for every ``Conv2DTranspose``
     (each input pixel meets the whole kernel), as ``torch.utils.flop_counter`` counts ``conv2d`` and
-    ``conv_transpose2d``; any backend, no compilation. Layers nested in sub-models are counted; a layer
-    called more than once is refused (its grid is ambiguous)."""
+    ``conv_transpose2d``; any backend, no compilation. Layers nested in sub-models are counted. Refused
+    (``ValueError``) rather than miscounted: any other layer with a kernel (dense, depthwise, separable, 1D or
+    3D convolutions: not counted here), a layer or sub-model called more than once (its grid is ambiguous),
+    and unknown spatial sizes."""
     total = 0
     for layer in model._flatten_layers(include_self=False):
-        kind = type(layer).__name__
-        if kind not in ("Conv2D", "Conv2DTranspose"):
-            continue
-        if len(layer._inbound_nodes) != 1:
+        if len(getattr(layer, "_inbound_nodes", ())) > 1:
             raise ValueError(f"{layer.name} is called {len(layer._inbound_nodes)} times: its FLOPs are ambiguous")
-        grid = (layer.output if kind == "Conv2D" else layer.input).shape[1:3]
+        transposed = isinstance(layer, keras.layers.Conv2DTranspose)
+        if not (transposed or isinstance(layer, keras.layers.Conv2D)):
+            if getattr(layer, "kernel", None) is not None:
+                raise ValueError(f"{layer.name}: {type(layer).__name__} is not counted (only Conv2D and "
+                                 "Conv2DTranspose)")
+            continue
+        shape = (layer.input if transposed else layer.output).shape
+        grid = shape[2:4] if layer.data_format == "channels_first" else shape[1:3]
+        if None in grid:
+            raise ValueError(f"{layer.name}: spatial size {tuple(grid)} unknown; build the model for a fixed size")
         total += 2 * int(np.prod(grid)) * int(np.prod(layer.kernel.shape))  # (k_h, k_w, C_in / groups, C_out)
     return total
 

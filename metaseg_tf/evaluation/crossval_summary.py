@@ -1,8 +1,10 @@
 """A cross-validation's out-of-fold results, written from its state alone (``crossval.json``).
 
 :func:`write_summary` reads what :func:`~metaseg_tf.evaluation.crossval.crossval` recorded, fold by fold and
-model by model (the run folder and the evaluation folder of each), checks that every patient was scored at
-most once per model and only by a model that never saw it (:func:`check_out_of_fold`), and writes
+model by model (the run folder and the evaluation folder of each), checks that each model scored every
+patient at most once, only patients of the cross-validation, and all of them once every fold is done
+(:func:`check_out_of_fold`; that no fold's model trained on its test patients follows from the split,
+:func:`~metaseg_tf.data.split.kfold_patients`), and writes
 ``per_patient.csv``, ``summary.csv``, ``per_fold.csv``, ``wilcoxon.csv`` and ``summary.md`` (the columns:
 :mod:`metaseg_tf.evaluation.crossval`). It trains and scores nothing, so it runs after every fold, on a
 partial cross-validation (saying which folds are missing) and from ``metaseg crossval --collect``.

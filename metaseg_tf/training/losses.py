@@ -17,9 +17,10 @@ slices have no lesion, so this case is the common one, not an edge case.
 * ``dice_batch`` -- the same soft Dice over every pixel of the batch at once, one value for the batch (returned
   for each of its images), as Buda et al.'s Keras repository trains (``dice_coef`` on the flattened batch):
   an empty slice's false positives then weigh against the batch's lesions instead of saturating. With
-  ``sample_weight`` ``(B,)`` each image's pixels enter the sums weighed by it, so the padding images of
-  sharded evaluation batches (weight 0) do not count; under ``MirroredStrategy`` each replica's batch is its
-  shard.
+  ``sample_weight`` ``(B,)`` (or ``(B, 1)``), a padding flag per image as sharded evaluation batches carry
+  it (0: padding, 1: an image), the padding images leave the sums (their pixels are multiplied by 0; a weight
+  other than 0 or 1 would enter the overlap squared, so none is given here); under ``MirroredStrategy`` each
+  replica's batch is its shard.
 * ``bce_dice`` -- ``bce + dice``, the U-Net++ paper's loss (Zhou et al. 2018).
 * ``focal`` -- binary focal loss ``-alpha_t (1 - p_t)^gamma log p_t`` (Lin et al., ICCV 2017).
 * ``tversky`` -- ``1 - TI``, ``TI = (TP + s) / (TP + alpha FN + beta FP + s)`` (Salehi et al., 2017);
@@ -113,7 +114,11 @@ class SegmentationLoss(keras.losses.Loss):
         self.kind, self.smooth, self.alpha, self.beta, self.gamma = kind, smooth, alpha, beta, gamma
 
     def __call__(self, y_true, y_pred, sample_weight=None):
-        if self.kind == "dice_batch" and sample_weight is not None:  # weighed pixels: see the module docstring
+        if self.kind == "dice_batch" and sample_weight is not None:  # padding flags: see the module docstring
+            sample_weight = ops.convert_to_tensor(sample_weight)
+            if len(sample_weight.shape) > 2 or len(sample_weight.shape) == 2 and sample_weight.shape[1] != 1:
+                raise ValueError(f"dice_batch takes one sample weight per image, (B,) or (B, 1); got shape "
+                                 f"{tuple(sample_weight.shape)}")
             weight = ops.reshape(ops.cast(sample_weight, "float32"), (-1, 1, 1, 1))
             y_true, y_pred = ops.cast(y_true, "float32") * weight, ops.cast(y_pred, "float32") * weight
         return super().__call__(y_true, y_pred, sample_weight)
