@@ -36,14 +36,13 @@ from metaseg_tf.cli_flags import (
     typed_path,
 )
 from metaseg_tf.config import KEEP_LESIONS, LABEL_CONVENTION_NAMES, ConfigError
-from metaseg_tf.data.discover import DataError, discover_pairs
-from metaseg_tf.data.layouts import discover_volumes
-from metaseg_tf.data.summary import summarise_dataset, summarise_volumes
-from metaseg_tf.data.synthetic import DEFAULT_PHANTOMS, PHANTOM_LAYOUTS, PhantomSettings, generate_phantom
+from metaseg_tf.cli_data import add_data_commands
+from metaseg_tf.data.discover import DataError
+from metaseg_tf.data.synthetic import DEFAULT_PHANTOMS
 from metaseg_tf.inference.export import EXPORT_FORMATS
+from metaseg_tf.inference.quantise import INT8_MAX_DROP
 from metaseg_tf.pipeline import PROFILES, PipelineError
 
-DEFAULT_PHANTOM = PhantomSettings()
 KEEP_LESIONS_HELP = ("after --min-lesion-voxels keep all predicted lesions, the largest alone (Buda et al.'s 3D "
                      "largest connected component) or those over >= 2 neighbouring slices (default: the run's "
                      "keep_lesions)")
@@ -129,11 +128,16 @@ def _predict(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     from metaseg_tf.inference.export import export_run, read_export
 
-    out_dir = export_run(args.run, args.format, args.which, args.level, args.precision)
-    difference = read_export(out_dir).get("max_abs_difference_to_keras")
+    out_dir = export_run(args.run, args.format, args.which, args.level, args.precision,
+                         None if args.max_drop < 0 else args.max_drop)
+    record = read_export(out_dir)
+    difference = record.get("max_abs_difference_to_keras")
     print(f"{args.format} export of the {args.which} model" + (f" pruned to level {args.level}" if args.level else "")
           + (f"; largest probability difference to Keras on a check batch {difference:.2e}" if difference is not None
              else ""))
+    if "validation_drop" in record:
+        print(f"int8 per-patient Dice on {record['validation_patients']} validation patients: "
+              f"{record['validation_dice_int8']:.4f} against float32's {record['validation_dice_fp32']:.4f}")
     print(out_dir)
     return 0
 
@@ -175,34 +179,6 @@ def _crossval(args: argparse.Namespace) -> int:
                       progress=not args.quiet, max_folds=args.max_folds, fold=args.fold, collect=args.collect)
     print(result.markdown)
     print(result.out_dir)
-    return 0
-
-
-def _data_summary(args: argparse.Namespace) -> int:
-    volumes = discover_volumes(args.directory, args.labels_convention)
-    if volumes is not None:
-        print("\n".join(summarise_volumes(volumes, show=args.show, patient_pattern=args.patient_pattern,
-                                           sequences=tuple(args.sequences), lesions=not args.quick)))
-        if not volumes.cases:
-            raise DataError(f"no usable case in {volumes.root}")
-        return 0
-    report = discover_pairs(args.directory)
-    summary = summarise_dataset(report, check=not args.quick, progress=not args.quiet)
-    print("\n".join(summary.lines(show=args.show)))
-    if summary.usable_pairs == 0:
-        raise DataError(f"none of the {len(report.pairs)} pairs in {report.root} could be read")
-    return 0
-
-
-def _data_synth(args: argparse.Namespace) -> int:
-    summary = generate_phantom(args.out, args.patients, args.slices, args.size, args.seed,
-                               progress=not args.quiet, layout=args.layout)
-    verb = "reused" if summary.reused else "wrote"
-    print(
-        f"{verb} phantom in {summary.root}: {len(summary.case_ids)} patients x {args.slices} slices at "
-        f"{args.size} px, {len(summary.lesion_radii)} lesions, "
-        f"{100 * summary.fraction_without_lesion:.0f} % of slices without lesion"
-    )
     return 0
 
 
@@ -248,29 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    data = commands.add_parser("data", help="inspect or generate datasets")
-    data_commands = data.add_subparsers(dest="data_command", required=True)
-    summary = data_commands.add_parser("summary", help="patients, pairs and skipped files of a folder")
-    summary.add_argument("directory", type=typed_path)
-    summary.add_argument("--quick", action="store_true", help="only find pairs; do not read every file")
-    summary.add_argument("--show", type=int, default=5, help="file names listed per skip reason")
-    summary.add_argument("--labels-convention", choices=LABEL_CONVENTION_NAMES,
-                         help="the label convention of a volume dataset (default: decided from its files)")
-    summary.add_argument("--patient-pattern", default="",
-                         help="regular expression whose first group is a case's patient (default: BraTS ids by "
-                              "patient, else one patient per case)")
-    summary.add_argument("--sequences", nargs="+", default=(),
-                         help="sequences a run would use: which cases it would skip (default: the config's)")
-    summary.set_defaults(handler=_data_summary)
-    synth = data_commands.add_parser("synth", help="write the synthetic metastasis phantom")
-    synth.add_argument("out", type=typed_path)
-    synth.add_argument("--patients", type=int, default=DEFAULT_PHANTOM.n_patients)
-    synth.add_argument("--slices", type=int, default=DEFAULT_PHANTOM.n_slices)
-    synth.add_argument("--size", type=int, default=DEFAULT_PHANTOM.size)
-    synth.add_argument("--seed", type=int, default=DEFAULT_PHANTOM.seed)
-    synth.add_argument("--layout", default="brats_mets", choices=PHANTOM_LAYOUTS,
-                       help="brats_mets: NIfTI volumes with BraTS labels (default); kaggle_3m: 2D PNG slices")
-    synth.set_defaults(handler=_data_synth)
+    add_data_commands(commands)
 
     pipeline = commands.add_parser(
         "pipeline", help="the main job: the five notebooks run by papermill into a new results folder"
@@ -402,6 +356,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--precision", default="fp32", choices=("fp32", "int8", "bf16"),
                         help="openvino: int8 (NNCF, calibrated on training patients) or bf16; served as --engine "
                              "openvino-int8 / openvino-bf16")
+    export.add_argument("--max-drop", type=float, default=INT8_MAX_DROP,
+                        help="int8: largest per-patient Dice drop on the run's validation patients that NNCF's "
+                             "accuracy control allows (default %(default)s; negative: plain post-training quantisation)")
     export.set_defaults(handler=_export)
 
     serve = commands.add_parser("serve", help="start the web app: prediction API (FastAPI) and UI (Streamlit)")

@@ -10,6 +10,7 @@ import pytest
 
 from metaseg_tf.cli import main
 from metaseg_tf.inference.export import EXPORT_FILES, export_run, newest_export, read_export
+from metaseg_tf.inference.quantise import INT8_MAX_DROP
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("openvino")
@@ -143,6 +144,10 @@ def test_an_int8_export_calibrated_on_training_patients_gives_the_float32_masks_
     record = read_export(out_dir)
     assert out_dir.name == "export-openvino-int8" and record["precision"] == "int8"
     assert record["calibration"] == "training patients" and 0 < record["calibration_slices"] <= 300
+    assert record["validation"] == "validation patients" and record["validation_patients"] == len(
+        load_run_split(segmenting_run).val) and record["max_drop"] == INT8_MAX_DROP
+    assert record["validation_drop"] <= INT8_MAX_DROP, record  # accuracy control reached its bound
+    assert record["fake_quantize_nodes"] > 0, "accuracy control may not hand every operation back to float"
     assert newest_export(segmenting_run, "openvino", precision="int8") == out_dir
     assert newest_export(segmenting_run, "openvino") is None  # a float32 export is another folder
     test_patients = set(load_run_split(segmenting_run).test)

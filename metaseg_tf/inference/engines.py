@@ -14,6 +14,9 @@ server holding several models (or an ensemble) does not run more threads than th
   otherwise runs in bf16 on CPUs that have it (this one does), which is faster but moves probabilities by a
   few hundredths: a different model, not the trained one. ``precision="bf16"`` asks for it explicitly.
 
+:func:`flip_averaged` is the one test-time augmentation (horizontal flip) over any engine's ``predict``; the
+Predictor and int8 accuracy control (:mod:`metaseg_tf.inference.quantise`) both use it.
+
 The runtimes only: which export a run's engine uses is :func:`~metaseg_tf.inference.export.load_engine`'s
 business, so this module imports nothing of ours but the error type users see (:class:`ConfigError`: a missing
 runtime is a configuration problem).
@@ -21,6 +24,7 @@ runtime is a configuration problem).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
@@ -104,3 +108,13 @@ class OpenVinoEngine:
     def predict(self, batch: np.ndarray) -> np.ndarray:
         request = self.compiled.create_infer_request()
         return np.asarray(request.infer(np.ascontiguousarray(batch, np.float32))[self.output], np.float32)
+
+
+def flip_averaged(predict: Callable[[np.ndarray], np.ndarray], batch: np.ndarray, flip_tta: bool = True) -> np.ndarray:
+    """``predict(batch)`` for a batch ``(B, S, S, C)``; with ``flip_tta`` its mean with the prediction of the
+    horizontally flipped batch, flipped back (test-time augmentation), ``(B, S, S, R)``."""
+    probabilities = predict(batch)
+    if not flip_tta:
+        return probabilities
+    flipped = predict(np.ascontiguousarray(batch[:, :, ::-1]))
+    return (probabilities + flipped[:, :, ::-1]) / 2

@@ -15,10 +15,9 @@ holding
   absolute probability difference to Keras measured on a check batch (ONNX and OpenVINO, run by
   :mod:`metaseg_tf.inference.engines`).
 
-**Precision** (OpenVINO only, ``--precision``): ``fp32`` (default); ``int8``, post-training quantisation with
-NNCF (``nncf.quantize``, its default mixed preset: int8 weights and activations, the convolutions' inputs
-calibrated on :data:`CALIBRATION_SLICES` slices spread evenly over the run's **training** patients, never its test
-patients); ``bf16``, the float32 IR compiled with OpenVINO's ``INFERENCE_PRECISION_HINT`` bf16 (on a CPU without
+**Precision** (OpenVINO only, ``--precision``): ``fp32`` (default); ``int8``, NNCF post-training quantisation
+calibrated on the run's **training** patients, with accuracy control on its **validation** patients, never its
+test patients (:mod:`metaseg_tf.inference.quantise`); ``bf16``, the float32 IR compiled with OpenVINO's ``INFERENCE_PRECISION_HINT`` bf16 (on a CPU without
 AVX512-BF16 or AMX the runtime computes in float32, and ``export.json`` records the precision it reports).
 Their folders are ``export-openvino-int8`` / ``export-openvino-bf16``; reduced precision moves some boundary
 pixels' probabilities by far more than :data:`MAX_DIFFERENCE`, so ``export.json`` records the largest and the
@@ -43,6 +42,7 @@ from metaseg_tf.config import ConfigError
 from metaseg_tf.evaluation.scores import overlap_scores
 from metaseg_tf.inference.engines import ENGINES, Engine, KerasEngine, OnnxEngine, OpenVinoEngine
 from metaseg_tf.inference.loading import inference_network, load_model
+from metaseg_tf.inference.quantise import INT8_MAX_DROP, calibration_inputs, quantise_int8
 from metaseg_tf.runs.folders import new_dir, read_json, run_model_path, write_json
 
 EXPORT_FORMATS = ("onnx", "openvino", "saved_model")
@@ -52,7 +52,6 @@ CHECK_BATCH = 4  # images of the check batch that the export is compared to Kera
 MAX_DIFFERENCE = 1e-3  # largest probability difference to Keras an ONNX or OpenVINO export may have
 MIN_REDUCED_MASK_DICE = 0.8  # an int8 / bf16 export whose masks agree less with Keras' (check slices) is broken
 PRECISIONS = ("fp32", "int8", "bf16")
-CALIBRATION_SLICES = 300
 
 
 def read_export(export_dir: Path | str) -> dict:
@@ -86,48 +85,12 @@ def newest_export(run_dir: Path | str, format: str, which: str = "best", level: 
     return max(found, key=lambda p: (p / "export.json").stat().st_mtime) if found else None
 
 
-def calibration_inputs(run_dir: Path | str, count: int = CALIBRATION_SLICES) -> np.ndarray:
-    """``count`` preprocessed slices ``float32 (n, S, S, input_channels)`` spread evenly over the run's recorded
-    training patients (normalised as the network's inputs): int8 calibration data, never from test patients."""
-    from metaseg_tf.data.batches import load_recorded_data
-    from metaseg_tf.data.discover import DataError
-    from metaseg_tf.data.preprocess import normalise
-    from metaseg_tf.runs.folders import load_run_config, load_run_split
-
-    config = load_run_config(run_dir)
-    try:
-        data, _ = load_recorded_data(config, load_run_split(run_dir), ("train",), progress=False)
-    except DataError as error:
-        raise ConfigError(f"int8 calibration reads the run's training patients from {config.data_dir}: {error}") from None
-    indices = data.split.indices(data.dataset.case_ids, "train")
-    if len(indices) == 0:
-        raise ConfigError(f"{run_dir} has no training slices to calibrate an int8 export on")
-    chosen = indices[np.linspace(0, len(indices) - 1, min(count, len(indices))).astype(int)]
-    return normalise(data.model_inputs(config, chosen), config.normalisation).astype(np.float32)
-
-
-def _quantise_int8(xml: Path, run_dir: Path) -> int:
-    """Quantise the OpenVINO IR at ``xml`` to int8 in place (NNCF post-training quantisation, calibrated on
-    :func:`calibration_inputs`); returns the number of calibration slices."""
-    try:
-        import nncf
-        import openvino
-    except ImportError as error:
-        raise ConfigError(f"an int8 export needs the package {error.name}; pip install nncf openvino") from None
-    inputs = calibration_inputs(run_dir)
-    model = openvino.Core().read_model(str(xml))
-    quantised = nncf.quantize(model, nncf.Dataset([inputs[k : k + 1] for k in range(len(inputs))]),
-                              subset_size=len(inputs))
-    for path in (xml, xml.with_suffix(".bin")):
-        path.unlink()
-    openvino.save_model(quantised, str(xml), compress_to_fp16=False)
-    return len(inputs)
-
-
 def export_run(run_dir: Path | str, format: str, which: str = "best", level: int | None = None,
-               precision: str = "fp32") -> Path:
+               precision: str = "fp32", max_drop: float | None = INT8_MAX_DROP) -> Path:
     """Export the run's ``which`` model, pruned to ``level`` if given (U-Net++ only), in ``format`` (and, for
     OpenVINO, ``precision``: ``fp32``, ``int8`` or ``bf16``) into a new folder (see the module docstring).
+    ``max_drop``: int8 only, the per-patient Dice drop on validation patients that accuracy control allows (None:
+    none, plain post-training quantisation; :func:`~metaseg_tf.inference.quantise.quantise_int8`).
 
     The export is written into a hidden scratch folder of the run and becomes ``export-<format>`` only once it
     is complete and, for ONNX and OpenVINO, gives Keras' probabilities within :data:`MAX_DIFFERENCE`; a failed
@@ -155,14 +118,13 @@ def export_run(run_dir: Path | str, format: str, which: str = "best", level: int
         for name in ("config.json", "data.json"):
             if (run_dir / name).is_file():
                 shutil.copy(run_dir / name, scratch / name)
-        if precision == "int8":
-            calibration = _quantise_int8(scratch / EXPORT_FILES[format], run_dir)
+        quantisation = quantise_int8(scratch / EXPORT_FILES[format], run_dir, max_drop) if precision == "int8" else {}
         record = {"format": format, "precision": precision, "which": which, "level": level, "run": str(run_dir),
                   "file": EXPORT_FILES[format],
                   "model_sha256": digest, "keras": keras.__version__, "backend": keras.backend.backend(),
                   "input_shape": [None, *served.inputs[0].shape[1:]],
                   "output_shape": [None, *served.outputs[0].shape[1:]],
-                  **({"calibration_slices": calibration, "calibration": "training patients"} if precision == "int8" else {})}
+                  **quantisation}
         write_json(scratch / "export.json", record)
         if format in ("onnx", "openvino"):
             check = (np.random.default_rng(0).normal(size=(CHECK_BATCH, *served.inputs[0].shape[1:])).astype(np.float32)

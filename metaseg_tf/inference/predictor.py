@@ -34,7 +34,7 @@ from metaseg_tf.data.io import to_channels
 from metaseg_tf.data.preprocess import normalise, preprocess_slice, preprocess_volume_slices
 from metaseg_tf.data.targets import Target, resolve_target
 from metaseg_tf.data.volumes import CaseVolume
-from metaseg_tf.inference.engines import Engine, KerasEngine
+from metaseg_tf.inference.engines import Engine, KerasEngine, flip_averaged
 from metaseg_tf.inference.export import load_engine
 from metaseg_tf.inference.loading import load_model
 from metaseg_tf.inference.postprocess import select_components, select_lesions
@@ -79,16 +79,6 @@ class Member:
     engine: Engine
     model: Any
     run_dir: Path | None = None
-
-
-def flip_averaged(predict: Callable[[np.ndarray], np.ndarray], batch: np.ndarray, flip_tta: bool = True) -> np.ndarray:
-    """``predict(batch)`` for a batch ``(B, S, S, C)``; with ``flip_tta`` its mean with the prediction of the
-    horizontally flipped batch, flipped back (test-time augmentation), ``(B, S, S, R)``."""
-    probabilities = predict(batch)
-    if not flip_tta:
-        return probabilities
-    flipped = predict(np.ascontiguousarray(batch[:, :, ::-1]))
-    return (probabilities + flipped[:, :, ::-1]) / 2
 
 
 def _resized(probabilities: np.ndarray, height: int, width: int) -> np.ndarray:
