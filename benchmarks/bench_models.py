@@ -8,12 +8,15 @@ up-sampling, one sigmoid output, batch 8, Adam (lr 1e-3) and binary cross-entrop
 * ours: ``metaseg_tf.models.build_model`` (Keras 3, the configured backend, ``jit_compile="auto"``), in float32;
   levers measured as extra rows: XLA on (``jit_compile=True``), bf16 mixed precision (``mixed_bfloat16``),
   and for inference the ONNX Runtime and OpenVINO (float32) engines of :mod:`metaseg_tf.inference.engines` on
-  exports made by Keras 3's ``model.export``;
+  exports made by Keras 3's ``model.export``, and the OpenVINO export quantised to int8 by NNCF (every operation
+  it can, calibrated on the benchmark batch: the speed an accuracy-controlled ``--precision int8`` export
+  approaches from below);
 * MONAI (PyTorch): ``BasicUNetPlusPlus`` (features 16-256, up-sampling 16, ``upsample="deconv"``, no deep
   supervision) and ``AttentionUnet`` (channels 16-256, strides 2): faithful U-Net++ and Attention U-Net; each
   also under ``torch.autocast("cpu", torch.bfloat16)`` (training and inference: the peer of our bf16 rows) and
   exported with ``torch.onnx.export`` to ONNX Runtime (run by the same :class:`OnnxEngine` as ours: the peer of
-  our engine rows);
+  our engine rows), and that export quantised by ONNX Runtime's ``quantize_static`` (QDQ, int8 weights and
+  activations, calibrated on the benchmark batch: the peer of our int8 row);
 * keras-unet-collection: ``att_unet_2d`` (additive attention, batch norm, max pooling, transposed
   convolutions), and ``unet_plus_2d`` only for the record: it passes ``concat=False`` to every decoder call
   and so drops U-Net++'s skip connections; it is never a ratio's reference.
@@ -29,7 +32,8 @@ without timing (they do not depend on the load of the machine).
 (after warm-up steps in round 0: compilation excluded), the order rotating every round so machine drift
 cancels. Printed: img/s (median and min-max over rounds) per row, and per architecture the ratio ours /
 best faithful peer *of the same precision class* (float32: eager or exported to a runtime; bf16: Keras
-``mixed_bfloat16`` against ``torch.autocast``), computed per round, as median (min-max). The bf16 rows are
+``mixed_bfloat16`` against ``torch.autocast``; int8: OpenVINO + NNCF against ONNX Runtime's static
+quantisation), computed per round, as median (min-max). The bf16 rows are
 measured where the CPU computes bf16 natively (AVX512-BF16 or AMX; ``--bf16 on`` measures them anyway: both
 frameworks then emulate it, far slower than float32). Optional peers that
 are not installed are listed with the reason: ``pip install torch==2.13.0 monai onnxscript keras-unet-collection``.
@@ -73,7 +77,7 @@ class Candidate:
     train: Callable[[], object] | None = None
     infer: Callable[[], object] | None = None
     skipped: str = ""
-    precision: str = "float32"  # the class a ratio compares within: float32 or bf16
+    precision: str = "float32"  # the class a ratio compares within: float32, bf16 or int8
     conv_flops: int | None = None  # per image, counted alike for Keras and PyTorch (module docstring)
 
 
@@ -128,7 +132,26 @@ def _ours(size: int, x: np.ndarray, y: np.ndarray, export_root: Path, bf16: bool
             runner = OnnxEngine(path) if kind == "onnx" else OpenVinoEngine(path)
             candidates.append(Candidate(f"ours {architecture}, {engine} engine", architecture,
                                         infer=lambda runner=runner: runner.predict(x), conv_flops=flops))
+            if kind == "openvino":
+                candidates.append(_openvino_int8(architecture, path, x, flops))
     return candidates
+
+
+def _openvino_int8(architecture: str, path: Path, x: np.ndarray, flops: int) -> Candidate:
+    """Our OpenVINO IR quantised by NNCF (every operation it can, calibrated on the benchmark batch: a speed row,
+    the upper bound of an accuracy-controlled export's) in our :class:`OpenVinoEngine`."""
+    name = f"ours {architecture}, openvino int8 engine"
+    try:
+        import nncf
+        import openvino
+    except ImportError as error:
+        return Candidate(name, architecture, skipped=f"not installed ({error.name})", precision="int8")
+    quantised = nncf.quantize(openvino.Core().read_model(str(path)), nncf.Dataset([x[k : k + 1] for k in range(len(x))]),
+                              subset_size=len(x), fast_bias_correction=False)
+    out = path.with_name("model-int8.xml")
+    openvino.save_model(quantised, str(out), compress_to_fp16=False)
+    runner = OpenVinoEngine(out)
+    return Candidate(name, architecture, infer=lambda: runner.predict(x), precision="int8", conv_flops=flops)
 
 
 def _monai(size: int, x: np.ndarray, y: np.ndarray, export_root: Path, bf16: bool,
@@ -187,12 +210,14 @@ def _monai(size: int, x: np.ndarray, y: np.ndarray, export_root: Path, bf16: boo
         candidates.append(Candidate(f"MONAI {name}, autocast bf16", architecture, train_bf16, infer_bf16,
                                     precision="bf16", conv_flops=flops) if bf16 else
                           Candidate(f"MONAI {name}, autocast bf16", architecture, skipped=BF16_SKIPPED, precision="bf16"))
-        candidates.append(_monai_onnx(name, architecture, network, xt, export_root, flops))
+        candidates.extend(_monai_onnx(name, architecture, network, xt, export_root, flops))
     return candidates
 
 
-def _monai_onnx(name: str, architecture: str, network, xt, export_root: Path, flops: int) -> Candidate:
-    """The MONAI network exported by ``torch.onnx.export`` (sigmoid included), run by our :class:`OnnxEngine`."""
+def _monai_onnx(name: str, architecture: str, network, xt, export_root: Path, flops: int) -> list[Candidate]:
+    """The MONAI network exported by ``torch.onnx.export`` (sigmoid included), run by our :class:`OnnxEngine`,
+    and that export quantised to int8 by ONNX Runtime's static quantisation (QDQ, calibrated on the benchmark
+    batch): the peers of our engine rows."""
     import torch
 
     class Probabilities(torch.nn.Module):
@@ -209,9 +234,24 @@ def _monai_onnx(name: str, architecture: str, network, xt, export_root: Path, fl
     try:
         torch.onnx.export(Probabilities().eval(), (xt,), str(path), input_names=["images"], output_names=["mask"])
     except Exception as error:  # an exporter that cannot trace the network is a row with its reason
-        return Candidate(f"MONAI {name}, onnx runtime", architecture, skipped=f"export failed ({error})"[:120])
+        return [Candidate(f"MONAI {name}, onnx runtime", architecture, skipped=f"export failed ({error})"[:120])]
     runner, images = OnnxEngine(path), xt.numpy()
-    return Candidate(f"MONAI {name}, onnx runtime", architecture, infer=lambda: runner.predict(images), conv_flops=flops)
+    rows = [Candidate(f"MONAI {name}, onnx runtime", architecture, infer=lambda: runner.predict(images),
+                      conv_flops=flops)]
+    from onnxruntime.quantization import CalibrationDataReader, quantize_static
+
+    class Batch(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.items = iter([{"images": images}])  # the export's batch is fixed: one calibration batch
+
+        def get_next(self):
+            return next(self.items, None)
+
+    quantised = path.with_name("model-int8.onnx")
+    quantize_static(str(path), str(quantised), Batch())
+    int8 = OnnxEngine(quantised)
+    return rows + [Candidate(f"MONAI {name}, onnx runtime int8", architecture, infer=lambda: int8.predict(images),
+                             precision="int8", conv_flops=flops)]
 
 
 def _keras_unet_collection(size: int, x: np.ndarray, y: np.ndarray,
