@@ -146,8 +146,9 @@ def _openvino_int8(architecture: str, path: Path, x: np.ndarray, flops: int) -> 
         import openvino
     except ImportError as error:
         return Candidate(name, architecture, skipped=f"not installed ({error.name})", precision="int8")
-    quantised = nncf.quantize(openvino.Core().read_model(str(path)), nncf.Dataset([x[k : k + 1] for k in range(len(x))]),
-                              subset_size=len(x), fast_bias_correction=False)
+    calibration = nncf.Dataset([x[k : k + 1] for k in range(len(x))])
+    quantised = nncf.quantize(openvino.Core().read_model(str(path)), calibration, subset_size=len(x),
+                              fast_bias_correction=False)
     out = path.with_name("model-int8.xml")
     openvino.save_model(quantised, str(out), compress_to_fp16=False)
     runner = OpenVinoEngine(out)

@@ -358,7 +358,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "openvino-int8 / openvino-bf16")
     export.add_argument("--max-drop", type=float, default=INT8_MAX_DROP,
                         help="int8: largest per-patient Dice drop on the run's validation patients that NNCF's "
-                             "accuracy control allows (default %(default)s; negative: plain post-training quantisation)")
+                             "accuracy control allows (default %(default)s; negative: plain post-training "
+                             "quantisation)")
     export.set_defaults(handler=_export)
 
     serve = commands.add_parser("serve", help="start the web app: prediction API (FastAPI) and UI (Streamlit)")

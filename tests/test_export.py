@@ -160,3 +160,14 @@ def test_an_int8_export_calibrated_on_training_patients_gives_the_float32_masks_
     agreement = 2 * (full_masks & int8_masks).sum() / (full_masks.sum() + int8_masks.sum())
     difference = np.mean([np.abs(a.probability - b.probability).mean() for a, b in zip(full, int8)])
     assert agreement >= INT8_MASK_AGREEMENT and difference <= INT8_PROBABILITY_TOLERANCE, (agreement, difference)
+
+
+def test_a_negative_max_drop_is_plain_quantisation_in_a_new_folder(segmenting_run: Path, capsys) -> None:
+    pytest.importorskip("nncf")
+    assert main(["-q", "export", str(segmenting_run), "--format", "openvino", "--precision", "int8",
+                 "--max-drop", "-1"]) == 0
+    out_dir = Path(capsys.readouterr().out.strip().splitlines()[-1])
+    record = read_export(out_dir)
+    assert out_dir.name.startswith("export-openvino-int8") and record["max_drop"] is None
+    assert "validation_drop" not in record and record["calibration"] == "training patients"
+    assert newest_export(segmenting_run, "openvino", precision="int8") == out_dir  # the newest is served

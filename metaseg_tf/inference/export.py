@@ -17,8 +17,9 @@ holding
 
 **Precision** (OpenVINO only, ``--precision``): ``fp32`` (default); ``int8``, NNCF post-training quantisation
 calibrated on the run's **training** patients, with accuracy control on its **validation** patients, never its
-test patients (:mod:`metaseg_tf.inference.quantise`); ``bf16``, the float32 IR compiled with OpenVINO's ``INFERENCE_PRECISION_HINT`` bf16 (on a CPU without
-AVX512-BF16 or AMX the runtime computes in float32, and ``export.json`` records the precision it reports).
+test patients (:mod:`metaseg_tf.inference.quantise`); ``bf16``, the float32 IR compiled with OpenVINO's
+``INFERENCE_PRECISION_HINT`` bf16 (on a CPU without AVX512-BF16 or AMX the runtime computes in float32, and
+``export.json`` records the precision it reports).
 Their folders are ``export-openvino-int8`` / ``export-openvino-bf16``; reduced precision moves some boundary
 pixels' probabilities by far more than :data:`MAX_DIFFERENCE`, so ``export.json`` records the largest and the
 mean difference and the Dice between its masks and Keras' on training slices, and refuses one below

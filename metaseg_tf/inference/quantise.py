@@ -6,15 +6,17 @@ Two steps, both from NNCF (Intel's Neural Network Compression Framework, ``nncf.
 1. **Calibration.** Activation ranges are collected on :data:`CALIBRATION_SLICES` slices ``float32 (n, S, S, C)``
    spread evenly over the run's **training** patients (:func:`calibration_inputs`), never its validation or test
    patients, with the default preset (symmetric int8 weights and activations for a convolutional network) and
-   NNCF's full bias correction (``fast_bias_correction=False``, which on the LGG recipe's validation patients lost
-   0.0055 per-patient Dice against the fast one's 0.0121).
+   NNCF's full bias correction (``fast_bias_correction=False``: on the LGG recipe's validation patients, scored
+   without flip TTA, it lost 0.0055 per-patient Dice where the fast one lost 0.0121).
 2. **Accuracy control** (``max_drop``, default :data:`INT8_MAX_DROP`). NNCF ranks the quantised operations by how
    much each costs the metric and returns them to floating point, most harmful first, until the metric on the
    run's **validation** patients (:func:`validation_cases`) is at most ``max_drop`` below float32's. The metric
    (:func:`per_patient_dice`) is the per-patient mean Dice of the network's masks at model resolution with the
-   run's threshold and flip TTA: the quantity ``metaseg evaluate`` reports, before its resizing to native
-   resolution. Without the flip the metric misses most of the loss: on the LGG recipe's validation patients
-   int8 cost 0.0026 without it, 0.0066 with it and 0.008 in ``metaseg evaluate --split val``. ``max_drop=None`` or a run without validation patients gives plain post-training quantisation.
+   run's threshold and its flip TTA: the quantity ``metaseg evaluate`` reports, before the resizing to native
+   resolution. Without the flip it misses most of the loss: for an LGG recipe export controlled without it,
+   the metric read a loss of 0.0026 on the validation patients, with the flip 0.0066, and ``metaseg evaluate
+   --split val`` 0.008. ``max_drop=None``, or a run without validation patients, gives plain post-training
+   quantisation.
 
 :func:`quantise_int8` returns what :mod:`metaseg_tf.inference.export` records in ``export.json``: the calibration
 slices and, under accuracy control, the validation patients, both metrics, the drop reached and how many of the
@@ -51,7 +53,8 @@ def _recorded_part(run_dir: Path | str, part: str) -> tuple[np.ndarray, np.ndarr
     try:
         data, _ = load_recorded_data(config, load_run_split(run_dir), (part,), progress=False)
     except DataError as error:
-        raise ConfigError(f"int8 quantisation reads the run's {part} patients from {config.data_dir}: {error}") from None
+        raise ConfigError(f"int8 quantisation reads the run's {part} patients from {config.data_dir}: "
+                          f"{error}") from None
     indices = data.split.indices(data.dataset.case_ids, part)
     inputs = normalise(data.model_inputs(config, indices), config.normalisation).astype(np.float32)
     return inputs, data.truth(config, indices) > 0, data.dataset.case_ids[indices]
