@@ -41,9 +41,11 @@ INT8_MAX_DROP = 0.003  # per-patient Dice on validation patients: the 0.005 aske
 _BATCH = 64
 
 
-def _recorded_part(run_dir: Path | str, part: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The run's ``part`` patients: network inputs ``float32 (n, S, S, C)`` (normalised as in training), target
-    masks ``bool (n, S, S, regions)`` and the case id of every slice ``(n,)``."""
+def _recorded_part(run_dir: Path | str, part: str, count: int | None = None,
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The run's ``part`` patients (``count`` slices spread evenly over them; None: all): network inputs
+    ``float32 (n, S, S, C)`` (normalised as in training), target masks ``bool (n, S, S, regions)`` and the case id
+    of every slice ``(n,)``. Only the chosen slices are normalised."""
     from metaseg_tf.data.batches import load_recorded_data
     from metaseg_tf.data.discover import DataError
     from metaseg_tf.data.preprocess import normalise
@@ -56,6 +58,8 @@ def _recorded_part(run_dir: Path | str, part: str) -> tuple[np.ndarray, np.ndarr
         raise ConfigError(f"int8 quantisation reads the run's {part} patients from {config.data_dir}: "
                           f"{error}") from None
     indices = data.split.indices(data.dataset.case_ids, part)
+    if count is not None and len(indices):
+        indices = indices[np.linspace(0, len(indices) - 1, min(count, len(indices))).astype(int)]
     inputs = normalise(data.model_inputs(config, indices), config.normalisation).astype(np.float32)
     return inputs, data.truth(config, indices) > 0, data.dataset.case_ids[indices]
 
@@ -63,10 +67,10 @@ def _recorded_part(run_dir: Path | str, part: str) -> tuple[np.ndarray, np.ndarr
 def calibration_inputs(run_dir: Path | str, count: int = CALIBRATION_SLICES) -> np.ndarray:
     """``count`` preprocessed slices ``float32 (n, S, S, input_channels)`` spread evenly over the run's recorded
     training patients (normalised as the network's inputs): int8 calibration data, never from test patients."""
-    inputs, _, _ = _recorded_part(run_dir, "train")
+    inputs, _, _ = _recorded_part(run_dir, "train", count)
     if len(inputs) == 0:
         raise ConfigError(f"{run_dir} has no training slices to calibrate an int8 export on")
-    return inputs[np.linspace(0, len(inputs) - 1, min(count, len(inputs))).astype(int)]
+    return inputs
 
 
 def validation_cases(run_dir: Path | str) -> list[tuple[np.ndarray, np.ndarray]]:
