@@ -138,7 +138,7 @@ def test_an_int8_export_calibrated_on_training_patients_gives_the_float32_masks_
 
     from metaseg_tf.data import discover_pairs, read_image
     from metaseg_tf.inference.predictor import Predictor
-    from metaseg_tf.runs.folders import load_run_split
+    from metaseg_tf.runs.folders import load_run_config, load_run_split
 
     out_dir = export_run(segmenting_run, "openvino", precision="int8")
     record = read_export(out_dir)
@@ -147,6 +147,7 @@ def test_an_int8_export_calibrated_on_training_patients_gives_the_float32_masks_
     assert record["validation"] == "validation patients" and record["validation_patients"] == len(
         load_run_split(segmenting_run).val) and record["max_drop"] == INT8_MAX_DROP
     assert record["validation_drop"] <= INT8_MAX_DROP, record  # accuracy control reached its bound
+    assert (record["threshold"], record["threshold_source"]) == (load_run_config(segmenting_run).threshold, "config")
     assert record["fake_quantize_nodes"] > 0, "accuracy control may not hand every operation back to float"
     assert newest_export(segmenting_run, "openvino", precision="int8") == out_dir
     assert newest_export(segmenting_run, "openvino") is None  # a float32 export is another folder

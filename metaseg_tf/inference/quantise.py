@@ -13,13 +13,14 @@ Two steps, both from NNCF (Intel's Neural Network Compression Framework, ``nncf.
    run's **validation** patients (:func:`validation_cases`) is at most ``max_drop`` below float32's. The metric
    (:func:`per_patient_dice`) is the per-patient mean Dice of the network's masks at model resolution with the
    run's threshold and its flip TTA: the quantity ``metaseg evaluate`` reports, before the resizing to native
-   resolution. Without the flip it misses most of the loss: for an LGG recipe export controlled without it,
+   resolution. The threshold is the one the float32 model predicts at (:func:`control_threshold`): for a run
+   trained with ``threshold_from_validation``, the one its newest evaluation chose on the validation patients. Without the flip it misses most of the loss: for an LGG recipe export controlled without it,
    the metric read a loss of 0.0026 on the validation patients, with the flip 0.0066, and ``metaseg evaluate
    --split val`` 0.008. ``max_drop=None``, or a run without validation patients, gives plain post-training
    quantisation.
 
 :func:`quantise_int8` returns what :mod:`metaseg_tf.inference.export` records in ``export.json``: the calibration
-slices and, under accuracy control, the validation patients, both metrics, the drop reached and how many of the
+slices and, under accuracy control, the validation patients, the threshold and where it came from, both metrics, the drop reached and how many of the
 fake-quantise nodes (int8 inputs) the model keeps. Test patients are never read.
 """
 
@@ -97,10 +98,28 @@ def per_patient_dice(compiled, cases: list[tuple[np.ndarray, np.ndarray]], thres
     return float(np.mean(scores)), scores
 
 
-def quantise_int8(xml: Path, run_dir: Path, max_drop: float | None = INT8_MAX_DROP) -> dict:
-    """Quantise the OpenVINO IR at ``xml`` to int8 in place (see the module docstring); the record for
-    ``export.json``. ``max_drop``: the largest per-patient Dice drop on validation patients that accuracy control
-    allows (None: plain post-training quantisation)."""
+def control_threshold(run_dir: Path | str, which: str = "best") -> tuple[float, str]:
+    """The threshold accuracy control scores the run's model ``which`` at, and its source: the one the run's
+    newest evaluation chose on the validation patients (``validation``) for a run trained with
+    ``threshold_from_validation``, as the :class:`~metaseg_tf.inference.predictor.Predictor` predicts; else, and
+    before any evaluation has chosen one, the config's (``config``)."""
+    from metaseg_tf.runs.folders import load_run_config
+    from metaseg_tf.runs.records import chosen_threshold
+
+    chosen = chosen_threshold(run_dir, which)
+    if chosen is not None:
+        return chosen, "validation"
+    config = load_run_config(run_dir)
+    if config.threshold_from_validation:
+        logger.warning("%s chooses its threshold on the validation patients, but no evaluation has chosen it yet: "
+                       "int8 accuracy control scores at the config's %g", run_dir, config.threshold)
+    return config.threshold, "config"
+
+
+def quantise_int8(xml: Path, run_dir: Path, max_drop: float | None = INT8_MAX_DROP, which: str = "best") -> dict:
+    """Quantise the OpenVINO IR at ``xml``, an export of the run's model ``which``, to int8 in place (see the
+    module docstring); the record for ``export.json``. ``max_drop``: the largest per-patient Dice drop on
+    validation patients that accuracy control allows (None: plain post-training quantisation)."""
     try:
         import nncf
         import openvino
@@ -123,16 +142,18 @@ def quantise_int8(xml: Path, run_dir: Path, max_drop: float | None = INT8_MAX_DR
         quantised = nncf.quantize(model, calibration, **settings)
     else:
         config = load_run_config(run_dir)
+        threshold, source = control_threshold(run_dir, which)
 
         def validate(compiled, items) -> tuple[float, list[float]]:
-            return per_patient_dice(compiled, list(items), config.threshold, config.flip_tta)
+            return per_patient_dice(compiled, list(items), threshold, config.flip_tta)
 
         quantised = nncf.quantize_with_accuracy_control(model, calibration, nncf.Dataset(cases), validate,
                                                         max_drop=max_drop, **settings)
         core = openvino.Core()
         reference, _ = validate(core.compile_model(model, "CPU"), cases)
         reached, _ = validate(core.compile_model(quantised, "CPU"), cases)
-        record.update(validation="validation patients", validation_patients=len(cases),
+        record.update(validation="validation patients", validation_patients=len(cases), threshold=threshold,
+                      threshold_source=source,
                       validation_dice_fp32=reference, validation_dice_int8=reached, validation_drop=reference - reached)
         if reference - reached > max_drop:
             logger.warning("int8 accuracy control stopped at a validation Dice drop of %.4f (asked: at most %.4f)",
