@@ -30,7 +30,7 @@ import pandas as pd
 from metaseg_tf.config import ExperimentConfig
 from metaseg_tf.evaluation.report import evaluate_run
 from metaseg_tf.evaluation.scores import bootstrap_ci
-from metaseg_tf.evaluation.stats import paired_wilcoxon
+from metaseg_tf.evaluation.stats import holm_adjusted, paired_wilcoxon
 from metaseg_tf.runs.folders import load_run_config, newest_run, read_json
 from metaseg_tf.runs.records import newest_evaluation
 from metaseg_tf.training.train import train
@@ -241,6 +241,15 @@ def recipe_report(model: str, work: Path, out: Path) -> pd.DataFrame:
                      "pairs": int(test["patients"]), "Δ vs recipe, same seeds": test["mean_difference"],
                      "Wilcoxon p": test["p_value"]})
     table = pd.DataFrame(rows)
+    if "Wilcoxon p" in table:
+        tested = table["Wilcoxon p"].notna()
+        table.loc[tested, "Holm p"] = holm_adjusted(table.loc[tested, "Wilcoxon p"])
+    write_recipe_table(table, model, out)
+    return table
+
+
+def write_recipe_table(table: pd.DataFrame, model: str, out: Path) -> None:
+    """Write :func:`recipe_report`'s table as ``ablation-<model>-recipe.csv`` and ``.md`` under ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     table.to_csv(out / f"ablation-{model}-recipe.csv", index=False)
     shown = table.copy()
@@ -248,19 +257,21 @@ def recipe_report(model: str, work: Path, out: Path) -> pd.DataFrame:
         if column in shown:
             shown[column] = shown[column].map(lambda v: "" if pd.isna(v) else
                                               (f"{v:+.3f}" if column.startswith("Δ") else f"{v:.3f}"))
-    if "Wilcoxon p" in shown:
-        shown["Wilcoxon p"] = shown["Wilcoxon p"].map(lambda p: "" if pd.isna(p) else f"{p:.3g}")
+    for column in ("Wilcoxon p", "Holm p"):
+        if column in shown:
+            shown[column] = shown[column].map(lambda p: "" if pd.isna(p) else f"{p:.3g}")
+    if "pairs" in shown:
         shown["pairs"] = shown["pairs"].map(lambda n: "" if pd.isna(n) else f"{int(n)}")
     (out / f"ablation-{model}-recipe.md").write_text("\n".join([
         f"# Changes of the recipe, {model}, real LGG MRI (the fixed split of ablation-{model}.md), two seeds", "",
         "Mean per-patient Dice on the 18 test patients for training seeds 0 and 1. Each change is compared with the "
         "recipe trained with the same seed; the Wilcoxon signed-rank test runs over the (seed, patient) pairs; "
-        "the two seeds share their patients, so those pairs are not independent and p is optimistic; no correction "
-        "for the several comparisons. Inference variants re-score the recipe's models.", "",
-        f"Command: `python scripts/lgg_ablation.py run DATA/lgg_kaggle_3m --variants recipe recipe_seed1 ...`, then "
-        f"`python scripts/lgg_ablation.py report --recipe`.", "",
+        "the two seeds share their patients, so those pairs are not independent and p is optimistic. Holm p: "
+        "the Wilcoxon p adjusted by Holm's method for the table's several changes (Holm 1979). Inference variants "
+        "re-score the recipe's models.", "",
+        f"Command: `python scripts/lgg_ablation.py run DATA/lgg_kaggle_3m --model {model} --variants recipe "
+        f"recipe_seed1 ...`, then `python scripts/lgg_ablation.py report --recipe --model {model}`.", "",
         shown.to_markdown(index=False, disable_numparse=True), ""]))
-    return table
 
 
 def _markdown(table: pd.DataFrame, model: str) -> str:
