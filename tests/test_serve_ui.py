@@ -21,6 +21,7 @@ from metaseg_tf.data.intensity import window_volume
 from metaseg_tf.data.volumes import to_canonical
 from metaseg_tf.evaluation.scores import overlap_scores
 from metaseg_tf.serve.api import ServeSettings, create_app
+from metaseg_tf.serve.client import request_volume_prediction
 from metaseg_tf.serve.launch import UI_SCRIPT
 from metaseg_tf.serve.ui import (
     canonical_volume,
@@ -31,7 +32,6 @@ from metaseg_tf.serve.ui import (
     nifti_from_bytes,
     overlay,
     prediction_rows,
-    request_volume_prediction,
     volume_rows,
     volume_slice_panels,
 )
