@@ -372,6 +372,7 @@ def test_a_run_that_chooses_its_threshold_on_validation_predicts_and_serves_at_t
     from fastapi.testclient import TestClient
 
     from metaseg_tf.evaluation.report import evaluate_run
+    from metaseg_tf.inference.export import stale_control_threshold
     from metaseg_tf.inference.quantise import control_threshold
     from metaseg_tf.runs.records import chosen_threshold
     from metaseg_tf.serve.api import create_app
@@ -393,6 +394,16 @@ def test_a_run_that_chooses_its_threshold_on_validation_predicts_and_serves_at_t
     predictor = Predictor.from_run(run)
     assert (predictor.threshold, predictor.threshold_source) == (chosen, "validation")
     assert control_threshold(run) == (chosen, "validation")
+    # an int8 export controlled before the evaluation chose its threshold is flagged; one controlled at it is not
+    export = tmp_path / "export-openvino-int8"
+    export.mkdir()
+    before_choice = chosen + 0.1 if chosen < 0.5 else chosen - 0.1  # another threshold than the chosen one
+    (export / "export.json").write_text(json.dumps({"threshold": before_choice, "threshold_source": "config"}))
+    assert stale_control_threshold(export, run) == chosen
+    (export / "export.json").write_text(json.dumps({"threshold": chosen, "threshold_source": "validation"}))
+    assert stale_control_threshold(export, run) is None
+    (export / "export.json").write_text(json.dumps({"precision": "int8", "max_drop": None}))  # plain quantisation
+    assert stale_control_threshold(export, run) is None
     given = Predictor.from_run(run, threshold=0.42)
     assert (given.threshold, given.threshold_source) == (0.42, "given")
     caplog.clear()

@@ -33,6 +33,7 @@ precision and level, exported first if there is none.
 from __future__ import annotations
 
 import hashlib
+import logging
 import shutil
 import tempfile
 from pathlib import Path
@@ -45,6 +46,9 @@ from metaseg_tf.inference.engines import ENGINES, Engine, KerasEngine, OnnxEngin
 from metaseg_tf.inference.loading import inference_network, load_model
 from metaseg_tf.inference.quantise import INT8_MAX_DROP, calibration_inputs, quantise_int8
 from metaseg_tf.runs.folders import new_dir, read_json, run_model_path, write_json
+from metaseg_tf.runs.records import chosen_threshold
+
+logger = logging.getLogger(__name__)
 
 EXPORT_FORMATS = ("onnx", "openvino", "saved_model")
 EXPORT_FILES = {"onnx": "model.onnx", "openvino": "model.xml", "saved_model": "saved_model"}
@@ -58,6 +62,15 @@ PRECISIONS = ("fp32", "int8", "bf16")
 def read_export(export_dir: Path | str) -> dict:
     """An export folder's ``export.json``."""
     return read_json(Path(export_dir) / "export.json")
+
+
+def stale_control_threshold(export_dir: Path | str, run_dir: Path | str, which: str = "best") -> float | None:
+    """The threshold the run now predicts at, chosen on the validation patients (``threshold_from_validation``),
+    where the int8 export in ``export_dir`` was accuracy-controlled at another one (made before that
+    evaluation: at the config's); None where they agree or the export was not accuracy-controlled."""
+    record = read_export(export_dir)
+    chosen = chosen_threshold(run_dir, which) if "threshold" in record else None
+    return None if chosen is None or np.isclose(chosen, record["threshold"]) else chosen
 
 
 def model_digest(run_dir: Path | str, which: str = "best") -> str:
@@ -184,4 +197,8 @@ def load_engine(run_dir: Path | str, engine: str, which: str = "best", model=Non
     precision = precision or "fp32"
     export_dir = newest_export(run_dir, format, which, level, precision) or export_run(run_dir, format, which, level,
                                                                                        precision)
+    if precision == "int8" and (chosen := stale_control_threshold(export_dir, run_dir, which)) is not None:
+        logger.warning("%s was quantised under accuracy control at threshold %g; the run now predicts "
+                       "at %g, chosen on validation: `metaseg export %s --format %s --precision int8` controls a "
+                       "new export at it", export_dir, read_export(export_dir)["threshold"], chosen, run_dir, format)
     return engine_from_export(export_dir, threads)

@@ -13,14 +13,16 @@ Two steps, both from NNCF (Intel's Neural Network Compression Framework, ``nncf.
    run's **validation** patients (:func:`validation_cases`) is at most ``max_drop`` below float32's. The metric
    (:func:`per_patient_dice`) is the per-patient mean Dice of the network's masks at model resolution with the
    run's threshold and its flip TTA: the quantity ``metaseg evaluate`` reports, before the resizing to native
-   resolution. The threshold is the one the float32 model predicts at (:func:`control_threshold`): for a run
-   trained with ``threshold_from_validation``, the one its newest evaluation chose on the validation patients. Without the flip it misses most of the loss: for an LGG recipe export controlled without it,
+   resolution. Without the flip it misses most of the loss: for an LGG recipe export controlled without it,
    the metric read a loss of 0.0026 on the validation patients, with the flip 0.0066, and ``metaseg evaluate
-   --split val`` 0.008. ``max_drop=None``, or a run without validation patients, gives plain post-training
-   quantisation.
+   --split val`` 0.008. The threshold is the one the float32 model predicts at (:func:`control_threshold`):
+   for a run trained with ``threshold_from_validation``, the one its newest evaluation chose on the validation
+   patients (an export made before that evaluation was controlled at the config's; the engine then warns).
+   ``max_drop=None``, or a run without validation patients, gives plain post-training quantisation.
 
 :func:`quantise_int8` returns what :mod:`metaseg_tf.inference.export` records in ``export.json``: the calibration
-slices and, under accuracy control, the validation patients, the threshold and where it came from, both metrics, the drop reached and how many of the
+slices and, under accuracy control, the validation patients, the threshold and where it came from
+(``threshold``, ``threshold_source``), both metrics, the drop reached and how many of the
 fake-quantise nodes (int8 inputs) the model keeps. Test patients are never read.
 """
 

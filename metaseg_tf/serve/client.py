@@ -1,7 +1,8 @@
 """The web front end's client of the prediction API (:mod:`metaseg_tf.serve.api`) over HTTP: its models and
 the three prediction requests (a slice, a NIfTI volume, a DICOM series), with the access token as a bearer
-header (:mod:`metaseg_tf.serve.guard`). A request answers ``(response JSON, None)`` or ``(None, the API's
-error message)``, the network's errors included, so the UI shows every failure as text."""
+header (:mod:`metaseg_tf.serve.guard`). Each prediction request answers ``(response JSON, None)`` or ``(None,
+the API's error message)``, the network's errors included, so the UI shows every failure as text;
+:func:`fetch_models` raises instead, so the UI can tell a missing token from an unreachable API."""
 
 from __future__ import annotations
 
