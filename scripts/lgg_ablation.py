@@ -1,7 +1,7 @@
 """Recipe ablations on the real LGG MRI: one fixed patient split, the same epochs per variant, paired tests.
 
     python scripts/lgg_ablation.py run DATA_DIR [--model attention_unet] [--variants ...] [--epochs 15]
-    python scripts/lgg_ablation.py report [--model attention_unet] [--out results/lgg_recipe]
+    python scripts/lgg_ablation.py report [--model attention_unet] [--out results/lgg_recipe] [--recipe]
 
 ``run`` trains every variant that has no finished run yet (an interrupted one resumes where it stopped: run the
 same command again) into ``--work`` (default ``results/lgg_recipe_work``, git-ignored), each on the same
@@ -12,6 +12,10 @@ components, a threshold chosen on the validation patients) re-score a trained va
 ``report`` writes ``ablation.md`` / ``ablation.csv`` (numbers only) under ``--out``: per variant the per-patient
 Dice mean [95 % bootstrap CI] and median, global Dice, HD95, false-positive lesions per patient, epochs and
 minutes, and a paired Wilcoxon test of its per-patient Dice against the baseline on the same patients.
+``report --recipe`` writes issue 26's table instead, ``ablation-<model>-recipe.md`` / ``.csv``: each change of
+the recipe with training seeds 0 and 1 against the recipe of the same seed, Wilcoxon over the (seed, patient)
+pairs with Holm's adjustment over the table's changes, and every scored patient in
+``ablation-<model>-recipe-per_patient.csv``.
 
 Choosing a recipe on the test part of one split and then cross-validating it on all 88 patients (``metaseg
 crossval``) reuses those 18 patients; the ablation table says so.
@@ -43,6 +47,10 @@ OUT_DIR = ROOT / "results/lgg_recipe"
 BASELINE = {"image_size": 128, "filters": (8, 16, 32, 64, 128), "batch_size": 16, "loss": "bce_dice",
             "learning_rate": 1e-3, "lr_schedule": "plateau", "seed": 0, "split_seed": 42,
             "early_stopping_patience": 10}
+
+# U-Net++'s variants train with XLA, as the cross-validation of recipe-lgg.yml did (twice as fast in fit on an
+# AVX2 CPU: benchmarks/bench_fit.py); Attention U-Net's without, as its table began before XLA was measured.
+MODEL_SETTINGS = {"nested_unet": {"jit_compile": "on"}}
 
 # The cross-validated recipe (results/lgg_recipe/recipe.yml) on top of BASELINE, and what issue 26 changes in it.
 RECIPE = {"lr_schedule": "cosine", "warmup_epochs": 1, "flip_tta": True}
@@ -129,7 +137,7 @@ BY_NAME = {variant.name: variant for variant in VARIANTS}
 
 def _config(data_dir: str, model: str, variant: Variant, epochs: int, work: Path) -> ExperimentConfig:
     return ExperimentConfig(data_dir=data_dir, cache_dir=str(work / "cache"), model=model,
-                            **{**BASELINE, "epochs": epochs, **variant.config})
+                            **{**BASELINE, **MODEL_SETTINGS.get(model, {}), "epochs": epochs, **variant.config})
 
 
 def _run_name(model: str, variant: str) -> str:
@@ -223,8 +231,11 @@ def _scores(work: Path, model: str, name: str) -> pd.DataFrame | None:
 
 def recipe_report(model: str, work: Path, out: Path) -> pd.DataFrame:
     """Issue 26's table: each change of the recipe against the recipe of the same training seed (0 and 1), the
-    Wilcoxon test over the (seed, patient) pairs of the seeds both have; written as ``ablation-<model>-recipe``."""
+    Wilcoxon test over the (seed, patient) pairs of the seeds both have; written as ``ablation-<model>-recipe``,
+    with every scored (variant, seed, patient) in ``ablation-<model>-recipe-per_patient.csv`` (numbers only), so
+    that later comparisons can be paired without the trained runs."""
     recipe = {0: _scores(work, model, "recipe"), 1: _scores(work, model, "recipe_seed1")}
+    scored = [frame.assign(variant="recipe", seed=seed) for seed, frame in recipe.items() if frame is not None]
     changes = ([(f"recipe+{change}", f"recipe+{change}_seed1", text) for change, text, _ in RECIPE_CHANGES]
                + [(f"recipe+{keep}", f"recipe_seed1+{keep}", text) for keep, text in KEPT_LESIONS])
     rows = [{"variant": "recipe", "change": "cosine decay after a warm-up epoch, flip TTA (recipe.yml)",
@@ -233,6 +244,7 @@ def recipe_report(model: str, work: Path, out: Path) -> pd.DataFrame:
         if not applies(BY_NAME[name], model):
             continue
         seeds = {0: _scores(work, model, name), 1: _scores(work, model, name_seed1)}
+        scored += [frame.assign(variant=name, seed=seed) for seed, frame in seeds.items() if frame is not None]
         paired = [seed for seed, scores in seeds.items() if scores is not None and recipe[seed] is not None]
         if not paired:
             continue
@@ -245,10 +257,16 @@ def recipe_report(model: str, work: Path, out: Path) -> pd.DataFrame:
                      "pairs": int(test["patients"]), "Δ vs recipe, same seeds": test["mean_difference"],
                      "Wilcoxon p": test["p_value"]})
     table = pd.DataFrame(rows)
+    if "pairs" in table:
+        table["pairs"] = table["pairs"].astype("Int64")
     if "Wilcoxon p" in table:
         tested = table["Wilcoxon p"].notna()
         table.loc[tested, "Holm p"] = holm_adjusted(table.loc[tested, "Wilcoxon p"])
     write_recipe_table(table, model, out)
+    if scored:
+        patients = pd.concat(scored, ignore_index=True)
+        patients[["variant", "seed", *[c for c in patients if c not in ("variant", "seed")]]].to_csv(
+            out / f"ablation-{model}-recipe-per_patient.csv", index=False)
     return table
 
 
@@ -272,7 +290,8 @@ def write_recipe_table(table: pd.DataFrame, model: str, out: Path) -> None:
         "recipe trained with the same seed; the Wilcoxon signed-rank test runs over the (seed, patient) pairs; "
         "the two seeds share their patients, so those pairs are not independent and p is optimistic. Holm p: "
         "the Wilcoxon p adjusted by Holm's method for the table's several changes (Holm 1979). Inference variants "
-        "re-score the recipe's models.", "",
+        "re-score the recipe's models." + (" Every variant trains with XLA (`jit_compile: on`)."
+                                           if MODEL_SETTINGS.get(model, {}).get("jit_compile") == "on" else ""), "",
         f"Command: `python scripts/lgg_ablation.py run DATA/lgg_kaggle_3m --model {model} --variants recipe "
         f"recipe_seed1 ...`, then `python scripts/lgg_ablation.py report --recipe --model {model}`.", "",
         shown.to_markdown(index=False, disable_numparse=True), ""]))
