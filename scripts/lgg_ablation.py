@@ -62,8 +62,8 @@ RECIPE_CHANGES = [
     ("lesion_x2", "every slice with a lesion twice per epoch (Buda et al.)", {"lesion_slice_repeats": 2}),
     ("lesion_area", "twice as many lesion-slice draws per epoch, in proportion to the lesion's area (Buda et al.'s "
      "PyTorch sampler)", {"lesion_slice_repeats": 2, "lesion_slice_sampling": "area"}),
-    ("lesion_slices", "lesion-free slices undersampled to 30 % per epoch (about half the steps: U-Net++'s way into "
-     "the 25-minute budget)", {"empty_slice_fraction": 0.3}),
+    ("lesion_slices", "lesion-free slices undersampled to 30 % per epoch (about half the steps: U-Net++'s candidate "
+     "for the 25-minute budget)", {"empty_slice_fraction": 0.3}),
     ("size256", "256 px input, the masks' native size (4x the pixels of 128 px, the same network)",
      {"image_size": 256}),
     # U-Net++ only (--model nested_unet; one output elsewhere): how its four heads share the loss

@@ -132,7 +132,8 @@ def export_run(run_dir: Path | str, format: str, which: str = "best", level: int
         for name in ("config.json", "data.json"):
             if (run_dir / name).is_file():
                 shutil.copy(run_dir / name, scratch / name)
-        quantisation = quantise_int8(scratch / EXPORT_FILES[format], run_dir, max_drop, which) if precision == "int8" else {}
+        quantisation = (quantise_int8(scratch / EXPORT_FILES[format], run_dir, max_drop, which)
+                        if precision == "int8" else {})
         record = {"format": format, "precision": precision, "which": which, "level": level, "run": str(run_dir),
                   "file": EXPORT_FILES[format],
                   "model_sha256": digest, "keras": keras.__version__, "backend": keras.backend.backend(),
