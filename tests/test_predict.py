@@ -373,8 +373,7 @@ def test_a_run_that_chooses_its_threshold_on_validation_predicts_and_serves_at_t
 
     from metaseg_tf.evaluation.report import evaluate_run
     from metaseg_tf.inference.export import stale_control_threshold
-    from metaseg_tf.inference.quantise import control_threshold
-    from metaseg_tf.runs.records import chosen_threshold
+    from metaseg_tf.runs.records import chosen_threshold, run_threshold
     from metaseg_tf.serve.api import create_app
 
     run = tmp_path / "run"
@@ -385,7 +384,7 @@ def test_a_run_that_chooses_its_threshold_on_validation_predicts_and_serves_at_t
     assert (before.threshold, before.threshold_source) == (config["threshold"], "config")
     assert "no evaluation has chosen it yet" in caplog.text
     assert chosen_threshold(trained_run) is None and chosen_threshold(run) is None
-    assert control_threshold(run) == (config["threshold"], "config")  # what int8 accuracy control scores at
+    assert run_threshold(run) == (config["threshold"], "config")  # what int8 accuracy control scores at
 
     evaluation = evaluate_run(run, "test", progress=False)
     assert evaluation.summary["threshold_source"] == "validation"
@@ -393,7 +392,7 @@ def test_a_run_that_chooses_its_threshold_on_validation_predicts_and_serves_at_t
     assert chosen_threshold(run) == chosen
     predictor = Predictor.from_run(run)
     assert (predictor.threshold, predictor.threshold_source) == (chosen, "validation")
-    assert control_threshold(run) == (chosen, "validation")
+    assert run_threshold(run) == (chosen, "validation")
     # an int8 export controlled before the evaluation chose its threshold is flagged; one controlled at it is not
     export = tmp_path / "export-openvino-int8"
     export.mkdir()

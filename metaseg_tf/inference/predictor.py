@@ -39,7 +39,7 @@ from metaseg_tf.inference.export import load_engine
 from metaseg_tf.inference.loading import load_model
 from metaseg_tf.inference.postprocess import select_components, select_lesions
 from metaseg_tf.runs.folders import load_run_config, read_json
-from metaseg_tf.runs.records import chosen_threshold, crossval_runs, is_crossval_dir
+from metaseg_tf.runs.records import crossval_runs, is_crossval_dir, run_threshold
 
 logger = logging.getLogger(__name__)
 Inputs = np.ndarray | Callable[[ExperimentConfig], np.ndarray]  # preprocessed slices, or how a member's are made
@@ -156,13 +156,9 @@ class Predictor:
         config = load_run_config(run_dir)
         chosen = None
         if options.get("threshold") is None and config.threshold_from_validation:
-            chosen = chosen_threshold(run_dir, which)
-            if chosen is None:
-                logger.warning("%s chooses its threshold on the validation patients, but no evaluation has chosen "
-                               "it yet (run `metaseg evaluate %s`): predicting at the config's %g", run_dir,
-                               run_dir, config.threshold)
-            else:
-                options["threshold"] = chosen
+            threshold, source = run_threshold(run_dir, which)  # warns where none is chosen yet
+            if source == "validation":
+                chosen = options["threshold"] = threshold
                 changed = []
                 if options.get("flip_tta") not in (None, config.flip_tta):
                     changed.append(f"flip TTA {'on' if options['flip_tta'] else 'off'}")

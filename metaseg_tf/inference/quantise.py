@@ -15,7 +15,7 @@ Two steps, both from NNCF (Intel's Neural Network Compression Framework, ``nncf.
    run's threshold and its flip TTA: the quantity ``metaseg evaluate`` reports, before the resizing to native
    resolution. Without the flip it misses most of the loss: for an LGG recipe export controlled without it,
    the metric read a loss of 0.0026 on the validation patients, with the flip 0.0066, and ``metaseg evaluate
-   --split val`` 0.008. The threshold is the one the float32 model predicts at (:func:`control_threshold`):
+   --split val`` 0.008. The threshold is the one the float32 model predicts at (:func:`~metaseg_tf.runs.records.run_threshold`):
    for a run trained with ``threshold_from_validation``, the one its newest evaluation chose on the validation
    patients (an export made before that evaluation was controlled at the config's; the engine then warns).
    ``max_drop=None``, or a run without validation patients, gives plain post-training quantisation.
@@ -100,24 +100,6 @@ def per_patient_dice(compiled, cases: list[tuple[np.ndarray, np.ndarray]], thres
     return float(np.mean(scores)), scores
 
 
-def control_threshold(run_dir: Path | str, which: str = "best") -> tuple[float, str]:
-    """The threshold accuracy control scores the run's model ``which`` at, and its source: the one the run's
-    newest evaluation chose on the validation patients (``validation``) for a run trained with
-    ``threshold_from_validation``, as the :class:`~metaseg_tf.inference.predictor.Predictor` predicts; else, and
-    before any evaluation has chosen one, the config's (``config``)."""
-    from metaseg_tf.runs.folders import load_run_config
-    from metaseg_tf.runs.records import chosen_threshold
-
-    chosen = chosen_threshold(run_dir, which)
-    if chosen is not None:
-        return chosen, "validation"
-    config = load_run_config(run_dir)
-    if config.threshold_from_validation:
-        logger.warning("%s chooses its threshold on the validation patients, but no evaluation has chosen it yet: "
-                       "int8 accuracy control scores at the config's %g", run_dir, config.threshold)
-    return config.threshold, "config"
-
-
 def quantise_int8(xml: Path, run_dir: Path, max_drop: float | None = INT8_MAX_DROP, which: str = "best") -> dict:
     """Quantise the OpenVINO IR at ``xml``, an export of the run's model ``which``, to int8 in place (see the
     module docstring); the record for ``export.json``. ``max_drop``: the largest per-patient Dice drop on
@@ -128,6 +110,7 @@ def quantise_int8(xml: Path, run_dir: Path, max_drop: float | None = INT8_MAX_DR
     except ImportError as error:
         raise ConfigError(f"an int8 export needs the package {error.name}; pip install nncf openvino") from None
     from metaseg_tf.runs.folders import load_run_config
+    from metaseg_tf.runs.records import run_threshold
 
     if max_drop is not None and not 0 <= max_drop < 1:
         raise ConfigError(f"max_drop {max_drop}: a Dice drop in [0, 1)")
@@ -144,7 +127,7 @@ def quantise_int8(xml: Path, run_dir: Path, max_drop: float | None = INT8_MAX_DR
         quantised = nncf.quantize(model, calibration, **settings)
     else:
         config = load_run_config(run_dir)
-        threshold, source = control_threshold(run_dir, which)
+        threshold, source = run_threshold(run_dir, which)
 
         def validate(compiled, items) -> tuple[float, list[float]]:
             return per_patient_dice(compiled, list(items), threshold, config.flip_tta)

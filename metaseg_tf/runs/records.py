@@ -11,6 +11,7 @@ import the reporting code.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,8 @@ import numpy as np
 from metaseg_tf.config import ConfigError, ExperimentConfig
 from metaseg_tf.paths import resolve
 from metaseg_tf.runs.folders import is_run_dir, load_run_config, read_json
+
+logger = logging.getLogger(__name__)
 
 # what summary.json's scores mean; evaluations of another version are never reused (3: per-region scores of
 # the run's target, HD95 and lesion volumes in mm where the voxel spacing is known; 2: BraTS-MET 2023
@@ -81,6 +84,21 @@ def chosen_threshold(run_dir: Path | str, which: str = "best") -> float | None:
         return None
     evaluation = newest_evaluation(run_dir, "test", which)
     return None if evaluation is None else float(read_json(evaluation / "summary.json")["threshold"])
+
+
+def run_threshold(run_dir: Path | str, which: str = "best") -> tuple[float, str]:
+    """The threshold the run's model ``which`` predicts at, and its source: the one its newest evaluation chose
+    on the validation patients (``validation``: :func:`chosen_threshold`) for a run trained with
+    ``threshold_from_validation``; else, and with a warning before any evaluation has chosen one, the
+    config's (``config``)."""
+    chosen = chosen_threshold(run_dir, which)
+    if chosen is not None:
+        return chosen, "validation"
+    config = load_run_config(run_dir)
+    if config.threshold_from_validation:
+        logger.warning("%s chooses its threshold on the validation patients, but no evaluation has chosen it yet "
+                       "(run `metaseg evaluate %s`): using the config's %g", run_dir, run_dir, config.threshold)
+    return config.threshold, "config"
 
 
 def is_crossval_dir(path: Path | str) -> bool:
